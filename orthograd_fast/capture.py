@@ -1,0 +1,175 @@
+"""Hooks that capture each layer's input and output gradient during one retain backward.
+
+A forward hook on every module that owns trainable parameters stores its (detached) input and
+registers a tensor hook on its output; the tensor hook stores the output gradient when the retain
+backward reaches it. Nothing is computed during the backward: the factors are assembled on
+leaving ``retain()`` (:meth:`Capture.finish`), after the hooks are gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from . import fallback, rules
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+@dataclass
+class Call:
+    args: Any
+    kwargs: Any
+    output: Any
+    grads: List[Optional[Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class Unit:
+    """A module that owns trainable parameters, and how its calls become per-sample uses."""
+
+    name: str
+    module: nn.Module
+    rule: Any  # a rules.* function, or None for the generic fallback
+    whole: bool = False  # fallback over all its parameters (MultiheadAttention)
+
+
+def _detach(x):
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, x)
+
+
+def find_units(model: nn.Module) -> List[Unit]:
+    """Units for every module owning trainable parameters; raises for unsupported ones."""
+    units: List[Unit] = []
+    claimed = set()
+    for name, m in model.named_modules():
+        if id(m) in claimed:
+            continue
+        whole = isinstance(m, rules.WHOLE_UNITS)
+        own = [p for p in m.parameters(recurse=whole) if p.requires_grad]
+        if whole:
+            for sub in m.modules():
+                claimed.add(id(sub))
+        if not own:
+            continue
+        reason = rules.refuse_reason(m)
+        if reason:
+            raise rules.UnsupportedModule(f"module '{name or type(model).__name__}': {reason}")
+        rule = None if whole else rules.rule_for(m)
+        units.append(Unit(name=name or "<root>", module=m, rule=rule, whole=whole))
+    return units
+
+
+class Capture:
+    """One retain() block: hooks on, calls recorded, factors assembled on finish."""
+
+    def __init__(self, model: nn.Module, units: List[Unit]):
+        self.model = model
+        self.units = units
+        self.calls: Dict[int, List[Call]] = {id(u.module): [] for u in units}
+        self.B: Optional[int] = None
+        self.root_calls = 0
+        self.handles = []
+        self.error: Optional[BaseException] = None
+
+    # --- hooks -------------------------------------------------------------------------------
+    def attach(self) -> None:
+        self.handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        for u in self.units:
+            self.handles.append(u.module.register_forward_hook(self._make_hook(u), with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _root_pre(self, module, args, kwargs):
+        self.root_calls += 1
+        if self.root_calls > 1:
+            raise CaptureError(
+                "the model was called more than once inside one og.retain() block: each sample's loss must "
+                "come from one forward. Use one retain() block per micro-batch (they accumulate)."
+            )
+        leaves, _ = tree_flatten((args, kwargs))
+        for t in leaves:
+            if isinstance(t, Tensor) and t.dim() >= 1:
+                self.B = t.shape[0]
+                break
+        return None
+
+    def _make_hook(self, unit: Unit):
+        def hook(module, args, kwargs, output):
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                rules.check_batchnorm(module)
+            if unit.rule is None:  # the fallback replays the module: keep every input and the output
+                call = Call(args=_detach(args), kwargs=_detach(kwargs), output=_detach(output))
+            else:  # a rule needs the layer input only; keeping outputs alive would cost memory
+                x = args[0] if args else next(iter(kwargs.values()), None)
+                call = Call(args=(x.detach(),) if isinstance(x, Tensor) else (), kwargs={}, output=None)
+            outs, _ = tree_flatten(output)
+            call.grads = [None] * len(outs)
+            for k, o in enumerate(outs):
+                if isinstance(o, Tensor) and o.requires_grad:
+                    o.register_hook(self._grad_hook(call, k))
+            self.calls[id(module)].append(call)
+            return None
+
+        return hook
+
+    @staticmethod
+    def _grad_hook(call: Call, k: int):
+        def h(g):
+            call.grads[k] = g.detach() if call.grads[k] is None else call.grads[k] + g.detach()
+            return None
+
+        return h
+
+    # --- factors -----------------------------------------------------------------------------
+    def finish(self) -> Dict[Tensor, list]:
+        """Per trainable parameter, the list of per-sample uses seen in this block."""
+        uses: Dict[Tensor, list] = {}
+        any_grad = False
+        B = self.B
+        for u in self.units:
+            for call in self.calls[id(u.module)]:
+                if all(g is None for g in call.grads):
+                    continue  # output did not reach the loss
+                any_grad = True
+                if B is None:
+                    B = self._infer_B(call)
+                if u.rule is None:
+                    names = fallback.unit_parameters(u.module, u.whole)
+                    fallback.merge(uses, fallback.fallback_uses(u.module, names, call, B, u.name))
+                    continue
+                x = tree_flatten(call.args)[0][0] if call.args else None
+                gy = call.grads[0]
+                if x is None or gy is None:
+                    continue
+                if x.dim() == 0 or x.shape[0] != B or gy.shape[0] != B:
+                    raise CaptureError(
+                        f"module '{u.name}' ({type(u.module).__name__}) got an input with leading dimension "
+                        f"{x.shape[0] if x.dim() else 'none'}, but the retain batch has B={B} samples. "
+                        "OrthoGrad needs batch-first layouts (the sample index on dim 0 of every layer's "
+                        "input), e.g. batch_first=True for transformer layers."
+                    )
+                fallback.merge(uses, u.rule(u.module, x, gy, B))
+        if not any_grad:
+            raise CaptureError(
+                "og.retain(): no gradient reached any layer inside the block. Call "
+                "retain_loss.backward() inside `with og.retain():` (the loss must depend on the model)."
+            )
+        self.B = B
+        return uses
+
+    @staticmethod
+    def _infer_B(call: Call) -> int:
+        for t in tree_flatten(call.args)[0]:
+            if isinstance(t, Tensor) and t.dim() >= 1:
+                return t.shape[0]
+        raise CaptureError("could not determine the retain batch size from the captured inputs")

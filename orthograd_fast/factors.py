@@ -1,0 +1,117 @@
+"""Per-sample gradients held as factors, and what the engine needs from them.
+
+A trainable parameter's per-sample gradient g_i is the sum over its *uses* (a module call that
+touched it; several for a tied or re-used parameter) of one of:
+
+* :class:`OuterUse`  g_i = sum_t D_it (x) A_it, grouped: the parameter viewed as [G, O, I].
+  ``ids`` replaces a dense D by one-hot rows (an embedding: D_it = e_{id_it}, never formed).
+* :class:`ExplicitUse` g_i given as a [B, numel] matrix (biases, norm weights, generic fallback).
+
+Every use answers three questions without a loop over samples:
+``<g_i, g_j>`` (its share of the Gram), ``<g_i, U>`` (coefficients) and ``U -= sum_i c_i g_i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# Chunks of intermediate tensors are kept under this many bytes (tile slabs, token Gram blocks).
+CHUNK_BYTES = 256 << 20
+
+
+def _compute_dtype(*ts: Tensor) -> torch.dtype:
+    """fp32 for half inputs (fp32 accumulation everywhere), otherwise the promoted dtype."""
+    dt = ts[0].dtype
+    for t in ts[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+
+
+@dataclass
+class OuterUse:
+    """g_i = sum_t sum_g  D[i, t, g, :] (x) A[i, t, g, :]   (parameter viewed as [G, O, I]).
+
+    A: [B, T, G, I]; D: [B, T, G, O] or None when ``ids`` [B, T] (long) gives one-hot rows of an
+    O-sized identity (embedding lookups; then G == 1). ``transposed``: the parameter is stored
+    [I, O] (GPT-2 style Conv1D) and viewed through its transpose.
+    """
+
+    A: Tensor
+    D: Optional[Tensor]
+    ids: Optional[Tensor]
+    shape: tuple  # (G, O, I)
+    transposed: bool = False
+
+    @property
+    def B(self) -> int:
+        return self.A.shape[0]
+
+    def view(self, U: Tensor) -> Tensor:
+        """The parameter-shaped tensor U seen as [G, O, I] (a view: writes go through)."""
+        G, O, I = self.shape
+        if self.transposed:
+            return U.t().unsqueeze(0) if G == 1 else U.t().reshape(G, O, I)
+        return U.reshape(G, O, I)
+
+    def explicit(self) -> Tensor:
+        """Materialize [B, numel] in fp64 (small tensors only)."""
+        G, O, I = self.shape
+        A = self.A.double()
+        if self.ids is None:
+            g = torch.einsum("btgo,btgi->bgoi", self.D.double(), A)
+        else:
+            B = self.ids.shape[0]
+            # index_add per sample: flatten (b, id) into one row index of a [B*O, I] table.
+            rows = (torch.arange(B, device=A.device)[:, None] * O + self.ids).reshape(-1)
+            g = torch.zeros(B * O, I, dtype=torch.float64, device=A.device)
+            g.index_add_(0, rows, A[:, :, 0, :].reshape(-1, I))
+            g = g.reshape(B, 1, O, I)
+        if self.transposed:
+            g = g.transpose(-1, -2)
+        return g.reshape(g.shape[0], -1)
+
+    # --- coefficients and update -------------------------------------------------------------
+    def coef(self, U: Tensor) -> Tensor:
+        """b_i = <g_i, U> in fp64 [B], never forming D U beyond one token block."""
+        Uv = self.view(U)
+        if self.ids is None:
+            dt = _compute_dtype(self.A, self.D, Uv)
+            DU = torch.einsum("btgo,goi->btgi", self.D.to(dt), Uv.to(dt))
+            return (DU * self.A.to(dt)).sum(dim=(1, 2, 3)).double()
+        dt = _compute_dtype(self.A, Uv)
+        rows = Uv[0].to(dt)[self.ids]  # [B, T, I]
+        return (rows * self.A[:, :, 0, :].to(dt)).sum(dim=(1, 2)).double()
+
+    def apply_(self, U: Tensor, c: Tensor) -> None:
+        """U -= sum_i c_i g_i, one GEMM over all tokens (c broadcast per sample)."""
+        Uv = self.view(U)
+        cA = self.A.to(U.dtype) * c.to(U.dtype)[:, None, None, None]
+        if self.ids is None:
+            Uv.sub_(torch.einsum("btgo,btgi->goi", self.D.to(U.dtype), cA))
+        else:
+            I = self.shape[2]
+            Uv[0].index_add_(0, self.ids.reshape(-1), cA[:, :, 0, :].reshape(-1, I), alpha=-1.0)
+
+
+@dataclass
+class ExplicitUse:
+    """g_i given as rows of G [B, numel] (any float dtype)."""
+
+    G: Tensor
+
+    @property
+    def B(self) -> int:
+        return self.G.shape[0]
+
+    def explicit(self) -> Tensor:
+        return self.G.double()
+
+    def coef(self, U: Tensor) -> Tensor:
+        return self.G.double() @ U.reshape(-1).double()
+
+    def apply_(self, U: Tensor, c: Tensor) -> None:
+        U.view(-1).sub_((c.double() @ self.G.double()).to(U.dtype))

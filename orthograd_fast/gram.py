@@ -1,0 +1,210 @@
+"""Per-parameter Gram K = G G^T, coefficients b = G u and the update u - G^T c, from factors.
+
+One :class:`ParamTerm` per trainable tensor gathers the uses captured for it and picks how to
+evaluate them:
+
+* **explicit** - every use materialized as [B, numel] in float64. Taken when the tensor is small
+  (B * numel <= ``EXPLICIT_MAX``: biases, norm weights, small heads) or when uses of different
+  kinds meet (a generic-fallback use of a tied parameter). Exact, and exactly the tensors whose
+  Gram is worst conditioned (orthograd-math.md section 4).
+* **tile** / **ghost** - one dense factored use (several uses of one tied tensor are concatenated
+  along tokens); :func:`orthograd_fast.route.choose_route` picks the order.
+* **tokens** - uses that include embedding lookups (one-hot rows): the ghost order with the
+  one-hot side evaluated by gathers and id equality, so the vocabulary is never materialized.
+
+Precision: per-sample tiles are formed in the factors' dtype (fp32 for half factors) and reduced
+to K in float64; token Grams (ghost) are formed in float64. So K is accurate to float64 rounding
+and the solve can resolve directions far weaker than a float32 Gram could. The Triton backend
+accumulates in float32 instead: its terms are marked ``approx`` and the engine adds one
+re-projection pass and a coarser rank tolerance (see :mod:`orthograd_fast.solve`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .factors import CHUNK_BYTES, ExplicitUse, OuterUse, _compute_dtype
+from .route import GHOST, TILE, choose_route
+
+# Tensors with B * numel at or below this many elements are materialized (fp64, exact).
+EXPLICIT_MAX = 1 << 18
+
+
+def _pad_tokens(t: Tensor, T: int) -> Tensor:
+    if t.shape[1] == T:
+        return t
+    pad = t.new_zeros((t.shape[0], T - t.shape[1]) + tuple(t.shape[2:]))
+    return torch.cat([t, pad], dim=1)
+
+
+def _merge_dense(uses: List[OuterUse]) -> OuterUse:
+    """Uses of one tensor with dense factors -> one use: tokens concatenated (zero-padded tokens
+    contribute nothing, so this is exact)."""
+    if len(uses) == 1:
+        return uses[0]
+    A = torch.cat([u.A for u in uses], dim=1)
+    dt = torch.promote_types(uses[0].D.dtype, uses[0].D.dtype)
+    for u in uses[1:]:
+        dt = torch.promote_types(dt, u.D.dtype)
+    D = torch.cat([u.D.to(dt) for u in uses], dim=1)
+    return OuterUse(A=A, D=D, ids=None, shape=uses[0].shape, transposed=uses[0].transposed)
+
+
+class ParamTerm:
+    """Everything the solve needs about one trainable tensor's per-sample gradients."""
+
+    def __init__(self, name: str, param: Tensor, uses: list, backend: str = "torch"):
+        self.name = name
+        self.param = param
+        self.numel = param.numel()
+        self.B = uses[0].B
+        self.backend = backend
+        self.approx = False  # True when K was accumulated in float32 (Triton)
+        self._K: Optional[Tensor] = None
+        outer = [u for u in uses if isinstance(u, OuterUse)]
+        explicit_only = len(outer) < len(uses)
+        if explicit_only or self.B * self.numel <= EXPLICIT_MAX or self._mixed_orientation(outer):
+            self.mode = "explicit"
+            G = None
+            for u in uses:
+                g = u.explicit()
+                G = g if G is None else G + g
+            self.G = G
+            self.use = None
+        elif all(u.ids is None for u in outer) and len({u.shape for u in outer}) == 1:
+            self.use = _merge_dense(outer)
+            B, T, G, I = self.use.A.shape
+            O = self.use.D.shape[-1]
+            self.mode = choose_route(B, T, G, I, O)
+            self.G = None
+        else:
+            self.mode = "tokens"
+            self.uses = outer
+            self.use = None
+            self.G = None
+
+    @staticmethod
+    def _mixed_orientation(outer: List[OuterUse]) -> bool:
+        return len({(u.shape, u.transposed) for u in outer}) > 1
+
+    # ---------------------------------------------------------------------------------------
+    def gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+        """(K [B, B] fp64, b [B] fp64) for the tensor U (shaped like the parameter)."""
+        if self._K is not None:
+            return self._K, self.coef(U)
+        if self.mode == "explicit":
+            K, b = self.G @ self.G.t(), self.G @ U.reshape(-1).double()
+        elif self.backend == "triton" and self.use is not None and self.use.shape[0] == 1:
+            K, b = self._triton_gram_coef(U)
+        elif self.mode == TILE:
+            K, b = self._tile_gram_coef(U)
+        elif self.mode == GHOST:
+            K, b = self._ghost_gram(), self.use.coef(U)
+        else:
+            K, b = self._tokens_gram(), self.coef(U)
+        self._K = K
+        return K, b
+
+    def coef(self, U: Tensor) -> Tensor:
+        if self.mode == "explicit":
+            return self.G @ U.reshape(-1).double()
+        if self.use is not None:
+            if self.backend == "triton" and self.use.shape[0] == 1:
+                from . import triton_ops
+
+                A, D = self.use.A[:, :, 0, :], self.use.D[:, :, 0, :]
+                return triton_ops.coef(A, D, self.use.view(U)[0]).double()
+            return self.use.coef(U)
+        return sum(u.coef(U) for u in self.uses)
+
+    def apply_(self, U: Tensor, c: Tensor) -> None:
+        """U -= sum_i c_i g_i in place."""
+        if self.mode == "explicit":
+            U.view(-1).sub_((c.double() @ self.G).to(U.dtype))
+        elif self.use is not None:
+            self.use.apply_(U, c)
+        else:
+            for u in self.uses:
+                u.apply_(U, c)
+
+    # --- routes ------------------------------------------------------------------------------
+    def _tile_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-sample tiles D_b^T A_b in slabs of output rows; K and b accumulated in fp64."""
+        use = self.use
+        dt = _compute_dtype(use.A, use.D)
+        A, D = use.A.to(dt), use.D.to(dt)
+        B, T, G, I = A.shape
+        O = D.shape[-1]
+        Uv = use.view(U)
+        K = torch.zeros(B, B, dtype=torch.float64, device=A.device)
+        b = torch.zeros(B, dtype=torch.float64, device=A.device)
+        rows = max(1, CHUNK_BYTES // max(1, B * G * I * 8))
+        for o0 in range(0, O, rows):
+            o1 = min(O, o0 + rows)
+            tiles = torch.einsum("btgo,btgi->bgoi", D[..., o0:o1], A).reshape(B, -1).double()
+            K += tiles @ tiles.t()
+            b += tiles @ Uv[:, o0:o1, :].reshape(-1).double()
+        return K, b
+
+    def _ghost_gram(self) -> Tensor:
+        """sum over tokens of (A A^T) * (D D^T), float64, in blocks of samples."""
+        use = self.use
+        B, T, G, I = use.A.shape
+        A = use.A.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
+        D = use.D.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
+        K = torch.zeros(B, B, dtype=torch.float64, device=A.device)
+        step = max(1, CHUNK_BYTES // max(1, 2 * G * T * B * T * 8))
+        for b0 in range(0, B, step):
+            b1 = min(B, b0 + step)
+            rows = slice(b0 * T, b1 * T)
+            prod = (A[:, rows] @ A.transpose(1, 2)) * (D[:, rows] @ D.transpose(1, 2))
+            K[b0:b1] = prod.sum(0).reshape(b1 - b0, T, B, T).sum(dim=(1, 3))
+        return K
+
+    def _tokens_gram(self) -> Tensor:
+        """Ghost order over uses that include one-hot (embedding) sides: for every ordered pair
+        of uses, sum_{t,s} (a_bt . a_cs) * (d_bt . d_cs), where d . d' is a dot product (dense),
+        a gather of a dense row at an id (dense x one-hot) or id equality (one-hot x one-hot)."""
+        B = self.B
+        flat = []
+        for u in self.uses:
+            T = u.A.shape[1]
+            A = u.A[:, :, 0, :].reshape(B * T, -1).double()
+            D = None if u.D is None else u.D[:, :, 0, :].reshape(B * T, -1).double()
+            ids = None if u.ids is None else u.ids.reshape(-1)
+            flat.append((T, A, D, ids))
+        K = torch.zeros(B, B, dtype=torch.float64, device=flat[0][1].device)
+        for Tu, Au, Du, iu in flat:
+            for Tv, Av, Dv, iv in flat:
+                step = max(1, CHUNK_BYTES // max(1, 2 * Tu * B * Tv * 8))
+                for b0 in range(0, B, step):
+                    b1 = min(B, b0 + step)
+                    r = slice(b0 * Tu, b1 * Tu)
+                    KA = Au[r] @ Av.t()
+                    if Du is not None and Dv is not None:
+                        KD = Du[r] @ Dv.t()
+                    elif Du is not None:
+                        KD = Du[r][:, iv]
+                    elif Dv is not None:
+                        KD = Dv[:, iu[r]].t()
+                    else:
+                        KD = (iu[r][:, None] == iv[None, :]).double()
+                    K[b0:b1] += (KA * KD).reshape(b1 - b0, Tu, B, Tv).sum(dim=(1, 3))
+        return K
+
+    def _triton_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+        from . import triton_ops
+
+        use = self.use
+        A, D = use.A[:, :, 0, :], use.D[:, :, 0, :]
+        if A.dtype != D.dtype:
+            dt = _compute_dtype(A, D)
+            A, D = A.to(dt), D.to(dt)
+        Uv = use.view(U)[0]
+        fn = triton_ops.tile_gram if self.mode == TILE else triton_ops.ghost_gram
+        K, b = fn(A.contiguous(), D.contiguous(), Uv)
+        self.approx = True
+        return K.double(), b.double()

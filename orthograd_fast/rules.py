@@ -1,0 +1,216 @@
+"""Layer rules: one captured call (input x, output gradient gy) -> factored per-sample uses.
+
+Every rule receives tensors whose dim 0 is the retain batch (batch-first layouts) and returns
+``{param: use}`` for the trainable parameters the module owns. See orthograd-math.md section 2.
+Modules without a rule that own trainable parameters directly go to the generic fallback
+(:mod:`orthograd_fast.fallback`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .factors import ExplicitUse, OuterUse
+
+
+class UnsupportedModule(RuntimeError):
+    """A module whose per-sample gradients are not defined or not supported."""
+
+
+def _tokens(t: Tensor, B: int, last: int) -> Tensor:
+    return t.reshape(B, -1, last)
+
+
+def _trainable(p: Optional[Tensor]) -> bool:
+    return p is not None and p.requires_grad
+
+
+def linear_uses(m: nn.Module, x: Tensor, gy: Tensor, B: int) -> dict:
+    out, inp = m.weight.shape
+    A = _tokens(x, B, inp)
+    D = _tokens(gy, B, out)
+    uses = {}
+    if _trainable(m.weight):
+        uses[m.weight] = OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, out, inp))
+    if _trainable(m.bias):
+        uses[m.bias] = ExplicitUse(D.sum(1))
+    return uses
+
+
+def hf_conv1d_uses(m: nn.Module, x: Tensor, gy: Tensor, B: int) -> dict:
+    """transformers' Conv1D: y = x @ W + b with W stored [in, out] (a transposed Linear)."""
+    inp, out = m.weight.shape
+    A = _tokens(x, B, inp)
+    D = _tokens(gy, B, out)
+    uses = {}
+    if _trainable(m.weight):
+        uses[m.weight] = OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, out, inp), transposed=True)
+    if _trainable(getattr(m, "bias", None)):
+        uses[m.bias] = ExplicitUse(D.sum(1))
+    return uses
+
+
+def _unfold_nd(x: Tensor, m: nn.modules.conv._ConvNd) -> Tensor:
+    """Patches of x as [B, C, *L, *k] for any conv dimensionality, stride, dilation, padding."""
+    nd = x.dim() - 2
+    pad = list(m._reversed_padding_repeated_twice)
+    if any(pad):
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    for d in range(nd):
+        k, s, dil = m.kernel_size[d], m.stride[d], m.dilation[d]
+        span = dil * (k - 1) + 1
+        x = x.unfold(2 + d, span, s)[..., ::dil]
+    # now [B, C, L1..Lnd, k1..knd] but unfold appends kernel dims in order of application
+    return x
+
+
+def conv_uses(m: nn.modules.conv._ConvNd, x: Tensor, gy: Tensor, B: int) -> dict:
+    nd = x.dim() - 2
+    G = m.groups
+    C = x.shape[1]
+    O = m.out_channels
+    patches = _unfold_nd(x, m)  # [B, C, L..., k...]
+    L = patches.shape[2 : 2 + nd]
+    kprod = math.prod(m.kernel_size)
+    Lprod = math.prod(L)
+    # -> [B, L, G, Cg * kprod], columns ordered (c_in_g, k1, ..., knd) like the weight
+    A = patches.reshape(B, G, C // G, Lprod, kprod).permute(0, 3, 1, 2, 4).reshape(B, Lprod, G, (C // G) * kprod)
+    D = gy.reshape(B, G, O // G, Lprod).permute(0, 3, 1, 2)
+    uses = {}
+    if _trainable(m.weight):
+        uses[m.weight] = OuterUse(A, D, None, (G, O // G, (C // G) * kprod))
+    if _trainable(m.bias):
+        uses[m.bias] = ExplicitUse(gy.reshape(B, O, -1).sum(-1))
+    return uses
+
+
+def embedding_uses(m: nn.Embedding, ids: Tensor, gy: Tensor, B: int) -> dict:
+    if not _trainable(m.weight):
+        return {}
+    if m.scale_grad_by_freq:
+        raise UnsupportedModule(
+            f"{type(m).__name__} has scale_grad_by_freq=True: its gradient depends on token counts of the "
+            "whole batch, so per-sample gradients are not defined. Build it with scale_grad_by_freq=False."
+        )
+    V, d = m.weight.shape
+    ids = ids.reshape(B, -1)
+    rows = _tokens(gy, B, d)
+    if m.padding_idx is not None:
+        # padding tokens get no gradient in nn.Embedding's backward
+        rows = rows * (ids != m.padding_idx).unsqueeze(-1).to(rows.dtype)
+    return {m.weight: OuterUse(rows[:, :, None, :], None, ids, (1, V, d))}
+
+
+def _norm_uses(m: nn.Module, xhat: Tensor, gy: Tensor, B: int, numel: int, channel_first: bool) -> dict:
+    gy = gy.to(xhat.dtype)
+    if channel_first:  # [B, C, *] -> sum over spatial
+        gw = (xhat * gy).reshape(B, numel, -1).sum(-1)
+        gb = gy.reshape(B, numel, -1).sum(-1)
+    else:  # [B, ..., *normalized_shape] -> sum over leading tokens
+        gw = (xhat * gy).reshape(B, -1, numel).sum(1)
+        gb = gy.reshape(B, -1, numel).sum(1)
+    uses = {}
+    if _trainable(getattr(m, "weight", None)):
+        uses[m.weight] = ExplicitUse(gw)
+    if _trainable(getattr(m, "bias", None)):
+        uses[m.bias] = ExplicitUse(gb)
+    return uses
+
+
+def layernorm_uses(m: nn.LayerNorm, x: Tensor, gy: Tensor, B: int) -> dict:
+    dims = tuple(range(-len(m.normalized_shape), 0))
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    mu = xf.mean(dims, keepdim=True)
+    var = xf.var(dims, unbiased=False, keepdim=True)
+    xhat = (xf - mu) * torch.rsqrt(var + m.eps)
+    return _norm_uses(m, xhat, gy, B, math.prod(m.normalized_shape), channel_first=False)
+
+
+def rmsnorm_uses(m: nn.Module, x: Tensor, gy: Tensor, B: int) -> dict:
+    dims = tuple(range(-len(m.normalized_shape), 0))
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+    xhat = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+    return _norm_uses(m, xhat, gy, B, math.prod(m.normalized_shape), channel_first=False)
+
+
+def groupnorm_uses(m: nn.GroupNorm, x: Tensor, gy: Tensor, B: int) -> dict:
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xg = xf.reshape(B, m.num_groups, -1)
+    mu = xg.mean(-1, keepdim=True)
+    var = xg.var(-1, unbiased=False, keepdim=True)
+    xhat = ((xg - mu) * torch.rsqrt(var + m.eps)).reshape_as(xf)
+    return _norm_uses(m, xhat, gy, B, m.num_channels, channel_first=True)
+
+
+def batchnorm_uses(m: nn.modules.batchnorm._BatchNorm, x: Tensor, gy: Tensor, B: int) -> dict:
+    check_batchnorm(m)
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    xhat = (xf - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
+    return _norm_uses(m, xhat, gy, B, m.num_features, channel_first=True)
+
+
+def check_batchnorm(m: nn.Module) -> None:
+    if m.training or not m.track_running_stats or m.running_mean is None:
+        raise UnsupportedModule(
+            f"{type(m).__name__} uses batch statistics (training mode or track_running_stats=False): "
+            "samples share the batch mean and variance, so per-sample gradients do not exist. "
+            "Put it in eval mode (module.eval()) for the retain pass, or use GroupNorm/LayerNorm."
+        )
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+
+
+def rule_for(m: nn.Module) -> Optional[Callable[[nn.Module, Tensor, Tensor, int], Dict]]:
+    """The factored rule for a module type, or None (then: generic fallback or an error)."""
+    if isinstance(m, nn.Linear):
+        return linear_uses
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return conv_uses
+    if isinstance(m, nn.Embedding):
+        return embedding_uses
+    if isinstance(m, nn.LayerNorm):
+        return layernorm_uses
+    if hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
+        return rmsnorm_uses
+    if isinstance(m, nn.GroupNorm):
+        return groupnorm_uses
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return batchnorm_uses
+    if _is_hf_conv1d(m):
+        return hf_conv1d_uses
+    return None
+
+
+# Modules handled as one fallback unit with all their parameters (their forward uses sub-module
+# parameters directly, e.g. MultiheadAttention reads out_proj.weight without calling out_proj).
+WHOLE_UNITS = (nn.MultiheadAttention,)
+
+# Modules that cannot be replayed per sample by torch.func.
+REFUSED = (nn.RNNBase,)
+
+
+def refuse_reason(m: nn.Module) -> Optional[str]:
+    if isinstance(m, REFUSED):
+        return (
+            f"{type(m).__name__} (recurrent) is not supported: torch.func cannot vmap its fused kernel, "
+            "so its per-sample gradients cannot be formed. Freeze it (requires_grad_(False)) or write the "
+            "recurrence with nn.Linear/nn.RNNCell-free torch ops inside a module."
+        )
+    if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
+        return (
+            "nn.MultiheadAttention with batch_first=False: per-sample gradients need batch-first layouts "
+            "(the retain batch on dim 0 of every layer's input). Build it with batch_first=True."
+        )
+    if isinstance(m, nn.Embedding) and m.sparse:
+        return "nn.Embedding with sparse=True: OrthoGrad needs dense gradients. Build it with sparse=False."
+    return None
