@@ -1,0 +1,123 @@
+"""OrthoGrad(backend="torch") and the paper's reference against the float64 oracle."""
+
+import pytest
+import torch
+from torch import nn
+
+import orthograd_fast.gram as gram
+from engine_helpers import compare
+from models import MODELS, ce, make
+from oracle import oracle_direction
+from orthograd_fast.reference import orthograd_direction
+
+REL = 1e-4
+ORTH = 1e-5
+
+
+@pytest.fixture(params=["auto-route", "factored"])
+def route(request, monkeypatch):
+    # "factored" turns off materialization of small tensors so the tile/ghost/token routes run.
+    if request.param == "factored":
+        monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_matches_oracle(name, scope, route):
+    model, retain, unlearn = make(name)
+    err, orth, _ = compare(model, ce, retain, unlearn, scope=scope, backend="torch")
+    assert err <= REL, f"{name}/{scope}/{route}: relative error {err:.2e}"
+    assert orth <= ORTH, f"{name}/{scope}/{route}: orthogonality {orth:.2e}"
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_alpha(alpha, scope):
+    model, retain, unlearn = make("lm")
+    err, orth, _ = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha, backend="torch")
+    assert err <= REL
+    if orth is not None:
+        assert orth <= ORTH
+
+
+def test_routes_were_exercised(monkeypatch):
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
+    modes = set()
+    for name in ("mlp", "cnn", "lm"):
+        model, retain, unlearn = make(name)
+        _, _, og = compare(model, ce, retain, unlearn, backend="torch")
+        modes |= {t.mode for t in og._terms.values()}
+    assert {"tile", "ghost", "tokens", "explicit"} <= modes
+
+
+@pytest.mark.parametrize("route_", ["explicit", "factored"])
+def test_rank_deficient_duplicates(route_, monkeypatch):
+    if route_ == "factored":
+        monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
+    model, (xr, yr), unlearn = make("mlp")
+    xr = torch.cat([xr, xr[:3]])  # duplicated samples: G has rank B - 3
+    yr = torch.cat([yr, yr[:3]])
+    err, orth, _ = compare(model, ce, (xr, yr), unlearn, backend="torch")
+    assert err <= REL and orth <= ORTH
+
+
+def test_batch_larger_than_tensor():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # biases of 4 and 2 entries
+    g = torch.Generator().manual_seed(1)
+    xr, yr = torch.randn(11, 3, generator=g), torch.randint(0, 2, (11,), generator=g)
+    xu, yu = torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)
+    err, orth, _ = compare(model, ce, (xr, yr), (xu, yu), backend="torch")
+    assert err <= REL and orth <= ORTH
+    # a tensor with numel <= rank loses its whole unlearn gradient (the definition)
+    assert model[2].bias.grad.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mlp", "lm", "raw"])
+@pytest.mark.parametrize("method", ["qr", "svd"])
+def test_reference_matches_oracle(name, method):
+    model, retain, unlearn = make(name)
+    for scope in ("tensor", "global"):
+        got = orthograd_direction(model, ce, retain, unlearn, scope=scope, method=method)
+        ref, G, u = oracle_direction(model, ce, retain, unlearn, scope=scope)
+        for n in ref:
+            scale = ref[n].norm() + u[n].norm()
+            assert float((got[n].reshape(-1).double() - ref[n]).norm() / scale) <= REL, (name, scope, n)
+
+
+def test_reference_qr_differs_on_rank_deficient_but_svd_does_not():
+    # QR without tolerance removes arbitrary extra directions on duplicated samples (paper parity)
+    model, (xr, yr), unlearn = make("mlp")
+    xr, yr = torch.cat([xr, xr]), torch.cat([yr, yr])
+    svd = orthograd_direction(model, ce, (xr, yr), unlearn, method="svd")
+    ref, _, u = oracle_direction(model, ce, (xr, yr), unlearn)
+    for n in ref:
+        assert float((svd[n].reshape(-1).double() - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL
+
+
+def test_multiple_retain_blocks_equal_union():
+    model, (xr, yr), (xu, yu) = make("lm")
+    from orthograd_fast import OrthoGrad
+
+    og = OrthoGrad(model, backend="torch")
+    model.zero_grad()
+    with og.retain():
+        ce(model(xr[:2]), yr[:2]).mean().backward()
+    with og.retain():
+        ce(model(xr[2:]), yr[2:]).mean().backward()
+    assert og.retain_size == xr.shape[0]
+    ce(model(xu), yu).mean().backward()
+    og.project_()
+    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
+    ref, _, u = oracle_direction(model, ce, (xr, yr), (xu, yu))
+    for n in ref:
+        assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, n
+
+
+def test_frozen_parameters_untouched():
+    model, retain, unlearn = make("lora")
+    err, orth, og = compare(model, ce, retain, unlearn, backend="torch")
+    assert err <= REL and orth <= ORTH
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert {n for n, _ in og.parameters} == {n for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,228 @@
+"""The bad-input contract: every misuse is a clear error or a defined, clean state."""
+
+import pytest
+import torch
+from torch import nn
+
+from models import ce, make
+from orthograd_fast import OrthoGrad
+from orthograd_fast.api import OrthoGradError
+from orthograd_fast.capture import CaptureError
+from orthograd_fast.rules import UnsupportedModule
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_constructor_arguments():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="scope"):
+        OrthoGrad(model, scope="layer")
+    with pytest.raises(ValueError, match="alpha"):
+        OrthoGrad(model, alpha=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        OrthoGrad(model, backend="cuda")
+    with pytest.raises(ValueError, match="rtol"):
+        OrthoGrad(model, rtol=-1)
+    with pytest.raises(TypeError, match="nn.Module"):
+        OrthoGrad(lambda x: x)
+    with pytest.raises(ValueError, match="no trainable"):
+        OrthoGrad(nn.Linear(3, 2).requires_grad_(False))
+
+
+def test_project_without_retain():
+    model, _, (xu, yu) = make("mlp")
+    og = OrthoGrad(model)
+    ce(model(xu), yu).mean().backward()
+    with pytest.raises(OrthoGradError, match="no retain pass"):
+        og.project_()
+
+
+def test_retain_without_backward_is_error_and_clean():
+    model, (xr, yr), _ = make("mlp")
+    og = OrthoGrad(model)
+    with pytest.raises(CaptureError, match="no gradient reached"):
+        with og.retain():
+            ce(model(xr), yr).mean()
+    assert _hooks(model) == 0
+
+
+def test_exception_inside_retain_restores_state():
+    model, (xr, yr), _ = make("cnn")
+    before = {}
+    for n, p in model.named_parameters():
+        p.grad = torch.randn_like(p)
+        before[n] = p.grad
+    og = OrthoGrad(model)
+    with pytest.raises(KeyError):
+        with og.retain():
+            ce(model(xr), yr).mean().backward()
+            raise KeyError("user code failed")
+    assert _hooks(model) == 0
+    for n, p in model.named_parameters():
+        assert p.grad is before[n], n  # the very same tensors, values untouched
+    with pytest.raises(OrthoGradError, match="no retain pass"):
+        og.project_()
+
+
+def test_grad_restored_after_retain():
+    model, (xr, yr), _ = make("mlp")
+    saved = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = saved[n].clone()
+    og = OrthoGrad(model)
+    with og.retain():
+        ce(model(xr), yr).mean().backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, saved[n])
+    assert _hooks(model) == 0
+
+
+def test_batchnorm_training_mode():
+    model, (xr, yr), _ = make("cnn")
+    model.train()
+    og = OrthoGrad(model)
+    with pytest.raises(UnsupportedModule, match="BatchNorm2d.*eval mode"):
+        with og.retain():
+            ce(model(xr), yr).mean().backward()
+    assert _hooks(model) == 0
+
+
+def test_project_twice():
+    model, (xr, yr), (xu, yu) = make("mlp")
+    og = OrthoGrad(model)
+    with og.retain():
+        ce(model(xr), yr).mean().backward()
+    ce(model(xu), yu).mean().backward()
+    og.project_()
+    with pytest.raises(OrthoGradError, match="already applied"):
+        og.project_()
+
+
+def test_model_changed_between_passes():
+    model, (xr, yr), (xu, yu) = make("mlp")
+    og = OrthoGrad(model)
+    with og.retain():
+        ce(model(xr), yr).mean().backward()
+    ce(model(xu), yu).mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    with pytest.raises(OrthoGradError, match="modified after the retain pass"):
+        og.project_()
+
+
+def test_requires_grad_toggled():
+    model, (xr, yr), _ = make("mlp")
+    og = OrthoGrad(model)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(OrthoGradError, match="trainable parameters changed"):
+        with og.retain():
+            pass
+
+
+def test_model_called_twice_in_one_block():
+    model, (xr, yr), _ = make("mlp")
+    og = OrthoGrad(model)
+    with pytest.raises(CaptureError, match="more than once"):
+        with og.retain():
+            (ce(model(xr), yr) + ce(model(xr), yr)).mean().backward()
+    assert _hooks(model) == 0
+
+
+class FunctionalTie(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+
+    def forward(self, ids):
+        return self.emb(ids) @ self.emb.weight.t()  # use of emb.weight outside emb's forward
+
+
+def test_use_outside_module_is_detected():
+    torch.manual_seed(0)
+    model = FunctionalTie()
+    ids = torch.randint(0, 11, (4, 3))
+    og = OrthoGrad(model)
+    with og.retain():
+        ce(model(ids), ids).mean().backward()
+    ce(model(ids[:2]), ids[:2]).mean().backward()
+    with pytest.raises(CaptureError, match="emb.weight"):
+        og.project_()
+
+
+def test_batch_second_layout_refused():
+    model = nn.Sequential(nn.MultiheadAttention(4, 2))
+    with pytest.raises(UnsupportedModule, match="batch_first"):
+        OrthoGrad(model).retain().__enter__()
+
+
+def test_recurrent_refused():
+    model = nn.LSTM(3, 4)
+    og = OrthoGrad(model)
+    with pytest.raises(UnsupportedModule, match="LSTM"):
+        with og.retain():
+            pass
+
+
+def test_nonfinite_unlearn_gradient():
+    model, (xr, yr), (xu, yu) = make("mlp")
+    og = OrthoGrad(model)
+    with og.retain():
+        ce(model(xr), yr).mean().backward()
+    ce(model(xu), yu).mean().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="0.weight"):
+        og.project_()
+
+
+def test_parameter_without_gradient():
+    # a head that the loss never reaches: u = 0 there and no per-sample gradients
+    torch.manual_seed(0)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(5, 4)
+            self.a = nn.Linear(4, 3)
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(torch.relu(self.body(x)))
+
+    model = TwoHeads()
+    og = OrthoGrad(model)
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    with og.retain():
+        ce(model(x), y).mean().backward()
+    ce(model(x[:2]), y[:2]).mean().backward()
+    og.project_()
+    assert torch.count_nonzero(model.b.weight.grad) == 0
+
+
+def test_batch_of_one():
+    from engine_helpers import compare
+
+    model, (xr, yr), unlearn = make("mlp")
+    err, orth, _ = compare(model, ce, (xr[:1], yr[:1]), unlearn, backend="torch")
+    assert err <= 1e-4 and orth <= 1e-5
+
+
+def test_max_retain_cap():
+    model, (xr, yr), _ = make("mlp")
+    og = OrthoGrad(model, max_retain=8)
+    with og.retain():
+        ce(model(xr), yr).mean().backward()
+    with pytest.raises(OrthoGradError, match="max_retain"):
+        with og.retain():
+            ce(model(xr), yr).mean().backward()
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, (xr, yr), (xu, yu) = make("mlp")
+    og = OrthoGrad(model, backend="triton")
+    with og.retain():
+        ce(model(xr), yr).mean().backward()
+    ce(model(xu), yu).mean().backward()
+    with pytest.raises(Exception, match="triton|Triton"):
+        og.project_()
