@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import blocks as _blocks
+from . import distributed as _distributed
 from .capture import Capture, CaptureError, find_units
 from .gram import ParamTerm
 from .solve import resolve_rtol, solve_psd
@@ -72,6 +73,9 @@ class OrthoGrad:
             raise ValueError(f"OrthoGrad(backend={backend!r}): use one of {BACKENDS}")
         if rtol is not None and not (0.0 <= float(rtol) < 1.0):
             raise ValueError(f"OrthoGrad(rtol={rtol}): use a value in [0, 1), or None for the default")
+        # DDP/FSDP (issue 6): refuse sharded parameters; under DDP the factors are all-gathered.
+        _distributed.check_supported(model)
+        self._group = _distributed.ddp_group(model)
         self.model = model
         self.scope = scope
         self.alpha = alpha
@@ -146,6 +150,9 @@ class OrthoGrad:
         if self._units is None:
             self._units = find_units(self.model)
         saved = {p: p.grad for _, p in self._params}
+        # DDP (issue 6): with gradient_as_bucket_view=True the reducer writes the retain gradient
+        # into the bucket that a saved .grad is a view of; keep the values to put them back.
+        saved_vals = {p: g.clone() for p, g in saved.items() if g is not None} if self._group is not None else {}
         for _, p in self._params:
             p.grad = None
         cap = Capture(self.model, self._units)
@@ -165,14 +172,20 @@ class OrthoGrad:
             self._blocks.append((B, uses))
             for _, p in self._params:
                 g = p.grad
+                if g is not None and self._group is not None:
+                    # DDP (issue 6): with gradient_as_bucket_view the next backward reuses this storage
+                    g = g.clone()
                 if g is not None:
                     prev = self._gsum.get(p)
-                    self._gsum[p] = g.detach().clone() if prev is None else prev + g.detach()
+                    # p.grad is restored below, so the retain gradient tensor is ours: no copy
+                    self._gsum[p] = g.detach() if prev is None else prev + g.detach()
                 self._versions[p] = p._version
         finally:
             cap.detach()
             for _, p in self._params:
                 p.grad = saved[p]
+                if p in saved_vals:  # DDP bucket views: restore the values too (see above)
+                    p.grad.copy_(saved_vals[p])
             self._in_retain = False
 
     def _reset_span(self) -> None:
@@ -204,6 +217,14 @@ class OrthoGrad:
                     "retain pass again."
                 )
         uses = _blocks.concat_blocks(self._blocks)
+        # autocast (issue 6): remember whether any captured factor is half precision (_check_capture).
+        self._half_factors = any(
+            t is not None and t.dtype in (torch.float16, torch.bfloat16)
+            for us in uses.values() for u in us for t in (getattr(u, "G", None), getattr(u, "A", None), getattr(u, "D", None))
+        )
+        if self._group is not None:  # DDP (issue 6): the union of every rank's retain samples
+            names_ = {p: n for n, p in self._params}
+            uses = _distributed.gather_uses(uses, [p for _, p in self._params], names_, self.retain_size, self._group)
         backend = self._resolve_backend()
         names = {p: n for n, p in self._params}
         terms = {}
@@ -217,11 +238,11 @@ class OrthoGrad:
     def _factor_dtype(self, term: ParamTerm) -> torch.dtype:
         return term.param.dtype if term.use is None else term.use.A.dtype
 
-    def _project(self, vectors: Dict[Tensor, Tensor], check_sum: bool) -> Dict[Tensor, Tensor]:
-        """P_perp applied to {param: tensor}; returns new tensors (inputs untouched)."""
+    def _project(self, vectors: Dict[Tensor, Tensor], check_sum: bool, inplace: bool = False) -> Dict[Tensor, Tensor]:
+        """P_perp applied to {param: tensor}; new tensors unless ``inplace`` (then written through)."""
         terms = self._build_terms()
         active = [p for p in terms if p in vectors]
-        out = {p: v.detach().clone() for p, v in vectors.items()}
+        out = {p: (v.detach() if inplace else v.detach().clone()) for p, v in vectors.items()}
         if not active:
             return out
         Ks, bs, rtols = [], [], []
@@ -253,7 +274,8 @@ class OrthoGrad:
             c2 = solve_psd(Kg, b2.sum(0), rt).unsqueeze(0).expand(len(active), -1) if self.scope == "global" else solve_psd(K, b2, rt)
             for k, p in enumerate(active):
                 terms[p].apply_(out[p], c2[k])
-        self.stats = {"B": self.retain_size, "backend": self._backend_used, "scope": self.scope, "tensors": len(active)}
+        # terms[...].B: under DDP the union of every rank's retain samples (retain_size is local)
+        self.stats = {"B": terms[active[0]].B, "backend": self._backend_used, "scope": self.scope, "tensors": len(active)}
         return out
 
     def _raise_nonfinite(self, active, Ks, bs, vecs) -> None:
@@ -281,9 +303,15 @@ class OrthoGrad:
                 continue
             u = vecs[p]
             lhs = b.sum()
-            rhs = (gs.double() * u.double()).sum()
-            scale = gs.double().norm() * u.double().norm()
-            tol = (3e-2 if gs.dtype in (torch.float16, torch.bfloat16) else 2e-3) * scale + 1e-30
+            # DDP (issue 6): .grad is the rank average, the gathered rows sum every rank's local gradient.
+            world = _distributed.world_size(self._group)
+            # float32 dots are enough for the tolerance and avoid float64 copies of big tensors
+            rhs = torch.dot(gs.reshape(-1), u.reshape(-1).to(gs.dtype)).double() * world
+            scale = torch.linalg.vector_norm(gs).double() * torch.linalg.vector_norm(u).double() * world
+            # autocast (issue 6): half factors (bf16/fp16 activations and output gradients) with an fp32
+            # .grad still carry half-precision rounding: use the half tolerance for them too.
+            half = gs.dtype in (torch.float16, torch.bfloat16) or self._half_factors
+            tol = (3e-2 if half else 2e-3) * scale + 1e-30
             if (lhs - rhs).abs() > tol:
                 raise CaptureError(
                     f"parameter '{names[p]}': the per-sample gradients captured by the hooks do not add up to its "
@@ -313,13 +341,15 @@ class OrthoGrad:
                 "og.project_() was already applied to this retain pass; run a new `with og.retain():` pass "
                 "before projecting again (project_vectors() can reuse the factors)."
             )
-        vecs = {}
-        for _, p in self._params:
-            vecs[p] = p.grad if p.grad is not None else torch.zeros_like(p)
         if not self._blocks:
             self._build_terms()  # raises the no-retain error
+        for _, p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        vecs = {p: p.grad for _, p in self._params}
         nblocks = len(self._blocks)
-        perp = self._project(vecs, check_sum=True)
+        # in place: .grad becomes P_perp(u), then the direction, without copies of the model's size
+        perp = self._project(vecs, check_sum=True, inplace=True)
         a = self.alpha
         for _, p in self._params:
             r = perp[p]
@@ -328,10 +358,6 @@ class OrthoGrad:
                 gs = self._gsum.get(p)
                 if gs is not None:
                     d.add_(gs.to(d.dtype), alpha=a / nblocks)
-            if p.grad is None:
-                p.grad = d
-            else:
-                p.grad.copy_(d)
         self._projected = True
         return self.stats
 

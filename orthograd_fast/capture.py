@@ -8,6 +8,7 @@ leaving ``retain()`` (:meth:`Capture.finish`), after the hooks are gone.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -28,6 +29,19 @@ class Call:
     kwargs: Any
     output: Any
     grads: List[Optional[Tensor]] = field(default_factory=list)
+    # autocast (issue 6): (device, dtype) pairs active at the call; the fallback replays under them
+    autocast: tuple = ()
+
+
+def _autocast_state() -> tuple:
+    state = []
+    for dev in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(dev):
+                state.append((dev, torch.get_autocast_dtype(dev)))
+        except (RuntimeError, TypeError, AttributeError):  # older torch / no such device type
+            pass
+    return tuple(state)
 
 
 @dataclass
@@ -101,6 +115,13 @@ class Capture:
             if isinstance(t, Tensor) and t.dim() >= 1:
                 self.B = t.shape[0]
                 break
+        if self.B == 0:
+            # issue 6 (bad-input contract): an empty retain batch has no per-sample gradients; without
+            # this check it fails later inside a layer rule with an unrelated reshape error.
+            raise CaptureError(
+                "og.retain(): the retain batch is empty (B=0 on dim 0 of the model input). Skip the "
+                "retain() block for an empty batch, or give it at least one sample."
+            )
         return None
 
     def _make_hook(self, unit: Unit):
@@ -108,7 +129,7 @@ class Capture:
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 rules.check_batchnorm(module)
             if unit.rule is None:  # the fallback replays the module: keep every input and the output
-                call = Call(args=_detach(args), kwargs=_detach(kwargs), output=_detach(output))
+                call = Call(args=_detach(args), kwargs=_detach(kwargs), output=_detach(output), autocast=_autocast_state())
             else:  # a rule needs the layer input only; keeping outputs alive would cost memory
                 x = args[0] if args else next(iter(kwargs.values()), None)
                 call = Call(args=(x.detach(),) if isinstance(x, Tensor) else (), kwargs={}, output=None)
@@ -145,7 +166,12 @@ class Capture:
                     B = self._infer_B(call)
                 if u.rule is None:
                     names = fallback.unit_parameters(u.module, u.whole)
-                    fallback.merge(uses, fallback.fallback_uses(u.module, names, call, B, u.name))
+                    # autocast (issue 6): replay under the autocast state of the captured call, else
+                    # the replay runs in fp32 and does not reproduce the captured half-precision output
+                    with contextlib.ExitStack() as stack:
+                        for dev, dt in call.autocast:
+                            stack.enter_context(torch.autocast(dev, dtype=dt))
+                        fallback.merge(uses, fallback.fallback_uses(u.module, names, call, B, u.name))
                     continue
                 x = tree_flatten(call.args)[0][0] if call.args else None
                 gy = call.grads[0]

@@ -167,7 +167,7 @@ def make(name, gen=None):
     r = lambda *s: torch.randn(*s, generator=g)
     ri = lambda hi, *s: torch.randint(0, hi, s, generator=g)
     if name == "mlp":
-        m = nn.Sequential(nn.Linear(13, 31), nn.Tanh(), nn.Linear(31, 17), nn.ReLU(), nn.Linear(17, 7))
+        m = nn.Sequential(nn.Linear(13, 31), nn.Tanh(), nn.Linear(31, 17), nn.GELU(), nn.Linear(17, 7))
         return m, (r(6, 13), ri(7, 6)), (r(5, 13), ri(7, 5))
     if name == "cnn":
         m = OddCNN().eval()

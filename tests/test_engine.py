@@ -78,12 +78,22 @@ def test_batch_larger_than_tensor():
 @pytest.mark.parametrize("method", ["qr", "svd"])
 def test_reference_matches_oracle(name, method):
     model, retain, unlearn = make(name)
+    compared = 0
     for scope in ("tensor", "global"):
         got = orthograd_direction(model, ce, retain, unlearn, scope=scope, method=method)
         ref, G, u = oracle_direction(model, ce, retain, unlearn, scope=scope)
+        Gall = torch.cat(list(G.values()), 1)
         for n in ref:
+            # QR has no tolerance: it equals the exact projector only where G has full row rank
+            # (a dead-ReLU sample gives a zero row and QR then removes an arbitrary extra direction).
+            Gn = G[n] if scope == "tensor" else Gall
+            s = torch.linalg.svdvals(Gn)
+            if method == "qr" and (Gn.shape[0] > Gn.shape[1] or s[-1] <= 1e-4 * s[0]):
+                continue
+            compared += 1
             scale = ref[n].norm() + u[n].norm()
             assert float((got[n].reshape(-1).double() - ref[n]).norm() / scale) <= REL, (name, scope, n)
+    assert compared > 0
 
 
 def test_reference_qr_differs_on_rank_deficient_but_svd_does_not():
