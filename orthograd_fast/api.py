@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -119,7 +118,9 @@ class OrthoGrad:
             return "triton" if on_cuda and triton_available() else "torch"
         if not triton_available():
             raise OrthoGradError('OrthoGrad(backend="triton"): triton is not installed; pip install triton, or use backend="torch"')
-        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        from .triton_ops import kernels_interpreted
+
+        if not on_cuda and not kernels_interpreted():
             raise OrthoGradError(
                 'OrthoGrad(backend="triton"): the parameters are on the CPU; the Triton kernels need CUDA '
                 'tensors (or TRITON_INTERPRET=1 for the slow CPU interpreter). Use backend="torch" on CPU.'

@@ -97,7 +97,7 @@ class ParamTerm:
             return self._K, self.coef(U)
         if self.mode == "explicit":
             K, b = self.G @ self.G.t(), self.G @ U.reshape(-1).double()
-        elif self.backend == "triton" and self.use is not None and self.use.shape[0] == 1:
+        elif self._on_triton():
             K, b = self._triton_gram_coef(U)
         elif self.mode == TILE:
             K, b = self._tile_gram_coef(U)
@@ -112,7 +112,7 @@ class ParamTerm:
         if self.mode == "explicit":
             return self.G @ U.reshape(-1).double()
         if self.use is not None:
-            if self.backend == "triton" and self.use.shape[0] == 1:
+            if self._on_triton():
                 from . import triton_ops
 
                 A, D = self.use.A[:, :, 0, :], self.use.D[:, :, 0, :]
@@ -129,6 +129,18 @@ class ParamTerm:
         else:
             for u in self.uses:
                 u.apply_(U, c)
+
+    def _on_triton(self) -> bool:
+        # The kernels take one group of dense fp32/bf16/fp16 factors; grouped convolutions,
+        # embeddings and float64 models stay on the torch path.
+        u = self.use
+        return (
+            self.backend == "triton"
+            and u is not None
+            and u.shape[0] == 1
+            and u.A.dtype != torch.float64
+            and u.D.dtype != torch.float64
+        )
 
     # --- routes ------------------------------------------------------------------------------
     def _tile_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
@@ -205,6 +217,6 @@ class ParamTerm:
             A, D = A.to(dt), D.to(dt)
         Uv = use.view(U)[0]
         fn = triton_ops.tile_gram if self.mode == TILE else triton_ops.ghost_gram
-        K, b = fn(A.contiguous(), D.contiguous(), Uv)
+        K, b = fn(A, D, Uv)  # the kernels read strided factors directly
         self.approx = True
         return K.double(), b.double()

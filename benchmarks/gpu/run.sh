@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One command for the GPU machine:  bash benchmarks/gpu/run.sh [--tiny] [bench.py options]
+#
+# Checks every Triton kernel against the references at large shapes and all dtypes, measures the
+# bf16-matmul and copy ceilings, times the kernels and one OrthoGrad step on a GPT-2-small-shaped
+# model, then (CUDA only) runs tests/kernels on the compiled kernels. Results go to $OUT
+# (default ./gpu_out): results.md (the table, printed last), results.json, bench.log, pytest.txt,
+# env.txt. Needs no installs: the package is imported from this checkout
+# (benchmarks/gpu/_bootstrap.py maps orthograd_fast.kernels to kernels/ when not pip-installed).
+# Dry run on a CPU: TRITON_INTERPRET=1 bash benchmarks/gpu/run.sh --tiny
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT"
+export OUT
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null \
+    || echo "nvidia-smi: not available"
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
+  echo "TRITON_INTERPRET=${TRITON_INTERPRET:-}"
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# The benchmark keeps its own time budget; the hard cap keeps the whole script under 8 minutes.
+timeout 360 "$PY" benchmarks/gpu/bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+BENCH_RC=${PIPESTATUS[0]}
+
+HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if [ "$HAS_CUDA" = "1" ] && [ -z "${TRITON_INTERPRET:-}" ]; then
+  # the kernel tests on the compiled kernels (small ragged shapes with 16-wide blocks, plus the
+  # @pytest.mark.gpu large-shape tests); CI runs the same tests in the interpreter
+  timeout 100 "$PY" - <<'PYTEST' >"$OUT/pytest.txt" 2>&1
+import sys
+sys.path.insert(0, "benchmarks/gpu")
+import _bootstrap
+_bootstrap.ensure_importable()
+import pytest
+sys.exit(pytest.main(["tests/kernels", "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=5"]))
+PYTEST
+  PYTEST_RC=$?
+  SUMMARY="$(tail -n 1 "$OUT/pytest.txt")"
+  [ "$PYTEST_RC" = "124" ] && SUMMARY="timed out after 100 s: $SUMMARY"
+  printf '\n## pytest tests/kernels on the GPU (rc %s)\n\n%s\n' "$PYTEST_RC" "$SUMMARY" >>"$OUT/results.md"
+fi
+
+END=$(date +%s)
+printf '\nbench rc %s; total wall %s s\n' "$BENCH_RC" "$((END - START))" >>"$OUT/results.md"
+echo
+echo "================ results ($OUT/results.md) ================"
+cat "$OUT/results.md"
+exit "$BENCH_RC"

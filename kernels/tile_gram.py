@@ -1,0 +1,182 @@
+"""Fused tile Gram: K = G G^T and b = G u over per-sample gradients G_i = D_i^T A_i, never stored.
+
+For every (O x I) tile of the weight, each program forms the per-sample tiles D_i^T A_i of a block
+of samples on chip (a batched tl.dot reducing over tokens, fp32 accumulate) and folds them straight
+into the B x B Gram (another tl.dot) and into b_i = <G_i, U_tile>. Samples are blocked (SB per
+block); a program owns one sample-block pair (p, q), p <= q, and a strided set of tiles.
+
+Deterministic by default: program k writes its partial Gram to Kp[k] ([num_programs, B, B]) and the
+launcher sums over k in torch; ``deterministic=False`` uses fp32 atomics into K instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_dtype, is_interpreted, num_sms, pair_table, pow2
+
+
+@triton.jit
+def _sample_tiles(A, D, b0, o0, i0, B, T, I, O,
+                  s_ab, s_at, s_ai, s_db, s_dt, s_do,
+                  SB: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BT: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """fp32 [SB, BO, BI]: tile (o0:o0+BO, i0:i0+BI) of D_b^T A_b for samples b0..b0+SB (0 past B)."""
+    sb = (b0 + tl.arange(0, SB)).to(tl.int64)  # int64: B*T*I can pass 2**31
+    oo = o0 + tl.arange(0, BO)
+    ii = i0 + tl.arange(0, BI)
+    tt = tl.arange(0, BT)
+    bmask = sb < B
+    acc = tl.zeros((SB, BO, BI), dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        t = t0 + tt
+        # D loaded straight in transposed order [SB, BO, BT] so the batched dot needs no permute.
+        d_ptr = D + sb[:, None, None] * s_db + oo[None, :, None] * s_do + t[None, None, :] * s_dt
+        d_msk = bmask[:, None, None] & (oo < O)[None, :, None] & (t < T)[None, None, :]
+        d = tl.load(d_ptr, mask=d_msk, other=0.0).to(DOT_DTYPE)
+        a_ptr = A + sb[:, None, None] * s_ab + t[None, :, None] * s_at + ii[None, None, :] * s_ai
+        a_msk = bmask[:, None, None] & (t < T)[None, :, None] & (ii < I)[None, None, :]
+        a = tl.load(a_ptr, mask=a_msk, other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(d, a, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _tile_gram_kernel(A, D, U, PAIRS, KP, BP,
+                      B, T, I, O,
+                      s_ab, s_at, s_ai, s_db, s_dt, s_do, s_uo, s_ui,
+                      n_tiles_i, n_tiles,
+                      HAS_U: tl.constexpr, ATOMIC: tl.constexpr,
+                      SB: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BT: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, GRAM_PREC: tl.constexpr):
+    """Per-program partial Gram and coefficients.
+
+    A     [B, T, I]  fp32 | bf16 | fp16 (any strides)    layer inputs a_it
+    D     [B, T, O]  same dtype as A (any strides)         output gradients d_it
+    U     [O, I]     any float dtype (any strides)         unlearn gradient; unused if not HAS_U
+    PAIRS [P, 2]     int32                                 sample-block pairs (p, q), p <= q
+    KP    [G0, B, B] fp32 (contiguous)  out: partial Grams per program row (ATOMIC: [B, B], += )
+    BP    [G0, B]    fp32 (contiguous)  out: partial b per program row (ATOMIC: [B], += )
+    Grid (G0, P): axis 0 strides over the n_tiles (O x I) tiles, axis 1 picks the pair.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    pair = tl.program_id(1)
+    p = tl.load(PAIRS + 2 * pair)
+    q = tl.load(PAIRS + 2 * pair + 1)
+    acc_k = tl.zeros((SB, SB), dtype=tl.float32)
+    acc_b = tl.zeros((SB,), dtype=tl.float32)
+    for tile in range(pid, n_tiles, nprog):
+        o0 = (tile // n_tiles_i) * BO
+        i0 = (tile % n_tiles_i) * BI
+        gp = _sample_tiles(A, D, p * SB, o0, i0, B, T, I, O, s_ab, s_at, s_ai, s_db, s_dt, s_do,
+                           SB, BO, BI, BT, DOT_DTYPE, PREC)
+        gpf = tl.reshape(gp, (SB, BO * BI))
+        if p == q:
+            gqf = gpf
+        else:
+            gq = _sample_tiles(A, D, q * SB, o0, i0, B, T, I, O, s_ab, s_at, s_ai, s_db, s_dt,
+                               s_do, SB, BO, BI, BT, DOT_DTYPE, PREC)
+            gqf = tl.reshape(gq, (SB, BO * BI))
+        acc_k = tl.dot(gpf, tl.trans(gqf), acc_k, input_precision=GRAM_PREC)
+        if HAS_U:
+            if p == q:  # b is owned by the diagonal pairs: each sample block exactly once
+                oo = o0 + tl.arange(0, BO)
+                ii = i0 + tl.arange(0, BI)
+                u_ptr = U + oo[:, None] * s_uo + ii[None, :] * s_ui
+                u_msk = (oo < O)[:, None] & (ii < I)[None, :]
+                u = tl.load(u_ptr, mask=u_msk, other=0.0).to(tl.float32)
+                acc_b += tl.sum(tl.reshape(gp * u[None, :, :], (SB, BO * BI)), axis=1)
+
+    rows = p * SB + tl.arange(0, SB)
+    cols = q * SB + tl.arange(0, SB)
+    msk = (rows < B)[:, None] & (cols < B)[None, :]
+    if ATOMIC:
+        tl.atomic_add(KP + rows[:, None] * B + cols[None, :], acc_k, mask=msk)
+        if p != q:  # mirror: block (q, p) is the transpose of block (p, q)
+            tl.atomic_add(KP + cols[None, :] * B + rows[:, None], acc_k, mask=msk)
+        if HAS_U:
+            if p == q:
+                tl.atomic_add(BP + rows, acc_b, mask=rows < B)
+    else:
+        base = KP + pid.to(tl.int64) * B * B
+        tl.store(base + rows[:, None] * B + cols[None, :], acc_k, mask=msk)
+        if p != q:
+            tl.store(base + cols[None, :] * B + rows[:, None], acc_k, mask=msk)
+        if HAS_U:
+            if p == q:
+                tl.store(BP + pid.to(tl.int64) * B + rows, acc_b, mask=rows < B)
+
+
+def _default_blocks(B: int, dtype: torch.dtype, interpreted: bool):
+    if interpreted:
+        # Interpreter cost is per program and per loop trip, not per element: moderate blocks.
+        return pow2(B, 1, 16), 32, 32, 16, 4
+    # GPU: the on-chip state is SB * BO * BI fp32 accumulators; keep it near 16K (64 KiB) so a
+    # CTA of 8 warps holds it in registers (see the design notes in the project README/report).
+    sb = pow2(B, 16, 64)
+    bo, bi = {16: (32, 32), 32: (16, 32), 64: (16, 16)}[sb]
+    bt = 16 if sb == 64 else 32
+    return sb, bo, bi, bt, 8
+
+
+def tile_gram(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor | None = None, *,
+              deterministic: bool = True, block_b: int | None = None, block_o: int | None = None,
+              block_i: int | None = None, block_t: int | None = None,
+              num_programs: int | None = None, gram_precision: str = "ieee",
+              num_warps: int | None = None, num_stages: int | None = None):
+    """Launch ``_tile_gram_kernel``. Inputs are trusted (orthograd_fast.triton_ops validates).
+
+    A [B, T, I], D [B, T, O] of one dtype (fp32/bf16/fp16), U [O, I] or None, all on one device.
+    Returns (K fp32 [B, B], b fp32 [B] or None). ``gram_precision`` is the tl.dot input precision
+    of the fp32 G G^T product: "ieee" (default, true fp32) or "tf32x3" (GPU speed option).
+    Block sizes default per device; tests pass tiny ones to exercise the ragged edges.
+    """
+    B, T, I = A.shape
+    O = D.shape[2]
+    dev = A.device
+    interp = is_interpreted(_tile_gram_kernel)
+    sb, bo, bi, bt, nw = _default_blocks(B, A.dtype, interp)
+    sb = block_b or sb
+    bo = block_o or bo
+    bi = block_i or bi
+    bt = block_t or bt
+    nw = num_warps or nw
+    n_tiles_i = triton.cdiv(I, bi)
+    n_tiles = triton.cdiv(O, bo) * n_tiles_i
+    nb = triton.cdiv(B, sb)
+    pairs = pair_table(nb, dev)
+    g0 = num_programs or min(n_tiles, (2 * num_sms(dev)) if dev.type == "cuda" else 4)
+    # the partial Grams are g0 * B * B floats: keep them under ~256 MiB for large B
+    g0 = max(1, min(g0, n_tiles, (64 << 20) // (B * B)))
+    has_u = U is not None
+    if deterministic:
+        kp = torch.empty((g0, B, B), device=dev, dtype=torch.float32)
+        bp = torch.empty((g0, B) if has_u else (1,), device=dev, dtype=torch.float32)
+    else:
+        kp = torch.zeros((B, B), device=dev, dtype=torch.float32)
+        bp = torch.zeros((B,) if has_u else (1,), device=dev, dtype=torch.float32)
+    u_arg = U if has_u else kp  # dummy pointer, never read when HAS_U is False
+    s_u = (U.stride(0), U.stride(1)) if has_u else (0, 0)
+    prec = "ieee"  # fp32 operands: no TF32 in the per-sample tiles; ignored for 16-bit operands
+    extra = {} if interp else {"num_warps": nw, **({"num_stages": num_stages} if num_stages else {})}
+    _tile_gram_kernel[(g0, pairs.shape[0])](
+        A, D, u_arg, pairs, kp, bp,
+        B, T, I, O,
+        A.stride(0), A.stride(1), A.stride(2), D.stride(0), D.stride(1), D.stride(2), *s_u,
+        n_tiles_i, n_tiles,
+        HAS_U=has_u, ATOMIC=not deterministic,
+        SB=sb, BO=bo, BI=bi, BT=bt,
+        DOT_DTYPE=dot_dtype(A.dtype, interp), PREC=prec, GRAM_PREC=gram_precision,
+        **extra,
+    )
+    if deterministic:
+        K = kp.sum(0)
+        b = bp.sum(0) if has_u else None
+    else:
+        K = kp
+        b = bp if has_u else None
+    # a diagonal block's (i, j) and (j, i) may round differently; exact symmetry for the solve
+    return 0.5 * (K + K.T), b

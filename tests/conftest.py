@@ -1,0 +1,57 @@
+"""Suite-wide test setup.
+
+1. On machines without CUDA, TRITON_INTERPRET=1 (setdefault) before any test module can import the
+   Triton kernels: Triton picks interpreter vs compiler when a @triton.jit decorator runs, i.e. when
+   orthograd_fast.kernels.* is first imported, so the variable must be set before that happens.
+   Nothing can compile Triton without a GPU anyway; with CUDA present the kernels compile.
+2. Fresh float allocations from torch.empty / torch.empty_like / torch.empty_strided are filled
+   with NaN during every test, so a kernel (or any code) that leaves part of an output unwritten
+   fails loudly instead of passing on leftover zeros. Opt out per test with
+   @pytest.mark.no_nan_poison (e.g. torch.compile tests) or for a run with ORTHOGRAD_NAN_POISON=0.
+3. tests/ is put on sys.path so `from tolerance import assert_close` works under any import mode.
+"""
+
+import functools
+import os
+import sys
+
+import pytest
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "no_nan_poison: keep torch.empty allocations unfilled (no NaN poisoning)")
+
+
+def _poisoned(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = fn(*args, **kwargs)
+        if t.layout == torch.strided and (t.is_floating_point() or t.is_complex()):
+            with torch.no_grad():  # also fine on leaves created with requires_grad=True
+                t.fill_(float("nan"))
+        return t
+
+    return wrapper
+
+
+_ORIGINALS = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
+
+
+@pytest.fixture(autouse=True)
+def _nan_poison_empty(request, monkeypatch):
+    if request.node.get_closest_marker("no_nan_poison") or \
+            os.environ.get("ORTHOGRAD_NAN_POISON", "1") == "0":
+        yield
+        return
+    for name, fn in _ORIGINALS.items():
+        monkeypatch.setattr(torch, name, _poisoned(fn))
+    yield
