@@ -31,6 +31,9 @@ from .route import GHOST, TILE, choose_route
 
 # Tensors with B * numel at or below this many elements are materialized (fp64, exact).
 EXPLICIT_MAX = 1 << 18
+# Embedding tables may be materialized up to 128 x EXPLICIT_MAX elements (B * numel; float64,
+# 256 MiB by default) when that is cheaper than the token route.
+LOOKUP_FACTOR = 128
 
 
 def _pad_tokens(t: Tensor, T: int) -> Tensor:
@@ -66,7 +69,12 @@ class ParamTerm:
         self._K: Optional[Tensor] = None
         outer = [u for u in uses if isinstance(u, OuterUse)]
         explicit_only = len(outer) < len(uses)
-        if explicit_only or self.B * self.numel <= EXPLICIT_MAX or self._mixed_orientation(outer):
+        if (
+            explicit_only
+            or self.B * self.numel <= EXPLICIT_MAX
+            or self._mixed_orientation(outer)
+            or self._lookup_cheaper_explicit(outer)
+        ):
             self.mode = "explicit"
             G = None
             for u in uses:
@@ -85,6 +93,14 @@ class ParamTerm:
             self.uses = outer
             self.use = None
             self.G = None
+
+    def _lookup_cheaper_explicit(self, outer: List[OuterUse]) -> bool:
+        """Embedding lookups: materializing B x V x d (index_add, then a B^2 V d Gram) beats the
+        token route's (B T)^2 d when the table is small next to the tokens and fits in memory."""
+        if all(u.ids is None for u in outer) or self.B * self.numel > LOOKUP_FACTOR * EXPLICIT_MAX:
+            return False
+        tokens = self.B * sum(u.A.shape[1] for u in outer)
+        return self.B * self.B * self.numel <= tokens * tokens * outer[0].shape[2]
 
     @staticmethod
     def _mixed_orientation(outer: List[OuterUse]) -> bool:

@@ -40,6 +40,15 @@ def default_rtol(factor_dtype: torch.dtype, approx_gram: bool = False) -> float:
     return max(r, APPROX_GRAM_RTOL) if approx_gram else r
 
 
+def _eigh(K: Tensor):
+    # Batched eigh on the CPU nests LAPACK threads inside a parallel loop over the batch and runs
+    # ~10x slower than one call per matrix (measured: 27 x 64 x 64 float64, 0.19 s vs 0.02 s).
+    if K.dim() == 3 and K.device.type == "cpu":
+        pairs = [torch.linalg.eigh(k) for k in K]
+        return torch.stack([w for w, _ in pairs]), torch.stack([v for _, v in pairs])
+    return torch.linalg.eigh(K)
+
+
 def solve_psd(K: Tensor, b: Tensor, rtol: float) -> Tensor:
     """c = K^+ b for symmetric PSD K [..., B, B], b [..., B] (or [..., B, m]); float64.
 
@@ -47,7 +56,7 @@ def solve_psd(K: Tensor, b: Tensor, rtol: float) -> Tensor:
     """
     K = K.double()
     K = 0.5 * (K + K.transpose(-1, -2))
-    w, V = torch.linalg.eigh(K)
+    w, V = _eigh(K)
     wmax = w[..., -1:].clamp_min(0)
     keep = w > (rtol * rtol) * wmax
     inv = torch.where(keep, 1.0 / torch.where(keep, w, torch.ones_like(w)), torch.zeros_like(w))
@@ -59,7 +68,7 @@ def solve_psd(K: Tensor, b: Tensor, rtol: float) -> Tensor:
 
 def rank(K: Tensor, rtol: float) -> Tensor:
     """Numerical rank of K under the same cutoff as :func:`solve_psd`."""
-    w = torch.linalg.eigvalsh(0.5 * (K.double() + K.double().transpose(-1, -2)))
+    w = _eigh(0.5 * (K.double() + K.double().transpose(-1, -2)))[0]
     return (w > (rtol * rtol) * w[..., -1:].clamp_min(0)).sum(-1)
 
 
