@@ -11,15 +11,11 @@
 
 from .api import OrthoGrad
 
+# The loop needs torch only (scikit-learn and friends are imported inside the functions that use
+# them). Imported eagerly: a lazy import would let the submodule orthograd_fast.unlearn shadow the
+# function of the same name.
+from .unlearn import unlearn
+
 __version__ = "0.1.0"
 
 __all__ = ["OrthoGrad", "unlearn", "__version__"]
-
-
-def __getattr__(name):
-    # The unlearning loop pulls in optional pieces (metrics, data); import it on first use only.
-    if name == "unlearn":
-        from .unlearn import unlearn
-
-        return unlearn
-    raise AttributeError(f"module 'orthograd_fast' has no attribute {name!r}")

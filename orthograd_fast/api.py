@@ -362,6 +362,15 @@ class OrthoGrad:
         self._projected = True
         return self.stats
 
+    def prepare(self) -> "OrthoGrad":
+        """Validate and freeze the projector built from the captured factors.
+
+        After this, the parameters may change (e.g. a base optimizer step) and
+        :meth:`project_vectors` still projects against the retain pass as captured.
+        """
+        self._build_terms()
+        return self
+
     @torch.no_grad()
     def project_vectors(self, vectors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """P_perp (same retain factors, same scope) applied to {parameter name: tensor}.

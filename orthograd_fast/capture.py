@@ -19,8 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import fallback, rules
 
 
-class CaptureError(RuntimeError):
-    pass
+from .errors import CaptureError  # noqa: E402  (re-exported: orthograd_fast.capture.CaptureError)
 
 
 @dataclass
@@ -132,6 +131,19 @@ class Capture:
                 call = Call(args=_detach(args), kwargs=_detach(kwargs), output=_detach(output), autocast=_autocast_state())
             else:  # a rule needs the layer input only; keeping outputs alive would cost memory
                 x = args[0] if args else next(iter(kwargs.values()), None)
+                if (
+                    isinstance(module, nn.Embedding)
+                    and isinstance(x, Tensor)
+                    and x.dim() >= 1
+                    and x.shape[0] == 1
+                    and (self.B or 1) > 1
+                    and isinstance(output, Tensor)
+                ):
+                    # Ids shared by the batch (GPT-2's position_ids [1, T]): the output would be
+                    # broadcast later and its gradient summed over samples. Hand out the output
+                    # already expanded to the batch so its gradient keeps one row per sample.
+                    x = x.expand(self.B, *x.shape[1:])
+                    output = output.expand(self.B, *output.shape[1:])
                 call = Call(args=(x.detach(),) if isinstance(x, Tensor) else (), kwargs={}, output=None)
             outs, _ = tree_flatten(output)
             call.grads = [None] * len(outs)
@@ -139,7 +151,7 @@ class Capture:
                 if isinstance(o, Tensor) and o.requires_grad:
                     o.register_hook(self._grad_hook(call, k))
             self.calls[id(module)].append(call)
-            return None
+            return output
 
         return hook
 

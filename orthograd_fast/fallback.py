@@ -21,11 +21,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .errors import CaptureError
 from .factors import ExplicitUse
 
 
 class ReplayMismatch(RuntimeError):
     pass
+
 
 
 # Per module type: keyword arguments that are never per-sample (broadcast to every sample).
@@ -80,6 +82,14 @@ def fallback_uses(module: nn.Module, names: Dict[str, Tensor], call, B: int, mod
     batched = [_is_batched(t, B) and id(t) not in shared for t in leaves]
     b_leaves = [t for t, isb in zip(leaves, batched) if isb]
     out_leaves, out_spec = tree_flatten(call.output)
+    for g in call.grads:
+        if g is not None and (g.dim() == 0 or g.shape[0] != B):
+            raise CaptureError(
+                f"module '{module_name}' ({type(module).__name__}) returned an output without the retain "
+                f"batch on dim 0 (shape {tuple(g.shape)}, B={B}): it is shared by all samples (e.g. a positional "
+                "table returning weight slices), so its per-sample gradients cannot be separated. Freeze it "
+                "(requires_grad_(False)) or make it return one row per sample."
+            )
     gmask = [g is not None for g in call.grads]
     grads = [g for g in call.grads if g is not None]
     if not grads:

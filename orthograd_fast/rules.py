@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from .factors import ExplicitUse, OuterUse
 
 
-class UnsupportedModule(RuntimeError):
-    """A module whose per-sample gradients are not defined or not supported."""
+from .errors import UnsupportedModule  # noqa: E402  (re-exported)
 
 
 def _tokens(t: Tensor, B: int, last: int) -> Tensor:
@@ -172,23 +171,35 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
 
 def rule_for(m: nn.Module) -> Optional[Callable[[nn.Module, Tensor, Tensor, int], Dict]]:
     """The factored rule for a module type, or None (then: generic fallback or an error)."""
-    if isinstance(m, nn.Linear):
-        return linear_uses
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return conv_uses
-    if isinstance(m, nn.Embedding):
-        return embedding_uses
-    if isinstance(m, nn.LayerNorm):
-        return layernorm_uses
-    if hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
-        return rmsnorm_uses
-    if isinstance(m, nn.GroupNorm):
-        return groupnorm_uses
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return batchnorm_uses
+    # A subclass that overrides forward computes something else with the same parameters
+    # (e.g. a positional table returning weight slices): leave it to the generic fallback.
+    for base, rule in _RULES:
+        if isinstance(m, base):
+            return rule if type(m).forward is base.forward else None
     if _is_hf_conv1d(m):
         return hf_conv1d_uses
     return None
+
+
+def _rules():
+    out = [
+        (nn.Linear, linear_uses),
+        (nn.Conv1d, conv_uses),
+        (nn.Conv2d, conv_uses),
+        (nn.Conv3d, conv_uses),
+        (nn.Embedding, embedding_uses),
+        (nn.LayerNorm, layernorm_uses),
+        (nn.GroupNorm, groupnorm_uses),
+        (nn.BatchNorm1d, batchnorm_uses),
+        (nn.BatchNorm2d, batchnorm_uses),
+        (nn.BatchNorm3d, batchnorm_uses),
+    ]
+    if hasattr(nn, "RMSNorm"):
+        out.append((nn.RMSNorm, rmsnorm_uses))
+    return out
+
+
+_RULES = _rules()
 
 
 # Modules handled as one fallback unit with all their parameters (their forward uses sub-module

@@ -131,3 +131,29 @@ def test_frozen_parameters_untouched():
     assert err <= REL and orth <= ORTH
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
     assert {n for n, _ in og.parameters} == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("route_", ["explicit", "factored"])
+def test_hf_gpt2_shared_position_ids(route_, monkeypatch):
+    # GPT-2 looks positions up with position_ids [1, T] shared by the batch; transformers' Conv1D
+    # stores weights [in, out]. Both must be exact without any change to the model call.
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (extra [hf])")
+    if route_ == "factored":
+        monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=37, n_positions=8,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    lm = transformers.GPT2LMHeadModel(cfg).eval()
+
+    class Logits(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits
+
+    model = Logits(lm)
+    g = torch.Generator().manual_seed(torch.seed() % (2**31))
+    xr, xu = torch.randint(0, 37, (5, 6), generator=g), torch.randint(0, 37, (3, 6), generator=g)
+    err, orth, _ = compare(model, ce, (xr, xr), (xu, xu), backend="torch")
+    assert err <= REL and orth <= ORTH

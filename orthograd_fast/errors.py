@@ -1,0 +1,9 @@
+"""Exceptions raised by orthograd-fast (each message names the module or argument at fault)."""
+
+
+class CaptureError(RuntimeError):
+    """The captured retain pass cannot give per-sample gradients (layout, missed use, no backward)."""
+
+
+class UnsupportedModule(RuntimeError):
+    """A module whose per-sample gradients are not defined or not supported."""
