@@ -1,0 +1,13 @@
+"""Benchmarks for orthograd-fast (importable as ``benchmarks`` from the repository root).
+
+- ``benchmarks.zoo``: the model zoo (``build_model``, ``per_sample_loss``), shared by the CPU suite
+  and the GPU script in ``benchmarks/gpu/``.
+- ``benchmarks.oracle``: the float64 oracle (explicit per-sample loop + SVD projector), independent
+  of the package.
+- ``benchmarks.providers``: the timed implementations (plain, reference-qr/svd, opacus, torch, triton).
+- ``benchmarks.memory``: honest peak-memory measurement (CUDA allocator stats / torch CPU allocator
+  events from the profiler).
+- ``benchmarks.report``: pytest-benchmark JSON -> markdown table + PNG plots.
+
+See ``benchmarks/README.md``.
+"""

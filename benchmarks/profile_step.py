@@ -1,0 +1,144 @@
+"""Where does an OrthoGrad step spend its time? Phase timings against plain, per-tensor Gram costs,
+and a cProfile of the core's functions. Diagnostic tool, not part of the timed suite.
+
+    python -m benchmarks.profile_step mlp --B 64 [--steps 15] [--size cpu] [--device cpu]
+
+Phases are timed with ``time.perf_counter`` on alternating plain / OrthoGrad steps (medians, ms):
+retain fwd+bwd (for OrthoGrad: inside ``og.retain()``, hooks and exit included), unlearn fwd+bwd,
+``project_()``, ``opt.step()``. The per-tensor table wraps ``ParamTerm.gram_coef`` / ``apply_``
+of ``orthograd_fast.gram`` at run time (the package is not modified) to attribute the projection
+to tensors and routes (explicit / tile / ghost / tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from . import zoo
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=zoo.MODEL_NAMES)
+    ap.add_argument("--B", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--size", default="cpu")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--scope", default="tensor")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+
+    from orthograd_fast import OrthoGrad
+    from orthograd_fast import gram as _gram
+
+    dev = torch.device(args.device)
+    loss_fn = zoo.per_sample_loss(args.model)
+    m_plain, mb = zoo.build_model(args.model, args.size, device=dev)
+    m_og, _ = zoo.build_model(args.model, args.size, device=dev)
+    g = torch.Generator().manual_seed(0)
+    (xr, yr), (xu, yu) = mb(args.B, g), mb(args.B, g)
+    opt_p = torch.optim.SGD(m_plain.parameters(), lr=1e-4)
+    opt_o = torch.optim.SGD(m_og.parameters(), lr=1e-4)
+    og = OrthoGrad(m_og, scope=args.scope, alpha=0.0, backend=args.backend)
+
+    def timed(fn):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        return (time.perf_counter() - t) * 1e3
+
+    def plain_step(ph):
+        opt_p.zero_grad(set_to_none=True)
+        ph["retain fwd+bwd"].append(timed(lambda: (0.0 * loss_fn(m_plain(xr), yr).mean()).backward()))
+        ph["unlearn fwd+bwd"].append(timed(lambda: (-loss_fn(m_plain(xu), yu).mean()).backward()))
+        ph["opt.step"].append(timed(opt_p.step))
+
+    def og_retain():
+        with og.retain():
+            loss_fn(m_og(xr), yr).mean().backward()
+
+    def og_step(ph):
+        opt_o.zero_grad(set_to_none=True)
+        ph["retain fwd+bwd"].append(timed(og_retain))
+        ph["unlearn fwd+bwd"].append(timed(lambda: loss_fn(m_og(xu), yu).mean().backward()))
+        ph["project_"].append(timed(og.project_))
+        ph["opt.step"].append(timed(opt_o.step))
+
+    warm = defaultdict(list)
+    for _ in range(2):
+        plain_step(warm)
+        og_step(warm)
+    P, O, tot = defaultdict(list), defaultdict(list), defaultdict(list)
+    for _ in range(args.steps):
+        tot["plain"].append(timed(lambda: plain_step(P)))
+        tot["orthograd"].append(timed(lambda: og_step(O)))
+    med = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
+    print(f"# {args.model} (size {args.size}) B={args.B} on {dev}, torch threads {torch.get_num_threads()}, {args.steps} steps, medians in ms\n")
+    print("| phase | plain | orthograd | extra |\n|---|---|---|---|")
+    for k in ["retain fwd+bwd", "unlearn fwd+bwd", "project_", "opt.step"]:
+        print(f"| {k} | {med(P[k]):.2f} | {med(O[k]):.2f} | {med(O[k]) - med(P[k]):+.2f} |")
+    ratios = [o / p for o, p in zip(tot["orthograd"], tot["plain"])]
+    print(f"| **step** | {med(tot['plain']):.2f} | {med(tot['orthograd']):.2f} | paired ratio {med(ratios):.2f}x |\n")
+
+    # per-tensor attribution of the projection
+    per = defaultdict(lambda: [0.0, 0.0, 0, ""])
+    orig_gc, orig_ap = _gram.ParamTerm.gram_coef, _gram.ParamTerm.apply_
+
+    def gc_w(self, U):
+        t = time.perf_counter()
+        r = orig_gc(self, U)
+        _sync(dev)
+        e = per[self.name]
+        e[0] += time.perf_counter() - t
+        e[2] += 1
+        e[3] = f"{self.mode} numel={self.numel}" + ("" if self.use is None else f" A={tuple(self.use.A.shape)} D={tuple(self.use.D.shape) if self.use.D is not None else None}")
+        return r
+
+    def ap_w(self, U, c):
+        t = time.perf_counter()
+        r = orig_ap(self, U, c)
+        _sync(dev)
+        per[self.name][1] += time.perf_counter() - t
+        return r
+
+    _gram.ParamTerm.gram_coef, _gram.ParamTerm.apply_ = gc_w, ap_w
+    try:
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(args.steps):
+            og_step(defaultdict(list))
+        pr.disable()
+    finally:
+        _gram.ParamTerm.gram_coef, _gram.ParamTerm.apply_ = orig_gc, orig_ap
+    n = args.steps
+    print("| tensor | route | gram_coef ms/step | apply_ ms/step |\n|---|---|---|---|")
+    for name, (tg, ta, _, desc) in sorted(per.items(), key=lambda kv: -(kv[1][0] + kv[1][1])):
+        print(f"| {name} | {desc} | {tg / n * 1e3:.2f} | {ta / n * 1e3:.2f} |")
+    print(f"| **sum** | | {sum(v[0] for v in per.values()) / n * 1e3:.2f} | {sum(v[1] for v in per.values()) / n * 1e3:.2f} |\n")
+
+    s = io.StringIO()
+    st = pstats.Stats(pr, stream=s)
+    st.sort_stats("cumulative").print_stats(r"orthograd_fast", args.top)
+    print("cProfile of the OrthoGrad steps (cumulative, all steps together; includes the wrappers above):\n")
+    print("```")
+    print(s.getvalue().strip())
+    print("```")
+
+
+if __name__ == "__main__":
+    main()

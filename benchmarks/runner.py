@@ -1,0 +1,501 @@
+"""One benchmark case = (model, retain batch B, provider): check, memory, timing, recorded as a row.
+
+Used by the pytest-benchmark suite (``benchmarks/test_bench_orthograd.py``, which passes a timer
+wrapping ``benchmark.pedantic``) and reusable from scripts (``benchmarks/gpu/``): the timer is any
+``timer(fn, rounds, warmup_rounds) -> median seconds``.
+
+Order of work per case, on a fresh model (same seed => same weights as the oracle's):
+
+1. carried failure: a provider that ran out of memory or time at a smaller B for this model is
+   recorded the same way at larger B without running (``reason`` says at which B);
+2. predicted OOM on CPU: providers that materialise B x P per-sample gradients are not started
+   when ~3 B P element bytes exceed the memory cap (Linux would kill the process instead of
+   raising);
+3. first step of a fresh provider instance, under a SIGALRM step timeout: peak memory measured
+   (``benchmarks.memory``) and the direction left in ``.grad`` compared with the float64 oracle
+   (``benchmarks.oracle``, cached per (model, B)). A direction off by more than ``tol`` makes the
+   row ``wrong`` and the case fails: it is not timed;
+4. timing: ``rounds = clamp(case_budget / t_step, 1, max_rounds)`` (at least ``min_rounds`` when
+   one step fits the budget), median reported;
+5. paired ratio (cheap cases only): ``paired_rounds`` alternations of a plain step and a provider
+   step on two model copies; the median of the per-pair ratios is robust to load changes on a
+   shared machine, unlike two medians taken minutes apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import signal
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import zoo
+from .memory import measure_peak
+from .oracle import compare, grads_as_dict, oracle_direction
+from .providers import PROVIDERS, make_provider, materialized_bytes, unavailable_reason
+
+__all__ = ["Settings", "BenchSession", "SETS", "StepTimeout", "mem_available_bytes", "machine_info"]
+
+ALL_MODELS = list(zoo.MODEL_NAMES)
+ALL_PROVIDERS = list(PROVIDERS)  # plain first: the others' ratios use its median
+
+
+MATERIALIZING = ("reference-qr", "reference-svd", "opacus")
+
+
+def _sweep(models, batches, providers=None):
+    """Cases (model, B, providers or None = every selected provider)."""
+    return [(m, B, None if providers is None else tuple(providers)) for m in models for B in batches]
+
+
+CHEAP = ("plain", "torch", "triton")
+
+# The sets. "cases": (model, B, providers-or-None); providers run in PROVIDERS order, plain first.
+SETS: Dict[str, dict] = {
+    # 2 CPU cores, < 5 minutes. The three target models: every provider at B=8; plain, torch,
+    # reference-qr and opacus at the target B=64; plain and torch at 128. The rest of the zoo
+    # (small configs): every provider at B=8, plain and torch at 32. The per-sample-gradient
+    # providers at larger B are what cpu-full is for (seconds to minutes per step).
+    "cpu-quick": dict(
+        device="cpu",
+        size="cpu",
+        cases=_sweep(["mlp", "cnn", "transformer"], [8])
+        + _sweep(["mlp", "cnn", "transformer"], [64], CHEAP + ("reference-qr", "opacus"))
+        + _sweep(["mlp", "cnn", "transformer"], [128], CHEAP)
+        + _sweep(["resnet18", "vit_tiny", "gpt2", "whisper_tiny"], [8])
+        + _sweep(["resnet18", "vit_tiny", "gpt2", "whisper_tiny"], [32], CHEAP),
+        step_timeout=20.0,
+        case_budget=1.5,
+        max_rounds=25,
+        paired_rounds=9,
+        paired_budget=6.0,
+    ),
+    # The full sweep on CPU (long: the per-sample-gradient providers take minutes per step
+    # before they time out).
+    "cpu-full": dict(
+        device="cpu",
+        size="cpu",
+        cases=_sweep(ALL_MODELS, [8, 32, 128, 512, 1024]),
+        step_timeout=60.0,
+        case_budget=3.0,
+        max_rounds=50,
+        paired_rounds=9,
+        paired_budget=10.0,
+    ),
+    # What benchmarks/gpu runs: full-size models on one CUDA device.
+    "gpu": dict(
+        device="cuda",
+        size="gpu",
+        cases=_sweep(ALL_MODELS, [8, 32, 128, 512, 1024]),
+        step_timeout=30.0,
+        case_budget=1.0,
+        max_rounds=50,
+        paired_rounds=11,
+        paired_budget=3.0,
+    ),
+}
+
+
+def set_cases(settings: "Settings") -> List[Tuple[str, int, str]]:
+    """(model, B, provider) in run order: per (model, B) plain first, then the others."""
+    out = []
+    for case in settings.cases:
+        model, B = case[0], case[1]
+        allowed = case[2] if len(case) > 2 and case[2] is not None else None
+        for p in settings.providers:
+            if allowed is None or p in allowed:
+                out.append((model, B, p))
+    return out
+
+
+@dataclass
+class Settings:
+    set_name: str = "cpu-quick"
+    device: str = "cpu"
+    size: str = "cpu"
+    cases: List[tuple] = field(default_factory=list)  # (model, B) or (model, B, providers)
+    providers: List[str] = field(default_factory=lambda: list(ALL_PROVIDERS))
+    alpha: float = 0.0
+    scope: str = "tensor"
+    unlearn_batch: Optional[int] = None  # None: same as the retain batch B
+    tol: float = 1e-3
+    step_timeout: float = 20.0
+    case_budget: float = 1.0
+    max_rounds: int = 25
+    min_rounds: int = 3
+    paired_rounds: int = 9
+    paired_budget: float = 3.0
+    paired_providers: Tuple[str, ...] = ("torch", "triton")
+    mem_cap_bytes: Optional[int] = None  # None: 70% of available memory at start (CPU) / device total
+    oracle_max_bytes: Optional[int] = None  # None: 30% of available memory
+    overrides: Dict[str, dict] = field(default_factory=dict)  # per-model zoo config overrides
+    seed: int = 0
+
+    @classmethod
+    def from_set(cls, name: str, **kw) -> "Settings":
+        if name not in SETS:
+            raise KeyError(f"unknown set {name!r}; known: {sorted(SETS)}")
+        base = dict(SETS[name])
+        base.update({k: v for k, v in kw.items() if v is not None})
+        return cls(set_name=name, **base)
+
+
+class StepTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float]):
+    """Raise StepTimeout in the main thread after ``seconds`` (between Python bytecodes: a single
+    long torch op finishes first). No-op off the main thread or without SIGALRM."""
+    usable = seconds and hasattr(signal, "setitimer") and _is_main_thread()
+    if not usable:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise StepTimeout(f"step exceeded {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _is_main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import platform
+
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mem_total_gib": round(_meminfo("MemTotal") / 2**30, 1),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    info["orthograd_fast_src_sha1"] = _source_hash()
+    try:
+        import opacus
+
+        info["opacus_version"] = opacus.__version__
+    except Exception:  # noqa: BLE001
+        info["opacus_version"] = None
+    if device == "cuda" and torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+        info["cuda_version"] = torch.version.cuda
+        info["allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return info
+
+
+def _source_hash() -> Optional[str]:
+    """sha1 of the package's source files (the measured code, even with uncommitted changes)."""
+    import hashlib
+
+    try:
+        import orthograd_fast
+    except Exception:  # noqa: BLE001
+        return None
+    roots = [os.path.dirname(orthograd_fast.__file__)]
+    kernels = os.path.join(os.path.dirname(roots[0]), "kernels")
+    if os.path.isdir(kernels):
+        roots.append(kernels)
+    h = hashlib.sha1()
+    for root in roots:
+        for dirpath, _, files in sorted(os.walk(root)):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    with open(os.path.join(dirpath, f), "rb") as fh:
+                        h.update(f.encode() + b"\0" + fh.read())
+    return h.hexdigest()[:12]
+
+
+def _meminfo(key: str) -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e)
+    return "out of memory" in msg.lower() or "can't allocate memory" in msg or "not enough memory" in msg.lower()
+
+
+class CaseFailed(Exception):
+    """The case is recorded; the test should fail (error / wrong direction)."""
+
+
+class CaseSkipped(Exception):
+    """The case is recorded (OOM / timeout / unavailable); the test should be skipped."""
+
+
+class BenchSession:
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.device = torch.device(settings.device)
+        self.rows: List[dict] = []
+        self._oracles: Dict[Tuple[str, int], object] = {}
+        self._carried: Dict[Tuple[str, str], Tuple[str, int, str]] = {}
+        self._first_step: Dict[Tuple[str, str], Tuple[int, float]] = {}  # (model, provider) -> (B, s)
+        self._oracles_same: Dict[Tuple[str, int], object] = {}
+        self._plain_median: Dict[Tuple[str, int], float] = {}
+        self.machine = machine_info(settings.device)
+        avail = mem_available_bytes()
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            self.mem_cap = settings.mem_cap_bytes or int(0.9 * total)
+            self.oracle_max_bytes = settings.oracle_max_bytes or int(0.3 * total)
+        else:
+            self.mem_cap = settings.mem_cap_bytes or int(0.7 * avail)
+            self.oracle_max_bytes = settings.oracle_max_bytes or int(0.3 * avail)
+
+    # ------------------------------------------------------------------ helpers
+    def build(self, name: str):
+        return zoo.build_model(name, self.s.size, seed=self.s.seed, device=self.device, **self.s.overrides.get(name, {}))
+
+    def batches(self, name: str, B: int, make_batch):
+        Bu = self.s.unlearn_batch or B
+        retain = make_batch(B, torch.Generator().manual_seed(10_000 + B))
+        unlearn = make_batch(Bu, torch.Generator().manual_seed(20_000 + Bu))
+        return retain, unlearn
+
+    def oracle(self, name: str, B: int, model, loss_fn, retain, unlearn):
+        key = (name, B)
+        if key not in self._oracles:
+            try:
+                self._oracles[key] = oracle_direction(
+                    model, loss_fn, retain, unlearn, scope=self.s.scope, alpha=self.s.alpha, max_bytes=self.oracle_max_bytes
+                )
+            except Exception as e:  # noqa: BLE001
+                self._oracles[key] = e
+            self._free()
+        return self._oracles[key]
+
+    def oracle_same_precision(self, name, B, model, loss_fn, retain, unlearn, names):
+        """The oracle with its per-sample loop in the model's own dtype (float32), projection in
+        float64: tells a ReLU-kink flip (a sample's gradient that changes between float32 and
+        float64 evaluation of the same weights) from a wrong projection."""
+        key = (name, B)
+        if key not in self._oracles_same:
+            dt = next(model.parameters()).dtype
+            try:
+                self._oracles_same[key] = oracle_direction(
+                    model, loss_fn, retain, unlearn, scope=self.s.scope, alpha=self.s.alpha, names=names, loop_dtype=dt
+                )
+            except Exception as e:  # noqa: BLE001
+                self._oracles_same[key] = e
+            self._free()
+        return self._oracles_same[key]
+
+    def _free(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ one case
+    def run_case(self, name: str, B: int, provider: str, timer: Callable) -> dict:
+        s = self.s
+        row = dict(
+            model=name, size=s.size, B=B, B_unlearn=s.unlearn_batch or B, provider=provider, device=str(self.device),
+            alpha=s.alpha, scope=s.scope, status="running", reason="", median_s=None, rounds=0, peak_mem_bytes=None,
+            mem_method=None, check=None, ratio_to_plain=None, paired_ratio=None, n_params=None,
+            loadavg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        )
+        self.rows.append(row)
+        try:
+            self._run(row, name, B, provider, timer)
+        except (CaseFailed, CaseSkipped):
+            raise
+        except Exception as e:  # noqa: BLE001
+            row["status"] = "error"
+            row["reason"] = f"{type(e).__name__}: {e}"[:500]
+            row["traceback"] = traceback.format_exc()[-3000:]
+            raise CaseFailed(row["reason"]) from e
+        finally:
+            self._free()
+        return row
+
+    def _record_limit(self, row, status, reason, name, provider, B):
+        row["status"], row["reason"] = status, reason
+        self._carried.setdefault((name, provider), (status, B, reason))
+        raise CaseSkipped(f"{status}: {reason}")
+
+    def _run(self, row, name, B, provider, timer):
+        s = self.s
+        carried = self._carried.get((name, provider))
+        if carried is not None and carried[1] < B:
+            row["status"], row["reason"] = carried[0], f"as at B={carried[1]} ({carried[2]})"
+            raise CaseSkipped(row["reason"])
+        prev = self._first_step.get((name, provider))
+        if prev is not None and prev[0] < B and prev[1] * B / prev[0] > s.step_timeout:
+            # step cost grows at least linearly in B: a lower bound already over the limit
+            self._record_limit(
+                row, "timeout", f"predicted: {prev[1]:.2g} s at B={prev[0]} x {B / prev[0]:g} > {s.step_timeout:g} s", name, provider, B
+            )
+
+        model, make_batch = self.build(name)
+        row["n_params"] = zoo.count_params(model)
+        why = unavailable_reason(provider, self.device, model)
+        if why:
+            row["status"], row["reason"] = "skipped", why
+            raise CaseSkipped(why)
+        need = materialized_bytes(provider, model, B)
+        if self.device.type == "cpu" and need > self.mem_cap:
+            self._record_limit(row, "OOM", f"predicted: ~{need / 2**30:.1f} GiB of per-sample gradients > cap {self.mem_cap / 2**30:.1f} GiB", name, provider, B)
+
+        loss_fn = zoo.per_sample_loss(name)
+        retain, unlearn = self.batches(name, B, make_batch)
+        orc = self.oracle(name, B, model, loss_fn, retain, unlearn)
+
+        # 3. first step of a fresh instance: memory + direction check
+        prov = None
+        try:
+            prov = make_provider(provider, model, loss_fn, alpha=s.alpha, scope=s.scope)
+            t = time.perf_counter()
+            with time_limit(s.step_timeout):
+                peak, method = measure_peak(lambda: prov.step(retain, unlearn), self.device, model, [*retain, *unlearn])
+            t_first = time.perf_counter() - t
+            self._first_step[(name, provider)] = (B, t_first)
+            row["peak_mem_bytes"], row["mem_method"] = peak, method
+            direction = grads_as_dict(model)
+        except StepTimeout as e:
+            self._record_limit(row, "timeout", f"first step > {s.step_timeout:g} s ({e})", name, provider, B)
+        except Exception as e:  # noqa: BLE001
+            if _is_oom(e):
+                prov = None
+                self._record_limit(row, "OOM", f"{type(e).__name__}: {str(e)[:200]}", name, provider, B)
+            raise
+
+        if isinstance(orc, Exception):
+            row["check"] = {"ok": None, "message": f"unchecked: oracle failed ({type(orc).__name__}: {str(orc)[:200]})"}
+        else:
+            qr = PROVIDERS[provider].qr_semantics
+            ref = orc.negrad() if provider == "plain" else orc
+            chk = compare(direction, ref, tol=s.tol, qr_semantics=qr)
+            row["check"] = chk.as_dict()
+            if not chk.ok:
+                fresh, _ = self.build(name)  # ``model`` has taken the provider's step
+                same = self.oracle_same_precision(name, B, fresh, loss_fn, retain, unlearn, orc.checked)
+                del fresh
+                if not isinstance(same, Exception):
+                    chk2 = compare(direction, same.negrad() if provider == "plain" else same, tol=s.tol, qr_semantics=qr)
+                    if chk2.ok:
+                        # the float64 and float32 evaluations of the model differ (a ReLU kink),
+                        # the provider matches the float32 per-sample loop
+                        chk2.message += f"; the float64 oracle differs by {chk.max_err:.1e} at {chk.worst}: per-sample gradients change between float32 and float64 evaluation (ReLU kink)"
+                        chk = chk2
+                        row["check"] = dict(chk2.as_dict(), f64_max_err=row["check"]["max_err"])
+            if not chk.ok:
+                row["status"], row["reason"] = "wrong", chk.message
+                raise CaseFailed(f"{provider} disagrees with the float64 oracle on {name} B={B}: {chk.message}")
+        del direction
+
+        # 4. timing
+        def step():
+            prov.step(retain, unlearn)
+            self._sync()
+
+        try:
+            if t_first <= s.case_budget:
+                with time_limit(s.step_timeout):
+                    t = time.perf_counter()
+                    step()
+                    t0 = time.perf_counter() - t
+            else:
+                t0 = t_first
+            rounds = int(max(1, min(s.max_rounds, s.case_budget // max(t0, 1e-9))))
+            if t0 <= s.case_budget:
+                rounds = max(rounds, s.min_rounds)
+            with time_limit(max(s.step_timeout, 3 * rounds * t0 + 10)):
+                median = timer(step, rounds, 1 if t0 < 0.05 else 0)
+        except StepTimeout as e:
+            self._record_limit(row, "timeout", str(e), name, provider, B)
+        except Exception as e:  # noqa: BLE001
+            if _is_oom(e):
+                self._record_limit(row, "OOM", f"{type(e).__name__}: {str(e)[:200]}", name, provider, B)
+            raise
+        row["median_s"], row["rounds"], row["status"] = median, rounds, "ok"
+        if provider == "plain":
+            self._plain_median[(name, B)] = median
+        elif (name, B) in self._plain_median:
+            row["ratio_to_plain"] = median / self._plain_median[(name, B)]
+
+        # 5. paired ratio to plain (alternating steps on two model copies)
+        if provider in s.paired_providers and "plain" in s.providers and s.paired_rounds > 0:
+            t_plain = self._plain_median.get((name, B))
+            if t_plain is not None and s.paired_rounds * (t0 + t_plain) <= s.paired_budget:
+                pmodel, _ = self.build(name)
+                plain = make_provider("plain", pmodel, loss_fn, alpha=s.alpha, scope=s.scope)
+                ratios = []
+
+                def timed(fn):
+                    t = time.perf_counter()
+                    fn()
+                    self._sync()
+                    return time.perf_counter() - t
+
+                timed(lambda: plain.step(retain, unlearn))
+                for _ in range(s.paired_rounds):
+                    tp = timed(lambda: plain.step(retain, unlearn))
+                    tq = timed(lambda: prov.step(retain, unlearn))
+                    ratios.append(tq / tp)
+                row["paired_ratio"] = statistics.median(ratios)
+                row["paired_rounds"] = s.paired_rounds
+                plain.close()
+        prov.close()
+        row["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        return row

@@ -1,0 +1,209 @@
+"""CI smoke test of the benchmark suite (benchmarks/): every zoo model at a tiny size, every CPU
+provider once at B=4 through the same code path as the suite (memory measurement, float64-oracle
+check, timing with one round), and the report on a small synthetic JSON. No timings are asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import zoo  # noqa: E402
+from benchmarks.oracle import compare, oracle_direction  # noqa: E402
+from benchmarks.providers import PROVIDERS  # noqa: E402
+from benchmarks.runner import BenchSession, CaseFailed, CaseSkipped, Settings  # noqa: E402
+
+TINY = {
+    "mlp": dict(d_in=16, hidden=32, depth=2),
+    "cnn": dict(img=8, widths=(4, 8), hidden=16),
+    "resnet18": dict(width=4, img=8),
+    "vit_tiny": dict(img=8, patch=4, d=16, depth=1, heads=2),
+    "gpt2": dict(vocab=64, n_layer=1, d=16, heads=2, T=8),
+    "whisper_tiny": dict(n_mels=8, n_frames=16, d=16, heads=2, layers=1),
+    "transformer": dict(vocab=32, T=8, d=16, heads=2, layers=1),
+}
+CPU_PROVIDERS = [p for p in PROVIDERS if p != "triton"]
+B = 4
+
+
+def test_tiny_configs_cover_the_zoo():
+    assert set(TINY) == set(zoo.MODEL_NAMES)
+
+
+@pytest.mark.parametrize("name", zoo.MODEL_NAMES)
+def test_zoo_model_builds_deterministically(name):
+    m1, mb1 = zoo.build_model(name, "cpu", **TINY[name])
+    m2, mb2 = zoo.build_model(name, "cpu", **TINY[name])
+    assert not m1.training
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    x, y = mb1(B, torch.Generator().manual_seed(3))
+    x2, y2 = mb2(B, torch.Generator().manual_seed(3))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    losses = zoo.per_sample_loss(name)(m1(x), y)
+    assert losses.shape == (B,) and torch.isfinite(losses).all()
+    # a sample's loss does not depend on the rest of the batch (eval mode: per-sample gradients exist)
+    alone = zoo.per_sample_loss(name)(m1(x[:1]), y[:1])
+    torch.testing.assert_close(alone, losses[:1], rtol=1e-4, atol=1e-5)
+
+
+def _gpt2_params(c):
+    d, L = c["d"], c["n_layer"]
+    return c["vocab"] * d + c["n_positions"] * d + L * (12 * d * d + 13 * d) + 2 * d
+
+
+def test_gpt2_head_is_tied_and_full_size_is_124m():
+    m, _ = zoo.build_model("gpt2", "cpu", **TINY["gpt2"])
+    assert m.lm_head.weight is m.wte.weight
+    assert zoo.count_params(m) == _gpt2_params(zoo.config("gpt2", "cpu", **TINY["gpt2"]))
+    full = zoo.config("gpt2", "gpu")
+    assert full["d"] == 768 and full["T"] == 256 and _gpt2_params(full) == 124_439_808  # GPT-2 small
+
+
+def test_oracle_is_orthogonal_to_every_retain_gradient_and_the_checker_can_fail():
+    model, mb = zoo.build_model("mlp", "cpu", **TINY["mlp"])
+    g = torch.Generator().manual_seed(0)
+    retain, unlearn = mb(B, g), mb(B, g)
+    loss_fn = zoo.per_sample_loss("mlp")
+    o = oracle_direction(model, loss_fn, retain, unlearn)
+    m64 = __import__("copy").deepcopy(model).double()
+    for i in range(B):
+        li = loss_fn(m64(retain[0][i : i + 1].double()), retain[1][i : i + 1]).sum()
+        gi = torch.autograd.grad(li, list(m64.parameters()))
+        for (n, _), gt in zip(m64.named_parameters(), gi):
+            cos = (gt.flatten() @ o.direction[n].flatten()) / (gt.norm() * o.u[n].norm())
+            assert abs(float(cos)) < 1e-10, n
+    assert compare(o.direction, o).ok
+    # the unprojected unlearn gradient is not the OrthoGrad direction: the check must reject it
+    bad = compare({n: -o.u[n] for n in o.checked}, o)
+    assert not bad.ok and bad.max_err > 1e-2
+    assert not compare({}, o).ok
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # No speed is measured here; one thread keeps the test quick on a loaded CI box (OpenMP's
+    # spin-waiting makes 2-thread runs 10x slower when other processes share the cores).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def session():
+    s = Settings(
+        set_name="smoke",
+        device="cpu",
+        size="cpu",
+        providers=list(CPU_PROVIDERS),
+        case_budget=0.0,
+        max_rounds=1,
+        min_rounds=1,
+        paired_rounds=0,
+        step_timeout=60.0,
+        overrides=TINY,
+    )
+    return BenchSession(s)
+
+
+def _one_round(fn, rounds, warmup_rounds):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
+@pytest.mark.parametrize("name", zoo.MODEL_NAMES)
+def test_provider_matches_float64_oracle(session, name, provider):
+    try:
+        row = session.run_case(name, B, provider, _one_round)
+    except CaseSkipped as e:
+        row = session.rows[-1]
+        assert row["status"] == "skipped" and row["reason"], row
+        pytest.skip(str(e))
+    except CaseFailed as e:
+        pytest.fail(f"{name} {provider}: {e}\n{session.rows[-1].get('traceback', '')}", pytrace=False)
+    assert row["status"] == "ok"
+    assert row["check"]["ok"] is True and row["check"]["n_checked"] == row["check"]["n_total"]
+    assert row["median_s"] > 0 and row["peak_mem_bytes"] > 0
+
+
+def test_opacus_row_is_skipped_with_reason_on_batchnorm(session):
+    pytest.importorskip("opacus", reason="opacus is optional (the [bench] extra)")
+    with pytest.raises(CaseSkipped, match="BatchNorm"):
+        session.run_case("resnet18", B, "opacus", _one_round)
+
+
+def _synthetic_json():
+    def bench(model, Bv, prov, med, mem):
+        return {
+            "group": f"{model} B={Bv}",
+            "stats": {"median": med, "rounds": 5, "iqr": 0.0},
+            "extra_info": {"model": model, "B": Bv, "provider": prov, "peak_mem_bytes": mem, "check": {"ok": True, "max_err": 1e-6, "n_checked": 4, "n_total": 4}},
+        }
+
+    rows = [
+        {"model": "mlp", "B": 128, "provider": "reference-qr", "status": "timeout", "reason": "first step > 20 s", "median_s": None},
+        {"model": "mlp", "B": 128, "provider": "opacus", "status": "OOM", "reason": "predicted", "median_s": None},
+    ]
+    return {
+        "machine_info": {"python_version": "3.x"},
+        "datetime": "2026-01-01T00:00:00",
+        "benchmarks": [
+            bench("mlp", 64, "plain", 0.010, 100 * 2**20),
+            bench("mlp", 64, "torch", 0.012, 110 * 2**20),
+            bench("mlp", 64, "reference-qr", 1.5, 900 * 2**20),
+            bench("mlp", 128, "plain", 0.020, 120 * 2**20),
+            bench("mlp", 128, "torch", 0.030, 150 * 2**20),
+        ],
+        "orthograd": {
+            "settings": {"set_name": "synthetic", "device": "cpu", "size": "cpu", "alpha": 0.0, "scope": "tensor", "tol": 1e-3},
+            "machine": {"cpu_model": "Test CPU", "cpu_count": 2, "torch_version": torch.__version__, "date": "2026-01-01"},
+            "rows": rows,
+        },
+    }
+
+
+def test_report_on_synthetic_json(tmp_path):
+    pytest.importorskip("matplotlib", reason="the report's plots need matplotlib")
+    from benchmarks import report
+
+    path = tmp_path / "synthetic.json"
+    path.write_text(json.dumps(_synthetic_json()))
+    md_path = report.main([str(path), "--out", str(tmp_path / "out")])
+    md = open(md_path).read()
+    assert "Test CPU" in md and "2026-01-01" in md and torch.__version__ in md
+    assert "| 64 | torch | 12 ms | 1.20x |" in md
+    assert "1.10x" in md  # memory ratio at B=64
+    assert "| mlp | reference-qr / torch >= 100 | 125.0x | PASS |" in md
+    assert "| mlp | torch step / plain <= 1.3 (medians) | 1.20x | PASS |" in md
+    assert "**timeout**" in md and "**OOM**" in md
+    png = tmp_path / "out" / "synthetic-mlp.png"
+    assert png.exists() and png.stat().st_size > 1000
+
+
+def test_qr_semantics_on_rank_deficient_tensors():
+    from benchmarks.oracle import OracleResult
+
+    # one tensor of 3 entries, B=4 retain samples spanning only 2 directions (rank-deficient)
+    u = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    exact = torch.tensor([0.0, 0.0, -3.0], dtype=torch.float64)  # -P_perp(u) with span{e0, e1}
+    o = OracleResult(
+        direction={"w": exact}, u={"w": u}, gbar={"w": torch.zeros(3, dtype=torch.float64)}, rank={"w": 2},
+        checked=["w"], all_names=["w"], alpha=0.0, scope="tensor", B=4, numel={"w": 3},
+    )
+    qr_dir = {"w": torch.zeros(3)}  # QR of the 3x4 G^T is a complete basis: everything removed
+    assert compare({"w": exact.float()}, o).ok
+    assert not compare(qr_dir, o).ok and "rank-deficient" in compare(qr_dir, o).message
+    assert compare(qr_dir, o, qr_semantics=True).ok
+    assert not compare({"w": exact.float()}, o, qr_semantics=True).ok
