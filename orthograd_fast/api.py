@@ -87,6 +87,10 @@ class OrthoGrad:
         self._units = None
         self._blocks: List[Tuple[int, Dict[Tensor, list]]] = []
         self._gsum: Dict[Tensor, Optional[Tensor]] = {}
+        # The capture check (per-sample gradients add up to the retain gradient) needs the retain
+        # gradient; the model's structure does not change between steps, so it runs on the first
+        # projection only, and with alpha == 0 the retain gradient is not kept afterwards.
+        self._capture_checked = False
         self._versions: Dict[Tensor, int] = {}
         self._terms: Optional[Dict[Tensor, ParamTerm]] = None
         self._projected = False
@@ -171,8 +175,9 @@ class OrthoGrad:
                     f"B^3. Call project_() more often or raise OrthoGrad(max_retain=...)."
                 )
             self._blocks.append((B, uses))
+            keep_retain_grad = self.alpha > 0 or not self._capture_checked
             for _, p in self._params:
-                g = p.grad
+                g = p.grad if keep_retain_grad else None
                 if g is not None and self._group is not None:
                     # DDP (issue 6): with gradient_as_bucket_view the next backward reuses this storage
                     g = g.clone()
@@ -350,7 +355,8 @@ class OrthoGrad:
         vecs = {p: p.grad for _, p in self._params}
         nblocks = len(self._blocks)
         # in place: .grad becomes P_perp(u), then the direction, without copies of the model's size
-        perp = self._project(vecs, check_sum=True, inplace=True)
+        perp = self._project(vecs, check_sum=not self._capture_checked, inplace=True)
+        self._capture_checked = True
         a = self.alpha
         for _, p in self._params:
             r = perp[p]
