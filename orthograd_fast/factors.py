@@ -80,6 +80,10 @@ class OuterUse:
         Uv = self.view(U)
         if self.ids is None:
             dt = _compute_dtype(self.A, self.D, Uv)
+            B, T, G, I = self.A.shape
+            if G == 1:  # a plain GEMM over all tokens: no permuted copies of the factors
+                DU = self.D.reshape(B * T, -1).to(dt) @ Uv[0].to(dt)
+                return (DU * self.A.reshape(B * T, I).to(dt)).sum(-1).reshape(B, T).sum(1).double()
             DU = torch.einsum("btgo,goi->btgi", self.D.to(dt), Uv.to(dt))
             return (DU * self.A.to(dt)).sum(dim=(1, 2, 3)).double()
         dt = _compute_dtype(self.A, Uv)
@@ -91,7 +95,11 @@ class OuterUse:
         Uv = self.view(U)
         cA = self.A.to(U.dtype) * c.to(U.dtype)[:, None, None, None]
         if self.ids is None:
-            Uv.sub_(torch.einsum("btgo,btgi->goi", self.D.to(U.dtype), cA))
+            B, T, G, I = self.A.shape
+            if G == 1:  # U -= D^T (c * A) as one addmm over all tokens (transposes are free)
+                Uv[0].addmm_(self.D.reshape(B * T, -1).to(U.dtype).t(), cA.reshape(B * T, I), alpha=-1.0)
+            else:
+                Uv.sub_(torch.einsum("btgo,btgi->goi", self.D.to(U.dtype), cA))
         else:
             I = self.shape[2]
             Uv[0].index_add_(0, self.ids.reshape(-1), cA[:, :, 0, :].reshape(-1, I), alpha=-1.0)

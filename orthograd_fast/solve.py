@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,11 +42,12 @@ def default_rtol(factor_dtype: torch.dtype, approx_gram: bool = False) -> float:
 
 
 def _eigh(K: Tensor):
-    # Batched eigh on the CPU nests LAPACK threads inside a parallel loop over the batch and runs
-    # ~10x slower than one call per matrix (measured: 27 x 64 x 64 float64, 0.19 s vs 0.02 s).
-    if K.dim() == 3 and K.device.type == "cpu":
-        pairs = [torch.linalg.eigh(k) for k in K]
-        return torch.stack([w for w, _ in pairs]), torch.stack([v for _, v in pairs])
+    # On the CPU, torch's batched eigh nests LAPACK threads inside a parallel loop over the batch
+    # (measured on 2 busy cores: 27 x 64 x 64 float64 in 0.19 s) and one call per matrix pays a
+    # per-call overhead (8 x 64 x 64: 7.7 ms); numpy's stacked eigh loops in C (2.6 ms).
+    if K.device.type == "cpu":
+        w, V = np.linalg.eigh(K.detach().numpy())
+        return torch.from_numpy(w), torch.from_numpy(V)
     return torch.linalg.eigh(K)
 
 
