@@ -55,3 +55,13 @@ def _nan_poison_empty(request, monkeypatch):
     for name, fn in _ORIGINALS.items():
         monkeypatch.setattr(torch, name, _poisoned(fn))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from threads and lose a lot to contention on
+    a shared 2-core CI box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

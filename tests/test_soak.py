@@ -67,15 +67,6 @@ def _soak(steps):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.fixture
-def one_thread():
-    # tiny tensors: intra-op threads only add contention on a shared 2-core CI box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_soak_200_steps(one_thread):
     _soak(200)
 

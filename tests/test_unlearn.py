@@ -215,15 +215,6 @@ def test_bad_arguments_name_the_argument():
         unlearn(m, [1, 2, 3], retain, lr=0.1)
 
 
-@pytest.fixture
-def one_thread():
-    # A tiny MLP gains nothing from intra-op threads and loses a lot on a busy 2-core CI box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_forget_accuracy_drops_on_digits(one_thread):
     pytest.importorskip("sklearn", reason="scikit-learn is not installed (extra [demo])")
     from orthograd_fast.baselines import train_model
