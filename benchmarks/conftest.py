@@ -29,7 +29,7 @@ if "torch" not in sys.modules:
 
 import pytest  # noqa: E402
 
-from benchmarks.runner import SETS, BenchSession, Settings, machine_info  # noqa: E402
+from benchmarks.runner import SETS, BenchSession, Settings  # noqa: E402
 
 _OPTS = [
     ("set", "cpu-quick", "benchmark set: " + ", ".join(SETS)),
@@ -112,7 +112,7 @@ def get_session(config) -> BenchSession:
     return config._og_session
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: F811 - pytest-benchmark hook
+def pytest_benchmark_update_machine_info(config, machine_info):  # pytest-benchmark hook
     from benchmarks.runner import machine_info as _mi
 
     machine_info["orthograd"] = _mi(settings_from_config(config).device)

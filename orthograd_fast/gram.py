@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .factors import CHUNK_BYTES, ExplicitUse, OuterUse, _compute_dtype
+from .factors import CHUNK_BYTES, OuterUse, _compute_dtype
 from .route import GHOST, TILE, choose_route
 
 # Tensors with B * numel at or below this many elements are materialized (fp64, exact).
@@ -36,20 +36,13 @@ EXPLICIT_MAX = 1 << 18
 LOOKUP_FACTOR = 128
 
 
-def _pad_tokens(t: Tensor, T: int) -> Tensor:
-    if t.shape[1] == T:
-        return t
-    pad = t.new_zeros((t.shape[0], T - t.shape[1]) + tuple(t.shape[2:]))
-    return torch.cat([t, pad], dim=1)
-
-
 def _merge_dense(uses: List[OuterUse]) -> OuterUse:
     """Uses of one tensor with dense factors -> one use: tokens concatenated (zero-padded tokens
     contribute nothing, so this is exact)."""
     if len(uses) == 1:
         return uses[0]
     A = torch.cat([u.A for u in uses], dim=1)
-    dt = torch.promote_types(uses[0].D.dtype, uses[0].D.dtype)
+    dt = uses[0].D.dtype
     for u in uses[1:]:
         dt = torch.promote_types(dt, u.D.dtype)
     D = torch.cat([u.D.to(dt) for u in uses], dim=1)

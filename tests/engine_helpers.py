@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from oracle import oracle_direction, orthogonality
 
 from orthograd_fast import OrthoGrad
