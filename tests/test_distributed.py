@@ -161,7 +161,7 @@ def test_ddp_matches_single_process_and_oracle(ddp_results, name):
 
 
 def test_fsdp_dtensor_parameters_refused():
-    pytest.importorskip("torch.distributed.tensor")
+    pytest.importorskip("torch.distributed.tensor", reason="this torch has no DTensor (torch.distributed.tensor)")
     from torch.distributed.tensor import DTensor, Replicate
     from torch.distributed.device_mesh import init_device_mesh
 
