@@ -13,20 +13,13 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from .factors import ExplicitUse, OuterUse
+from .factors import ExplicitUse, OuterUse, merge_tokens
 
 
 def _key(u) -> tuple:
     if isinstance(u, ExplicitUse):
         return ("explicit",)
     return ("ids" if u.ids is not None else "dense", u.shape, u.transposed)
-
-
-def _merge_tokens(us: List[OuterUse]) -> OuterUse:
-    A = torch.cat([u.A for u in us], dim=1)
-    D = None if us[0].D is None else torch.cat([u.D for u in us], dim=1)
-    ids = None if us[0].ids is None else torch.cat([u.ids for u in us], dim=1)
-    return OuterUse(A, D, ids, us[0].shape, us[0].transposed)
 
 
 def _pad_T(t: Tensor, T: int) -> Tensor:
@@ -75,7 +68,7 @@ def concat_blocks(blocks: List[Tuple[int, Dict[Tensor, list]]]) -> Dict[Tensor, 
                         G = G + u.G
                     merged[k] = ExplicitUse(G)
                 else:
-                    merged[k] = _merge_tokens(us)
+                    merged[k] = merge_tokens(us)
             per_block.append((Bk, merged))
         uses = []
         for k in keys:

@@ -105,6 +105,23 @@ class OuterUse:
             Uv[0].index_add_(0, self.ids.reshape(-1), cA[:, :, 0, :].reshape(-1, I), alpha=-1.0)
 
 
+def merge_tokens(uses: "list[OuterUse]") -> OuterUse:
+    """Uses of one parameter of the same kind (all dense, or all one-hot) -> one use with their
+    tokens concatenated: the per-sample gradient sums over tokens, so this is exact."""
+    if len(uses) == 1:
+        return uses[0]
+    A = torch.cat([u.A for u in uses], dim=1)
+    D = ids = None
+    if uses[0].D is not None:
+        dt = uses[0].D.dtype
+        for u in uses[1:]:
+            dt = torch.promote_types(dt, u.D.dtype)  # autocast can mix bf16 and fp32 calls
+        D = torch.cat([u.D.to(dt) for u in uses], dim=1)
+    else:
+        ids = torch.cat([u.ids for u in uses], dim=1)
+    return OuterUse(A, D, ids, uses[0].shape, uses[0].transposed)
+
+
 @dataclass
 class ExplicitUse:
     """g_i given as rows of G [B, numel] (any float dtype)."""

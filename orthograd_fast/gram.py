@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .factors import CHUNK_BYTES, OuterUse, _compute_dtype
+from .factors import CHUNK_BYTES, OuterUse, _compute_dtype, merge_tokens
 from .route import GHOST, TILE, choose_route
 
 # Tensors with B * numel at or below this many elements are materialized (fp64, exact).
@@ -34,19 +34,6 @@ EXPLICIT_MAX = 1 << 18
 # Embedding tables may be materialized up to 128 x EXPLICIT_MAX elements (B * numel; float64,
 # 256 MiB by default) when that is cheaper than the token route.
 LOOKUP_FACTOR = 128
-
-
-def _merge_dense(uses: List[OuterUse]) -> OuterUse:
-    """Uses of one tensor with dense factors -> one use: tokens concatenated (zero-padded tokens
-    contribute nothing, so this is exact)."""
-    if len(uses) == 1:
-        return uses[0]
-    A = torch.cat([u.A for u in uses], dim=1)
-    dt = uses[0].D.dtype
-    for u in uses[1:]:
-        dt = torch.promote_types(dt, u.D.dtype)
-    D = torch.cat([u.D.to(dt) for u in uses], dim=1)
-    return OuterUse(A=A, D=D, ids=None, shape=uses[0].shape, transposed=uses[0].transposed)
 
 
 class ParamTerm:
@@ -76,7 +63,7 @@ class ParamTerm:
             self.G = G
             self.use = None
         elif all(u.ids is None for u in outer) and len({u.shape for u in outer}) == 1:
-            self.use = _merge_dense(outer)
+            self.use = merge_tokens(outer)
             B, T, G, I = self.use.A.shape
             O = self.use.D.shape[-1]
             self.mode = choose_route(B, T, G, I, O)
