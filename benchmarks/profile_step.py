@@ -4,7 +4,7 @@ and a cProfile of the core's functions. Diagnostic tool, not part of the timed s
     python -m benchmarks.profile_step mlp --B 64 [--steps 15] [--size cpu] [--device cpu]
 
 Phases are timed with ``time.perf_counter`` on alternating plain / OrthoGrad steps (medians, ms):
-retain fwd+bwd (for OrthoGrad: inside ``og.retain()``, hooks and exit included), unlearn fwd+bwd,
+retain fwd+bwd (for OrthoGrad: inside ``og.retain()``, hooks and exit included), unlearn fwd+bwd (inside ``og.forget()``),
 ``project_()``, ``opt.step()``. The per-tensor table wraps ``ParamTerm.gram_coef`` / ``apply_``
 of ``orthograd_fast.gram`` at run time (the package is not modified) to attribute the projection
 to tensors and routes (explicit / tile / ghost / tokens).
@@ -72,10 +72,14 @@ def main(argv=None):
         with og.retain():
             loss_fn(m_og(xr), yr).mean().backward()
 
+    def og_unlearn():
+        with og.forget():
+            loss_fn(m_og(xu), yu).mean().backward()
+
     def og_step(ph):
         opt_o.zero_grad(set_to_none=True)
         ph["retain fwd+bwd"].append(timed(og_retain))
-        ph["unlearn fwd+bwd"].append(timed(lambda: loss_fn(m_og(xu), yu).mean().backward()))
+        ph["unlearn fwd+bwd"].append(timed(og_unlearn))
         ph["project_"].append(timed(og.project_))
         ph["opt.step"].append(timed(opt_o.step))
 
@@ -99,9 +103,9 @@ def main(argv=None):
     per = defaultdict(lambda: [0.0, 0.0, 0, ""])
     orig_gc, orig_ap = _gram.ParamTerm.gram_coef, _gram.ParamTerm.apply_
 
-    def gc_w(self, U):
+    def gc_w(self, U, b=None):
         t = time.perf_counter()
-        r = orig_gc(self, U)
+        r = orig_gc(self, U, b)
         _sync(dev)
         e = per[self.name]
         e[0] += time.perf_counter() - t

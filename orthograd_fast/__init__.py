@@ -4,12 +4,14 @@
     og = OrthoGrad(model, scope="tensor", alpha=0.0, backend="auto", rtol=None)
     with og.retain():
         retain_loss_fn(model(x_r), y_r).backward()
-    unlearn_loss_fn(model(x_u), y_u).backward()
+    with og.forget():                 # optional: cheaper coefficients for MLP / head layers
+        unlearn_loss_fn(model(x_u), y_u).backward()
     og.project_()
     opt.step()
 """
 
-from .api import OrthoGrad
+from .api import OrthoGrad, OrthoGradError
+from .errors import CaptureError, UnsupportedModule
 
 # The loop needs torch only (scikit-learn and friends are imported inside the functions that use
 # them). Imported eagerly: a lazy import would let the submodule orthograd_fast.unlearn shadow the
@@ -18,4 +20,4 @@ from .unlearn import unlearn
 
 __version__ = "0.1.0"
 
-__all__ = ["OrthoGrad", "unlearn", "__version__"]
+__all__ = ["OrthoGrad", "OrthoGradError", "CaptureError", "UnsupportedModule", "unlearn", "__version__"]

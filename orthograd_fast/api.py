@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import blocks as _blocks
 from . import distributed as _distributed
 from .capture import Capture, CaptureError, find_units
+from .factors import OuterUse
 from .gram import ParamTerm
 from .solve import resolve_rtol, solve_psd
 
@@ -49,6 +50,12 @@ class OrthoGrad:
             per-sample gradient matrix; None picks the per-dtype default of
             :func:`orthograd_fast.solve.default_rtol` (1e-6 for float32 factors).
         max_retain: cap on the retain samples accumulated over several ``retain()`` blocks.
+        lean_retain: the retain backward skips the weight gradients of every layer with a factored
+            rule (they are never needed: the factors replace them, and ``alpha * gbar_r`` is formed
+            from the factors inside the update GEMM). Saves one B x O x I GEMM per layer and the
+            retain ``.grad`` buffers. Turned off under DistributedDataParallel (its reducer expects
+            every gradient); pass False for modules whose forward needs ``self.weight`` to be the
+            ``nn.Parameter`` object itself.
     """
 
     def __init__(
@@ -60,6 +67,7 @@ class OrthoGrad:
         rtol: Optional[float] = None,
         *,
         max_retain: int = MAX_RETAIN_SAMPLES,
+        lean_retain: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"OrthoGrad(model=...): expected a torch.nn.Module, got {type(model).__name__}")
@@ -81,6 +89,15 @@ class OrthoGrad:
         self.backend = backend
         self.rtol = rtol
         self.max_retain = int(max_retain)
+        self.lean_retain = bool(lean_retain) and not isinstance(model, nn.parallel.DistributedDataParallel)
+        self._swap: Optional[Dict[int, list]] = None  # id(module) -> [(name, param)] (lean retain)
+        self._lean: set = set()  # parameters whose retain gradient is never formed (gbar from factors)
+        # og.forget(): {param: [unlearn OuterUse, ...]} and, per param, (.grad object, its _version)
+        # at the block's exit; the factors are used only while .grad is that same, unmodified tensor
+        self._forget: Dict[Tensor, list] = {}
+        self._forget_grad: Dict[Tensor, tuple] = {}
+        self._forget_bad: set = set()
+        self._cross_checked = False
         self._params: List[Tuple[str, Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("OrthoGrad(model=...): the model has no trainable parameters (requires_grad=True)")
@@ -154,13 +171,14 @@ class OrthoGrad:
             )
         if self._units is None:
             self._units = find_units(self.model)
+            self._swap, self._lean = self._swap_plan()
         saved = {p: p.grad for _, p in self._params}
         # DDP (issue 6): with gradient_as_bucket_view=True the reducer writes the retain gradient
         # into the bucket that a saved .grad is a view of; keep the values to put them back.
         saved_vals = {p: g.clone() for p, g in saved.items() if g is not None} if self._group is not None else {}
         for _, p in self._params:
             p.grad = None
-        cap = Capture(self.model, self._units)
+        cap = Capture(self.model, self._units, self._swap)
         self._in_retain = True
         cap.attach()
         try:
@@ -175,9 +193,10 @@ class OrthoGrad:
                     f"B^3. Call project_() more often or raise OrthoGrad(max_retain=...)."
                 )
             self._blocks.append((B, uses))
+            self._check_lean()
             keep_retain_grad = self.alpha > 0 or not self._capture_checked
             for _, p in self._params:
-                g = p.grad if keep_retain_grad else None
+                g = p.grad if keep_retain_grad and p not in self._lean else None
                 if g is not None and self._group is not None:
                     # DDP (issue 6): with gradient_as_bucket_view the next backward reuses this storage
                     g = g.clone()
@@ -194,7 +213,120 @@ class OrthoGrad:
                     p.grad.copy_(saved_vals[p])
             self._in_retain = False
 
+    @contextlib.contextmanager
+    def forget(self) -> Iterator["OrthoGrad"]:
+        """Optional: run the unlearn backward inside this block to make ``project_()`` cheaper.
+
+        The hooks keep the unlearn pass's layer inputs and output gradients for nn.Linear (and
+        transformers' Conv1D) layers; where it is cheaper (layers without a token axis: an MLP, a
+        classifier head), the coefficients <g_i, u> then come from B x B_u products of factors
+        instead of a pass of the B x O x I GEMM over u. ``.grad`` is computed as usual, so the
+        result is the same with or without the block. The factors are used for a parameter only if
+        its ``.grad`` was None when the first block began (``zero_grad(set_to_none=True)``) and is
+        the same, unmodified tensor at ``project_()`` (gradient clipping in between: they are
+        ignored). The first projection checks them against the GEMM and raises CaptureError on a
+        mismatch (an unlearn loss term outside the modules' forwards, e.g. a weight penalty).
+        Several blocks before one ``project_()`` accumulate. No-op under DistributedDataParallel.
+        """
+        if self._in_retain:
+            raise OrthoGradError("og.forget() cannot be used inside og.retain()")
+        if not self._blocks or self._projected:
+            raise OrthoGradError(
+                "og.forget() goes after `with og.retain():` and before og.project_() (it belongs to one step)"
+            )
+        if self._group is not None:  # DDP: .grad is the rank average; the local factors are not u
+            yield self
+            return
+        from . import rules
+
+        units = [u for u in self._units if u.rule in (rules.linear_uses, rules.hf_conv1d_uses)]
+        # a parameter also owned by a module outside this set (tied to an embedding or a fallback
+        # module) would get unlearn gradient the captured factors do not hold
+        elsewhere = {id(q) for u in self._units if u not in units for q in u.module.parameters(recurse=u.whole)}
+        before = {p: (p.grad, None if p.grad is None else p.grad._version) for _, p in self._params}
+        cap = Capture(self.model, units, single_token_only=True)
+        self._in_retain = True  # no project_() inside
+        cap.attach()
+        try:
+            yield self
+            cap.detach()
+            uses = cap.finish() if units else {}
+        finally:
+            cap.detach()
+            self._in_retain = False
+        # a layer with a call that was not kept (several tokens per sample): its factors are partial
+        elsewhere.update(id(q) for u in units if id(u.module) in cap.skipped for q in u.module.parameters(recurse=False))
+        for _, p in self._params:
+            if p in self._forget_bad or id(p) in elsewhere:
+                self._forget_bad.add(p)
+                continue
+            prev = self._forget_grad.get(p)
+            g0, v0 = before[p]
+            # the first block must start from no gradient; a later one from what the last one left
+            fresh = g0 is None if prev is None else (g0 is prev[0] and v0 == prev[1])
+            us = [u for u in uses.get(p, []) if isinstance(u, OuterUse)]
+            if p.grad is None or not fresh or not us or len(us) != len(uses.get(p, [])):
+                self._forget_bad.add(p)
+                self._forget.pop(p, None)
+                continue
+            self._forget.setdefault(p, []).extend(us)
+            self._forget_grad[p] = (p.grad, p.grad._version)
+
+    def _cross_coefs(self, terms, active, vecs) -> Dict[Tensor, Tensor]:
+        """b from the og.forget() factors for the parameters where they are valid and cheaper."""
+        out = {}
+        for p in active:
+            fu = self._forget.get(p)
+            if not fu or p in self._forget_bad:
+                continue
+            g, ver = self._forget_grad[p]
+            if vecs[p] is not g or g._version != ver or not terms[p].cross_usable(fu):
+                continue
+            out[p] = terms[p].cross_coef(fu)
+        return out
+
+    def _swap_plan(self):
+        """Lean retain: the (name, param) pairs each rule layer gets detached during its calls.
+        Parameters a generic-fallback unit also uses keep their retain gradient (its check)."""
+        if not self.lean_retain:
+            return {}, set()
+        from . import fallback
+
+        shared = set()
+        for u in self._units:
+            if u.rule is None:
+                shared.update(id(p) for p in fallback.unit_parameters(u.module, u.whole).values())
+        swap, lean = {}, set()
+        for u in self._units:
+            if u.rule is None:
+                continue
+            own = [
+                (n, p)
+                for n, p in u.module.named_parameters(recurse=False)
+                if n in ("weight", "bias") and p.requires_grad and id(p) not in shared
+            ]
+            if own:
+                swap[id(u.module)] = own
+                lean.update(p for _, p in own)
+        return swap, lean
+
+    def _check_lean(self) -> None:
+        """Lean retain: a parameter handed out detached to its owner that still got a retain
+        gradient was used outside its owner's forward (the hooks cannot see that use)."""
+        names = {p: n for n, p in self._params}
+        for p in self._lean:
+            if p.grad is not None:
+                raise CaptureError(
+                    f"parameter '{names[p]}' received a retain gradient outside the forward of the module that "
+                    "owns it (e.g. `h @ self.emb.weight.T` in a parent's forward, or a weight penalty in the "
+                    "retain loss): the hooks cannot see that use, so its per-sample gradients would be wrong. "
+                    "Route the use through a module (nn.Linear with the tied weight) or freeze the parameter."
+                )
+
     def _reset_span(self) -> None:
+        self._forget.clear()
+        self._forget_grad.clear()
+        self._forget_bad.clear()
         self._blocks.clear()
         self._gsum.clear()
         self._versions.clear()
@@ -244,20 +376,31 @@ class OrthoGrad:
     def _factor_dtype(self, term: ParamTerm) -> torch.dtype:
         return term.param.dtype if term.use is None else term.use.A.dtype
 
-    def _project(self, vectors: Dict[Tensor, Tensor], check_sum: bool, inplace: bool = False) -> Dict[Tensor, Tensor]:
-        """P_perp applied to {param: tensor}; new tensors unless ``inplace`` (then written through)."""
+    def _project(
+        self, vectors: Dict[Tensor, Tensor], check_sum: bool, inplace: bool = False, shift: Optional[Dict[Tensor, float]] = None
+    ) -> Dict[Tensor, Tensor]:
+        """P_perp applied to {param: tensor}; new tensors unless ``inplace`` (then written through).
+
+        ``shift`` {param: s}: also subtract s * sum_i g_i (the retain gradient from the factors,
+        for alpha under lean retain) in the same update GEMM."""
+        shift = shift or {}
         terms = self._build_terms()
         active = [p for p in terms if p in vectors]
         out = {p: (v.detach() if inplace else v.detach().clone()) for p, v in vectors.items()}
         if not active:
             return out
+        cross = self._cross_coefs(terms, active, vectors) if inplace else {}
         Ks, bs, rtols = [], [], []
         for p in active:
-            K, b = terms[p].gram_coef(out[p])
+            K, b = terms[p].gram_coef(out[p], cross.get(p))
+            if p in cross and not self._cross_checked:  # first use: the forget() factors against the GEMM
+                self._check_cross(p, K, b, terms[p].coef(out[p]), out[p])
             Ks.append(K)
             bs.append(b)
             t = terms[p]
             rtols.append(resolve_rtol(self.rtol, self._factor_dtype(t), t.approx))
+        if cross:
+            self._cross_checked = True
         K = torch.stack(Ks)
         b = torch.stack(bs)
         finite = torch.isfinite(K).all() & torch.isfinite(b).all()
@@ -272,17 +415,29 @@ class OrthoGrad:
         else:
             rt = torch.tensor(rtols, dtype=torch.float64, device=K.device).unsqueeze(-1)
             c = solve_psd(K, b, rt)
+        approx = any(terms[p].approx for p in active)
         for k, p in enumerate(active):
-            terms[p].apply_(out[p], c[k])
-        if any(terms[p].approx for p in active):
+            # fold the retain-gradient term into the same GEMM unless a re-projection follows
+            terms[p].apply_(out[p], c[k] + shift[p] if (p in shift and not approx) else c[k])
+        if approx:
             # Float32-accumulated Gram (Triton): project the residual once more ("twice is enough").
             b2 = torch.stack([terms[p].coef(out[p]) for p in active])
             c2 = solve_psd(Kg, b2.sum(0), rt).unsqueeze(0).expand(len(active), -1) if self.scope == "global" else solve_psd(K, b2, rt)
             for k, p in enumerate(active):
-                terms[p].apply_(out[p], c2[k])
+                terms[p].apply_(out[p], c2[k] + shift[p] if p in shift else c2[k])
         # terms[...].B: under DDP the union of every rank's retain samples (retain_size is local)
         self.stats = {"B": terms[active[0]].B, "backend": self._backend_used, "scope": self.scope, "tensors": len(active)}
         return out
+
+    def _check_cross(self, p, K, b_cross, b_gemm, u) -> None:
+        tol = (3e-2 if self._half_factors else 1e-3) * K.diagonal().clamp_min(0).sqrt() * float(u.double().norm()) + 1e-30
+        if bool(((b_cross - b_gemm).abs() > tol).any()):
+            name = {q: n for n, q in self._params}[p]
+            raise CaptureError(
+                f"parameter '{name}': the unlearn factors captured by og.forget() do not reproduce its unlearn "
+                "gradient (a use outside the owning module's forward, or a loss term such as a weight penalty). "
+                "Run the unlearn backward outside og.forget() for this model."
+            )
 
     def _raise_nonfinite(self, active, Ks, bs, vecs) -> None:
         names = {p: n for n, p in self._params}
@@ -354,14 +509,28 @@ class OrthoGrad:
                 p.grad = torch.zeros_like(p)
         vecs = {p: p.grad for _, p in self._params}
         nblocks = len(self._blocks)
-        # in place: .grad becomes P_perp(u), then the direction, without copies of the model's size
-        perp = self._project(vecs, check_sum=not self._capture_checked, inplace=True)
-        self._capture_checked = True
         a = self.alpha
+        # Lean retain: gbar_r = (1/nblocks) sum_i g_i from the factors. With
+        # d = -(1-a) (u - sum_i (c_i + s) g_i), s = a / (nblocks (1-a)), it rides in the update GEMM.
+        if a == 1.0:  # no projection at all: .grad = gbar_r
+            terms = self._build_terms()
+            for _, p in self._params:
+                g = p.grad.zero_()
+                if p in self._lean:
+                    if p in terms:
+                        terms[p].apply_(g, torch.full((terms[p].B,), -1.0 / nblocks, dtype=torch.float64, device=g.device))
+                elif self._gsum.get(p) is not None:
+                    g.add_(self._gsum[p].to(g.dtype), alpha=1.0 / nblocks)
+            self._projected = True
+            self.stats = {"B": self.retain_size, "backend": self._backend_used, "scope": self.scope, "tensors": 0}
+            return self.stats
+        shift = {p: a / (nblocks * (1.0 - a)) for p in self._lean} if a > 0 else {}
+        # in place: .grad becomes P_perp(u), then the direction, without copies of the model's size
+        perp = self._project(vecs, check_sum=not self._capture_checked, inplace=True, shift=shift)
+        self._capture_checked = True
         for _, p in self._params:
-            r = perp[p]
-            d = r.mul_(-(1.0 - a))
-            if a > 0:
+            d = perp[p].mul_(-(1.0 - a))
+            if a > 0 and p not in self._lean:
                 gs = self._gsum.get(p)
                 if gs is not None:
                     d.add_(gs.to(d.dtype), alpha=a / nblocks)

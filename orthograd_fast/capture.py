@@ -4,6 +4,15 @@ A forward hook on every module that owns trainable parameters stores its (detach
 registers a tensor hook on its output; the tensor hook stores the output gradient when the retain
 backward reaches it. Nothing is computed during the backward: the factors are assembled on
 leaving ``retain()`` (:meth:`Capture.finish`), after the hooks are gone.
+
+Weight-gradient-free retain pass: the factors replace the retain weight gradients, so by default
+(``swap=True``) a forward pre-hook hands each rule layer detached aliases of its own parameters
+for the call. The backward then computes input gradients only (the B x O x I weight-gradient GEMM
+of every layer and its retain ``.grad`` buffer are never formed), and a parameter that still
+receives a retain gradient was used outside its owner's forward: an error, found exactly. A layer
+whose input needs no gradient (the first one) would then produce an output that needs none; it is
+re-attached to the graph through :class:`_Anchor` (a no-op marked in place) so its output gradient
+is still computed.
 """
 
 from __future__ import annotations
@@ -53,6 +62,24 @@ class Unit:
     whole: bool = False  # fallback over all its parameters (MultiheadAttention)
 
 
+class _Anchor(torch.autograd.Function):
+    """Identity on a layer output that does not require grad, attached to the graph through the
+    layer's (real) parameters so the retain backward still reaches it; returns no gradient.
+    Marked dirty (no copy) unless the output is a view, which is copied (in-place ops on views
+    made inside a custom Function are refused by autograd)."""
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        if out._base is not None:
+            return out.clone()
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None,) * len(ctx.needs_input_grad)
+
+
 def _detach(x):
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, x)
 
@@ -82,9 +109,17 @@ def find_units(model: nn.Module) -> List[Unit]:
 class Capture:
     """One retain() block: hooks on, calls recorded, factors assembled on finish."""
 
-    def __init__(self, model: nn.Module, units: List[Unit]):
+    def __init__(
+        self, model: nn.Module, units: List[Unit], swap: Optional[Dict[int, list]] = None, single_token_only: bool = False
+    ):
         self.model = model
         self.units = units
+        # og.forget(): keep only calls with one token per sample (the only ones it can use)
+        self.single_token_only = single_token_only
+        self.skipped: set = set()  # id(module) with a call not kept (single_token_only)
+        # id(module) -> [(name, param)] handed out detached during the module's calls (see top)
+        self.swap = swap or {}
+        self._swapped: List[tuple] = []  # (module, name, param) currently replaced
         self.calls: Dict[int, List[Call]] = {id(u.module): [] for u in units}
         self.B: Optional[int] = None
         self.root_calls = 0
@@ -95,12 +130,39 @@ class Capture:
     def attach(self) -> None:
         self.handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         for u in self.units:
+            if self.swap.get(id(u.module)):
+                self.handles.append(u.module.register_forward_pre_hook(self._swap_pre))
             self.handles.append(u.module.register_forward_hook(self._make_hook(u), with_kwargs=True))
 
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self._unswap_all()
+
+    def _swap_pre(self, module, args):
+        for name, p in self.swap[id(module)]:
+            if module._parameters.get(name) is p:  # not already swapped (re-entrant call)
+                module._parameters[name] = p.detach()
+                self._swapped.append((module, name, p))
+        return None
+
+    def _unswap(self, module) -> list:
+        """Put the module's own parameters back; returns those that were swapped."""
+        back, keep = [], []
+        for m, name, p in self._swapped:
+            if m is module:
+                m._parameters[name] = p
+                back.append(p)
+            else:
+                keep.append((m, name, p))
+        self._swapped = keep
+        return back
+
+    def _unswap_all(self) -> None:
+        for m, name, p in self._swapped:
+            m._parameters[name] = p
+        self._swapped = []
 
     def _root_pre(self, module, args, kwargs):
         self.root_calls += 1
@@ -125,12 +187,24 @@ class Capture:
 
     def _make_hook(self, unit: Unit):
         def hook(module, args, kwargs, output):
+            swapped = self._unswap(module) if self.swap.get(id(module)) else []
+            if (
+                swapped
+                and isinstance(output, Tensor)
+                and not output.requires_grad
+                and torch.is_grad_enabled()
+                and output.is_floating_point()
+            ):
+                output = _Anchor.apply(output, *swapped)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 rules.check_batchnorm(module)
             if unit.rule is None:  # the fallback replays the module: keep every input and the output
                 call = Call(args=_detach(args), kwargs=_detach(kwargs), output=_detach(output), autocast=_autocast_state())
             else:  # a rule needs the layer input only; keeping outputs alive would cost memory
                 x = args[0] if args else next(iter(kwargs.values()), None)
+                if self.single_token_only and (not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != x.shape[-1]):
+                    self.skipped.add(id(module))
+                    return output
                 if (
                     isinstance(module, nn.Embedding)
                     and isinstance(x, Tensor)
@@ -197,7 +271,7 @@ class Capture:
                         "input), e.g. batch_first=True for transformer layers."
                     )
                 fallback.merge(uses, u.rule(u.module, x, gy, B))
-        if not any_grad:
+        if not any_grad and not self.single_token_only:
             raise CaptureError(
                 "og.retain(): no gradient reached any layer inside the block. Call "
                 "retain_loss.backward() inside `with og.retain():` (the loss must depend on the model)."

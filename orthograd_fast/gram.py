@@ -34,6 +34,8 @@ EXPLICIT_MAX = 1 << 18
 # Embedding tables may be materialized up to 128 x EXPLICIT_MAX elements (B * numel; float64,
 # 256 MiB by default) when that is cheaper than the token route.
 LOOKUP_FACTOR = 128
+# Tile route: float64 per-sample tiles are formed in slabs of about this size (see _tile_gram_coef).
+TILE_SLAB_BYTES = 8 << 20
 
 
 class ParamTerm:
@@ -87,8 +89,14 @@ class ParamTerm:
         return len({(u.shape, u.transposed) for u in outer}) > 1
 
     # ---------------------------------------------------------------------------------------
-    def gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
-        """(K [B, B] fp64, b [B] fp64) for the tensor U (shaped like the parameter)."""
+    def gram_coef(self, U: Tensor, b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(K [B, B] fp64, b [B] fp64) for the tensor U (shaped like the parameter).
+
+        ``b``: coefficients already known (:meth:`cross_coef`); only K is formed then."""
+        if b is not None and self.mode == GHOST and not self._on_triton():
+            if self._K is None:
+                self._K = self._ghost_gram()
+            return self._K, b
         if self._K is not None:
             return self._K, self.coef(U)
         if self.mode == "explicit":
@@ -126,6 +134,49 @@ class ParamTerm:
             for u in self.uses:
                 u.apply_(U, c)
 
+    # --- coefficients from the unlearn pass's factors (og.forget()) ------------------------------
+    def cross_usable(self, fuses: List[OuterUse]) -> bool:
+        """Whether b_i = <g_i, u> is cheaper from the unlearn factors (u = sum_k D_uk^T A_uk) than
+        from the GEMM D U: B T Bu Tu G (I + O) against B T G O I multiply-adds (T = 1 layers of an
+        MLP or a classifier head: B_u (I + O) against O I)."""
+        if self.mode != GHOST or self._on_triton() or not fuses:
+            return False
+        use = self.use
+        if any(f.ids is not None or f.shape != use.shape or f.transposed != use.transposed for f in fuses):
+            return False
+        B, T, G, I = use.A.shape
+        O = use.shape[1]
+        tu = sum(f.A.shape[0] * f.A.shape[1] for f in fuses)
+        return tu * (I + O) < O * I
+
+    def cross_coef(self, fuses: List[OuterUse]) -> Tensor:
+        """b_i = sum_k sum_{t,s} (a_it . a_ks)(d_it . d_ks) over the unlearn factors, fp64 [B]."""
+        use = self.use
+        B, T, G, I = use.A.shape
+        dt = _compute_dtype(use.A, use.D, *[f.A for f in fuses], *[f.D for f in fuses])
+        if T == 1 and G == 1 and all(f.A.shape[1] == 1 for f in fuses):  # plain B x B_u products
+            A, D = use.A.reshape(B, I).to(dt), use.D.reshape(B, -1).to(dt)
+            b = torch.zeros(B, dtype=torch.float64, device=A.device)
+            for f in fuses:
+                Bu = f.A.shape[0]
+                prod = (A @ f.A.reshape(Bu, I).to(dt).t()) * (D @ f.D.reshape(Bu, -1).to(dt).t())
+                b += prod.sum(1).double()
+            return b
+        A = use.A.permute(2, 0, 1, 3).reshape(G, B * T, I).to(dt)
+        D = use.D.permute(2, 0, 1, 3).reshape(G, B * T, -1).to(dt)
+        b = torch.zeros(B, dtype=torch.float64, device=A.device)
+        for f in fuses:
+            Bu, Tu = f.A.shape[:2]
+            Au = f.A.permute(2, 0, 1, 3).reshape(G, Bu * Tu, I).to(dt)
+            Du = f.D.permute(2, 0, 1, 3).reshape(G, Bu * Tu, -1).to(dt)
+            step = max(1, CHUNK_BYTES // max(1, 2 * G * T * Bu * Tu * A.element_size()))
+            for b0 in range(0, B, step):
+                b1 = min(B, b0 + step)
+                r = slice(b0 * T, b1 * T)
+                prod = (A[:, r] @ Au.transpose(1, 2)) * (D[:, r] @ Du.transpose(1, 2))
+                b[b0:b1] += prod.sum(dim=(0, 2)).double().reshape(b1 - b0, T).sum(1)
+        return b
+
     def _on_triton(self) -> bool:
         # The kernels take one group of dense fp32/bf16/fp16 factors; grouped convolutions,
         # embeddings and float64 models stay on the torch path.
@@ -149,18 +200,27 @@ class ParamTerm:
         Uv = use.view(U)
         K = torch.zeros(B, B, dtype=torch.float64, device=A.device)
         b = torch.zeros(B, dtype=torch.float64, device=A.device)
-        rows = max(1, CHUNK_BYTES // max(1, B * G * I * 8))
+        # Slabs of ~8 MiB of float64 tiles stay in cache between forming, widening and the Gram
+        # GEMM; one big slab costs twice as much on a CPU (page faults of a fresh 30+ MiB buffer).
+        rows = max(1, min(CHUNK_BYTES, TILE_SLAB_BYTES) // max(1, B * G * I * 8))
+        Dt = D[:, :, 0, :].transpose(1, 2).contiguous() if G == 1 else None  # [B, O, T]: bmm-ready
         for o0 in range(0, O, rows):
             o1 = min(O, o0 + rows)
-            tiles = torch.einsum("btgo,btgi->bgoi", D[..., o0:o1], A).reshape(B, -1).double()
-            K += tiles @ tiles.t()
-            b += tiles @ Uv[:, o0:o1, :].reshape(-1).double()
+            if G == 1:
+                tiles = torch.bmm(Dt[:, o0:o1], A[:, :, 0, :]).reshape(B, -1).double()
+            else:
+                tiles = torch.einsum("btgo,btgi->bgoi", D[..., o0:o1], A).reshape(B, -1).double()
+            K.addmm_(tiles, tiles.t())
+            b.addmv_(tiles, Uv[:, o0:o1, :].reshape(-1).double())
         return K, b
 
     def _ghost_gram(self) -> Tensor:
         """sum over tokens of (A A^T) * (D D^T), float64, in blocks of samples."""
         use = self.use
         B, T, G, I = use.A.shape
+        if T == 1 and G == 1:  # one token per sample (an MLP layer): two B x B products
+            A, D = use.A.reshape(B, -1).double(), use.D.reshape(B, -1).double()
+            return (A @ A.t()) * (D @ D.t())
         A = use.A.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
         D = use.D.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
         K = torch.zeros(B, B, dtype=torch.float64, device=A.device)

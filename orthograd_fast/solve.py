@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,30 +41,60 @@ def default_rtol(factor_dtype: torch.dtype, approx_gram: bool = False) -> float:
 
 
 def _eigh(K: Tensor):
-    # On the CPU, torch's batched eigh nests LAPACK threads inside a parallel loop over the batch
-    # (measured on 2 busy cores: 27 x 64 x 64 float64 in 0.19 s) and one call per matrix pays a
-    # per-call overhead (8 x 64 x 64: 7.7 ms); numpy's stacked eigh loops in C (2.6 ms).
-    if K.device.type == "cpu":
-        w, V = np.linalg.eigh(K.detach().numpy())
-        return torch.from_numpy(w), torch.from_numpy(V)
+    # torch, not numpy, on the CPU too: numpy's OpenBLAS keeps its own worker threads spinning
+    # after each call, and on a small machine they steal the cores from torch's next GEMMs
+    # (measured on 2 cores: the following forward/backward ran up to 2x slower).
     return torch.linalg.eigh(K)
 
 
-def solve_psd(K: Tensor, b: Tensor, rtol: float) -> Tensor:
+def _well_conditioned_solve(K: Tensor, b: Tensor, rtol):
+    """Fast path: (c, ok) with c = K^{-1} b by Cholesky where it provably equals the eigh route.
+
+    With K = L L^T, lambda_min >= 1 / ||L^{-1}||_F^2 and lambda_max <= trace(K); when
+    1 / ||L^{-1}||_F^2 > rtol^2 trace(K) every eigenvalue passes the cutoff, so K^+ = K^{-1} and
+    the Cholesky solve gives the same c (8 x 64 x 64 on 2 CPU cores: 1.2 ms against 4 ms for eigh).
+    ``ok`` [...] marks the matrices where that holds; the others go to the eigh route.
+    """
+    r2 = (rtol * rtol) if not isinstance(rtol, Tensor) else (rtol.double() ** 2).reshape(K.shape[:-2])
+    L, info = torch.linalg.cholesky_ex(K)
+    # a failed factorization (a singular K: fewer directions than samples) leaves garbage in its
+    # own slot only; that matrix is marked not ok and goes to the eigh route
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand_as(K)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    lb = 1.0 / Linv.square().sum(dim=(-1, -2))
+    ub = K.diagonal(dim1=-2, dim2=-1).sum(-1)
+    ok = (info == 0) & torch.isfinite(lb) & (lb > r2 * ub) & (ub > 0)
+    c = Linv.transpose(-1, -2) @ (Linv @ b)
+    return c, ok
+
+
+def solve_psd(K: Tensor, b: Tensor, rtol) -> Tensor:
     """c = K^+ b for symmetric PSD K [..., B, B], b [..., B] (or [..., B, m]); float64.
 
-    Batched over leading dims (one eigendecomposition call for every tensor of a model).
+    Batched over leading dims (one call for every tensor of a model). ``rtol``: a float or a
+    tensor broadcastable to [..., 1] (one tolerance per matrix). Well-conditioned matrices (all
+    eigenvalues above the cutoff, proven by a bound) are solved by Cholesky; the rest by eigh.
     """
     K = K.double()
     K = 0.5 * (K + K.transpose(-1, -2))
+    vec = b.dim() == K.dim() - 1
+    bb = b.double().unsqueeze(-1) if vec else b.double()
+    c, ok = _well_conditioned_solve(K, bb, rtol)
+    if not bool(ok.all()):  # eigh for the ill-conditioned matrices only
+        B, m = K.shape[-1], bb.shape[-1]
+        cf, bad = c.reshape(-1, B, m).clone(), (~ok.reshape(-1)).nonzero().squeeze(1)
+        rt = rtol.reshape(-1, 1)[bad] if isinstance(rtol, Tensor) and rtol.numel() > 1 else rtol
+        cf[bad] = _eigh_solve(K.reshape(-1, B, B)[bad], bb.reshape(-1, B, m)[bad], rt)
+        c = cf.reshape(c.shape)
+    return c.squeeze(-1) if vec else c
+
+
+def _eigh_solve(K: Tensor, bb: Tensor, rtol) -> Tensor:
     w, V = _eigh(K)
     wmax = w[..., -1:].clamp_min(0)
     keep = w > (rtol * rtol) * wmax
     inv = torch.where(keep, 1.0 / torch.where(keep, w, torch.ones_like(w)), torch.zeros_like(w))
-    vec = b.dim() == K.dim() - 1
-    bb = b.double().unsqueeze(-1) if vec else b.double()
-    c = V @ (inv.unsqueeze(-1) * (V.transpose(-1, -2) @ bb))
-    return c.squeeze(-1) if vec else c
+    return V @ (inv.unsqueeze(-1) * (V.transpose(-1, -2) @ bb))
 
 
 def rank(K: Tensor, rtol: float) -> Tensor:

@@ -138,16 +138,22 @@ class FunctionalTie(nn.Module):
         return self.emb(ids) @ self.emb.weight.t()  # use of emb.weight outside emb's forward
 
 
-def test_use_outside_module_is_detected():
+@pytest.mark.parametrize("lean", [True, False])
+def test_use_outside_module_is_detected(lean):
+    # lean retain: the owner got the weight detached, so the outside use is the only retain
+    # gradient left: found on leaving retain(). Otherwise: the per-sample sum check in project_().
     torch.manual_seed(0)
     model = FunctionalTie()
     ids = torch.randint(0, 11, (4, 3))
-    og = OrthoGrad(model)
-    with og.retain():
-        ce(model(ids), ids).mean().backward()
-    ce(model(ids[:2]), ids[:2]).mean().backward()
+    og = OrthoGrad(model, lean_retain=lean)
     with pytest.raises(CaptureError, match="emb.weight"):
+        with og.retain():
+            ce(model(ids), ids).mean().backward()
+        ce(model(ids[:2]), ids[:2]).mean().backward()
         og.project_()
+    if lean:  # raised on leaving retain(): every .grad is back (None here)
+        assert all(p.grad is None for p in model.parameters())
+    assert all(m._parameters[k] is p for m in model.modules() for k, p in m.named_parameters(recurse=False))
 
 
 def test_batch_second_layout_refused():

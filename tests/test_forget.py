@@ -1,0 +1,181 @@
+"""og.forget(): coefficients from the unlearn pass's factors, against the float64 oracle, and the
+cases where the factors must not be used (modified .grad, accumulated .grad, tied to a module the
+block does not capture) or where they are wrong and the first use must say so."""
+
+import pytest
+import torch
+from torch import nn
+
+import orthograd_fast.gram as gram
+from engine_helpers import compare
+from models import ce, make
+from orthograd_fast import CaptureError, OrthoGrad, OrthoGradError
+
+REL = 1e-4
+ORTH = 1e-5
+
+
+class WideMLP(nn.Module):
+    """Sizes where the factor route is cheaper for every weight: B_u (I + O) < O I."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(17, 40), nn.ReLU(inplace=True), nn.Linear(40, 33), nn.Tanh(), nn.Linear(33, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _data(gen, B=6, Bu=3):
+    return (torch.randn(B, 17, generator=gen), torch.randint(0, 5, (B,), generator=gen)), (
+        torch.randn(Bu, 17, generator=gen),
+        torch.randint(0, 5, (Bu,), generator=gen),
+    )
+
+
+@pytest.fixture
+def factored(monkeypatch):
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)  # small test weights take the factored routes
+
+
+def _count_cross(monkeypatch):
+    calls = []
+    orig = gram.ParamTerm.cross_coef
+
+    def spy(self, fuses):
+        calls.append(self.name)
+        return orig(self, fuses)
+
+    monkeypatch.setattr(gram.ParamTerm, "cross_coef", spy)
+    return calls
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_forget_matches_oracle(scope, alpha, factored, monkeypatch):
+    calls = _count_cross(monkeypatch)
+    gen = torch.Generator().manual_seed(7)
+    model = WideMLP()
+    retain, unlearn = _data(gen)
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha, forget=True)
+    assert sorted(set(calls)) == ["net.0.weight", "net.2.weight", "net.4.weight"], calls
+    assert og._cross_checked
+    assert err <= REL, f"relative error {err:.2e}"
+    assert orth <= ORTH
+
+
+@pytest.mark.parametrize("name", ["lm", "speech", "cnn"])
+def test_forget_on_other_models_matches_oracle(name, factored):
+    # sequence / conv layers keep the GEMM coefficients; the block must not change the result
+    model, retain, unlearn = make(name, torch.Generator().manual_seed(3))
+    err, orth, _ = compare(model, ce, retain, unlearn, forget=True)
+    assert err <= REL and orth <= ORTH, (err, orth)
+
+
+def _step(model, og, retain, unlearn, between=None, blocks=1):
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    for k in range(blocks):
+        with og.forget():
+            xs, ys = unlearn[0][k::blocks], unlearn[1][k::blocks]
+            (ce(model(xs), ys).sum() / unlearn[0].shape[0]).backward()
+    if between:
+        between(model)
+    og.project_()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _plain_step(model, retain, unlearn, between=None):
+    og = OrthoGrad(model)
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    if between:
+        between(model)
+    og.project_()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _close(a, b):
+    # over the whole model: a tensor fully inside the span (the 5-element head bias, B = 6) has a
+    # direction at rounding level, meaningless on its own
+    num = sum(float((a[n] - b[n]).square().sum()) for n in a)
+    return (num / sum(float(b[n].square().sum()) for n in a)) ** 0.5
+
+
+@pytest.mark.parametrize(
+    "case", ["clip", "replace", "two_blocks"]
+)
+def test_forget_factors_follow_grad(case, factored, monkeypatch):
+    calls = _count_cross(monkeypatch)
+    gen = torch.Generator().manual_seed(11)
+    model = WideMLP()
+    retain, unlearn = _data(gen, Bu=4)
+    between, blocks = None, 1
+    if case == "clip":  # in place: the factors no longer describe .grad
+        def between(m):
+            nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+    elif case == "replace":
+        def between(m):
+            for p in m.parameters():
+                p.grad = p.grad * 0.5
+    else:
+        blocks = 2  # gradient accumulation over two forget() blocks
+    got = _step(model, OrthoGrad(model), retain, unlearn, between, blocks)
+    ref = _plain_step(model, retain, unlearn, between)
+    assert _close(got, ref) <= 1e-5
+    assert (len(calls) > 0) == (case == "two_blocks"), calls
+
+
+def test_forget_ignored_when_grad_was_not_none(factored, monkeypatch):
+    calls = _count_cross(monkeypatch)
+    gen = torch.Generator().manual_seed(12)
+    model = WideMLP()
+    retain, unlearn = _data(gen)
+    og = OrthoGrad(model)
+    model.zero_grad(set_to_none=False)  # zero tensors: .grad accumulates into them
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)  # something already in .grad before the unlearn pass
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    with og.forget():
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    u = {n: p.grad.clone() for n, p in model.named_parameters()}
+    og.project_()
+    assert calls == []
+    # projected whatever .grad held: orthogonal-complement property checked on the result
+    got = {n: -p.grad for n, p in model.named_parameters()}
+    assert all(torch.isfinite(v).all() for v in got.values()) and any((got[n] - u[n]).abs().max() > 0 for n in u)
+
+
+def test_forget_detects_loss_term_outside_modules(factored):
+    gen = torch.Generator().manual_seed(13)
+    model = WideMLP()
+    retain, unlearn = _data(gen)
+    og = OrthoGrad(model)
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    with og.forget():
+        penalty = sum((p * p).sum() for p in model.parameters())
+        (ce(model(unlearn[0]), unlearn[1]).mean() + 0.1 * penalty).backward()
+    with pytest.raises(CaptureError, match="og.forget"):
+        og.project_()
+
+
+def test_forget_order_and_hooks():
+    model = WideMLP()
+    og = OrthoGrad(model)
+    x = torch.randn(3, 17)
+    with pytest.raises(OrthoGradError, match="after"):
+        with og.forget():
+            pass
+    with og.retain():
+        model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        with og.forget():
+            model(x).sum().backward()
+            raise RuntimeError("boom")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
