@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import blocks as _blocks
 from . import distributed as _distributed
 from .capture import Capture, CaptureError, find_units
+from .conv_factors import ConvUse
 from .factors import OuterUse
 from .gram import ParamTerm
 from .solve import resolve_rtol, solve_psd
@@ -354,7 +355,11 @@ class OrthoGrad:
                     "og.retain() and og.project_()?): the captured factors describe the old weights. Run the "
                     "retain pass again."
                 )
-        uses = _blocks.concat_blocks(self._blocks)
+        blocks = self._blocks
+        if len(blocks) > 1 or self._group is not None:
+            # several blocks / DDP ranks are concatenated along samples in the token form
+            blocks = [(B, {p: [u.outer() if isinstance(u, ConvUse) else u for u in us] for p, us in uses.items()}) for B, uses in blocks]
+        uses = _blocks.concat_blocks(blocks)
         # autocast (issue 6): remember whether any captured factor is half precision (_check_capture).
         self._half_factors = any(
             t is not None and t.dtype in (torch.float16, torch.bfloat16)
@@ -374,7 +379,7 @@ class OrthoGrad:
         return terms
 
     def _factor_dtype(self, term: ParamTerm) -> torch.dtype:
-        return term.param.dtype if term.use is None else term.use.A.dtype
+        return term.factor_dtype
 
     def _project(
         self, vectors: Dict[Tensor, Tensor], check_sum: bool, inplace: bool = False, shift: Optional[Dict[Tensor, float]] = None

@@ -26,6 +26,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .conv_factors import ConvUse
 from .factors import CHUNK_BYTES, OuterUse, _compute_dtype, merge_tokens
 from .route import GHOST, TILE, choose_route
 
@@ -49,6 +50,13 @@ class ParamTerm:
         self.backend = backend
         self.approx = False  # True when K was accumulated in float32 (Triton)
         self._K: Optional[Tensor] = None
+        convs = [u for u in uses if isinstance(u, ConvUse)]
+        if convs and self.B * self.numel > EXPLICIT_MAX:
+            if len(convs) == len(uses) and backend != "triton" and self._conv_route(convs) == TILE:
+                self.mode, self.uses, self.use, self.G = "conv", convs, None, None
+                return
+            # ghost route, Triton kernels, uses of other kinds: the token form
+            uses = [u.outer() if isinstance(u, ConvUse) else u for u in uses]
         outer = [u for u in uses if isinstance(u, OuterUse)]
         explicit_only = len(outer) < len(uses)
         if (
@@ -76,6 +84,17 @@ class ParamTerm:
             self.use = None
             self.G = None
 
+    def _conv_route(self, convs: List[ConvUse]) -> str:
+        G, O, I = convs[0].shape
+        return choose_route(self.B, sum(u.tokens for u in convs), G, I, O)
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """dtype of the captured factors (picks the default rank tolerance)."""
+        if self.mode == "conv":
+            return self.uses[0].x.dtype
+        return self.param.dtype if self.use is None else self.use.A.dtype
+
     def _lookup_cheaper_explicit(self, outer: List[OuterUse]) -> bool:
         """Embedding lookups: materializing B x V x d (index_add, then a B^2 V d Gram) beats the
         token route's (B T)^2 d when the table is small next to the tokens and fits in memory."""
@@ -101,6 +120,8 @@ class ParamTerm:
             return self._K, self.coef(U)
         if self.mode == "explicit":
             K, b = self.G @ self.G.t(), self.G @ U.reshape(-1).double()
+        elif self.mode == "conv":
+            K, b = self._conv_gram_coef(U)
         elif self._on_triton():
             K, b = self._triton_gram_coef(U)
         elif self.mode == TILE:
@@ -182,7 +203,8 @@ class ParamTerm:
         # embeddings and float64 models stay on the torch path.
         u = self.use
         return (
-            self.backend == "triton"
+            self.mode != "conv"
+            and self.backend == "triton"
             and u is not None
             and u.shape[0] == 1
             and u.A.dtype != torch.float64
@@ -190,6 +212,23 @@ class ParamTerm:
         )
 
     # --- routes ------------------------------------------------------------------------------
+    def _conv_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+        """Tile route for ConvUse: per-sample tiles from grouped weight-gradient convolutions, in
+        slabs of output channels, widened to float64 for K and b (like _tile_gram_coef)."""
+        G, O, I = self.uses[0].shape
+        B = self.B
+        dev = self.uses[0].x.device
+        K = torch.zeros(B, B, dtype=torch.float64, device=dev)
+        b = torch.zeros(B, dtype=torch.float64, device=dev)
+        Uf = U.reshape(O, -1)
+        rows = max(1, min(CHUNK_BYTES, TILE_SLAB_BYTES) // max(1, B * I * 8))
+        for o0 in range(0, O, rows):
+            o1 = min(O, o0 + rows)
+            tiles = sum(u.tiles(o0, o1) for u in self.uses).double()
+            K.addmm_(tiles, tiles.t())
+            b.addmv_(tiles, Uf[o0:o1].reshape(-1).double())
+        return K, b
+
     def _tile_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-sample tiles D_b^T A_b in slabs of output rows; K and b accumulated in fp64."""
         use = self.use

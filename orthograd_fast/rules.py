@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conv_factors import ConvUse
 from .factors import ExplicitUse, OuterUse
 
 
@@ -75,30 +76,23 @@ def conv_uses(m: nn.modules.conv._ConvNd, x: Tensor, gy: Tensor, B: int) -> dict
     C = x.shape[1]
     O = m.out_channels
     kprod = math.prod(m.kernel_size)
-    if nd in (1, 2):
-        # im2col (F.unfold): [B, C * kprod, L] contiguous, columns ordered (c_in, k1, k2) like the
-        # weight; the [B, L, G, Cg * kprod] layout is then a view. About 5x cheaper than gathering
-        # the strided patches of _unfold_nd (measured: 33 -> 6 ms for a 64 x 32 x 16 x 16 input).
-        pad = list(m._reversed_padding_repeated_twice)
-        if any(pad):  # every padding mode and asymmetric "same" padding, then unpadded im2col
-            x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
-        xp = x if nd == 2 else x.unsqueeze(2)  # a 1-d conv as a 1 x k 2-d one
-
-        def two(t):
-            return tuple(t) if nd == 2 else (1, t[0])
-
-        cols = F.unfold(xp, two(m.kernel_size), dilation=two(m.dilation), stride=two(m.stride))
-        Lprod = cols.shape[-1]
-        A = cols.reshape(B, G, (C // G) * kprod, Lprod).permute(0, 3, 1, 2)
-    else:
-        patches = _unfold_nd(x, m)  # [B, C, L..., k...]
-        Lprod = math.prod(patches.shape[2 : 2 + nd])
-        # -> [B, L, G, Cg * kprod], columns ordered (c_in_g, k1, ..., knd) like the weight
-        A = patches.reshape(B, G, C // G, Lprod, kprod).permute(0, 3, 1, 2, 4).reshape(B, Lprod, G, (C // G) * kprod)
-    D = gy.reshape(B, G, O // G, Lprod).permute(0, 3, 1, 2)
     uses = {}
     if _trainable(m.weight):
-        uses[m.weight] = OuterUse(A, D, None, (G, O // G, (C // G) * kprod))
+        if G == 1 and nd in (1, 2):
+            # kept as (input, output gradient), evaluated by convolutions (conv_factors.py)
+            if m.padding_mode == "zeros" and not isinstance(m.padding, str):
+                pad = tuple(m.padding)
+            else:  # other modes and "same" (maybe asymmetric): pad explicitly, then padding 0
+                x = F.pad(x, list(m._reversed_padding_repeated_twice), mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+                pad = (0,) * nd
+            uses[m.weight] = ConvUse(x, gy, tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation))
+        else:
+            patches = _unfold_nd(x, m)  # [B, C, L..., k...]
+            Lprod = math.prod(patches.shape[2 : 2 + nd])
+            # -> [B, L, G, Cg * kprod], columns ordered (c_in_g, k1, ..., knd) like the weight
+            A = patches.reshape(B, G, C // G, Lprod, kprod).permute(0, 3, 1, 2, 4).reshape(B, Lprod, G, (C // G) * kprod)
+            D = gy.reshape(B, G, O // G, Lprod).permute(0, 3, 1, 2)
+            uses[m.weight] = OuterUse(A, D, None, (G, O // G, (C // G) * kprod))
     if _trainable(m.bias):
         uses[m.bias] = ExplicitUse(gy.reshape(B, O, -1).sum(-1))
     return uses

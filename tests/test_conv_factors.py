@@ -1,0 +1,55 @@
+"""ConvUse (orthograd_fast.conv_factors) against a float64 per-sample loop: per-sample weight
+gradients g_i = d/dW <conv(x_i, W), gy_i>, then <g_i, U>, U - sum c_i g_i, tiles and the token form."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orthograd_fast.conv_factors import ConvUse
+
+CASES = [  # nd, C, O, spatial, kernel, stride, padding, dilation
+    (2, 3, 5, (7, 9), (3, 2), (1, 2), (1, 0), (1, 1)),
+    (2, 4, 6, (8, 5), (2, 3), (2, 1), (0, 2), (2, 1)),
+    (1, 3, 7, (11,), (3,), (2,), (1,), (1,)),
+    (1, 2, 4, (13,), (4,), (1,), (0,), (3,)),
+]
+
+
+def _oracle_rows(x, gy, W, stride, padding, dilation):
+    conv = F.conv2d if x.dim() == 4 else F.conv1d
+    rows = []
+    for i in range(x.shape[0]):
+        w = W.detach().double().clone().requires_grad_()
+        y = conv(x[i : i + 1].double(), w, stride=stride, padding=padding, dilation=dilation)
+        (g,) = torch.autograd.grad((y * gy[i : i + 1].double()).sum(), w)
+        rows.append(g.reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_use_matches_per_sample_loop(case):
+    nd, C, O, S, k, s, p, d = case
+    g = torch.Generator().manual_seed(sum(S) + O)
+    B = 5
+    x = torch.randn(B, C, *S, generator=g)
+    W = torch.randn(O, C, *k, generator=g)
+    conv = F.conv2d if nd == 2 else F.conv1d
+    L = conv(x, W, stride=s, padding=p, dilation=d).shape[2:]
+    gy = torch.randn(B, O, *L, generator=g)
+    use = ConvUse(x, gy, k, s, p, d)
+    G = _oracle_rows(x, gy, W, s, p, d)  # [B, numel] float64
+    U = torch.randn(O, C, *k, generator=g)
+    c = torch.randn(B, generator=g, dtype=torch.float64)
+    scale = G.norm() * U.norm()
+    assert (use.coef(U) - G @ U.reshape(-1).double()).abs().max() <= 1e-5 * scale
+    assert (use.explicit() - G).abs().max() <= 1e-5 * G.abs().max()
+    o0, o1 = 1, O - 1
+    tiles = use.tiles(o0, o1).double().reshape(B, o1 - o0, -1)
+    assert (tiles - G.reshape(B, O, -1)[:, o0:o1]).abs().max() <= 1e-5 * G.abs().max()
+    V = U.clone()
+    use.apply_(V, c)
+    ref = U.double().reshape(-1) - c @ G
+    assert (V.double().reshape(-1) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    out = use.outer()  # token form: sum_t D_t (x) A_t
+    tok = torch.einsum("btgo,btgi->boi", out.D.double(), out.A.double()).reshape(B, -1)
+    assert (tok - G).abs().max() <= 1e-5 * G.abs().max()
