@@ -435,7 +435,8 @@ class OrthoGrad:
         return out
 
     def _check_cross(self, p, K, b_cross, b_gemm, u) -> None:
-        tol = (3e-2 if self._half_factors else 1e-3) * K.diagonal().clamp_min(0).sqrt() * float(u.double().norm()) + 1e-30
+        unorm = float(torch.linalg.vector_norm(u, dtype=torch.float64))  # no float64 copy of u
+        tol = (3e-2 if self._half_factors else 1e-3) * K.diagonal().clamp_min(0).sqrt() * unorm + 1e-30
         if bool(((b_cross - b_gemm).abs() > tol).any()):
             name = {q: n for n, q in self._params}[p]
             raise CaptureError(

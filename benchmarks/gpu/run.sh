@@ -3,7 +3,7 @@
 #
 # Checks every Triton kernel against the references at large shapes and all dtypes, measures the
 # bf16-matmul and copy ceilings, times the kernels and one OrthoGrad step on a GPT-2-small-shaped
-# model, then (CUDA only) runs tests/kernels on the compiled kernels. Results go to $OUT
+# model, then (CUDA only) runs tests/kernels on the compiled kernels and DDP on NCCL (>= 2 GPUs). Results go to $OUT
 # (default ./gpu_out): results.md (the table, printed last), results.json, bench.log, pytest.txt,
 # env.txt. Needs no installs: the package is imported from this checkout
 # (benchmarks/gpu/_bootstrap.py maps orthograd_fast.kernels to kernels/ when not pip-installed).
@@ -48,6 +48,12 @@ PYTEST
   SUMMARY="$(tail -n 1 "$OUT/pytest.txt")"
   [ "$PYTEST_RC" = "124" ] && SUMMARY="timed out after 100 s: $SUMMARY"
   printf '\n## pytest tests/kernels on the GPU (rc %s)\n\n%s\n' "$PYTEST_RC" "$SUMMARY" >>"$OUT/results.md"
+fi
+
+if [ "$HAS_CUDA" = "1" ] && [ -z "${TRITON_INTERPRET:-}" ]; then
+  # DDP on NCCL (needs >= 2 GPUs; prints a skip line otherwise)
+  NCCL_LINE="$(timeout 90 "$PY" benchmarks/gpu/ddp_nccl.py 2>"$OUT/ddp_nccl.log" | tail -n 1)"
+  printf '\n## DDP on NCCL\n\n%s\n' "${NCCL_LINE:-failed or timed out, see ddp_nccl.log}" >>"$OUT/results.md"
 fi
 
 END=$(date +%s)
