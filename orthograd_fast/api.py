@@ -193,8 +193,8 @@ class OrthoGrad:
                     f"factors are kept until project_() (roughly B x activations of memory) and the solve is "
                     f"B^3. Call project_() more often or raise OrthoGrad(max_retain=...)."
                 )
+            self._check_lean()  # before the block joins the span: a refused block leaves no factors
             self._blocks.append((B, uses))
-            self._check_lean()
             keep_retain_grad = self.alpha > 0 or not self._capture_checked
             for _, p in self._params:
                 g = p.grad if keep_retain_grad and p not in self._lean else None
