@@ -237,3 +237,25 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     ce(model(xu), yu).mean().backward()
     with pytest.raises(Exception, match="triton|Triton"):
         og.project_()
+
+
+def test_lean_retain_restores_parameters_when_forward_raises():
+    # the exception leaves a layer between its pre-hook (weights swapped for detached aliases) and
+    # its forward hook: leaving retain() must put the nn.Parameter objects back
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 4)
+
+        def forward(self, x):
+            return self.lin(x[:, :2])  # raises inside nn.Linear's forward, weights swapped
+
+    model = nn.Sequential(nn.Linear(3, 5), Boom())
+    params = {n: p for n, p in model.named_parameters()}
+    og = OrthoGrad(model)
+    with pytest.raises(RuntimeError, match="shapes"):
+        with og.retain():
+            model(torch.randn(4, 3)).sum().backward()
+    assert {n: p for n, p in model.named_parameters()} == params
+    assert all(isinstance(m._parameters[k], nn.Parameter) for m in model.modules() for k in m._parameters)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
