@@ -21,7 +21,7 @@ from . import blocks as _blocks
 from . import distributed as _distributed
 from .capture import Capture, CaptureError, find_units
 from .conv_factors import ConvUse
-from .factors import OuterUse
+from .factors import ExplicitUse, OuterUse
 from .gram import ParamTerm
 from .solve import resolve_rtol, solve_psd
 
@@ -29,6 +29,13 @@ SCOPES = ("tensor", "global")
 BACKENDS = ("auto", "torch", "triton")
 # Retain spans beyond one batch: cap on the total number of retain samples before project_().
 MAX_RETAIN_SAMPLES = 4096
+
+
+def _is_half(u) -> bool:
+    return any(
+        t is not None and t.dtype in (torch.float16, torch.bfloat16)
+        for t in (getattr(u, "G", None), getattr(u, "A", None), getattr(u, "D", None))
+    )
 
 
 class OrthoGradError(RuntimeError):
@@ -99,6 +106,7 @@ class OrthoGrad:
         self._forget_grad: Dict[Tensor, tuple] = {}
         self._forget_bad: set = set()
         self._cross_checked = False
+        self._half_seen = False  # a half-precision factor was folded into float64 rows (_compact)
         self._params: List[Tuple[str, Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("OrthoGrad(model=...): the model has no trainable parameters (requires_grad=True)")
@@ -194,7 +202,7 @@ class OrthoGrad:
                     f"B^3. Call project_() more often or raise OrthoGrad(max_retain=...)."
                 )
             self._check_lean()  # before the block joins the span: a refused block leaves no factors
-            self._blocks.append((B, uses))
+            self._blocks.append((B, self._compact(uses, B)))
             keep_retain_grad = self.alpha > 0 or not self._capture_checked
             for _, p in self._params:
                 g = p.grad if keep_retain_grad and p not in self._lean else None
@@ -286,6 +294,25 @@ class OrthoGrad:
             out[p] = terms[p].cross_coef(fu)
         return out
 
+    def _compact(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:
+        """Small tensors (B * numel <= gram.EXPLICIT_MAX, the ones ParamTerm materializes anyway)
+        become their float64 per-sample rows now, so the layer inputs and output gradients behind
+        them are freed before the unlearn pass (a first conv's output gradient is B x C x H x W,
+        its weight's rows only B x numel)."""
+        from . import gram
+
+        out = {}
+        for p, us in uses.items():
+            if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitUse) for u in us):
+                self._half_seen = self._half_seen or any(_is_half(u) for u in us)
+                rows = us[0].explicit()
+                for u in us[1:]:
+                    rows = rows + u.explicit()
+                out[p] = [ExplicitUse(rows)]
+            else:
+                out[p] = us
+        return out
+
     def _swap_plan(self):
         """Lean retain: the (name, param) pairs each rule layer gets detached during its calls.
         Parameters a generic-fallback unit also uses keep their retain gradient (its check)."""
@@ -325,6 +352,7 @@ class OrthoGrad:
                 )
 
     def _reset_span(self) -> None:
+        self._half_seen = False
         self._forget.clear()
         self._forget_grad.clear()
         self._forget_bad.clear()
@@ -360,11 +388,9 @@ class OrthoGrad:
             # several blocks / DDP ranks are concatenated along samples in the token form
             blocks = [(B, {p: [u.outer() if isinstance(u, ConvUse) else u for u in us] for p, us in uses.items()}) for B, uses in blocks]
         uses = _blocks.concat_blocks(blocks)
-        # autocast (issue 6): remember whether any captured factor is half precision (_check_capture).
-        self._half_factors = any(
-            t is not None and t.dtype in (torch.float16, torch.bfloat16)
-            for us in uses.values() for u in us for t in (getattr(u, "G", None), getattr(u, "A", None), getattr(u, "D", None))
-        )
+        # autocast (issue 6): whether any captured factor was half precision (_check_capture);
+        # _compact recorded it for the tensors it turned into float64 rows
+        self._half_factors = self._half_seen or any(_is_half(u) for us in uses.values() for u in us)
         if self._group is not None:  # DDP (issue 6): the union of every rank's retain samples
             names_ = {p: n for n, p in self._params}
             uses = _distributed.gather_uses(uses, [p for _, p in self._params], names_, self.retain_size, self._group)
@@ -435,7 +461,7 @@ class OrthoGrad:
         return out
 
     def _check_cross(self, p, K, b_cross, b_gemm, u) -> None:
-        unorm = float(torch.linalg.vector_norm(u, dtype=torch.float64))  # no float64 copy of u
+        unorm = float(torch.linalg.vector_norm(u))  # in u's dtype: dtype=float64 would copy u
         tol = (3e-2 if self._half_factors else 1e-3) * K.diagonal().clamp_min(0).sqrt() * unorm + 1e-30
         if bool(((b_cross - b_gemm).abs() > tol).any()):
             name = {q: n for n, q in self._params}[p]
