@@ -84,6 +84,17 @@ class ParamTerm:
             self.use = None
             self.G = None
 
+    def work(self, cross: bool = False) -> int:
+        """Rough multiply-adds of gram_coef (picks the thread count on the CPU, nothing else)."""
+        B = self.B
+        if self.mode == "explicit":
+            return B * B * self.numel
+        if self.mode == GHOST and self.use is not None:
+            _, T, G, I = self.use.A.shape
+            O = self.use.shape[1]
+            return B * B * T * T * G * (I + O) + (0 if cross else B * T * G * O * I)
+        return 1 << 62  # tile, conv, tokens: large GEMMs, all threads
+
     def _conv_route(self, convs: List[ConvUse]) -> str:
         G, O, I = convs[0].shape
         return choose_route(self.B, sum(u.tokens for u in convs), G, I, O)
