@@ -573,14 +573,9 @@ class OrthoGrad:
         # Lean retain: gbar_r = (1/nblocks) sum_i g_i from the factors. With
         # d = -(1-a) (u - sum_i (c_i + s) g_i), s = a / (nblocks (1-a)), it rides in the update GEMM.
         if a == 1.0:  # no projection at all: .grad = gbar_r
-            terms = self._build_terms()
-            for _, p in self._params:
-                g = p.grad.zero_()
-                if p in self._lean:
-                    if p in terms:
-                        terms[p].apply_(g, torch.full((terms[p].B,), -1.0 / nblocks, dtype=torch.float64, device=g.device))
-                elif self._gsum.get(p) is not None:
-                    g.add_(self._gsum[p].to(g.dtype), alpha=1.0 / nblocks)
+            gbar = self.retain_gradient()
+            for name, p in self._params:
+                p.grad.copy_(gbar[name])
             self._projected = True
             self.stats = {"B": self.retain_size, "backend": self._backend_used, "scope": self.scope, "tensors": 0}
             return self.stats
@@ -596,6 +591,32 @@ class OrthoGrad:
                     d.add_(gs.to(d.dtype), alpha=a / nblocks)
         self._projected = True
         return self.stats
+
+    @torch.no_grad()
+    def retain_gradient(self) -> Dict[str, Tensor]:
+        """gbar_r of the captured span, {parameter name: tensor}: the mean over ``retain()`` blocks
+        of each block's retain gradient (what ``alpha`` weighs). Under lean retain it is formed from
+        the factors (the retain backward left no weight gradients); other parameters use the retain
+        gradient kept aside, which is kept when ``alpha > 0``."""
+        terms = self._build_terms()
+        n = len(self._blocks)
+        out = {}
+        for name, p in self._params:
+            if p in self._lean:
+                g = torch.zeros_like(p)
+                if p in terms:
+                    terms[p].apply_(g, torch.full((terms[p].B,), -1.0 / n, dtype=torch.float64, device=g.device))
+            elif self._gsum.get(p) is not None:
+                g = self._gsum[p].to(p.dtype) / n
+            elif self.alpha == 0:
+                raise OrthoGradError(
+                    f"retain_gradient(): the retain gradient of '{name}' was not kept (alpha == 0 and it is not "
+                    "formed from factors); create the OrthoGrad with alpha > 0, or lean_retain=True."
+                )
+            else:
+                g = torch.zeros_like(p)  # no retain gradient reached it
+            out[name] = g
+        return out
 
     def prepare(self) -> "OrthoGrad":
         """Validate and freeze the projector built from the captured factors.

@@ -108,18 +108,15 @@ def _orthograd_step_step(ctx: StepContext, xr, yr, xf, yf) -> None:
     """Project the optimizer's step: .grad = alpha * gbar_r - (1 - alpha) * u (unprojected), the
     base optimizer computes its update, and the wrapped optimizer applies P_perp(update)."""
     ctx.opt.zero_grad()
-    gbar = None
     with ctx.og.retain():
         ctx.loss_fn(ctx.model(xr), yr).backward()
-        if ctx.alpha != 0.0:
-            # Inside the block .grad holds the retain gradient (grads were zeroed just before);
-            # leaving the block restores them, so keep a copy for the alpha term.
-            gbar = [None if p.grad is None else p.grad.detach().clone() for _, p in ctx.og.parameters]
+    # gbar_r from the captured span (under lean retain the backward formed no retain .grad)
+    gbar = ctx.og.retain_gradient() if ctx.alpha != 0.0 else None
     (-(1.0 - ctx.alpha) * ctx.forget_obj(ctx.model(xf), yf)).backward()
     if gbar is not None:
-        for (_, p), g in zip(ctx.og.parameters, gbar):
-            if g is not None:
-                p.grad = ctx.alpha * g if p.grad is None else p.grad.add_(g, alpha=ctx.alpha)
+        for name, p in ctx.og.parameters:
+            g = gbar[name]
+            p.grad = ctx.alpha * g if p.grad is None else p.grad.add_(g, alpha=ctx.alpha)
     ctx.step()
 
 
