@@ -70,7 +70,7 @@ class _Anchor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, *params):
-        if out._base is not None:
+        if out._base is not None or _compiling():
             return out.clone()
         ctx.mark_dirty(out)
         return out
@@ -78,6 +78,13 @@ class _Anchor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return (None,) * len(ctx.needs_input_grad)
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # older torch
+        return False
 
 
 def _detach(x):
