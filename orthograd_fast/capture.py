@@ -6,7 +6,7 @@ backward reaches it. Nothing is computed during the backward: the factors are as
 leaving ``retain()`` (:meth:`Capture.finish`), after the hooks are gone.
 
 Weight-gradient-free retain pass: the factors replace the retain weight gradients, so by default
-(``swap=True``) a forward pre-hook hands each rule layer detached aliases of its own parameters
+(``OrthoGrad(lean_retain=True)``, the ``swap`` plan) a forward pre-hook hands each rule layer detached aliases of its own parameters
 for the call. The backward then computes input gradients only (the B x O x I weight-gradient GEMM
 of every layer and its retain ``.grad`` buffer are never formed), and a parameter that still
 receives a retain gradient was used outside its owner's forward: an error, found exactly. A layer
@@ -66,7 +66,8 @@ class _Anchor(torch.autograd.Function):
     """Identity on a layer output that does not require grad, attached to the graph through the
     layer's (real) parameters so the retain backward still reaches it; returns no gradient.
     Marked dirty (no copy) unless the output is a view, which is copied (in-place ops on views
-    made inside a custom Function are refused by autograd)."""
+    made inside a custom Function are refused by autograd), or torch.compile is tracing (the
+    traced dirty output loses requires_grad under inductor)."""
 
     @staticmethod
     def forward(ctx, out, *params):
