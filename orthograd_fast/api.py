@@ -21,7 +21,7 @@ from . import blocks as _blocks
 from . import distributed as _distributed
 from .capture import Capture, CaptureError, find_units
 from .conv_factors import ConvUse
-from .factors import ExplicitUse, OuterUse
+from .factors import ExplicitUse, OuterUse, explicit_rows
 from .gram import ParamTerm
 from .solve import resolve_rtol, solve_psd
 
@@ -322,10 +322,7 @@ class OrthoGrad:
         for p, us in uses.items():
             if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitUse) for u in us):
                 self._half_seen = self._half_seen or any(_is_half(u) for u in us)
-                rows = us[0].explicit()
-                for u in us[1:]:
-                    rows = rows + u.explicit()
-                out[p] = [ExplicitUse(rows)]
+                out[p] = [ExplicitUse(explicit_rows(us))]
             else:
                 out[p] = us
         return out
@@ -421,9 +418,6 @@ class OrthoGrad:
         self._backend_used = backend
         return terms
 
-    def _factor_dtype(self, term: ParamTerm) -> torch.dtype:
-        return term.factor_dtype
-
     def _project(
         self, vectors: Dict[Tensor, Tensor], check_sum: bool, inplace: bool = False, shift: Optional[Dict[Tensor, float]] = None
     ) -> Dict[Tensor, Tensor]:
@@ -456,7 +450,7 @@ class OrthoGrad:
             Ks.append(got[p][0])
             bs.append(got[p][1])
             t = terms[p]
-            rtols.append(resolve_rtol(self.rtol, self._factor_dtype(t), t.approx))
+            rtols.append(resolve_rtol(self.rtol, t.factor_dtype, t.approx))
         if cross:
             self._cross_checked = True
         K = torch.stack(Ks)

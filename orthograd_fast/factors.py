@@ -122,6 +122,14 @@ def merge_tokens(uses: "list[OuterUse]") -> OuterUse:
     return OuterUse(A, D, ids, uses[0].shape, uses[0].transposed)
 
 
+def explicit_rows(uses: list) -> Tensor:
+    """sum over the uses of their [B, numel] float64 per-sample rows (any use kind)."""
+    G = uses[0].explicit()
+    for u in uses[1:]:
+        G = G + u.explicit()
+    return G
+
+
 @dataclass
 class ExplicitUse:
     """g_i given as rows of G [B, numel] (any float dtype)."""

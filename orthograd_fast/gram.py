@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .conv_factors import ConvUse
-from .factors import CHUNK_BYTES, OuterUse, _compute_dtype, merge_tokens
+from .factors import CHUNK_BYTES, OuterUse, _compute_dtype, explicit_rows, merge_tokens
 from .route import GHOST, TILE, choose_route
 
 # Tensors with B * numel at or below this many elements are materialized (fp64, exact).
@@ -66,11 +66,7 @@ class ParamTerm:
             or self._lookup_cheaper_explicit(outer)
         ):
             self.mode = "explicit"
-            G = None
-            for u in uses:
-                g = u.explicit()
-                G = g if G is None else G + g
-            self.G = G
+            self.G = explicit_rows(uses)
             self.use = None
         elif all(u.ids is None for u in outer) and len({u.shape for u in outer}) == 1:
             self.use = merge_tokens(outer)
@@ -89,7 +85,7 @@ class ParamTerm:
         B = self.B
         if self.mode == "explicit":
             return B * B * self.numel
-        if self.mode == GHOST and self.use is not None:
+        if self.mode == GHOST:
             _, T, G, I = self.use.A.shape
             O = self.use.shape[1]
             return B * B * T * T * G * (I + O) + (0 if cross else B * T * G * O * I)
