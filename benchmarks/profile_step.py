@@ -4,10 +4,11 @@ and a cProfile of the core's functions. Diagnostic tool, not part of the timed s
     python -m benchmarks.profile_step mlp --B 64 [--steps 15] [--size cpu] [--device cpu]
 
 Phases are timed with ``time.perf_counter`` on alternating plain / OrthoGrad steps (medians, ms):
-retain fwd+bwd (for OrthoGrad: inside ``og.retain()``, hooks and exit included), unlearn fwd+bwd (inside ``og.forget()``),
+retain fwd+bwd (for OrthoGrad: inside ``og.retain()``, hooks and exit included), unlearn fwd+bwd (inside ``og.forget()``,
+run before the retain pass on the OrthoGrad side),
 ``project_()``, ``opt.step()``. The per-tensor table wraps ``ParamTerm.gram_coef`` / ``apply_``
 of ``orthograd_fast.gram`` at run time (the package is not modified) to attribute the projection
-to tensors and routes (explicit / tile / ghost / tokens).
+to tensors and routes (explicit / tile / ghost / tokens / lookup / conv).
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def main(argv=None):
 
     def og_step(ph):
         opt_o.zero_grad(set_to_none=True)
+        ph["unlearn fwd+bwd"].append(timed(og_unlearn))  # unlearn first: the lighter order
         ph["retain fwd+bwd"].append(timed(og_retain))
-        ph["unlearn fwd+bwd"].append(timed(og_unlearn))
         ph["project_"].append(timed(og.project_))
         ph["opt.step"].append(timed(opt_o.step))
 

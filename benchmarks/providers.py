@@ -6,7 +6,7 @@
 | ``plain`` | NegGrad+: retain fwd+bwd of alpha*L_r, unlearn fwd+bwd of -(1-alpha)*L_u, opt.step (the floor) |
 | ``reference-qr`` / ``reference-svd`` | ``orthograd_fast.reference.orthograd_direction`` (torch.func per-sample gradients, per-tensor QR / SVD projector), opt.step |
 | ``opacus`` | Opacus ``GradSampleModule`` per-sample gradients, unlearn grad with hooks off, per-tensor QR projection (as the paper's code), opt.step |
-| ``torch`` / ``triton`` | ``OrthoGrad(backend=...)``: retain under ``og.retain()``, unlearn backward under ``og.forget()`` (the documented fast path), ``og.project_()``, opt.step |
+| ``torch`` / ``triton`` | ``OrthoGrad(backend=...)``: unlearn backward under ``og.forget()``, then retain under ``og.retain()`` (the documented fast, light path), ``og.project_()``, opt.step |
 
 Losses: L_r and L_u are means of ``per_sample_loss`` over the batch (gbar_r = mean gradient).
 """
@@ -182,10 +182,12 @@ class OrthoGradProvider(Provider):
 
     def grads(self, retain, unlearn):
         self.opt.zero_grad(set_to_none=True)
-        with self.og.retain():
-            self.loss_fn(self.model(retain[0]), retain[1]).mean().backward()
+        # unlearn pass first (the documented lighter order: the retain factors never coexist
+        # with the unlearn activations), under og.forget() (cheaper coefficients, same result)
         with self.og.forget():
             self.loss_fn(self.model(unlearn[0]), unlearn[1]).mean().backward()
+        with self.og.retain():
+            self.loss_fn(self.model(retain[0]), retain[1]).mean().backward()
         self.og.project_()
 
     def close(self):

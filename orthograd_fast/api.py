@@ -2,11 +2,15 @@
 
     og = OrthoGrad(model, scope="tensor", alpha=0.0, backend="auto", rtol=None)
     opt.zero_grad()
+    with og.forget():                                  # optional: cheaper coefficients, same result
+        unlearn_loss_fn(model(x_u), y_u).backward()    # .grad = u
     with og.retain():                                  # hooks on: per-layer factors captured
         retain_loss_fn(model(x_r), y_r).backward()     # any sum or mean of per-sample losses
-    unlearn_loss_fn(model(x_u), y_u).backward()        # .grad = u
     og.project_()                                      # .grad = alpha*gbar_r - (1-alpha)*P_perp(u)
     opt.step()
+
+The two passes may come in either order; unlearn first keeps the peak memory lowest (the retain
+factors are captured after the unlearn pass's activations are freed).
 """
 
 from __future__ import annotations
@@ -184,20 +188,14 @@ class OrthoGrad:
         aside for ``alpha``. Several blocks before one ``project_()`` accumulate: the projection
         is then against the per-sample gradients of all of them (B_total = the sum), and gbar_r
         is the mean of the blocks' retain gradients.
+
+        The unlearn backward may run before or after the block(s): ``.grad`` is set aside inside
+        it. Before is lighter: the retain factors (about the size of the retain pass's
+        activations) then never coexist with the unlearn pass's activations.
         """
         if self._in_retain:
             raise OrthoGradError("og.retain() blocks cannot be nested")
-        if self._projected:  # a new span starts after a projection
-            self._reset_span()
-        current = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if [id(p) for _, p in current] != [id(p) for _, p in self._params]:
-            raise OrthoGradError(
-                "the model's trainable parameters changed since OrthoGrad was created (parameters added/removed "
-                "or requires_grad toggled); create a new OrthoGrad for the new model"
-            )
-        if self._units is None:
-            self._units = find_units(self.model)
-            self._swap, self._lean = self._swap_plan()
+        self._begin_block()
         saved = {p: p.grad for _, p in self._params}
         # DDP (issue 6): with gradient_as_bucket_view=True the reducer writes the retain gradient
         # into the bucket that a saved .grad is a view of; keep the values to put them back.
@@ -239,6 +237,20 @@ class OrthoGrad:
                     p.grad.copy_(saved_vals[p])
             self._in_retain = False
 
+    def _begin_block(self) -> None:
+        """Common entry of retain() and forget(): a new span after a projection, model checks."""
+        if self._projected:  # a new span starts after a projection
+            self._reset_span()
+        current = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if [id(p) for _, p in current] != [id(p) for _, p in self._params]:
+            raise OrthoGradError(
+                "the model's trainable parameters changed since OrthoGrad was created (parameters added/removed "
+                "or requires_grad toggled); create a new OrthoGrad for the new model"
+            )
+        if self._units is None:
+            self._units = find_units(self.model)
+            self._swap, self._lean = self._swap_plan()
+
     @contextlib.contextmanager
     def forget(self) -> Iterator["OrthoGrad"]:
         """Optional: run the unlearn backward inside this block to make ``project_()`` cheaper.
@@ -252,14 +264,13 @@ class OrthoGrad:
         the same, unmodified tensor at ``project_()`` (gradient clipping in between: they are
         ignored). The first projection checks them against the GEMM and raises CaptureError on a
         mismatch (an unlearn loss term outside the modules' forwards, e.g. a weight penalty).
-        Several blocks before one ``project_()`` accumulate. No-op under DistributedDataParallel.
+        Several blocks before one ``project_()`` accumulate, before or after the retain blocks of
+        the step (a block after a projection starts the next step). No-op under
+        DistributedDataParallel.
         """
         if self._in_retain:
-            raise OrthoGradError("og.forget() cannot be used inside og.retain()")
-        if not self._blocks or self._projected:
-            raise OrthoGradError(
-                "og.forget() goes after `with og.retain():` and before og.project_() (it belongs to one step)"
-            )
+            raise OrthoGradError("og.forget() cannot be used inside og.retain() (or nested)")
+        self._begin_block()
         if self._group is not None:  # DDP: .grad is the rank average; the local factors are not u
             yield self
             return

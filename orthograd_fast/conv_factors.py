@@ -90,15 +90,23 @@ class ConvUse:
         scaled = self.gy.to(self._dt()) * c.to(self._dt()).reshape((-1,) + (1,) * (self.gy.dim() - 1))
         U.sub_(self._wgrad(scaled, self.x, U.shape).to(U.dtype))
 
-    def tiles(self, o0: int, o1: int) -> Tensor:
-        """Per-sample gradients of output channels o0:o1, [B, (o1 - o0) * C * prod(k)] in the
-        compute dtype: a grouped weight-gradient convolution with the batch as groups."""
-        B, C = self.x.shape[:2]
+    def tiles(self, o0: int, o1: int, b0: int = 0, b1: int = -1) -> Tensor:
+        """Per-sample gradients of output channels o0:o1 for samples b0:b1,
+        [b1 - b0, (o1 - o0) * C * prod(k)] in the compute dtype: a grouped weight-gradient
+        convolution with the samples as groups."""
+        b1 = self.B if b1 < 0 else b1
+        B, C = b1 - b0, self.x.shape[1]
         n = o1 - o0
-        x = self.x.reshape(1, B * C, *self.x.shape[2:])
-        gy = self.gy[:, o0:o1].reshape(1, B * n, *self.gy.shape[2:])
+        x = self.x[b0:b1].reshape(1, B * C, *self.x.shape[2:])
+        gy = self.gy[b0:b1, o0:o1].reshape(1, B * n, *self.gy.shape[2:])
         g = self._wgrad(gy, x, (B * n, C, *self.kernel), groups=B)
         return g.reshape(B, -1)
+
+    def sample_chunk(self, budget: int) -> int:
+        """Samples per tiles() call that keep the convolution's own unfolded copy of the input
+        (C prod(k) x positions per sample) under ``budget`` bytes."""
+        per = self.x.shape[1] * math.prod(self.kernel) * self.tokens * self.x.element_size()
+        return max(1, budget // max(1, per))
 
     def explicit(self) -> Tensor:
         return self.tiles(0, self.gy.shape[1]).double()

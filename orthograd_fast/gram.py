@@ -11,6 +11,8 @@ evaluate them:
   along tokens); :func:`orthograd_fast.route.choose_route` picks the order.
 * **tokens** - uses that include embedding lookups (one-hot rows): the ghost order with the
   one-hot side evaluated by gathers and id equality, so the vocabulary is never materialized.
+* **lookup** - the same uses when the table is small next to the tokens: per-sample rows of a
+  slab of table rows at a time (index_add), B^2 V d flops instead of (B T)^2 d, little memory.
 
 Precision: per-sample tiles are formed in the factors' dtype (fp32 for half factors) and reduced
 to K in float64; token Grams (ghost) are formed in float64. So K is accurate to float64 rounding
@@ -35,8 +37,10 @@ EXPLICIT_MAX = 1 << 18
 # Embedding tables may be materialized up to 128 x EXPLICIT_MAX elements (B * numel; float64,
 # 256 MiB by default) when that is cheaper than the token route.
 LOOKUP_FACTOR = 128
-# Tile route: float64 per-sample tiles are formed in slabs of about this size (see _tile_gram_coef).
-TILE_SLAB_BYTES = 8 << 20
+# Tile, conv and lookup routes: float64 per-sample rows are formed in slabs of about this size.
+# Small enough to stay in cache between forming, widening and the Gram GEMM, and to add little to
+# the peak memory (measured on 2 CPU cores: 4 MiB slabs 10-20% faster than 8 MiB, 2 MiB no faster).
+TILE_SLAB_BYTES = 4 << 20
 
 
 class ParamTerm:
@@ -59,15 +63,13 @@ class ParamTerm:
             uses = [u.outer() if isinstance(u, ConvUse) else u for u in uses]
         outer = [u for u in uses if isinstance(u, OuterUse)]
         explicit_only = len(outer) < len(uses)
-        if (
-            explicit_only
-            or self.B * self.numel <= EXPLICIT_MAX
-            or self._mixed_orientation(outer)
-            or self._lookup_cheaper_explicit(outer)
-        ):
+        if explicit_only or self.B * self.numel <= EXPLICIT_MAX or self._mixed_orientation(outer):
             self.mode = "explicit"
             self.G = explicit_rows(uses)
             self.use = None
+        elif self._lookup_cheaper_explicit(outer):
+            # the explicit route's flops, but rows formed slab by slab: never B x V x d at once
+            self.mode, self.uses, self.use, self.G = "lookup", outer, None, None
         elif all(u.ids is None for u in outer) and len({u.shape for u in outer}) == 1:
             self.use = merge_tokens(outer)
             B, T, G, I = self.use.A.shape
@@ -103,8 +105,9 @@ class ParamTerm:
         return self.param.dtype if self.use is None else self.use.A.dtype
 
     def _lookup_cheaper_explicit(self, outer: List[OuterUse]) -> bool:
-        """Embedding lookups: materializing B x V x d (index_add, then a B^2 V d Gram) beats the
-        token route's (B T)^2 d when the table is small next to the tokens and fits in memory."""
+        """Embedding lookups: per-sample rows B x V x d (index_add, then a B^2 V d Gram, formed in
+        slabs of table rows by :meth:`_lookup_gram_coef`) beat the token route's (B T)^2 d when the
+        table is small next to the tokens."""
         if all(u.ids is None for u in outer) or self.B * self.numel > LOOKUP_FACTOR * EXPLICIT_MAX:
             return False
         tokens = self.B * sum(u.A.shape[1] for u in outer)
@@ -129,6 +132,8 @@ class ParamTerm:
             K, b = self.G @ self.G.t(), self.G @ U.reshape(-1).double()
         elif self.mode == "conv":
             K, b = self._conv_gram_coef(U)
+        elif self.mode == "lookup":
+            K, b = self._lookup_gram_coef(U)
         elif self._on_triton():
             K, b = self._triton_gram_coef(U)
         elif self.mode == TILE:
@@ -229,11 +234,53 @@ class ParamTerm:
         b = torch.zeros(B, dtype=torch.float64, device=dev)
         Uf = U.reshape(O, -1)
         rows = max(1, min(CHUNK_BYTES, TILE_SLAB_BYTES) // max(1, B * I * 8))
+        # samples per convolution call: its unfolded input copy stays near the slab size
+        step = min(u.sample_chunk(TILE_SLAB_BYTES) for u in self.uses)
         for o0 in range(0, O, rows):
             o1 = min(O, o0 + rows)
-            tiles = sum(u.tiles(o0, o1) for u in self.uses).double()
+            if step >= B:
+                tiles = sum(u.tiles(o0, o1) for u in self.uses).double()
+            else:
+                tiles = torch.empty(B, (o1 - o0) * I, dtype=torch.float64, device=dev)
+                for b0 in range(0, B, step):
+                    b1 = min(B, b0 + step)
+                    tiles[b0:b1] = sum(u.tiles(o0, o1, b0, b1) for u in self.uses)
             K.addmm_(tiles, tiles.t())
             b.addmv_(tiles, Uf[o0:o1].reshape(-1).double())
+        return K, b
+
+    def _lookup_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+        """Embedding tables (one-hot uses, possibly tied to dense ones of the same [V, d] view):
+        the float64 per-sample rows of a slab of table rows at a time, by index_add for lookups
+        and per-sample tiles for dense uses; K and b accumulated over slabs."""
+        _, O, I = self.uses[0].shape
+        B = self.B
+        dev = self.uses[0].A.device
+        K = torch.zeros(B, B, dtype=torch.float64, device=dev)
+        b = torch.zeros(B, dtype=torch.float64, device=dev)
+        Uv = self.uses[0].view(U)[0]  # [V, d]; every use has the same orientation here
+        flat = []
+        for u in self.uses:
+            T = u.A.shape[1]
+            if u.ids is None:
+                flat.append((None, None, u.A[:, :, 0, :].double(), u.D[:, :, 0, :].double()))
+            else:
+                sample = torch.arange(B, device=dev).repeat_interleave(T)
+                flat.append((u.ids.reshape(-1), sample, u.A[:, :, 0, :].reshape(B * T, I).double(), None))
+        rows = max(1, TILE_SLAB_BYTES // max(1, B * I * 8))
+        for o0 in range(0, O, rows):
+            o1 = min(O, o0 + rows)
+            r = o1 - o0
+            slab = torch.zeros(B * r, I, dtype=torch.float64, device=dev)
+            for ids, sample, A, D in flat:
+                if ids is None:
+                    slab += torch.bmm(D[:, :, o0:o1].transpose(1, 2), A).reshape(B * r, I)
+                else:
+                    hit = ((ids >= o0) & (ids < o1)).nonzero().squeeze(1)
+                    slab.index_add_(0, sample[hit] * r + (ids[hit] - o0), A[hit])
+            S = slab.reshape(B, r * I)
+            K.addmm_(S, S.t())
+            b.addmv_(S, Uv[o0:o1].reshape(-1).double())
         return K, b
 
     def _tile_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
@@ -246,10 +293,9 @@ class ParamTerm:
         Uv = use.view(U)
         K = torch.zeros(B, B, dtype=torch.float64, device=A.device)
         b = torch.zeros(B, dtype=torch.float64, device=A.device)
-        # Slabs of ~8 MiB of float64 tiles stay in cache between forming, widening and the Gram
-        # GEMM; one big slab costs twice as much on a CPU (page faults of a fresh 30+ MiB buffer).
+        # slabs of TILE_SLAB_BYTES of float64 tiles (a fresh 30+ MiB buffer costs page faults)
         rows = max(1, min(CHUNK_BYTES, TILE_SLAB_BYTES) // max(1, B * G * I * 8))
-        Dt = D[:, :, 0, :].transpose(1, 2).contiguous() if G == 1 else None  # [B, O, T]: bmm-ready
+        Dt = D[:, :, 0, :].transpose(1, 2) if G == 1 else None  # [B, O, T], a transposed view: no copy
         for o0 in range(0, O, rows):
             o1 = min(O, o0 + rows)
             if G == 1:

@@ -97,10 +97,12 @@ def _make_optimizer(optimizer, params, lr, momentum, weight_decay):
 def _orthograd_grad_step(ctx: StepContext, xr, yr, xf, yf) -> None:
     """The paper's step: .grad = alpha * gbar_r - (1 - alpha) * P_perp(u), then any optimizer."""
     ctx.opt.zero_grad()
+    # unlearn pass first: the retain factors then never coexist with its activations (lower
+    # peak memory); forget(): cheaper coefficients on T = 1 layers, same result
+    with ctx.og.forget():
+        ctx.forget_obj(ctx.model(xf), yf).backward()
     with ctx.og.retain():
         ctx.loss_fn(ctx.model(xr), yr).backward()
-    with ctx.og.forget():  # cheaper coefficients on T = 1 layers; same result
-        ctx.forget_obj(ctx.model(xf), yf).backward()
     ctx.og.project_()
     ctx.step()
 

@@ -50,25 +50,27 @@ def _count_cross(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("unlearn_first", [False, True])
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
-def test_forget_matches_oracle(scope, alpha, factored, monkeypatch):
+def test_forget_matches_oracle(scope, alpha, unlearn_first, factored, monkeypatch):
     calls = _count_cross(monkeypatch)
     gen = torch.Generator().manual_seed(7)
     model = WideMLP()
     retain, unlearn = _data(gen)
-    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha, forget=True)
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha, forget=True, unlearn_first=unlearn_first)
     assert sorted(set(calls)) == ["net.0.weight", "net.2.weight", "net.4.weight"], calls
     assert og._cross_checked
     assert err <= REL, f"relative error {err:.2e}"
     assert orth <= ORTH
 
 
+@pytest.mark.parametrize("unlearn_first", [False, True])
 @pytest.mark.parametrize("name", ["lm", "speech", "cnn"])
-def test_forget_on_other_models_matches_oracle(name, factored):
+def test_forget_on_other_models_matches_oracle(name, unlearn_first, factored):
     # sequence / conv layers keep the GEMM coefficients; the block must not change the result
     model, retain, unlearn = make(name, torch.Generator().manual_seed(3))
-    err, orth, _ = compare(model, ce, retain, unlearn, forget=True)
+    err, orth, _ = compare(model, ce, retain, unlearn, forget=True, unlearn_first=unlearn_first)
     assert err <= REL and orth <= ORTH, (err, orth)
 
 
@@ -172,13 +174,39 @@ def test_forget_order_and_hooks():
     model = WideMLP()
     og = OrthoGrad(model)
     x = torch.randn(3, 17)
-    with pytest.raises(OrthoGradError, match="after"):
-        with og.forget():
-            pass
+    with og.forget():  # the unlearn pass may come first, but a retain pass is still needed
+        model(x).sum().backward()
+    with pytest.raises(OrthoGradError, match="no retain pass"):
+        og.project_()
     with og.retain():
+        with pytest.raises(OrthoGradError, match="inside og.retain"):
+            with og.forget():
+                pass
         model(x).sum().backward()
     with pytest.raises(RuntimeError, match="boom"):
         with og.forget():
             model(x).sum().backward()
             raise RuntimeError("boom")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_forget_first_starts_next_step(factored, monkeypatch):
+    # after a projection, an unlearn pass under forget() starts the next step's span: its factors
+    # (not the previous step's) give the coefficients of the next projection
+    calls = _count_cross(monkeypatch)
+    gen = torch.Generator().manual_seed(14)
+    model = WideMLP()
+    og = OrthoGrad(model)
+    got = []
+    for _ in range(2):
+        retain, unlearn = _data(gen)
+        model.zero_grad(set_to_none=True)
+        with og.forget():
+            ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        og.project_()
+        got.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        want = _plain_step(model, retain, unlearn)
+        assert _close(got[-1], want) <= 1e-5
+    assert len(calls) >= 6  # three weights, both steps

@@ -370,10 +370,10 @@ def e2e(cfg, dev, results):
 
     def orthograd_step(og):
         opt.zero_grad(set_to_none=True)
+        with og.forget():  # unlearn first (the lighter order); cheaper coefficients on T = 1 layers
+            fwd_loss(unlearn).backward()
         with og.retain():
             fwd_loss(retain).backward()
-        with og.forget():  # the documented fast path (a no-op for T > 1 layers)
-            fwd_loss(unlearn).backward()
         og.project_()
         opt.step()
 

@@ -10,8 +10,8 @@ A :class:`transformers.Trainer` whose every training step is an OrthoGrad unlear
     )
     trainer.train()
 
-Per (micro-)step: a retain batch runs forward + backward inside ``og.retain()`` (factors captured,
-``.grad`` untouched), the forget batch's loss is backpropagated (``.grad = u``), and
+Per (micro-)step: the forget batch's loss is backpropagated (``.grad = u``), a retain batch runs
+forward + backward inside ``og.retain()`` (factors captured, ``.grad`` untouched), and
 ``og.project_()`` turns it into ``alpha * gbar_r - (1 - alpha) * P_perp(u)``: the Trainer's
 optimizer then takes gradient *ascent* on the forget loss orthogonally to every retain sample's
 gradient. Losses are the model's own (``outputs.loss``, e.g. the token-mean LM loss, a weighted
@@ -151,7 +151,7 @@ class OrthoGradTrainer(Trainer):
         return self.forget_objective(model, inputs)
 
     def training_step(self, model: torch.nn.Module, inputs: Dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
-        """One OrthoGrad step's gradients: retain pass (captured), forget pass, projection.
+        """One OrthoGrad step's gradients: forget pass, retain pass (captured), projection.
 
         ``num_items_in_batch`` is not used: each micro-batch's losses are batch means, scaled by
         1/(gradient accumulation steps) like the Trainer's own loss.
@@ -170,14 +170,16 @@ class OrthoGradTrainer(Trainer):
         stash = [p.grad for p in params]
         for p in params:
             p.grad = None
+        # forget pass first (lower peak memory: the retain factors never coexist with its
+        # activations), under og.forget() (cheaper coefficients on T = 1 layers; same result)
+        with og.forget():
+            with self.compute_loss_context_manager():
+                forget_value = self._forget_value(model, inputs) / ga
+            self.accelerator.backward(forget_value)
         with og.retain():
             with self.compute_loss_context_manager():
                 retain_loss = self.compute_loss(model, retain_inputs) / ga
             self.accelerator.backward(retain_loss)
-        with og.forget():  # cheaper coefficients on T = 1 layers; same result
-            with self.compute_loss_context_manager():
-                forget_value = self._forget_value(model, inputs) / ga
-            self.accelerator.backward(forget_value)
         og.project_()
         for p, g in zip(params, stash):
             if g is not None:
