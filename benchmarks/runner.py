@@ -72,10 +72,11 @@ SETS: Dict[str, dict] = {
         + _sweep(["resnet18", "vit_tiny", "gpt2", "whisper_tiny"], [8])
         + _sweep(["resnet18", "vit_tiny", "gpt2", "whisper_tiny"], [32], CHEAP),
         step_timeout=20.0,
-        case_budget=1.5,
+        # enough for >= 5 timed rounds and a paired ratio of the slowest target (transformer B=64)
+        case_budget=2.5,
         max_rounds=25,
         paired_rounds=9,
-        paired_budget=6.0,
+        paired_budget=8.0,
     ),
     # The full sweep on CPU (long: the per-sample-gradient providers take minutes per step
     # before they time out).
