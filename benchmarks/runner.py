@@ -72,8 +72,10 @@ SETS: Dict[str, dict] = {
         + _sweep(["resnet18", "vit_tiny", "gpt2", "whisper_tiny"], [8])
         + _sweep(["resnet18", "vit_tiny", "gpt2", "whisper_tiny"], [32], CHEAP),
         step_timeout=20.0,
-        # enough for >= 5 timed rounds and a paired ratio of the slowest target (transformer B=64)
-        case_budget=2.5,
+        # at least 5 timed rounds and a paired ratio for the slowest target (transformer B=64),
+        # while the set stays under 5 minutes
+        case_budget=1.5,
+        min_rounds=5,
         max_rounds=25,
         paired_rounds=9,
         paired_budget=8.0,

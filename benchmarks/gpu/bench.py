@@ -45,7 +45,8 @@ FULL = dict(
     tile=(64, 512, 4096, 4096), ghost=[(32, 256, 768, 768), (256, 1, 4096, 4096)],
     coef=(32, 256, 768, 3072), cgs=(10_000_000, 64),
     e2e=dict(B=32, zoo_kw={}, local_kw={}),
-    budget_s=300,  # no new section starts after this; run.sh kills the script at 360 s
+    e2e_scale=dict(B=1024, zoo_kw=dict(T=32), local_kw=dict(T=32)),
+    budget_s=240,  # no new section starts after this; run.sh kills the script at 300 s
 )
 TINY = dict(
     check_tile=[(5, 7, 33, 17)], check_ghost=[(5, 7, 33, 17)], check_coef=[(5, 7, 33, 17)],
@@ -54,6 +55,8 @@ TINY = dict(
     tile=(8, 16, 64, 64), ghost=[(4, 8, 32, 32)], coef=(4, 8, 32, 48), cgs=(2000, 8),
     e2e=dict(B=2, zoo_kw=dict(vocab=64, n_layer=1, d=16, heads=2, T=8),
              local_kw=dict(vocab=64, n_layer=1, d=16, heads=2, T=8)),
+    e2e_scale=dict(B=6, zoo_kw=dict(vocab=64, n_layer=1, d=16, heads=2, T=4),
+                   local_kw=dict(vocab=64, n_layer=1, d=16, heads=2, T=4)),
     budget_s=600,
 )
 
@@ -321,8 +324,8 @@ def time_cgs(cfg, dev, results):
 
 
 # --------------------------------------------------------------------------- (d) end to end
-def _model(cfg, dev):
-    kw = cfg["e2e"]
+def _model(cfg, dev, key="e2e"):
+    kw = cfg[key]
     try:
         from benchmarks import zoo
 
@@ -344,11 +347,12 @@ def _model(cfg, dev):
         return model, make_batch, gpt2_shape.per_sample_loss, "benchmarks/gpu/gpt2_shape.py"
 
 
-def e2e(cfg, dev, results):
+def e2e(cfg, dev, results, key="e2e", steps=(("plain step", None), ("OrthoGrad [triton]", "triton"),
+                                               ("OrthoGrad [torch]", "torch"))):
     from orthograd_fast import OrthoGrad
 
-    model, make_batch, loss_fn, source = _model(cfg, dev)
-    B = cfg["e2e"]["B"]
+    model, make_batch, loss_fn, source = _model(cfg, dev, key)
+    B = cfg[key]["B"]
     g = torch.Generator().manual_seed(1)
     retain, unlearn = make_batch(B, g), make_batch(B, g)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -379,8 +383,7 @@ def e2e(cfg, dev, results):
 
     shape = f"{source}, {nparam / 1e6:.1f}M params, B={B}"
     plain_ms = None
-    for name, backend in (("plain step", None), ("OrthoGrad [triton]", "triton"),
-                          ("OrthoGrad [torch]", "torch")):
+    for name, backend in steps:
         if out_of_time(cfg):
             break
         if backend == "triton" and dev.type != "cuda" and not triton_ops.kernels_interpreted():
@@ -398,7 +401,7 @@ def e2e(cfg, dev, results):
                 torch.cuda.reset_peak_memory_stats()
             fn()
             peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-            ms = bench_ms(fn, dev, rep_ms=1000)
+            ms = bench_ms(fn, dev, rep_ms=1000) if key == "e2e" else _few_ms(fn, dev)
         except Exception as ex:  # noqa: BLE001
             results["e2e"].append(dict(name=name, shape=shape, error=f"{type(ex).__name__}: {ex}"[:300]))
             log(f"e2e {name} failed: {type(ex).__name__}: {str(ex)[:200]}")
@@ -415,6 +418,28 @@ def e2e(cfg, dev, results):
         results["e2e"].append(row)
         xp = f"{row['x_plain']:.2f}" if row["x_plain"] else "n/a"
         log(f"e2e {name:20s} {ms:9.2f} ms/step  peak {peak:.2f} GiB  x plain {xp}")
+
+
+def _few_ms(fn, dev, n=2):
+    """Median of n timed steps (steps of seconds: do_bench's warm-up and estimate runs would cost
+    minutes)."""
+    ts = []
+    for _ in range(n):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def e2e_scale(cfg, dev, results):
+    """The GPT-2-small shape at B = 1024 (T = 32): per-sample gradients as the paper's code forms
+    them would take B x 124M x 4 bytes ~ 0.5 TB. Plain and the Triton path: time and peak memory;
+    an out-of-memory is recorded as the row's error."""
+    e2e(cfg, dev, results, key="e2e_scale", steps=(("plain step", None), ("OrthoGrad [triton]", "triton")))
 
 
 # --------------------------------------------------------------------------- (e) report
@@ -466,7 +491,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="small shapes (CPU dry run / smoke)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_out")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: "
-                    "checks,ceilings,tile,ghost,cgs,e2e")
+                    "checks,ceilings,tile,ghost,cgs,e2e,e2e_scale")
     args = ap.parse_args(argv)
     cfg = TINY if args.tiny else FULL
     skip = set(filter(None, args.skip.split(",")))
@@ -490,7 +515,7 @@ def main(argv=None):
                "import": HOW_IMPORTED, "mode": "tiny" if args.tiny else "full", "checks": [],
                "ceilings": None, "kernels": [], "e2e": [], "errors": []}
     steps = [("checks", check_kernels), ("ceilings", ceilings), ("tile", time_tile),
-             ("ghost", time_ghost_coef), ("cgs", time_cgs), ("e2e", e2e)]
+             ("ghost", time_ghost_coef), ("cgs", time_cgs), ("e2e", e2e), ("e2e_scale", e2e_scale)]
 
     def write():  # after every section: a run cut short by run.sh's timeout keeps what it had
         results["wall_s"] = time.time() - T0
