@@ -34,8 +34,8 @@ from .route import GHOST, TILE, choose_route
 
 # Tensors with B * numel at or below this many elements are materialized (fp64, exact).
 EXPLICIT_MAX = 1 << 18
-# Embedding tables may be materialized up to 128 x EXPLICIT_MAX elements (B * numel; float64,
-# 256 MiB by default) when that is cheaper than the token route.
+# Embedding tables take the lookup route (per-sample rows, a slab at a time) up to
+# B * numel = 128 x EXPLICIT_MAX when that is cheaper than the token route.
 LOOKUP_FACTOR = 128
 # Tile, conv and lookup routes: float64 per-sample rows are formed in slabs of about this size.
 # Small enough to stay in cache between forming, widening and the Gram GEMM, and to add little to
@@ -67,7 +67,7 @@ class ParamTerm:
             self.mode = "explicit"
             self.G = explicit_rows(uses)
             self.use = None
-        elif self._lookup_cheaper_explicit(outer):
+        elif self._lookup_route_cheaper(outer):
             # the explicit route's flops, but rows formed slab by slab: never B x V x d at once
             self.mode, self.uses, self.use, self.G = "lookup", outer, None, None
         elif all(u.ids is None for u in outer) and len({u.shape for u in outer}) == 1:
@@ -104,7 +104,7 @@ class ParamTerm:
             return self.uses[0].x.dtype
         return self.param.dtype if self.use is None else self.use.A.dtype
 
-    def _lookup_cheaper_explicit(self, outer: List[OuterUse]) -> bool:
+    def _lookup_route_cheaper(self, outer: List[OuterUse]) -> bool:
         """Embedding lookups: per-sample rows B x V x d (index_add, then a B^2 V d Gram, formed in
         slabs of table rows by :meth:`_lookup_gram_coef`) beat the token route's (B T)^2 d when the
         table is small next to the tokens."""
@@ -263,21 +263,21 @@ class ParamTerm:
         for u in self.uses:
             T = u.A.shape[1]
             if u.ids is None:
-                flat.append((None, None, u.A[:, :, 0, :].double(), u.D[:, :, 0, :].double()))
+                flat.append((None, None, u.A[:, :, 0, :].double(), u.D[:, :, 0, :]))
             else:
                 sample = torch.arange(B, device=dev).repeat_interleave(T)
-                flat.append((u.ids.reshape(-1), sample, u.A[:, :, 0, :].reshape(B * T, I).double(), None))
+                flat.append((u.ids.reshape(-1), sample, u.A[:, :, 0, :].reshape(B * T, I), None))
         rows = max(1, TILE_SLAB_BYTES // max(1, B * I * 8))
         for o0 in range(0, O, rows):
             o1 = min(O, o0 + rows)
             r = o1 - o0
             slab = torch.zeros(B * r, I, dtype=torch.float64, device=dev)
             for ids, sample, A, D in flat:
-                if ids is None:
-                    slab += torch.bmm(D[:, :, o0:o1].transpose(1, 2), A).reshape(B * r, I)
+                if ids is None:  # float64 copies of a slab of D only (a tied head's D is B x T x V)
+                    slab += torch.bmm(D[:, :, o0:o1].double().transpose(1, 2), A).reshape(B * r, I)
                 else:
                     hit = ((ids >= o0) & (ids < o1)).nonzero().squeeze(1)
-                    slab.index_add_(0, sample[hit] * r + (ids[hit] - o0), A[hit])
+                    slab.index_add_(0, sample[hit] * r + (ids[hit] - o0), A[hit].double())
             S = slab.reshape(B, r * I)
             K.addmm_(S, S.t())
             b.addmv_(S, Uv[o0:o1].reshape(-1).double())
