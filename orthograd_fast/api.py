@@ -430,16 +430,27 @@ class OrthoGrad:
         return terms
 
     def _project(
-        self, vectors: Dict[Tensor, Tensor], check_sum: bool, inplace: bool = False, shift: Optional[Dict[Tensor, float]] = None
+        self,
+        vectors: Dict[Tensor, Tensor],
+        check_sum: bool,
+        inplace: bool = False,
+        shift: Optional[Dict[Tensor, float]] = None,
+        scale: float = 1.0,
     ) -> Dict[Tensor, Tensor]:
-        """P_perp applied to {param: tensor}; new tensors unless ``inplace`` (then written through).
+        """scale * P_perp applied to {param: tensor}; new tensors unless ``inplace`` (then written
+        through).
 
         ``shift`` {param: s}: also subtract s * sum_i g_i (the retain gradient from the factors,
-        for alpha under lean retain) in the same update GEMM."""
+        for alpha under lean retain) in the same update GEMM; ``scale`` rides in that GEMM too (no
+        extra pass over the gradient)."""
         shift = shift or {}
         terms = self._build_terms()
         active = [p for p in terms if p in vectors]
         out = {p: (v.detach() if inplace else v.detach().clone()) for p, v in vectors.items()}
+        if scale != 1.0:  # tensors the projection does not touch
+            for p in out:
+                if p not in terms:
+                    out[p].mul_(scale)
         if not active:
             return out
         cross = self._cross_coefs(terms, active, vectors) if inplace else {}
@@ -481,14 +492,17 @@ class OrthoGrad:
                 c = solve_psd(K, b, rt)
         approx = any(terms[p].approx for p in active)
         for k, p in enumerate(active):
-            # fold the retain-gradient term into the same GEMM unless a re-projection follows
-            terms[p].apply_(out[p], c[k] + shift[p] if (p in shift and not approx) else c[k])
+            # fold the retain-gradient term and the scale into the same GEMM unless a re-projection follows
+            if approx:
+                terms[p].apply_(out[p], c[k])
+            else:
+                terms[p].apply_(out[p], c[k] + shift[p] if p in shift else c[k], scale)
         if approx:
             # Float32-accumulated Gram (Triton): project the residual once more ("twice is enough").
             b2 = torch.stack([terms[p].coef(out[p]) for p in active])
             c2 = solve_psd(Kg, b2.sum(0), rt).unsqueeze(0).expand(len(active), -1) if self.scope == "global" else solve_psd(K, b2, rt)
             for k, p in enumerate(active):
-                terms[p].apply_(out[p], c2[k] + shift[p] if p in shift else c2[k])
+                terms[p].apply_(out[p], c2[k] + shift[p] if p in shift else c2[k], scale)
         # terms[...].B: under DDP the union of every rank's retain samples (retain_size is local)
         self.stats = {"B": terms[active[0]].B, "backend": self._backend_used, "scope": self.scope, "tensors": len(active)}
         return out
@@ -586,10 +600,10 @@ class OrthoGrad:
             return self.stats
         shift = {p: a / (nblocks * (1.0 - a)) for p in self._lean} if a > 0 else {}
         # in place: .grad becomes P_perp(u), then the direction, without copies of the model's size
-        perp = self._project(vecs, check_sum=not self._capture_checked, inplace=True, shift=shift)
+        perp = self._project(vecs, check_sum=not self._capture_checked, inplace=True, shift=shift, scale=-(1.0 - a))
         self._capture_checked = True
         for _, p in self._params:
-            d = perp[p].mul_(-(1.0 - a))
+            d = perp[p]  # -(1 - a) P_perp(u) (- the lean part of a gbar_r)
             if a > 0 and p not in self._lean:
                 gs = self._gsum.get(p)
                 if gs is not None:

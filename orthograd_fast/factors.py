@@ -90,19 +90,21 @@ class OuterUse:
         rows = Uv[0].to(dt)[self.ids]  # [B, T, I]
         return (rows * self.A[:, :, 0, :].to(dt)).sum(dim=(1, 2)).double()
 
-    def apply_(self, U: Tensor, c: Tensor) -> None:
-        """U -= sum_i c_i g_i, one GEMM over all tokens (c broadcast per sample)."""
+    def apply_(self, U: Tensor, c: Tensor, scale: float = 1.0) -> None:
+        """U <- scale * (U - sum_i c_i g_i), one GEMM over all tokens (c broadcast per sample)."""
         Uv = self.view(U)
         cA = self.A.to(U.dtype) * c.to(U.dtype)[:, None, None, None]
         if self.ids is None:
             B, T, G, I = self.A.shape
-            if G == 1:  # U -= D^T (c * A) as one addmm over all tokens (transposes are free)
-                Uv[0].addmm_(self.D.reshape(B * T, -1).to(U.dtype).t(), cA.reshape(B * T, I), alpha=-1.0)
-            else:
-                Uv.sub_(torch.einsum("btgo,btgi->goi", self.D.to(U.dtype), cA))
+            if G == 1:  # U <- scale U - scale D^T (c * A): one addmm over all tokens (transposes are free)
+                Uv[0].addmm_(self.D.reshape(B * T, -1).to(U.dtype).t(), cA.reshape(B * T, I), beta=scale, alpha=-scale)
+                return
+            Uv.sub_(torch.einsum("btgo,btgi->goi", self.D.to(U.dtype), cA))
         else:
             I = self.shape[2]
             Uv[0].index_add_(0, self.ids.reshape(-1), cA[:, :, 0, :].reshape(-1, I), alpha=-1.0)
+        if scale != 1.0:
+            U.mul_(scale)
 
 
 def merge_tokens(uses: "list[OuterUse]") -> OuterUse:

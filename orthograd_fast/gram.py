@@ -157,15 +157,18 @@ class ParamTerm:
             return self.use.coef(U)
         return sum(u.coef(U) for u in self.uses)
 
-    def apply_(self, U: Tensor, c: Tensor) -> None:
-        """U -= sum_i c_i g_i in place."""
+    def apply_(self, U: Tensor, c: Tensor, scale: float = 1.0) -> None:
+        """U <- scale * (U - sum_i c_i g_i) in place (the scale rides in the GEMM where there is one)."""
+        if self.use is not None:
+            self.use.apply_(U, c, scale)
+            return
         if self.mode == "explicit":
             U.view(-1).sub_((c.double() @ self.G).to(U.dtype))
-        elif self.use is not None:
-            self.use.apply_(U, c)
         else:
             for u in self.uses:
                 u.apply_(U, c)
+        if scale != 1.0:
+            U.mul_(scale)
 
     # --- coefficients from the unlearn pass's factors (og.forget()) ------------------------------
     def cross_usable(self, fuses: List[OuterUse]) -> bool:
