@@ -146,8 +146,15 @@ class ParamTerm:
         return K, b
 
     def coef(self, U: Tensor) -> Tensor:
+        """b_i = <g_i, U> (float64 [B]) as consistent with K as K is exact: from the same float32
+        per-sample tiles on the tile and conv routes (a GEMM over the factors would round
+        differently, and K^-1 amplifies any mismatch by the conditioning of the rows)."""
         if self.mode == "explicit":
             return self.G @ U.reshape(-1).double()
+        if self.mode == "conv":
+            return self._conv_gram_coef(U, gram=False)[1]
+        if self.mode == TILE and not self._on_triton():
+            return self._tile_gram_coef(U, gram=False)[1]
         if self.use is not None:
             if self._on_triton():
                 from . import triton_ops
@@ -189,7 +196,7 @@ class ParamTerm:
         """b_i = sum_k sum_{t,s} (a_it . a_ks)(d_it . d_ks) over the unlearn factors, fp64 [B]."""
         use = self.use
         B, T, G, I = use.A.shape
-        dt = _compute_dtype(use.A, use.D, *[f.A for f in fuses], *[f.D for f in fuses])
+        dt = torch.float64  # like OuterUse.coef: b must be as exact as K (B x B_u products: cheap)
         if T == 1 and G == 1 and all(f.A.shape[1] == 1 for f in fuses):  # plain B x B_u products
             A, D = use.A.reshape(B, I).to(dt), use.D.reshape(B, -1).to(dt)
             b = torch.zeros(B, dtype=torch.float64, device=A.device)
@@ -227,7 +234,7 @@ class ParamTerm:
         )
 
     # --- routes ------------------------------------------------------------------------------
-    def _conv_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+    def _conv_gram_coef(self, U: Tensor, gram: bool = True) -> Tuple[Optional[Tensor], Tensor]:
         """Tile route for ConvUse: per-sample tiles from grouped weight-gradient convolutions, in
         slabs of output channels, widened to float64 for K and b (like _tile_gram_coef)."""
         G, O, I = self.uses[0].shape
@@ -248,9 +255,10 @@ class ParamTerm:
                 for b0 in range(0, B, step):
                     b1 = min(B, b0 + step)
                     tiles[b0:b1] = sum(u.tiles(o0, o1, b0, b1) for u in self.uses)
-            K.addmm_(tiles, tiles.t())
+            if gram:
+                K.addmm_(tiles, tiles.t())
             b.addmv_(tiles, Uf[o0:o1].reshape(-1).double())
-        return K, b
+        return (K if gram else None), b
 
     def _lookup_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
         """Embedding tables (one-hot uses, possibly tied to dense ones of the same [V, d] view):
@@ -286,8 +294,9 @@ class ParamTerm:
             b.addmv_(S, Uv[o0:o1].reshape(-1).double())
         return K, b
 
-    def _tile_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
-        """Per-sample tiles D_b^T A_b in slabs of output rows; K and b accumulated in fp64."""
+    def _tile_gram_coef(self, U: Tensor, gram: bool = True) -> Tuple[Optional[Tensor], Tensor]:
+        """Per-sample tiles D_b^T A_b in slabs of output rows; K (unless ``gram`` is False) and b
+        accumulated in fp64."""
         use = self.use
         dt = _compute_dtype(use.A, use.D)
         A, D = use.A.to(dt), use.D.to(dt)
@@ -305,9 +314,10 @@ class ParamTerm:
                 tiles = torch.bmm(Dt[:, o0:o1], A[:, :, 0, :]).reshape(B, -1).double()
             else:
                 tiles = torch.einsum("btgo,btgi->bgoi", D[..., o0:o1], A).reshape(B, -1).double()
-            K.addmm_(tiles, tiles.t())
+            if gram:
+                K.addmm_(tiles, tiles.t())
             b.addmv_(tiles, Uv[:, o0:o1, :].reshape(-1).double())
-        return K, b
+        return (K if gram else None), b
 
     def _ghost_gram(self) -> Tensor:
         """sum over tokens of (A A^T) * (D D^T), float64, in blocks of samples."""

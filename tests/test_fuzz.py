@@ -29,7 +29,7 @@ ORTH = 1e-5
 REL_FACTORED = 1e-3
 ORTH_FACTORED = 1e-4
 # max error seen over every fuzz example of the session, per route (printed by the summary test)
-SEEN = {"examples": 0, "factored": 0, "err": 0.0, "orth": 0.0, "err_factored": 0.0, "orth_factored": 0.0}
+SEEN = {"examples": 0, "factored": 0, "routes": set(), "err": 0.0, "orth": 0.0, "err_factored": 0.0, "orth_factored": 0.0}
 
 
 class Twice(nn.Module):
@@ -149,14 +149,19 @@ def build(draw):
 def _run(data):
     fam, model, retain, unlearn = build(data.draw)
     scope = data.draw(st.sampled_from(["tensor", "global"]))
-    factored = data.draw(st.booleans())
-    old = gram.EXPLICIT_MAX
-    if factored:  # half the examples: no materialization, so the tile/ghost/token routes run
+    # "factored": no materialization, so the tile/ghost/token routes run; "lookup": the same, but
+    # embedding tables take the slab-wise lookup route wherever it is cheaper than the token route
+    routes = data.draw(st.sampled_from(["default", "factored", "factored", "lookup"]))
+    factored = routes != "default"
+    old = gram.EXPLICIT_MAX, gram.LOOKUP_FACTOR
+    if routes == "factored":
         gram.EXPLICIT_MAX = 0
+    elif routes == "lookup":
+        gram.EXPLICIT_MAX, gram.LOOKUP_FACTOR = 1, 1 << 40
     try:
-        _, got = og_direction(model, ce, retain, unlearn, scope=scope, backend="torch")
+        og, got = og_direction(model, ce, retain, unlearn, scope=scope, backend="torch")
     finally:
-        gram.EXPLICIT_MAX = old
+        gram.EXPLICIT_MAX, gram.LOOKUP_FACTOR = old
     ref, G, u = oracle_direction(model, ce, retain, unlearn, scope=scope)
     # engine_helpers.compare's per-tensor scale (||d*_t|| + ||u_t||), floored at 1e-9 of the whole
     # model's: random architectures produce tensors with u_t == 0 exactly (a head behind a conv whose
@@ -168,6 +173,7 @@ def _run(data):
     else:
         orth = orthogonality(G, {n: -got[n] for n in got}, u, scope)
     SEEN["examples"] += 1
+    SEEN["routes"] |= {t.mode for t in og._terms.values()}
     SEEN["factored"] += int(factored)
     sfx = "_factored" if factored else ""
     SEEN["err" + sfx] = max(SEEN["err" + sfx], err)
@@ -197,6 +203,8 @@ def test_fuzz_summary():
     print(f"\nfuzz: {SEEN}")
     assert SEEN["err"] <= REL and SEEN["orth"] <= ORTH
     assert SEEN["err_factored"] <= REL_FACTORED and SEEN["orth_factored"] <= ORTH_FACTORED
+    if SEEN["examples"] >= 50:  # the CI set (derandomized) reaches every route
+        assert {"explicit", "tile", "ghost", "tokens", "lookup", "conv"} <= SEEN["routes"], SEEN["routes"]
 
 
 # ---- bad-input contract (issue 6) -----------------------------------------------------------
