@@ -54,6 +54,7 @@ class ParamTerm:
         self.backend = backend
         self.approx = False  # True when K was accumulated in float32 (Triton)
         self._K: Optional[Tensor] = None
+        self._r64: Optional[Tuple[Tensor, Tensor]] = None  # float64 rows of a one-token use (_rows64)
         convs = [u for u in uses if isinstance(u, ConvUse)]
         if convs and self.B * self.numel > EXPLICIT_MAX:
             if len(convs) == len(uses) and backend != "triton" and self._conv_route(convs) == TILE:
@@ -198,7 +199,7 @@ class ParamTerm:
         B, T, G, I = use.A.shape
         dt = torch.float64  # like OuterUse.coef: b must be as exact as K (B x B_u products: cheap)
         if T == 1 and G == 1 and all(f.A.shape[1] == 1 for f in fuses):  # plain B x B_u products
-            A, D = use.A.reshape(B, I).to(dt), use.D.reshape(B, -1).to(dt)
+            A, D = self._rows64()
             b = torch.zeros(B, dtype=torch.float64, device=A.device)
             for f in fuses:
                 Bu = f.A.shape[0]
@@ -319,12 +320,20 @@ class ParamTerm:
             b.addmv_(tiles, Uv[:, o0:o1, :].reshape(-1).double())
         return (K if gram else None), b
 
+    def _rows64(self) -> Tuple[Tensor, Tensor]:
+        """A [B, I] and D [B, O] in float64 of a one-token use (T = G = 1), converted once for the
+        Gram and the og.forget() coefficients."""
+        if self._r64 is None:
+            B = self.B
+            self._r64 = (self.use.A.reshape(B, -1).double(), self.use.D.reshape(B, -1).double())
+        return self._r64
+
     def _ghost_gram(self) -> Tensor:
         """sum over tokens of (A A^T) * (D D^T), float64, in blocks of samples."""
         use = self.use
         B, T, G, I = use.A.shape
         if T == 1 and G == 1:  # one token per sample (an MLP layer): two B x B products
-            A, D = use.A.reshape(B, -1).double(), use.D.reshape(B, -1).double()
+            A, D = self._rows64()
             return (A @ A.t()) * (D @ D.t())
         A = use.A.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
         D = use.D.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
