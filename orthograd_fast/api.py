@@ -309,8 +309,9 @@ class OrthoGrad:
             self._forget.setdefault(p, []).extend(us)
             self._forget_grad[p] = (p.grad, p.grad._version)
 
-    def _cross_coefs(self, terms, active, vecs) -> Dict[Tensor, Tensor]:
-        """b from the og.forget() factors for the parameters where they are valid and cheaper."""
+    def _cross_usable(self, terms, active, vecs) -> Dict[Tensor, list]:
+        """{param: og.forget() factors} where they are valid for .grad and b from them is cheaper
+        (the coefficients themselves are formed per tensor, next to its Gram)."""
         out = {}
         for p in active:
             fu = self._forget.get(p)
@@ -319,7 +320,7 @@ class OrthoGrad:
             g, ver = self._forget_grad[p]
             if vecs[p] is not g or g._version != ver or not terms[p].cross_usable(fu):
                 continue
-            out[p] = terms[p].cross_coef(fu)
+            out[p] = fu
         return out
 
     def _compact(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:
@@ -453,7 +454,7 @@ class OrthoGrad:
                     out[p].mul_(scale)
         if not active:
             return out
-        cross = self._cross_coefs(terms, active, vectors) if inplace else {}
+        cross = self._cross_usable(terms, active, vectors) if inplace else {}
         # Small terms (biases, T = 1 layers: B x B products) first, on one CPU thread: waking the
         # OpenMP pool for each of their many small ops costs more than the ops (measured on 2 cores
         # with passive waits: project_() of the MLP 20-28 ms -> 15-16 ms); big ones with all threads.
@@ -463,7 +464,7 @@ class OrthoGrad:
         for group, one in ((small, True), (big, False)):
             with _one_thread(one and group and out[group[0]].device.type == "cpu"):
                 for p in group:
-                    K, b = terms[p].gram_coef(out[p], cross.get(p))
+                    K, b = terms[p].gram_coef(out[p], terms[p].cross_coef(cross[p]) if p in cross else None)
                     if p in cross and not self._cross_checked:  # first use: the forget() factors against the GEMM
                         self._check_cross(p, K, b, terms[p].coef(out[p]), out[p])
                     got[p] = (K, b)

@@ -126,6 +126,7 @@ class ParamTerm:
         if b is not None and self.mode == GHOST and not self._on_triton():
             if self._K is None:
                 self._K = self._ghost_gram()
+            self._r64 = None  # the Gram is kept; its float64 rows are not needed again
             return self._K, b
         if self._K is not None:
             return self._K, self.coef(U)
@@ -141,6 +142,7 @@ class ParamTerm:
             K, b = self._tile_gram_coef(U)
         elif self.mode == GHOST:
             K, b = self._ghost_gram(), self.use.coef(U)
+            self._r64 = None
         else:
             K, b = self._tokens_gram(), self.coef(U)
         self._K = K
