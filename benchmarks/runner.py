@@ -78,7 +78,7 @@ SETS: Dict[str, dict] = {
         min_rounds=5,
         max_rounds=25,
         paired_rounds=9,
-        paired_budget=8.0,
+        paired_budget=10.0,
     ),
     # The full sweep on CPU (long: the per-sample-gradient providers take minutes per step
     # before they time out).
