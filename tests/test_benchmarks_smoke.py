@@ -192,6 +192,17 @@ def test_report_on_synthetic_json(tmp_path):
     assert png.exists() and png.stat().st_size > 1000
 
 
+def test_report_marks_noisy_medians():
+    from benchmarks import report
+
+    row = dict(model="mlp", B=64, provider="torch", status="ok", median_s=0.05, mem_ratio=1.1)
+    agree = report.targets_table([dict(row, time_ratio=1.2, paired_ratio=1.25)])
+    noisy = report.targets_table([dict(row, time_ratio=0.98, paired_ratio=1.41)])
+    assert "| mlp | torch step / plain <= 1.3 (medians) | 1.20x | PASS |" in agree
+    assert "| mlp | torch step / plain <= 1.3 (medians) | 0.98x | PASS (noisy: median and paired ratios differ by > 25%) |" in noisy
+    assert "| mlp | torch step / plain <= 1.3 (paired) | 1.41x | MISS |" in noisy
+
+
 def test_qr_semantics_on_rank_deficient_tensors():
     from benchmarks.oracle import OracleResult
 
