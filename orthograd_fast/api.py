@@ -497,7 +497,8 @@ class OrthoGrad:
             if approx:
                 terms[p].apply_(out[p], c[k])
             else:
-                terms[p].apply_(out[p], c[k] + shift[p] if p in shift else c[k], scale)
+                ck = c[k] + shift[p] if p in shift else c[k]
+                terms[p].apply_(out[p], ck, scale, exact=self._needs_exact(got[p][0], ck, out[p]))
         if approx:
             # Float32-accumulated Gram (Triton): project the residual once more ("twice is enough").
             b2 = torch.stack([terms[p].coef(out[p]) for p in active])
@@ -507,6 +508,17 @@ class OrthoGrad:
         # terms[...].B: under DDP the union of every rank's retain samples (retain_size is local)
         self.stats = {"B": terms[active[0]].B, "backend": self._backend_used, "scope": self.scope, "tensors": len(active)}
         return out
+
+    @staticmethod
+    def _needs_exact(K: Tensor, c: Tensor, U: Tensor) -> bool:
+        """Nearly collinear per-sample gradients give large coefficients of opposite signs whose
+        terms cancel in the update; its float32 rounding, eps x update_amplification, would then
+        exceed gram.EXACT_UPDATE_TOL (random rows: amplification ~ sqrt(B), fine up to B ~ 10^4)."""
+        from .gram import EXACT_UPDATE_TOL, update_amplification
+
+        if U.dtype == torch.float64 or not U.is_floating_point():
+            return False
+        return update_amplification(K, c.to(K.dtype)) * torch.finfo(U.dtype).eps > EXACT_UPDATE_TOL
 
     def _check_cross(self, p, K, b_cross, b_gemm, u) -> None:
         unorm = float(torch.linalg.vector_norm(u))  # in u's dtype: dtype=float64 would copy u

@@ -68,8 +68,8 @@ class ConvUse:
     def _dt(self) -> torch.dtype:
         return _compute_dtype(self.x, self.gy)
 
-    def _wgrad(self, gy: Tensor, x: Tensor, weight_shape, groups: int = 1) -> Tensor:
-        dt = self._dt()
+    def _wgrad(self, gy: Tensor, x: Tensor, weight_shape, groups: int = 1, dt=None) -> Tensor:
+        dt = dt or self._dt()
         w = torch.empty(weight_shape, dtype=dt, device=x.device)  # shape/dtype carrier only
         zeros = [0] * self.nd
         return torch.ops.aten.convolution_backward(
@@ -86,9 +86,11 @@ class ConvUse:
         return (y * self.gy.to(dt)).reshape(self.B, -1).sum(1).double()
 
     def apply_(self, U: Tensor, c: Tensor) -> None:
-        """U -= sum_i c_i g_i: the weight gradient of (x, c * gy), one convolution."""
-        scaled = self.gy.to(self._dt()) * c.to(self._dt()).reshape((-1,) + (1,) * (self.gy.dim() - 1))
-        U.sub_(self._wgrad(scaled, self.x, U.shape).to(U.dtype))
+        """U -= sum_i c_i g_i: the weight gradient of (x, c * gy), one convolution (in float64 when
+        U is float64: the engine's exact update)."""
+        dt = torch.promote_types(self._dt(), U.dtype)
+        scaled = self.gy.to(dt) * c.to(dt).reshape((-1,) + (1,) * (self.gy.dim() - 1))
+        U.sub_(self._wgrad(scaled, self.x, U.shape, dt=dt).to(U.dtype))
 
     def tiles(self, o0: int, o1: int, b0: int = 0, b1: int = -1) -> Tensor:
         """Per-sample gradients of output channels o0:o1 for samples b0:b1,

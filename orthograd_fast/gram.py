@@ -43,6 +43,19 @@ LOOKUP_FACTOR = 128
 TILE_SLAB_BYTES = 4 << 20
 
 
+def update_amplification(K: Tensor, c: Tensor) -> float:
+    """sum_i |c_i| |g_i| / |sum_i c_i g_i|: how much larger the update's terms are than the update.
+    A GEMM in precision eps rounds the update by about eps times this, relative to its size."""
+    g = K.diagonal().clamp_min(0).sqrt()
+    size = float((c @ (K @ c)).clamp_min(0).sqrt())
+    total = float((c.abs() * g).sum())
+    return total / size if size > 0 else (0.0 if total == 0 else float("inf"))
+
+
+# Updates whose float32 rounding would exceed this, relative to the update, are formed in float64.
+EXACT_UPDATE_TOL = 1e-5
+
+
 class ParamTerm:
     """Everything the solve needs about one trainable tensor's per-sample gradients."""
 
@@ -167,8 +180,17 @@ class ParamTerm:
             return self.use.coef(U)
         return sum(u.coef(U) for u in self.uses)
 
-    def apply_(self, U: Tensor, c: Tensor, scale: float = 1.0) -> None:
-        """U <- scale * (U - sum_i c_i g_i) in place (the scale rides in the GEMM where there is one)."""
+    def apply_(self, U: Tensor, c: Tensor, scale: float = 1.0, exact: bool = False) -> None:
+        """U <- scale * (U - sum_i c_i g_i) in place (the scale rides in the GEMM where there is one).
+
+        ``exact``: form the update in float64 (a float64 copy of U): for coefficients whose terms
+        cancel (see :func:`update_amplification`), where a float32 GEMM would round the small
+        result away."""
+        if exact and U.dtype != torch.float64:
+            U64 = U.double()
+            self.apply_(U64, c, scale)
+            U.copy_(U64)
+            return
         if self.use is not None:
             self.use.apply_(U, c, scale)
             return

@@ -10,34 +10,35 @@ import copy
 import torch
 
 
-def _to64(x):
-    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+def _to64(x, dtype=torch.float64):
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
-def oracle_grads(model, loss_fn, x, y):
-    """(per-sample G {name: [B, numel]}, mean-loss grad {name}) in float64, one sample at a time."""
-    m = copy.deepcopy(model).double()
+def oracle_grads(model, loss_fn, x, y, dtype=torch.float64):
+    """Per-sample G {name: [B, numel]}, one sample at a time, computed in ``dtype`` (a copy of the
+    model) and returned in float64."""
+    m = copy.deepcopy(model).to(dtype)
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     params = [p for n, p in m.named_parameters() if p.requires_grad]
     rows = {n: [] for n in names}
     for i in range(x.shape[0]):
-        xi = _to64(x[i : i + 1])
+        xi = _to64(x[i : i + 1], dtype)
         yi = y[i : i + 1] if isinstance(y, torch.Tensor) else y
-        loss = loss_fn(m(xi), _to64(yi)).sum()
+        loss = loss_fn(m(xi), _to64(yi, dtype)).sum()
         gs = torch.autograd.grad(loss, params, allow_unused=True)
         for n, g, p in zip(names, gs, params):
-            rows[n].append((g if g is not None else torch.zeros_like(p)).reshape(-1))
+            rows[n].append((g if g is not None else torch.zeros_like(p)).reshape(-1).double())
     G = {n: torch.stack(rows[n]) for n in names}
     return G
 
 
-def oracle_unlearn_grad(model, loss_fn, x, y):
-    m = copy.deepcopy(model).double()
+def oracle_unlearn_grad(model, loss_fn, x, y, dtype=torch.float64):
+    m = copy.deepcopy(model).to(dtype)
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     params = [p for n, p in m.named_parameters() if p.requires_grad]
-    loss = loss_fn(m(_to64(x)), _to64(y) if isinstance(y, torch.Tensor) else y).mean()
+    loss = loss_fn(m(_to64(x, dtype)), _to64(y, dtype) if isinstance(y, torch.Tensor) else y).mean()
     gs = torch.autograd.grad(loss, params, allow_unused=True)
-    return {n: (g if g is not None else torch.zeros_like(p)).reshape(-1) for n, g, p in zip(names, gs, params)}
+    return {n: (g if g is not None else torch.zeros_like(p)).reshape(-1).double() for n, g, p in zip(names, gs, params)}
 
 
 def project_out(G, u, rtol=1e-7):
@@ -49,10 +50,13 @@ def project_out(G, u, rtol=1e-7):
     return u - V.t() @ (V @ u)
 
 
-def oracle_direction(model, loss_fn, retain, unlearn, scope="tensor", alpha=0.0, rtol=1e-7):
-    """{name: flat float64 direction} = alpha * gbar_r - (1 - alpha) * P_perp(u)."""
-    G = oracle_grads(model, loss_fn, *retain)
-    u = oracle_unlearn_grad(model, loss_fn, *unlearn)
+def oracle_direction(model, loss_fn, retain, unlearn, scope="tensor", alpha=0.0, rtol=1e-7, dtype=torch.float64):
+    """{name: flat float64 direction} = alpha * gbar_r - (1 - alpha) * P_perp(u).
+
+    ``dtype``: precision of the per-sample gradients and u (float32: the exact projection of a
+    float32 model's own gradients, i.e. what its rounding alone does to the direction)."""
+    G = oracle_grads(model, loss_fn, *retain, dtype=dtype)
+    u = oracle_unlearn_grad(model, loss_fn, *unlearn, dtype=dtype)
     names = list(G)
     gbar = {n: G[n].mean(0) for n in names}
     if scope == "tensor":

@@ -28,8 +28,18 @@ ORTH = 1e-5
 # orthograd-math.md section 4), so the factored examples get 10x looser bounds.
 REL_FACTORED = 1e-3
 ORTH_FACTORED = 1e-4
-# max error seen over every fuzz example of the session, per route (printed by the summary test)
-SEEN = {"examples": 0, "factored": 0, "routes": set(), "err": 0.0, "orth": 0.0, "err_factored": 0.0, "orth_factored": 0.0}
+# The oracle runs a float64 copy of the model, the engine the float32 model. Some random
+# architectures make the direction itself sensitive to float32 rounding: per-sample gradients
+# nearly collinear (two samples whose softmax rows agree to 1e-4: singular values 1.2 and 1e-4, so
+# eps32 / 1e-4 ~ 6e-4 of the small direction is noise), or a tensor whose gradient is a
+# near-cancellation (a conv bias in front of a GroupNorm). The same exact projection computed from the
+# float32 model's own per-sample gradients (oracle dtype=float32) measures that; a tensor is held to
+# max(bound, NOISE_FACTOR x that float32 deviation), which only relaxes where float32 is shown to move
+# the exact answer (the mixed-precision tests use the same rule).
+NOISE_FACTOR = 10.0
+# max error seen over every fuzz example of the session, per route (printed by the summary test);
+# "relaxed": examples where the float32 noise of u set a tensor's bound
+SEEN = {"examples": 0, "factored": 0, "relaxed": 0, "routes": set(), "err": 0.0, "orth": 0.0, "err_factored": 0.0, "orth_factored": 0.0}
 
 
 class Twice(nn.Module):
@@ -167,7 +177,15 @@ def _run(data):
     # model's: random architectures produce tensors with u_t == 0 exactly (a head behind a conv whose
     # output is all padding), where d*_t is fp64 rounding noise and a pure ratio is meaningless.
     whole = sum(float(ref[n].norm() + u[n].norm()) for n in ref)
-    err = max(float((got[n] - ref[n]).norm()) / (float(ref[n].norm() + u[n].norm()) + 1e-9 * whole + 1e-30) for n in ref)
+    scale = {n: float(ref[n].norm() + u[n].norm()) + 1e-9 * whole + 1e-30 for n in ref}
+    # the exact projection of the float32 model's own gradients against the float64 one (see NOISE_FACTOR)
+    ref32, _, _ = oracle_direction(model, ce, retain, unlearn, scope=scope, dtype=torch.float32)
+    noise = {n: float((ref32[n] - ref[n]).norm()) / scale[n] for n in ref}
+    orth_noise = orthogonality(G, {n: -ref32[n] for n in ref32}, u, scope) if whole > 0 else 0.0
+    rel, ortho = (REL_FACTORED, ORTH_FACTORED) if factored else (REL, ORTH)
+    errs = {n: float((got[n] - ref[n]).norm()) / scale[n] for n in ref}
+    bad = {n: f"{e:.2e} (float32 deviation {noise[n]:.1e})" for n, e in errs.items() if e > max(rel, NOISE_FACTOR * noise[n])}
+    err = max(errs.values())
     if whole == 0:  # nothing to unlearn: the direction must be exactly zero
         orth = max(float(got[n].abs().max()) for n in got)
     else:
@@ -175,12 +193,16 @@ def _run(data):
     SEEN["examples"] += 1
     SEEN["routes"] |= {t.mode for t in og._terms.values()}
     SEEN["factored"] += int(factored)
+    relaxed = any(errs[n] > rel for n in errs) or orth > ortho
+    SEEN["relaxed"] += int(relaxed)
     sfx = "_factored" if factored else ""
-    SEEN["err" + sfx] = max(SEEN["err" + sfx], err)
-    SEEN["orth" + sfx] = max(SEEN["orth" + sfx], orth)
-    rel, ortho = (REL_FACTORED, ORTH_FACTORED) if factored else (REL, ORTH)
-    assert err <= rel, f"{fam}/{scope}/factored={factored}: relative error {err:.2e}\n{model}"
-    assert orth <= ortho, f"{fam}/{scope}/factored={factored}: orthogonality {orth:.2e}\n{model}"
+    if not relaxed:  # the summary reports the examples held to the fixed bounds
+        SEEN["err" + sfx] = max(SEEN["err" + sfx], err)
+        SEEN["orth" + sfx] = max(SEEN["orth" + sfx], orth)
+    assert not bad, f"{fam}/{scope}/factored={factored}: relative error {bad}\n{model}"
+    assert orth <= max(ortho, NOISE_FACTOR * orth_noise), (
+        f"{fam}/{scope}/factored={factored}: orthogonality {orth:.2e} (float32 deviation {orth_noise:.1e})\n{model}"
+    )
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -203,6 +225,8 @@ def test_fuzz_summary():
     print(f"\nfuzz: {SEEN}")
     assert SEEN["err"] <= REL and SEEN["orth"] <= ORTH
     assert SEEN["err_factored"] <= REL_FACTORED and SEEN["orth_factored"] <= ORTH_FACTORED
+    # the float32-noise allowance is for rare near-cancelling tensors, not a general escape
+    assert SEEN["relaxed"] <= max(2, 0.03 * SEEN["examples"]), SEEN
     if SEEN["examples"] >= 50:  # the CI set (derandomized) reaches every route
         assert {"explicit", "tile", "ghost", "tokens", "lookup", "conv"} <= SEEN["routes"], SEEN["routes"]
 
