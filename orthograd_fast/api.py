@@ -492,13 +492,16 @@ class OrthoGrad:
                 rt = torch.tensor(rtols, dtype=torch.float64, device=K.device).unsqueeze(-1)
                 c = solve_psd(K, b, rt)
         approx = any(terms[p].approx for p in active)
+        if not approx:
+            # fold the retain-gradient term into the coefficients of the same update GEMM
+            c = c + torch.tensor([shift.get(p, 0.0) for p in active], dtype=c.dtype, device=c.device).unsqueeze(-1)
+            exact = self._needs_exact(K, c, [out[p] for p in active])
         for k, p in enumerate(active):
-            # fold the retain-gradient term and the scale into the same GEMM unless a re-projection follows
+            # the scale rides in the update GEMM too, unless a re-projection follows
             if approx:
                 terms[p].apply_(out[p], c[k])
             else:
-                ck = c[k] + shift[p] if p in shift else c[k]
-                terms[p].apply_(out[p], ck, scale, exact=self._needs_exact(got[p][0], ck, out[p]))
+                terms[p].apply_(out[p], c[k], scale, exact=exact[k])
         if approx:
             # Float32-accumulated Gram (Triton): project the residual once more ("twice is enough").
             b2 = torch.stack([terms[p].coef(out[p]) for p in active])
@@ -510,15 +513,17 @@ class OrthoGrad:
         return out
 
     @staticmethod
-    def _needs_exact(K: Tensor, c: Tensor, U: Tensor) -> bool:
-        """Nearly collinear per-sample gradients give large coefficients of opposite signs whose
-        terms cancel in the update; its float32 rounding, eps x update_amplification, would then
-        exceed gram.EXACT_UPDATE_TOL (random rows: amplification ~ sqrt(B), fine up to B ~ 10^4)."""
+    def _needs_exact(K: Tensor, c: Tensor, vecs: List[Tensor]) -> List[bool]:
+        """Per tensor: nearly collinear per-sample gradients give large coefficients of opposite
+        signs whose terms cancel in the update; its rounding in the tensor's dtype, eps x
+        update_amplification, would exceed gram.EXACT_UPDATE_TOL (random rows: amplification
+        ~ sqrt(B), float32 fine up to B ~ 10^4). One host sync for all tensors."""
         from .gram import EXACT_UPDATE_TOL, update_amplification
 
-        if U.dtype == torch.float64 or not U.is_floating_point():
-            return False
-        return update_amplification(K, c.to(K.dtype)) * torch.finfo(U.dtype).eps > EXACT_UPDATE_TOL
+        eps = torch.tensor(
+            [torch.finfo(v.dtype).eps if v.dtype != torch.float64 else 0.0 for v in vecs], dtype=K.dtype, device=K.device
+        )
+        return (update_amplification(K, c.to(K.dtype)) * eps > EXACT_UPDATE_TOL).tolist()
 
     def _check_cross(self, p, K, b_cross, b_gemm, u) -> None:
         unorm = float(torch.linalg.vector_norm(u))  # in u's dtype: dtype=float64 would copy u

@@ -43,13 +43,14 @@ LOOKUP_FACTOR = 128
 TILE_SLAB_BYTES = 4 << 20
 
 
-def update_amplification(K: Tensor, c: Tensor) -> float:
-    """sum_i |c_i| |g_i| / |sum_i c_i g_i|: how much larger the update's terms are than the update.
-    A GEMM in precision eps rounds the update by about eps times this, relative to its size."""
-    g = K.diagonal().clamp_min(0).sqrt()
-    size = float((c @ (K @ c)).clamp_min(0).sqrt())
-    total = float((c.abs() * g).sum())
-    return total / size if size > 0 else (0.0 if total == 0 else float("inf"))
+def update_amplification(K: Tensor, c: Tensor) -> Tensor:
+    """sum_i |c_i| |g_i| / |sum_i c_i g_i| for K [..., B, B], c [..., B]: how much larger the
+    update's terms are than the update. A GEMM in precision eps rounds the update by about eps
+    times this, relative to its size (inf for cancelling terms with a zero update)."""
+    g = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    size = (c * (K @ c.unsqueeze(-1)).squeeze(-1)).sum(-1).clamp_min(0).sqrt()
+    total = (c.abs() * g).sum(-1)
+    return torch.where(size > 0, total / size.clamp_min(1e-300), torch.where(total > 0, float("inf"), 0.0))
 
 
 # Updates whose float32 rounding would exceed this, relative to the update, are formed in float64.
