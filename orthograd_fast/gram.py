@@ -163,9 +163,9 @@ class ParamTerm:
         return K, b
 
     def coef(self, U: Tensor) -> Tensor:
-        """b_i = <g_i, U> (float64 [B]) as consistent with K as K is exact: from the same float32
-        per-sample tiles on the tile and conv routes (a GEMM over the factors would round
-        differently, and K^-1 amplifies any mismatch by the conditioning of the rows)."""
+        """b_i = <g_i, U> (float64 [B]), computed to match K: from the same float32 per-sample
+        tiles on the tile and conv routes, accumulated in float64 elsewhere (K^-1 amplifies any
+        mismatch between K and b by the conditioning of the rows)."""
         if self.mode == "explicit":
             return self.G @ U.reshape(-1).double()
         if self.mode == "conv":
