@@ -38,7 +38,7 @@ ORTH_FACTORED = 1e-4
 # the exact answer (the mixed-precision tests use the same rule).
 NOISE_FACTOR = 10.0
 # max error seen over every fuzz example of the session, per route (printed by the summary test);
-# "relaxed": examples where the float32 noise of u set a tensor's bound
+# "relaxed": examples that passed only by the float32-deviation allowance (NOISE_FACTOR)
 SEEN = {"examples": 0, "factored": 0, "relaxed": 0, "routes": set(), "err": 0.0, "orth": 0.0, "err_factored": 0.0, "orth_factored": 0.0}
 
 
