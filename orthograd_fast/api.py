@@ -459,7 +459,7 @@ class OrthoGrad:
         # OpenMP pool for each of their many small ops costs more than the ops (measured on 2 cores
         # with passive waits: project_() of the MLP 20-28 ms -> 15-16 ms); big ones with all threads.
         small = [p for p in active if terms[p].work(p in cross) <= SMALL_TERM_WORK]
-        big = [p for p in active if p not in set(small)]
+        big = [p for p in active if terms[p].work(p in cross) > SMALL_TERM_WORK]
         got = {}
         for group, one in ((small, True), (big, False)):
             with _one_thread(one and group and out[group[0]].device.type == "cpu"):

@@ -6,10 +6,10 @@ input patches) costs a B x L x C k copy of the input on every retain pass; on a 
 the GEMMs over it cost more than the convolution (measured on a 64 x 32 x 16 x 16 input: im2col
 17 ms, the conv 4 ms). Here:
 
-* ``<g_i, U>``     = sum over positions of gy_i * conv(x_i, U)          one forward convolution
+* per-sample tiles: the weight gradient of a grouped convolution with the samples folded into
+  channels (groups = samples), in slabs of output channels; the Gram and the coefficients
+  ``<g_i, U>`` both come from them (:meth:`ParamTerm._conv_gram_coef`), so they match exactly
 * ``U -= sum c_i g_i`` = weight gradient of (x, c * gy)                  one weight-gradient conv
-* per-sample tiles for the tile-route Gram: the weight gradient of a grouped convolution with
-  the batch folded into channels (groups = B), in slabs of output channels.
 
 The ghost route and the Triton kernels need the token form: :meth:`ConvUse.outer` builds it.
 """
@@ -77,14 +77,7 @@ class ConvUse:
             [False, True, False],
         )[1]
 
-    # --- the three questions every use answers --------------------------------------------------
-    def coef(self, U: Tensor) -> Tensor:
-        """b_i = <g_i, U> = sum over positions of gy_i * conv(x_i, U), float64 [B]."""
-        dt = self._dt()
-        conv = F.conv2d if self.nd == 2 else F.conv1d
-        y = conv(self.x.to(dt), U.to(dt), stride=self.stride, padding=self.padding, dilation=self.dilation)
-        return (y * self.gy.to(dt)).reshape(self.B, -1).sum(1).double()
-
+    # --- update, tiles, token form -------------------------------------------------------------
     def apply_(self, U: Tensor, c: Tensor) -> None:
         """U -= sum_i c_i g_i: the weight gradient of (x, c * gy), one convolution (in float64 when
         U is float64: the engine's exact update)."""
