@@ -118,8 +118,11 @@ def cgs_step(Q: torch.Tensor | None, X: torch.Tensor, Tm: torch.Tensor | None = 
     want_sq = want_sq and r > 0
     has_c = C is not None and r > 0
     mb = pow2(max(k, m), 1 if interp else 16)
-    bn = block_n or 64
-    rb = block_r or (pow2(r, 1 if interp else 16, 16 if interp else 64))
+    # GPU: 32-row slabs, Q columns 32 at a time and 8 warps keep X, Y, Tm and both accumulators
+    # (one of them fp64) in registers: 64 / 64 / 4 warps spilled 1.6-2.8 KiB per thread on sm_90
+    # (compile_check.py); 32 / 32 / 8 spills <= 32 B
+    bn = block_n or (64 if interp else 32)
+    rb = block_r or (pow2(r, 1 if interp else 16, 16 if interp else 32))
     g = num_programs or ((4 * num_sms(dev)) if dev.type == "cuda" else 3)
     g = max(1, min(g, triton.cdiv(max(n, 1), bn)))
     rows_per_prog = triton.cdiv(triton.cdiv(max(n, 1), g), bn) * bn
@@ -172,7 +175,7 @@ def _launch(Q, X, Tm, C, has_c, store_y, want_sq, want_sy, out, *, g, n_kr, mb, 
     dummy = X  # stands in for absent pointers; the matching constexpr flag keeps it unread
     s_q = (Q.stride(0), Q.stride(1)) if Q is not None else (0, 0)
     s_y = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
-    extra = {} if interp else {"num_warps": num_warps or 4}
+    extra = {} if interp else {"num_warps": num_warps or 8}
     _cgs_step_kernel[(g, n_kr)](
         Q if Q is not None else dummy, X, Tm if Tm is not None else dummy,
         C if has_c else dummy, y if y is not None else dummy,

@@ -86,7 +86,9 @@ def coef(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor, *, block_m: int | No
     if interp:
         bm, bo, bk, nw = 32, 32, 32, 4  # interpreter: cost is per op, so fewer, larger tiles
     else:
-        bm, bo, bk, nw = 128, 128, (64 if op_dtype != torch.float32 else 32), 8
+        # fp32 operands go through FMAs (ieee), whose operand tiles take more registers than the
+        # tensor-core layouts: 128 x 64 keeps them spill-free on sm_90 (compile_check.py)
+        bm, bo, bk, nw = 128, (128 if op_dtype != torch.float32 else 64), (64 if op_dtype != torch.float32 else 32), 8
     bm = block_m or bm
     bo = block_o or bo
     bk = block_k or bk

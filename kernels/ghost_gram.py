@@ -107,8 +107,10 @@ def ghost_gram(A: torch.Tensor, D: torch.Tensor, *, block_b: int | None = None,
     if interp:
         sb, bm, bn, bk, nw = pow2(B, 1, 16), 32, 32, 32, 4  # interpreter: cost is per op
     else:
-        # 16 is the smallest tile every tl.dot lowering accepts on NVIDIA.
-        sb, bm, bn, bk, nw = 16, 64, 64, (64 if A.element_size() == 2 else 32), 4
+        # 16 is the smallest tile every tl.dot lowering accepts on NVIDIA. 8 warps and 2 stages:
+        # with 4 warps the two 64 x 64 token Grams spilled 0.8-2.3 KiB per thread on sm_90, with 3
+        # stages fp32 spilled 392 B (benchmarks/gpu/compile_check.py); now <= 24 B
+        sb, bm, bn, bk, nw = 16, 64, 64, (64 if A.element_size() == 2 else 32), 8
     sb = block_b or sb
     bm = block_m or bm
     bn = block_n or bn
@@ -122,7 +124,7 @@ def ghost_gram(A: torch.Tensor, D: torch.Tensor, *, block_b: int | None = None,
         num_splits = triton.cdiv(want, pairs.shape[0])
     s = max(1, min(num_splits, row_tiles))
     kp = torch.empty((s, B, B), device=dev, dtype=torch.float32)
-    extra = {} if interp else {"num_warps": nw, **({"num_stages": num_stages} if num_stages else {})}
+    extra = {} if interp else {"num_warps": nw, "num_stages": num_stages or 2}
     _ghost_gram_kernel[(pairs.shape[0], s)](
         A, D, pairs, kp, B, T, I, O,
         A.stride(0), A.stride(1), A.stride(2), D.stride(0), D.stride(1), D.stride(2),

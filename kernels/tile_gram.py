@@ -111,15 +111,17 @@ def _tile_gram_kernel(A, D, U, PAIRS, KP, BP,
 
 
 def _default_blocks(B: int, dtype: torch.dtype, interpreted: bool):
+    """(SB, BO, BI, BT, num_warps, num_stages)."""
     if interpreted:
         # Interpreter cost is per program and per loop trip, not per element: moderate blocks.
-        return pow2(B, 1, 16), 32, 32, 16, 4
-    # GPU: the on-chip state is SB * BO * BI fp32 accumulators; keep it near 16K (64 KiB) so a
-    # CTA of 8 warps holds it in registers (see the design notes in the project README/report).
-    sb = pow2(B, 16, 64)
-    bo, bi = {16: (32, 32), 32: (16, 32), 64: (16, 16)}[sb]
-    bt = 16 if sb == 64 else 32
-    return sb, bo, bi, bt, 8
+        return pow2(B, 1, 16), 32, 32, 16, 4, None
+    # GPU: every program holds two sample blocks' tiles, 2 x SB x BO x BI fp32, in registers, and
+    # the batched dot replicates its operands across threads. Compiled for sm_90
+    # (benchmarks/gpu/compile_check.py, results in benchmarks/results/): SB 16, 16 x 16 tiles,
+    # 8 warps, one stage is the largest shape that neither spills (<= 96 B) nor exceeds shared
+    # memory; SB 64 with 16 x 16 tiles, the former default, needed 320 KiB of shared memory in
+    # fp32 (the limit is 227 KiB) and 8-13 KiB of spills per thread.
+    return 16, 16, 16, 16, 8, 1
 
 
 def tile_gram(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor | None = None, *,
@@ -138,12 +140,13 @@ def tile_gram(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor | None = None, *
     O = D.shape[2]
     dev = A.device
     interp = is_interpreted(_tile_gram_kernel)
-    sb, bo, bi, bt, nw = _default_blocks(B, A.dtype, interp)
+    sb, bo, bi, bt, nw, ns = _default_blocks(B, A.dtype, interp)
     sb = block_b or sb
     bo = block_o or bo
     bi = block_i or bi
     bt = block_t or bt
     nw = num_warps or nw
+    ns = num_stages or ns
     n_tiles_i = triton.cdiv(I, bi)
     n_tiles = triton.cdiv(O, bo) * n_tiles_i
     nb = triton.cdiv(B, sb)
@@ -161,7 +164,7 @@ def tile_gram(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor | None = None, *
     u_arg = U if has_u else kp  # dummy pointer, never read when HAS_U is False
     s_u = (U.stride(0), U.stride(1)) if has_u else (0, 0)
     prec = "ieee"  # fp32 operands: no TF32 in the per-sample tiles; ignored for 16-bit operands
-    extra = {} if interp else {"num_warps": nw, **({"num_stages": num_stages} if num_stages else {})}
+    extra = {} if interp else {"num_warps": nw, **({"num_stages": ns} if ns else {})}
     _tile_gram_kernel[(g0, pairs.shape[0])](
         A, D, u_arg, pairs, kp, bp,
         B, T, I, O,

@@ -228,3 +228,16 @@ def test_order_memory_unlearn_first_is_lighter():
     got = {o: order_memory.peak("transformer", 8, o) for o in order_memory.ORDERS}
     assert got["unlearn first"] < got["retain first"], got
     assert got["plain"] < got["unlearn first"], got
+
+
+def test_profile_step_runs_and_attributes_every_route(capsys):
+    # benchmarks/profile_step.py wraps the core's ParamTerm methods at run time; a signature change
+    # in the core must not break it (it did once: results carried a TypeError traceback)
+    from benchmarks import profile_step
+
+    profile_step.main(["mlp", "--B", "6", "--steps", "2", "--top", "3"])
+    out = capsys.readouterr().out
+    assert "| **step** |" in out and "paired ratio" in out
+    assert "| tensor | route | gram_coef ms/step | apply_ ms/step |" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "numel=" in ln]
+    assert rows, out
