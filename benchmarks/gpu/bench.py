@@ -36,7 +36,7 @@ T0 = time.time()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 FULL = dict(
-    # B = 64, 100, 130 share one compiled kernel per dtype (64-sample blocks): fewer compiles
+    # ragged B, T, I, O (one compiled kernel per dtype: the default blocks do not depend on B)
     check_tile=[(64, 128, 1024, 1024), (130, 33, 257, 129), (100, 1, 1000, 999)],
     check_ghost=[(32, 128, 768, 768), (70, 1, 513, 300), (17, 257, 64, 96)],
     check_coef=[(32, 256, 768, 3072), (5, 7, 33, 17)],
