@@ -126,9 +126,10 @@ def tile_gram(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor | None = None, *
     """Gram K[i, j] = <g_i, g_j> and b_i = <g_i, U> of per-sample gradients g_i = D_i^T A_i,
     from (O x I) tiles of g_i formed on chip and never stored.
 
-    Cost ~ 2 B T I O + B^2 I O flops and no T^2 term: the route for long sequences (ghost_gram
-    costs ~ 2 (B T)^2 (I + O)). deterministic=False accumulates with fp32 atomics (the last bits
-    may then differ from run to run). K is exactly symmetric.
+    Cost ~ (nb + 1) B T I O + B^2 I O flops for nb = B / 16 sample blocks (each block's tiles are
+    formed once per later block instead of being stored) and no T^2 term: the route for long
+    sequences (ghost_gram costs ~ 2 (B T)^2 (I + O)). deterministic=False accumulates with fp32
+    atomics (the last bits may then differ from run to run). K is exactly symmetric.
     """
     fn = "tile_gram"
     A, D = _factors(fn, A, D)
