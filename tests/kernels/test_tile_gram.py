@@ -66,6 +66,27 @@ def test_small_blocks_many_tiles_and_sample_blocks(kdev, dtype, deterministic):
     assert_close(b, bo, dtype=ACC, reduction_len=bl)
 
 
+@pytest.mark.parametrize("deterministic,with_u", [(True, True), (False, True), (True, False)],
+                         ids=["partials", "atomic", "partials-no-u"])
+def test_block_rows_ragged_last_block(kdev, deterministic, with_u):
+    """A program owns one sample block and loops over the later ones: 4 blocks, the last holding
+    one sample; more programs asked for than there are tiles; every Gram block (p, q), q >= p,
+    written and the strict upper ones mirrored by the launcher."""
+    from orthograd_fast.kernels.tile_gram import tile_gram as launch
+
+    B, T, I, O = (7, 3, 19, 11) if kdev == "cpu" else (49, 5, 37, 33)
+    A, D, U = rand_factors(13, B, T, I, O, torch.float32, kdev)
+    K, b = launch(A, D, U if with_u else None, deterministic=deterministic, num_programs=64,
+                  **tiny_blocks(kdev, "tile"))
+    Ko, bo = gram_oracle(A, D, U)
+    kl, bl = _lens(T, I, O)
+    assert_close(K, Ko, dtype=ACC, reduction_len=kl)
+    if with_u:
+        assert_close(b, bo, dtype=ACC, reduction_len=bl)
+    else:
+        assert b is None
+
+
 def test_no_u_and_fp16_u(kdev):
     A, D, U = rand_factors(3, 4, 5, 20, 12, torch.float16, kdev, u_dtype=torch.float16)
     K, b = triton_ops.tile_gram(A, D)
