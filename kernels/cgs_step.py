@@ -79,11 +79,13 @@ def _cgs_step_kernel(Q, X, TM, C, Y, SQ, SY,
             rk = kr * RB + rr
             qk = tl.load(Q + rows[:, None] * s_qn + rk[None, :] * s_qr,
                          mask=rmask[:, None] & (rk < r)[None, :], other=0.0).to(WORK)
-            acc_q = tl.dot(tl.trans(qk), y, acc_q, input_precision="ieee")
+            # out_dtype spelled out: triton 3.6 asserts acc's dtype equals it (default fp32)
+            acc_q = tl.dot(tl.trans(qk), y, acc_q, input_precision="ieee", out_dtype=WORK)
         if WANT_SY:
             if kr == 0:
                 y64 = y.to(tl.float64)
-                acc_y = tl.dot(tl.trans(y64), y64, acc_y, input_precision="ieee")
+                acc_y = tl.dot(tl.trans(y64), y64, acc_y, input_precision="ieee",
+                               out_dtype=tl.float64)
     if WANT_SQ:
         rk = kr * RB + rr
         tl.store(SQ + pid.to(tl.int64) * r * m + rk[:, None] * m + mm[None, :], acc_q,

@@ -220,6 +220,16 @@ def cases(quick: bool = False) -> List[tuple]:
             Q, X = torch.empty(n, 48, dtype=work), torch.empty(n, 64, dtype=work)
             cg.cgs_step(Q, X, torch.empty(64, 64, dtype=work), torch.empty(48, 64, dtype=work))
         out.append((f"cgs_step {str(work)[6:]}", [cg._cgs_step_kernel], fn))
+    if not quick:  # the other passes of blocked CGS2: first block (no Q), no transform, Y only
+        def fn_first():
+            X = torch.empty(1 << 16, 40, dtype=torch.float64)
+            cg.cgs_step(None, X, None, None)
+        out.append(("cgs_step fp64 first block", [cg._cgs_step_kernel], fn_first))
+
+        def fn_y_only():
+            Q, X = torch.empty(1 << 16, 20), torch.empty(1 << 16, 16)
+            cg.cgs_step(Q, X, None, torch.empty(20, 16), want_sq=False, want_sy=False)
+        out.append(("cgs_step fp32 update only", [cg._cgs_step_kernel], fn_y_only))
     return out
 
 
