@@ -42,7 +42,9 @@ sys.path.insert(0, "benchmarks/gpu")
 import _bootstrap
 _bootstrap.ensure_importable()
 import pytest
-sys.exit(pytest.main(["tests/kernels", "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=5"]))
+# the ahead-of-time compile check is CI's stand-in for this machine: here the kernels compile for real
+sys.exit(pytest.main(["tests/kernels", "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=5",
+                      "--ignore=tests/kernels/test_compile_check.py"]))
 PYTEST
   PYTEST_RC=$?
   SUMMARY="$(tail -n 1 "$OUT/pytest.txt")"
