@@ -151,7 +151,10 @@ def compile_launch(case: str, launch: Launch, arch: int) -> Result:
         src = ASTSource(fn=launch.kernel, signature=sig, constexprs=const, attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     except Exception as e:  # noqa: BLE001 - a compile error is the finding
-        res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        msg = str(e).strip()
+        where = msg.splitlines()[0][:200] if msg else ""  # CompilationError: "at LINE:COL:"
+        cause = f" ({type(e.__cause__).__name__}: {str(e.__cause__)[:300]})" if e.__cause__ else ""
+        res.error = f"{type(e).__name__}: {where}{cause}"
         res.problems.append("does not compile")
         res.seconds = time.perf_counter() - t
         return res
@@ -209,7 +212,7 @@ def cases(quick: bool = False) -> List[tuple]:
             A, D = _factors(64, 1, 1024, 1024, dt)
             gg.ghost_gram(A, D)
         out.append((f"ghost_gram {str(dt)[6:]}", [gg._ghost_gram_kernel], fn))
-    for dt, udt in ((f32, f32), (bf16, f32)) + (() if quick else ((bf16, bf16), (f16, f16))):  # noqa: E501
+    for dt, udt in ((f32, f32), (bf16, f32)) + (() if quick else ((bf16, bf16), (f16, f16))):
         def fn(dt=dt, udt=udt):
             A, D = _factors(64, 32, 768, 768, dt)
             co.coef(A, D, torch.empty(768, 768, dtype=udt))
