@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .conv_factors import ConvUse
 from .factors import CHUNK_BYTES, OuterUse, _compute_dtype, explicit_rows, merge_tokens
-from .route import GHOST, TILE, choose_route
+from .route import GHOST, TILE, choose_route, choose_route_fused
 
 # Tensors with B * numel at or below this many elements are materialized (fp64, exact).
 EXPLICIT_MAX = 1 << 18
@@ -91,6 +91,8 @@ class ParamTerm:
             O = self.use.D.shape[-1]
             self.mode = choose_route(B, T, G, I, O)
             self.G = None
+            if self._on_triton():  # the fused kernels' own costs (they recompute tiles)
+                self.mode = choose_route_fused(B, T, G, I, O)
         else:
             self.mode = "tokens"
             self.uses = outer

@@ -49,6 +49,21 @@ def choose_route(B: int, T: int, G: int, I: int, O: int, memory_limit: int = DEF
     return GHOST if ghost <= tile else TILE
 
 
+# Sample block of the fused Triton kernels (orthograd_fast.kernels: tile_gram and ghost_gram).
+FUSED_SAMPLE_BLOCK = 16
+
+
+def choose_route_fused(B: int, T: int, G: int, I: int, O: int, sample_block: int = FUSED_SAMPLE_BLOCK) -> str:
+    """The route for the fused Triton kernels, whose costs differ from the torch path's: the tile
+    kernel never stores per-sample tiles, so it forms each block's tiles once per later block,
+    (nb + 1) B T I O flops for nb = B / sample_block, plus ~ B^2 I O for the Gram; the ghost
+    kernel computes the token Grams of block pairs p <= q, ~ (B T)^2 (I + O) (1 + 1 / nb)."""
+    nb = -(-B // sample_block)
+    tile = ((nb + 1) * B * T * I * O + B * B * I * O) * G
+    ghost = (B * T) ** 2 * (I + O) * G * (nb + 1) / nb
+    return GHOST if ghost <= tile else TILE
+
+
 def route_costs(B: int, T: int, G: int, I: int, O: int) -> dict:
     """Flop estimates of both routes (for docs, benchmarks and debugging)."""
     return {

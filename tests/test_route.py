@@ -1,0 +1,54 @@
+"""Route choice (orthograd_fast/route.py): ghost (token Grams) vs tile (per-sample tiles), for the
+torch path (opt_einsum's plan) and for the fused Triton kernels (their own flop counts)."""
+
+import pytest
+import torch
+
+from orthograd_fast.factors import OuterUse
+from orthograd_fast.gram import ParamTerm
+from orthograd_fast.route import GHOST, TILE, choose_route, choose_route_fused, route_costs
+
+
+@pytest.mark.parametrize(
+    "shape,want",
+    [
+        ((64, 1, 1, 1024, 1024), GHOST),  # an MLP layer: one token per sample
+        ((8, 512, 1, 64, 64), TILE),  # long sequences, narrow layer
+        ((32, 64, 1, 128, 384), TILE),  # the CPU zoo's transformer qkv at B = 32
+        ((128, 4, 1, 3072, 768), GHOST),  # few tokens, wide layer
+    ],
+)
+def test_torch_route_on_clear_cut_shapes(shape, want):
+    assert choose_route(*shape) == want
+    costs = route_costs(*shape)
+    assert min(costs, key=costs.get) == want  # opt_einsum's plan agrees with the flop formulas
+
+
+def test_fused_route_counts_the_tile_kernels_recomputation():
+    # GPT-2-small qkv at the issue's scale row: B = 1024, T = 32. The torch path stores tiles
+    # (B T I O + B^2 I O: tile); the fused kernel forms them (B / 16 + 1) times: ghost is cheaper.
+    shape = (1024, 32, 1, 768, 2304)
+    assert choose_route(*shape) == TILE
+    assert choose_route_fused(*shape) == GHOST
+    # long sequences at a small B stay on the tile kernel
+    assert choose_route_fused(64, 512, 1, 1024, 1024) == TILE
+    # one sample block: the kernels do what the torch path does (up to the ghost's pair factor)
+    for shape in [(16, 64, 1, 256, 256), (16, 2, 1, 256, 256)]:
+        B, T, G, I, O = shape
+        tile = 2 * B * T * I * O + B * B * I * O
+        ghost = 2 * (B * T) ** 2 * (I + O)
+        assert choose_route_fused(*shape) == (GHOST if ghost <= tile else TILE)
+
+
+def test_param_term_takes_the_fused_route_only_on_the_kernels():
+    B, T, I, O = 256, 8, 96, 96  # tile on the torch path, ghost for the kernels
+    w = torch.nn.Parameter(torch.randn(O, I))
+
+    def use(dtype):
+        return OuterUse(torch.randn(B, T, 1, I, dtype=dtype), torch.randn(B, T, 1, O, dtype=dtype), None, (1, O, I))
+
+    assert choose_route(B, T, 1, I, O) == TILE and choose_route_fused(B, T, 1, I, O) == GHOST
+    assert ParamTerm("w", w, [use(torch.float32)], backend="torch").mode == TILE
+    assert ParamTerm("w", w, [use(torch.float32)], backend="triton").mode == GHOST
+    # float64 factors stay on the torch path, and so on its route
+    assert ParamTerm("w", w, [use(torch.float64)], backend="triton").mode == TILE
