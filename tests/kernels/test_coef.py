@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_oracles import DTYPES, SHAPES, coef_oracle, rand_factors, shape_id, tiny_blocks
+from kernel_oracles import DTYPES, SHAPES, coef_oracle, coef_tol, rand_factors, shape_id, tiny_blocks
 from tolerance import assert_close
 
 from orthograd_fast import triton_ops
@@ -11,10 +11,7 @@ from orthograd_fast.ops_reference import coef_ref
 ACC = torch.float32  # see test_tile_gram.py
 
 
-def _tol(dtype, u_dtype):
-    # bf16 A with fp32 U runs on bf16 tensor cores with U split hi + lo (16 of U's 24 bits): held
-    # to the bf16 contract here; test_split_u_error_bound checks its real accuracy.
-    return torch.bfloat16 if (dtype, u_dtype) == (torch.bfloat16, torch.float32) else ACC
+
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
@@ -40,7 +37,7 @@ def test_default_blocks(kdev, shape, dtype, u_dtype):
                            B, T, I, O, dtype, kdev, u_dtype=u_dtype)
     b = triton_ops.coef(A, D, U)
     assert b.dtype == torch.float32 and b.shape == (B,)
-    tol = _tol(dtype, u_dtype)
+    tol = coef_tol(dtype, u_dtype)
     assert_close(b, coef_oracle(A, D, U), dtype=tol, reduction_len=T * I * O)
     assert_close(b, coef_ref(A, D, U), dtype=tol, reduction_len=T * I * O)
 
@@ -52,7 +49,7 @@ def test_small_blocks(kdev, dtype):
     B, T, I, O = (5, 7, 33, 17) if kdev == "cpu" else (33, 45, 100, 70)
     A, D, U = rand_factors(41, B, T, I, O, dtype, kdev)
     b = launch(A, D, U, **tiny_blocks(kdev, "coef"))
-    assert_close(b, coef_oracle(A, D, U), dtype=_tol(dtype, U.dtype), reduction_len=T * I * O)
+    assert_close(b, coef_oracle(A, D, U), dtype=coef_tol(dtype, U.dtype), reduction_len=T * I * O)
 
 
 def test_split_u_error_bound(kdev):
@@ -84,5 +81,5 @@ def test_gpu_large(gpu, dtype, u_dtype):
     B, T, I, O = 32, 256, 768, 3072
     A, D, U = rand_factors(23, B, T, I, O, dtype, gpu, u_dtype=u_dtype)
     b = triton_ops.coef(A, D, U)
-    assert_close(b, coef_ref(A.double(), D.double(), U.double()), dtype=_tol(dtype, u_dtype),
+    assert_close(b, coef_ref(A.double(), D.double(), U.double()), dtype=coef_tol(dtype, u_dtype),
                  reduction_len=T * I * O)
