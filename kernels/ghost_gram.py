@@ -110,7 +110,10 @@ def ghost_gram(A: torch.Tensor, D: torch.Tensor, *, block_b: int | None = None,
         # 16 is the smallest tile every tl.dot lowering accepts on NVIDIA. 8 warps and 2 stages:
         # with 4 warps the two 64 x 64 token Grams spilled 0.8-2.3 KiB per thread on sm_90, with 3
         # stages fp32 spilled 392 B (benchmarks/gpu/compile_check.py); now <= 24 B
-        sb, bm, bn, bk, nw = 16, 64, 64, (64 if A.element_size() == 2 else 32), 8
+        # Token tiles no taller than a sample block's tokens: with T = 1 (MLP layers) a block has
+        # 16 rows, and 64-row tiles would multiply 75% masked zeros (16x the work of the Gram).
+        tok = pow2(min(16, B) * T, 16, 64)
+        sb, bm, bn, bk, nw = 16, tok, tok, (64 if A.element_size() == 2 else 32), (8 if tok == 64 else 4)
     sb = block_b or sb
     bm = block_m or bm
     bn = block_n or bn

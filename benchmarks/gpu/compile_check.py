@@ -211,7 +211,12 @@ def cases(quick: bool = False) -> List[tuple]:
         def fn(dt=dt):
             A, D = _factors(64, 1, 1024, 1024, dt)
             gg.ghost_gram(A, D)
-        out.append((f"ghost_gram {str(dt)[6:]}", [gg._ghost_gram_kernel], fn))
+        out.append((f"ghost_gram T=1 {str(dt)[6:]}", [gg._ghost_gram_kernel], fn))
+    for dt in ((f32, bf16) if quick else (f32, bf16, f16)):
+        def fn(dt=dt):
+            A, D = _factors(64, 32, 768, 768, dt)
+            gg.ghost_gram(A, D)
+        out.append((f"ghost_gram T=32 {str(dt)[6:]}", [gg._ghost_gram_kernel], fn))
     for dt, udt in ((f32, f32), (bf16, f32)) + (() if quick else ((bf16, bf16), (f16, f16))):
         def fn(dt=dt, udt=udt):
             A, D = _factors(64, 32, 768, 768, dt)
