@@ -458,8 +458,9 @@ class OrthoGrad:
         # Small terms (biases, T = 1 layers: B x B products) first, on one CPU thread: waking the
         # OpenMP pool for each of their many small ops costs more than the ops (measured on 2 cores
         # with passive waits: project_() of the MLP 20-28 ms -> 15-16 ms); big ones with all threads.
-        small = [p for p in active if terms[p].work(p in cross) <= SMALL_TERM_WORK]
-        big = [p for p in active if terms[p].work(p in cross) > SMALL_TERM_WORK]
+        small, big = [], []
+        for p in active:
+            (small if terms[p].work(p in cross) <= SMALL_TERM_WORK else big).append(p)
         got = {}
         for group, one in ((small, True), (big, False)):
             with _one_thread(one and group and out[group[0]].device.type == "cpu"):

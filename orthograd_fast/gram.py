@@ -298,25 +298,30 @@ class ParamTerm:
         K = torch.zeros(B, B, dtype=torch.float64, device=dev)
         b = torch.zeros(B, dtype=torch.float64, device=dev)
         Uv = self.uses[0].view(U)[0]  # [V, d]; every use has the same orientation here
+        rows = max(1, TILE_SLAB_BYTES // max(1, B * I * 8))
+        starts = torch.arange(0, O + rows, rows, device=dev).clamp_max(O)
         flat = []
         for u in self.uses:
             T = u.A.shape[1]
             if u.ids is None:
-                flat.append((None, None, u.A[:, :, 0, :].double(), u.D[:, :, 0, :]))
+                flat.append((None, None, u.A[:, :, 0, :].double(), u.D[:, :, 0, :], None))
             else:
-                sample = torch.arange(B, device=dev).repeat_interleave(T)
-                flat.append((u.ids.reshape(-1), sample, u.A[:, :, 0, :].reshape(B * T, I), None))
-        rows = max(1, TILE_SLAB_BYTES // max(1, B * I * 8))
-        for o0 in range(0, O, rows):
+                # tokens sorted by table row once: each slab's lookups are one contiguous range,
+                # and the ranges of all slabs come from one searchsorted (one host sync per use)
+                ids, order = u.ids.reshape(-1).sort()
+                sample = torch.div(order, T, rounding_mode="floor")
+                A = u.A[:, :, 0, :].reshape(B * T, I)[order]
+                flat.append((ids, sample, A, None, torch.searchsorted(ids, starts).tolist()))
+        for k, o0 in enumerate(range(0, O, rows)):
             o1 = min(O, o0 + rows)
             r = o1 - o0
             slab = torch.zeros(B * r, I, dtype=torch.float64, device=dev)
-            for ids, sample, A, D in flat:
+            for ids, sample, A, D, bounds in flat:
                 if ids is None:  # float64 copies of a slab of D only (a tied head's D is B x T x V)
                     slab += torch.bmm(D[:, :, o0:o1].double().transpose(1, 2), A).reshape(B * r, I)
                 else:
-                    hit = ((ids >= o0) & (ids < o1)).nonzero().squeeze(1)
-                    slab.index_add_(0, sample[hit] * r + (ids[hit] - o0), A[hit].double())
+                    lo, hi = bounds[k], bounds[k + 1]
+                    slab.index_add_(0, sample[lo:hi] * r + (ids[lo:hi] - o0), A[lo:hi].double())
             S = slab.reshape(B, r * I)
             K.addmm_(S, S.t())
             b.addmv_(S, Uv[o0:o1].reshape(-1).double())

@@ -51,11 +51,10 @@ _TORCH_TO_TRITON = {
 
 @dataclass
 class Launch:
-    """One recorded kernel launch: the JIT function, its arguments by name, options, grid."""
+    """One recorded kernel launch: the JIT function, its arguments by name, its options."""
     kernel: object
     args: Dict[str, object]
     options: Dict[str, int]
-    grid: tuple
 
 
 @dataclass
@@ -89,7 +88,7 @@ def record_launches(kernels):
             opts = {o: kw.pop(o) for o in ("num_warps", "num_stages", "num_ctas") if o in kw}
             named = dict(zip(_k.arg_names, args))
             named.update(kw)
-            got.append(Launch(_k, named, opts, tuple(grid) if not callable(grid) else ()))
+            got.append(Launch(_k, named, opts))
 
         saved.append((k, k.__dict__.get("run")))
         k.run = run  # instance attribute: shadows JITFunction.run, which kernel[grid](...) calls
