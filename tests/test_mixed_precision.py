@@ -11,14 +11,15 @@ from oracle import oracle_direction, orthogonality
 from orthograd_fast import OrthoGrad
 from orthograd_fast.factors import ExplicitUse
 
-# Per tensor, relative to ||d*|| + ||u||. fp16 meets the 1e-2. bf16 does not, and not
-# because of the engine (K and the solve are float64, asserted below): the retain per-sample
-# gradients themselves come from bf16 activations and output gradients (8-bit mantissa, rounded at
-# every layer of the backward), and projecting off a span known to ~1e-2 moves the result by ~1e-2
-# of u. Measured worst bf16 errors (tensor scope, MLP): 4.3e-2 (2.bias), 3.2e-2 (0.bias), with u's
-# own autocast error ~3e-3; TinyLM 1.1e-2. bf16 is therefore held to 5e-2.
-REL_HALF = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
-ORTH_HALF = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
+# Per tensor, relative to ||d*|| + ||u||. fp16 meets the 1e-2 with a wide margin. bf16 does
+# not everywhere, and not because of the engine (K and the solve are float64, asserted below): the
+# retain per-sample gradients themselves come from bf16 activations and output gradients (8-bit
+# mantissa, rounded at every layer of the backward), and projecting off a span known to that
+# precision moves the result by about that much of u. Measured worst (these seeds, both scopes, both
+# routes): bf16 1.6e-2 (TinyLM attention in_proj_bias, tensor scope; u's own autocast error 2.2e-3),
+# 4.3e-3 elsewhere; fp16 1.1e-3. benchmarks/autocast_error.py separates the two sources on the zoo.
+REL_HALF = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
+ORTH_HALF = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def _autocast_ok(dtype):
@@ -88,7 +89,7 @@ def test_autocast_direction_close_to_oracle(dtype, name, scope, factored, monkey
         bound = max(REL_HALF[dtype], 2 * u_err)
         assert err <= bound, f"{name}/{dtype} '{n}': direction error {err:.2e} > {bound:.2e} (u's own error {u_err:.2e})"
     # orthogonal to the (exact, float64) retain gradients only up to the half rounding of the span
-    # it was projected off (measured worst: fp16 < 1e-2, bf16 4.4e-2 on the MLP)
+    # it was projected off (measured worst: fp16 1.1e-3, bf16 1.6e-2, both on TinyLM in tensor scope)
     orth = orthogonality(G, {n: -got[n] for n in got}, u, scope)
     assert orth <= ORTH_HALF[dtype], f"{name}/{dtype}: orthogonality {orth:.2e}"
 
