@@ -67,6 +67,22 @@ def test_lookup_route_in_slabs(scope, monkeypatch):
 
 
 @pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_conv_route_in_calls_slabs_and_sample_chunks(scope, monkeypatch):
+    # OddCNN's first conv (6 output channels, 27 weights per channel, B = 5, 30 positions) on the
+    # conv route with budgets that split everything: convolution calls of 4 + 2 channels, each
+    # widened to float64 in slabs of 3 channels (4 = 3 + 1: ragged), one sample per call
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
+    monkeypatch.setattr(gram, "TILE_SLAB_BYTES", 3 * 5 * 27 * 8)
+    monkeypatch.setattr(gram, "CONV_TILE_BYTES", 4 * 5 * 27 * 4)
+    monkeypatch.setattr(gram, "choose_route", lambda *a: "tile")  # the conv route for every conv
+    model, retain, unlearn = make("cnn")
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, backend="torch")
+    term = og._terms[model.c1.weight]
+    assert term.mode == "conv" and term.uses[0].sample_chunk(gram.TILE_SLAB_BYTES) == 1
+    assert err <= REL and orth <= ORTH, (err, orth)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("T", [1, 3])
 def test_nearly_collinear_rows_factored(scope, T, monkeypatch):
     # per-sample gradients that differ by ~1e-3 (near-duplicate samples): K^-1 amplifies any
