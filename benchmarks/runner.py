@@ -434,7 +434,11 @@ class BenchSession:
                 fresh, _ = self.build(name)  # ``model`` has taken the provider's step
                 same = self.oracle_same_precision(name, B, fresh, loss_fn, retain, unlearn, orc.checked)
                 del fresh
-                if not isinstance(same, Exception):
+                if isinstance(same, Exception):
+                    # say so: otherwise a kink flip and a wrong projection read the same
+                    chk.message += f"; the float32-loop oracle did not run ({type(same).__name__}: {str(same)[:120]})"
+                    row["check"] = chk.as_dict()
+                else:
                     chk2 = compare(direction, same.negrad() if provider == "plain" else same, tol=s.tol, qr_semantics=qr)
                     if chk2.ok:
                         # the float64 and float32 evaluations of the model differ (a ReLU kink),
@@ -442,6 +446,9 @@ class BenchSession:
                         chk2.message += f"; the float64 oracle differs by {chk.max_err:.1e} at {chk.worst}: per-sample gradients change between float32 and float64 evaluation (ReLU kink)"
                         chk = chk2
                         row["check"] = dict(chk2.as_dict(), f64_max_err=row["check"]["max_err"])
+                    else:
+                        chk.message += f"; the float32-loop oracle disagrees too: {chk2.message}"
+                        row["check"] = chk.as_dict()
             if not chk.ok:
                 row["status"], row["reason"] = "wrong", chk.message
                 raise CaseFailed(f"{provider} disagrees with the float64 oracle on {name} B={B}: {chk.message}")

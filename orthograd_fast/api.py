@@ -27,7 +27,7 @@ from .capture import Capture, CaptureError, find_units
 from .conv_factors import ConvUse
 from .factors import ExplicitUse, OuterUse, explicit_rows
 from .gram import ParamTerm
-from .solve import resolve_rtol, solve_psd
+from .solve import COLUMN_MIN_RTOL, resolve_rtol, solve_columns, solve_psd
 
 SCOPES = ("tensor", "global")
 BACKENDS = ("auto", "torch", "triton")
@@ -491,7 +491,23 @@ class OrthoGrad:
                 Kg = K.sum(0)
             else:
                 rt = torch.tensor(rtols, dtype=torch.float64, device=K.device).unsqueeze(-1)
-                c = solve_psd(K, b, rt)
+                # materialized tensors with fewer entries than samples: the same c from their n x n
+                # column Gram (K is rank-deficient there: no B x B eigh every step)
+                col = [
+                    k
+                    for k, p in enumerate(active)
+                    if terms[p].mode == "explicit" and terms[p].numel < terms[p].B and rtols[k] >= COLUMN_MIN_RTOL
+                ]
+                if col:
+                    rest = [k for k in range(len(active)) if k not in set(col)]
+                    c = torch.empty_like(b)
+                    if rest:
+                        c[rest] = solve_psd(K[rest], b[rest], rt[rest])
+                    got_c = solve_columns([terms[active[k]].G for k in col], [out[active[k]] for k in col], [rtols[k] for k in col])
+                    for k, ck in zip(col, got_c):
+                        c[k] = ck
+                else:
+                    c = solve_psd(K, b, rt)
         approx = any(terms[p].approx for p in active)
         if not approx:
             # fold the retain-gradient term into the coefficients of the same update GEMM

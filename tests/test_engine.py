@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import orthograd_fast.api as api
 import orthograd_fast.gram as gram
 from engine_helpers import compare
 from models import MODELS, ce, make
@@ -110,16 +111,23 @@ def test_rank_deficient_duplicates(route_, monkeypatch):
     assert err <= REL and orth <= ORTH
 
 
-def test_batch_larger_than_tensor():
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_batch_larger_than_tensor(scope, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # biases of 4 and 2 entries
     g = torch.Generator().manual_seed(1)
     xr, yr = torch.randn(11, 3, generator=g), torch.randint(0, 2, (11,), generator=g)
     xu, yu = torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)
-    err, orth, _ = compare(model, ce, (xr, yr), (xu, yu), backend="torch")
+    sizes = []  # which tensors took the column solve
+    real = api.solve_columns
+    monkeypatch.setattr(api, "solve_columns", lambda Gs, *a: sizes.extend(G.shape[1] for G in Gs) or real(Gs, *a))
+    err, orth, _ = compare(model, ce, (xr, yr), (xu, yu), scope=scope, backend="torch")
     assert err <= REL and orth <= ORTH
-    # a tensor with numel <= rank loses its whole unlearn gradient (the definition)
-    assert model[2].bias.grad.abs().max() < 1e-5
+    # tensor scope: the biases (4, 2) and the second weight (8) have fewer entries than the 11
+    # samples; the first weight (12) does not
+    assert sorted(sizes) == ([2, 4, 8] if scope == "tensor" else []), sizes
+    if scope == "tensor":  # a tensor with numel <= rank loses its whole unlearn gradient (the definition)
+        assert model[2].bias.grad.abs().max() < 1e-5
 
 
 def _as_float64(model, *batches):

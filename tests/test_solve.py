@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthograd_fast.solve import solve_psd
+from orthograd_fast.solve import solve_columns, solve_psd
 
 
 def _oracle(G: np.ndarray, b: np.ndarray, rtol: float) -> np.ndarray:
@@ -76,3 +76,39 @@ def test_matrix_right_hand_side():
     c = solve_psd(torch.from_numpy(G @ G.T), torch.from_numpy(bm), 1e-6).numpy()
     ref = _oracle(G, bm, 1e-6)
     assert np.abs(c - ref).max() <= 1e-8 * np.abs(ref).max()
+
+
+def _tall(rng, B, n, spectrum):
+    U, _ = np.linalg.qr(rng.standard_normal((B, n)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return U @ np.diag(spectrum) @ V.T
+
+
+def test_solve_columns_matches_svd_oracle():
+    # tensors with fewer entries (n) than samples (B): c = K^+ G u from the n x n column Gram,
+    # batched per n; full column rank (the projection removes all of u), a duplicated column,
+    # low rank, and singular values straddling the cutoff
+    rng = np.random.default_rng(17)
+    B = 23
+    Gs = [
+        rng.standard_normal((B, 5)),
+        rng.standard_normal((B, 9)),
+        rng.standard_normal((B, 5)),
+        rng.standard_normal((B, 3)) @ rng.standard_normal((3, 9)),  # rank 3
+        _tall(rng, B, 5, np.logspace(0, -9, 5)),
+        rng.standard_normal((B, 1)),
+    ]
+    Gs[2][:, 4] = Gs[2][:, 1]  # a duplicated column: rank 4
+    rtols = [1e-6, 1e-6, 1e-6, 1e-6, 1e-6, 1e-3]  # >= COLUMN_MIN_RTOL, as the engine uses it
+    us = [rng.standard_normal(G.shape[1]) for G in Gs]
+    got = solve_columns([torch.from_numpy(G) for G in Gs], [torch.from_numpy(u).float() for u in us], rtols)
+    for k, (G, u, rt, c) in enumerate(zip(Gs, us, rtols, got)):
+        u32 = np.float32(u).astype(np.float64)  # the engine hands in the float32 tensor
+        ref = _oracle(G, G @ u32, rt)
+        err = np.linalg.norm(G.T @ (c.numpy() - ref)) / np.linalg.norm(G.T @ ref)
+        tol = 1e-4 if k == 4 else 1e-9  # near the cutoff the Gram squares the spectrum (see above)
+        assert c.shape == (B,) and err <= tol, f"tensor {k}: {err:.2e}"
+    # full column rank: G^T c is u itself (nothing of u is left outside the span)
+    for k in (0, 1, 5):
+        u32 = np.float32(us[k]).astype(np.float64)
+        assert np.linalg.norm(Gs[k].T @ got[k].numpy() - u32) <= 1e-9 * np.linalg.norm(u32)
