@@ -11,8 +11,9 @@ evaluate them:
   along tokens); :func:`orthograd_fast.route.choose_route` picks the order.
 * **tokens** - uses that include embedding lookups (one-hot rows): the ghost order with the
   one-hot side evaluated by gathers and id equality, so the vocabulary is never materialized.
-* **lookup** - the same uses when the table is small next to the tokens: per-sample rows of a
-  slab of table rows at a time (index_add), B^2 V d flops instead of (B T)^2 d, little memory.
+* **lookup** - the same uses when that is cheaper: per-sample rows of a slab of table rows at a
+  time (index_add; per-sample tiles for a tied dense use), B^2 V d flops instead of the token
+  route's (B T)^2 d, plus (B T)^2 V for a tied head's dense output gradients; little memory.
 
 Precision: per-sample tiles are formed in the factors' dtype (fp32 for half factors) and reduced
 to K in float64; token Grams (ghost) are formed in float64. So K is accurate to float64 rounding
@@ -34,9 +35,9 @@ from .route import GHOST, TILE, choose_route, choose_route_fused
 
 # Tensors with B * numel at or below this many elements are materialized (fp64, exact).
 EXPLICIT_MAX = 1 << 18
-# Embedding tables take the lookup route (per-sample rows, a slab at a time) up to
-# B * numel = 128 x EXPLICIT_MAX when that is cheaper than the token route.
-LOOKUP_FACTOR = 128
+# Embedding tables take the lookup route (per-sample rows, a slab at a time) wherever it costs
+# fewer flops than the token route; False forces the token route (tests).
+LOOKUP_ROUTE = True
 # Tile, conv and lookup routes: float64 per-sample rows are formed in slabs of about this size.
 # Small enough to stay in cache between forming, widening and the Gram GEMM, and to add little to
 # the peak memory (measured on 2 CPU cores: 4 MiB slabs 10-20% faster than 8 MiB, 2 MiB no faster).
@@ -130,12 +131,17 @@ class ParamTerm:
 
     def _lookup_route_cheaper(self, outer: List[OuterUse]) -> bool:
         """Embedding lookups: per-sample rows B x V x d (index_add, then a B^2 V d Gram, formed in
-        slabs of table rows by :meth:`_lookup_gram_coef`) beat the token route's (B T)^2 d when the
-        table is small next to the tokens."""
-        if all(u.ids is None for u in outer) or self.B * self.numel > LOOKUP_FACTOR * EXPLICIT_MAX:
+        slabs of table rows by :meth:`_lookup_gram_coef`, so memory stays at a slab) against the
+        token route, which pairs every token with every token: (B T)^2 d for the A products plus,
+        for dense uses of the table (a tied head), (B T_dense)^2 V for their output gradients
+        (one-hot sides are gathers). The head term decides for tied embeddings: GPT-2 shaped,
+        V 2048, d 128, T 32, B 512: lookup 7e10 against 6e11 multiply-adds."""
+        if not LOOKUP_ROUTE or all(u.ids is None for u in outer):
             return False
+        _, O, I = outer[0].shape
         tokens = self.B * sum(u.A.shape[1] for u in outer)
-        return self.B * self.B * self.numel <= tokens * tokens * outer[0].shape[2]
+        dense = self.B * sum(u.A.shape[1] for u in outer if u.ids is None)
+        return self.B * self.B * self.numel <= tokens * tokens * I + dense * dense * O
 
     @staticmethod
     def _mixed_orientation(outer: List[OuterUse]) -> bool:

@@ -163,15 +163,15 @@ def _run(data):
     # embedding tables take the slab-wise lookup route wherever it is cheaper than the token route
     routes = data.draw(st.sampled_from(["default", "factored", "factored", "lookup"]))
     factored = routes != "default"
-    old = gram.EXPLICIT_MAX, gram.LOOKUP_FACTOR
+    old = gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE
     if routes == "factored":
-        gram.EXPLICIT_MAX = 0
+        gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE = 0, False
     elif routes == "lookup":
-        gram.EXPLICIT_MAX, gram.LOOKUP_FACTOR = 1, 1 << 40
+        gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE = 1, True
     try:
         og, got = og_direction(model, ce, retain, unlearn, scope=scope, backend="torch")
     finally:
-        gram.EXPLICIT_MAX, gram.LOOKUP_FACTOR = old
+        gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE = old
     ref, G, u = oracle_direction(model, ce, retain, unlearn, scope=scope)
     # engine_helpers.compare's per-tensor scale (||d*_t|| + ||u_t||), floored at 1e-9 of the whole
     # model's: random architectures produce tensors with u_t == 0 exactly (a head behind a conv whose

@@ -52,3 +52,28 @@ def test_param_term_takes_the_fused_route_only_on_the_kernels():
     assert ParamTerm("w", w, [use(torch.float32)], backend="triton").mode == GHOST
     # float64 factors stay on the torch path, and so on its route
     assert ParamTerm("w", w, [use(torch.float64)], backend="triton").mode == TILE
+
+
+def _embedding_term(B, T, V, d, tied):
+    # shapes only: zero-stride views, nothing of B x T x V is allocated
+    emb = torch.nn.Parameter(torch.empty(V, d))
+    ids = torch.zeros(1, 1, dtype=torch.long).expand(B, T)
+    uses = [OuterUse(torch.empty(1, 1, 1, d).expand(B, T, 1, d), None, ids, (1, V, d))]
+    if tied:  # the head: h [B, T, d] against logits gradients [B, T, V]
+        uses.append(OuterUse(torch.empty(1, 1, 1, d).expand(B, T, 1, d), torch.empty(1, 1, 1, V).expand(B, T, 1, V), None, (1, V, d)))
+    return ParamTerm("emb", emb, uses)
+
+
+@pytest.mark.parametrize(
+    "B,T,V,d,tied,want",
+    [
+        # the CPU zoo's GPT-2 shape at B = 512: lookup 512^2 x 2048 x 128 = 6.9e10 multiply-adds;
+        # tokens (16384 + 16384)^2 x 128 + 16384^2 x 2048 = 6.9e11 (the head's logits gradients).
+        # B x numel = 1.3e8 elements: only slabs of it exist at a time, so no size cap applies.
+        (512, 32, 2048, 128, True, "lookup"),
+        (8, 4, 50000, 64, False, "tokens"),  # a large untied table, few tokens: pair the tokens
+        (64, 64, 256, 128, False, "lookup"),  # the CPU zoo transformer's table
+    ],
+)
+def test_embedding_route_counts_the_tied_heads_products(B, T, V, d, tied, want):
+    assert _embedding_term(B, T, V, d, tied).mode == want
