@@ -68,13 +68,28 @@ def _well_conditioned_solve(K: Tensor, b: Tensor, rtol):
     return c, ok
 
 
+# The batched solve keeps ~5 float64 copies of its B x B matrices alive (symmetrized K, L, L^-1, its
+# square); batches are solved this many bytes of K at a time, so that part of the peak does not
+# grow with the number of tensors (MLP, 8 tensors, B = 1024: step peak 459 -> 355 MiB).
+SOLVE_CHUNK_BYTES = 16 << 20
+
+
 def solve_psd(K: Tensor, b: Tensor, rtol) -> Tensor:
     """c = K^+ b for symmetric PSD K [..., B, B], b [..., B] (or [..., B, m]); float64.
 
-    Batched over leading dims (one call for every tensor of a model). ``rtol``: a float or a
-    tensor broadcastable to [..., 1] (one tolerance per matrix). Well-conditioned matrices (all
-    eigenvalues above the cutoff, proven by a bound) are solved by Cholesky; the rest by eigh.
+    Batched over leading dims (one call for every tensor of a model), in chunks of
+    SOLVE_CHUNK_BYTES. ``rtol``: a float or a tensor broadcastable to [..., 1] (one tolerance per
+    matrix). Well-conditioned matrices (all eigenvalues above the cutoff, proven by a bound) are
+    solved by Cholesky; the rest by eigh.
     """
+    n = K.shape[-1]
+    per = max(1, SOLVE_CHUNK_BYTES // max(1, n * n * 8))
+    if K.dim() == 3 and K.shape[0] > per:
+        parts = []
+        for i in range(0, K.shape[0], per):
+            rt = rtol[i : i + per] if isinstance(rtol, Tensor) and rtol.dim() > 0 and rtol.shape[0] == K.shape[0] else rtol
+            parts.append(solve_psd(K[i : i + per], b[i : i + per], rt))
+        return torch.cat(parts)
     K = K.double()
     K = 0.5 * (K + K.transpose(-1, -2))
     vec = b.dim() == K.dim() - 1

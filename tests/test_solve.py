@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import orthograd_fast.solve as solve
 from orthograd_fast.solve import solve_columns, solve_psd
 
 
@@ -54,7 +55,11 @@ def test_solve_matches_svd_oracle(case, B):
     assert err <= tol, f"{case} B={B}: {err:.2e}"
 
 
-def test_batched_mixed_conditioning_and_per_matrix_rtol():
+@pytest.mark.parametrize("chunk", [None, 2, 3])
+def test_batched_mixed_conditioning_and_per_matrix_rtol(chunk, monkeypatch):
+    # chunk: matrices per solve_psd chunk (4 = 2 + 2, 3 + 1): per-matrix tolerances must follow them
+    if chunk is not None:
+        monkeypatch.setattr(solve, "SOLVE_CHUNK_BYTES", chunk * 9 * 9 * 8)
     rng = np.random.default_rng(5)
     B = 9
     Gs = [_rows(rng, B, 40), _rows(rng, B, 40, rank=4), _rows(rng, B, 40, cond=1e5), _rows(rng, B, 40)]
