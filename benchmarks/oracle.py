@@ -98,6 +98,21 @@ def _per_sample_grads(m64, loss_fn, x, y, params, B):
     return G
 
 
+def _per_sample_grads_batched(m, loss_fn, x, y, params, B):
+    """Per-sample gradients through one forward of the whole batch: autograd of each sample's loss
+    in the batched graph (B backward passes). A ReLU whose input is within rounding of zero can
+    switch between this and a one-sample forward (different GEMM shapes round differently); the
+    providers all evaluate the batch, so this is the loop that sees what they see."""
+    G = {id(p): torch.zeros(B, p.numel(), dtype=torch.float64, device=p.device) for p in params}
+    losses = loss_fn(m(x), y)
+    for i in range(B):
+        gs = torch.autograd.grad(losses[i], params, retain_graph=i < B - 1, allow_unused=True)
+        for p, g in zip(params, gs):
+            if g is not None:
+                G[id(p)][i] = g.reshape(-1)
+    return G
+
+
 def _project(G: torch.Tensor, u: torch.Tensor, rtol: Optional[float]) -> Tuple[torch.Tensor, int]:
     """P_perp(u) for the rows of G (float64) by the SVD G = U S V^T, rank r = #{s > rtol s_max}.
 
@@ -141,6 +156,7 @@ def oracle_direction(
     max_bytes: Optional[int] = None,
     names: Optional[Sequence[str]] = None,
     loop_dtype: torch.dtype = torch.float64,
+    batched: bool = False,
 ) -> OracleResult:
     """The float64 OrthoGrad direction for ``model`` at its current weights (model is not touched).
 
@@ -149,7 +165,9 @@ def oracle_direction(
     then checks the smallest tensors that fit); ``names`` restricts the check explicitly.
     ``loop_dtype``: precision of the model copy in the per-sample loop (float64 by default; the
     model's own dtype gives the "same-precision" oracle used to diagnose ReLU-kink flips, see
-    ``compare``). Gradients are stacked and projected in float64 either way.
+    ``compare``). Gradients are stacked and projected in float64 either way. ``batched``: the
+    per-sample gradients through one forward of the whole retain batch
+    (:func:`_per_sample_grads_batched`) instead of one forward per sample.
     """
     if scope not in ("tensor", "global"):
         raise ValueError(f"scope must be 'tensor' or 'global', got {scope!r}")
@@ -186,7 +204,7 @@ def oracle_direction(
     with torch.enable_grad():
         lu = loss_fn(m64(x_u), y_u).mean()
         ug = torch.autograd.grad(lu, params, allow_unused=True)
-        G = _per_sample_grads(m64, loss_fn, x_r, y_r, params, B)
+        G = (_per_sample_grads_batched if batched else _per_sample_grads)(m64, loss_fn, x_r, y_r, params, B)
 
     u = {n: (torch.zeros_like(p) if g is None else g).reshape(-1).double() for n, p, g in zip(pnames, params, ug)}
     gbar = {n: G[id(p)].mean(0) for n, p in zip(pnames, params)}
@@ -209,7 +227,8 @@ def oracle_direction(
     shapes = {n: p.shape for n, p in zip(pnames, params)}
     cpu = lambda d: {n: v.reshape(shapes[n]).detach().cpu() for n, v in d.items()}  # noqa: E731
     numel = {n: p.numel() for n, p in zip(pnames, params)}
-    return OracleResult(cpu(direction), cpu(u), cpu(gbar), rank, pnames, all_names, alpha, scope, B, notes, numel, str(loop_dtype).replace("torch.", ""))
+    loop = str(loop_dtype).replace("torch.", "") + (", through the batched forward" if batched else "")
+    return OracleResult(cpu(direction), cpu(u), cpu(gbar), rank, pnames, all_names, alpha, scope, B, notes, numel, loop)
 
 
 def grads_as_dict(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:

@@ -260,3 +260,22 @@ def test_autocast_error_separates_the_two_error_sources():
     assert all(0.0 < v < 0.5 for v in parts), r  # bf16 rounding: present, and not garbage
     assert r["Ph(uh)"] <= 1.5 * (r["P32(uh)"] + r["Ph(u32)"]), r
     assert r["u_over_d"] >= 1.0 - 1e-6, r  # a projection never lengthens u
+
+
+def test_batched_oracle_matches_the_sample_loop_on_a_smooth_model():
+    # benchmarks/oracle.py batched=True (the runner's last diagnosis of a failed check): per-sample
+    # gradients through one forward of the whole batch must equal the one-forward-per-sample loop
+    # where no ReLU kink can tell them apart (tanh, float64)
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4)).double()
+    g = torch.Generator().manual_seed(4)
+    retain = (torch.randn(7, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (7,), generator=g))
+    unlearn = (torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (5,), generator=g))
+    loss_fn = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    one = oracle_direction(model, loss_fn, retain, unlearn)
+    bat = oracle_direction(model, loss_fn, retain, unlearn, batched=True)
+    assert "batched" in bat.loop_dtype
+    for n in one.direction:
+        ref = one.direction[n]
+        assert (bat.direction[n] - ref).abs().max() <= 1e-12 * (ref.abs().max() + one.u[n].abs().max())
+        assert (bat.gbar[n] - one.gbar[n]).abs().max() <= 1e-12 * one.gbar[n].abs().max()
