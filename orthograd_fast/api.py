@@ -479,9 +479,13 @@ class OrthoGrad:
             self._cross_checked = True
         K = torch.stack(Ks)
         b = torch.stack(bs)
+        del got, Ks
+        for k, p in enumerate(active):  # the terms keep views of the stack, not a second copy of every K
+            if terms[p]._K is not None and terms[p]._K.shape == K.shape[1:]:
+                terms[p]._K = K[k]
         finite = torch.isfinite(K).all() & torch.isfinite(b).all()
         if not bool(finite):
-            self._raise_nonfinite(active, Ks, bs, out)
+            self._raise_nonfinite(active, list(K), bs, out)
         if check_sum:
             self._check_capture(active, bs, out)
         with _one_thread(K.device.type == "cpu"):  # B x B matrices: one thread (see above)
