@@ -293,8 +293,7 @@ class BenchSession:
         self._oracles: Dict[Tuple[str, int], object] = {}
         self._carried: Dict[Tuple[str, str], Tuple[str, int, str]] = {}
         self._first_step: Dict[Tuple[str, str], Tuple[int, float]] = {}  # (model, provider) -> (B, s)
-        self._oracles_same: Dict[Tuple[str, int], object] = {}
-        self._oracles_batched: Dict[Tuple[str, int], object] = {}
+        self._oracles_same: Dict[Tuple[str, int, bool], object] = {}
         self._plain_median: Dict[Tuple[str, int], float] = {}
         self.machine = machine_info(settings.device)
         avail = mem_available_bytes()
@@ -328,57 +327,56 @@ class BenchSession:
             self._free()
         return self._oracles[key]
 
-    def oracle_same_precision(self, name, B, model, loss_fn, retain, unlearn, names):
+    def oracle_same_precision(self, name, B, model, loss_fn, retain, unlearn, names, batched=False):
         """The oracle with its per-sample loop in the model's own dtype (float32), projection in
         float64: tells a ReLU-kink flip (a sample's gradient that changes between float32 and
-        float64 evaluation of the same weights) from a wrong projection."""
-        key = (name, B)
+        float64 evaluation of the same weights) from a wrong projection. ``batched``: per-sample
+        gradients through one forward of the whole batch (the providers' own rounding), for a ReLU
+        input within rounding of zero that switches between the batched and the one-sample
+        evaluation."""
+        key = (name, B, batched)
         if key not in self._oracles_same:
             dt = next(model.parameters()).dtype
             try:
                 self._oracles_same[key] = oracle_direction(
-                    model, loss_fn, retain, unlearn, scope=self.s.scope, alpha=self.s.alpha, names=names, loop_dtype=dt
+                    model, loss_fn, retain, unlearn, scope=self.s.scope, alpha=self.s.alpha, names=names, loop_dtype=dt,
+                    batched=batched,
                 )
             except Exception as e:  # noqa: BLE001
                 self._oracles_same[key] = e
             self._free()
         return self._oracles_same[key]
 
-    def _check_batched(self, chk, direction, name, B, loss_fn, retain, unlearn, names, provider, qr):
-        """Last diagnosis of a failed check: the oracle whose per-sample gradients go through one
-        forward of the whole batch (the providers' own rounding; one backward per sample, so only
-        when B half-steps of plain fit BATCHED_ORACLE_BUDGET seconds). If the provider matches it,
-        the one-sample oracles sit on the other side of a ReLU kink: the check passes, saying so."""
+    def _diagnose(self, chk, direction, name, B, loss_fn, retain, unlearn, names, provider, qr):
+        """A failed check against the float64 one-sample oracle, diagnosed: the float32 one-sample
+        oracle (a ReLU kink between float32 and float64), then, within BATCHED_ORACLE_BUDGET seconds
+        (B backward passes of the whole batch, estimated from plain's first step), the oracle
+        through the batched forward. The first one the provider matches makes the check pass,
+        naming the kink; otherwise the failure says what each found."""
         s = self.s
+        ref = lambda o: o.negrad() if provider == "plain" else o  # noqa: E731
         plain = self._first_step.get((name, "plain"))
-        if plain is None or plain[0] != B or B * plain[1] / 2 > BATCHED_ORACLE_BUDGET:
-            chk.message += "; the oracle through the batched forward was not run (over its time budget)"
-            return chk
-        key = (name, B)
-        if key not in self._oracles_batched:
-            fresh, _ = self.build(name)
-            dt = next(fresh.parameters()).dtype
-            try:
-                self._oracles_batched[key] = oracle_direction(
-                    fresh, loss_fn, retain, unlearn, scope=s.scope, alpha=s.alpha, names=names, loop_dtype=dt, batched=True
-                )
-            except Exception as e:  # noqa: BLE001
-                self._oracles_batched[key] = e
+        budget_ok = plain is not None and plain[0] == B and B * plain[1] / 2 <= BATCHED_ORACLE_BUDGET
+        for batched, what, why in (
+            (False, "the float32-loop oracle", "per-sample gradients change between float32 and float64 evaluation (ReLU kink)"),
+            (True, "the oracle through the batched forward", "a ReLU input within rounding of zero switches between the batched and the one-sample evaluation"),
+        ):
+            if batched and not budget_ok:
+                chk.message += f"; {what} was not run ({'over its time budget' if plain is not None else 'no plain step time to bound it'})"
+                break
+            fresh, _ = self.build(name)  # ``model`` has taken the provider's step
+            other = self.oracle_same_precision(name, B, fresh, loss_fn, retain, unlearn, names, batched=batched)
             del fresh
-            self._free()
-        bat = self._oracles_batched[key]
-        if isinstance(bat, Exception):
-            chk.message += f"; the oracle through the batched forward failed ({type(bat).__name__}: {str(bat)[:120]})"
-            return chk
-        chk3 = compare(direction, bat.negrad() if provider == "plain" else bat, tol=s.tol, qr_semantics=qr)
-        if chk3.ok:
-            chk3.message += (
-                f"; the one-sample oracles differ by {chk.max_err:.1e} at {chk.worst}: a ReLU input within rounding of "
-                "zero switches between the batched and the one-sample evaluation"
-            )
-            return chk3
-        chk.message += f"; the oracle through the batched forward disagrees too: {chk3.message}"
-        return chk
+            if isinstance(other, Exception):
+                # say so: otherwise a kink flip and a wrong projection read the same
+                chk.message += f"; {what} did not run ({type(other).__name__}: {str(other)[:120]})"
+                continue
+            chk2 = compare(direction, ref(other), tol=s.tol, qr_semantics=qr)
+            if chk2.ok:
+                chk2.message += f"; the float64 oracle differs by {chk.max_err:.1e} at {chk.worst}: {why}"
+                return chk2, chk.max_err
+            chk.message += f"; {what} disagrees too: {chk2.message}"
+        return chk, None
 
     def _free(self):
         gc.collect()
@@ -471,25 +469,8 @@ class BenchSession:
             chk = compare(direction, ref, tol=s.tol, qr_semantics=qr)
             row["check"] = chk.as_dict()
             if not chk.ok:
-                fresh, _ = self.build(name)  # ``model`` has taken the provider's step
-                same = self.oracle_same_precision(name, B, fresh, loss_fn, retain, unlearn, orc.checked)
-                del fresh
-                if isinstance(same, Exception):
-                    # say so: otherwise a kink flip and a wrong projection read the same
-                    chk.message += f"; the float32-loop oracle did not run ({type(same).__name__}: {str(same)[:120]})"
-                    row["check"] = chk.as_dict()
-                else:
-                    chk2 = compare(direction, same.negrad() if provider == "plain" else same, tol=s.tol, qr_semantics=qr)
-                    if chk2.ok:
-                        # the float64 and float32 evaluations of the model differ (a ReLU kink),
-                        # the provider matches the float32 per-sample loop
-                        chk2.message += f"; the float64 oracle differs by {chk.max_err:.1e} at {chk.worst}: per-sample gradients change between float32 and float64 evaluation (ReLU kink)"
-                        chk = chk2
-                        row["check"] = dict(chk2.as_dict(), f64_max_err=row["check"]["max_err"])
-                    else:
-                        chk.message += f"; the float32-loop oracle disagrees too: {chk2.message}"
-                        chk = self._check_batched(chk, direction, name, B, loss_fn, retain, unlearn, orc.checked, provider, qr)
-                        row["check"] = chk.as_dict()
+                chk, f64_err = self._diagnose(chk, direction, name, B, loss_fn, retain, unlearn, orc.checked, provider, qr)
+                row["check"] = chk.as_dict() if f64_err is None else dict(chk.as_dict(), f64_max_err=f64_err)
             if not chk.ok:
                 row["status"], row["reason"] = "wrong", chk.message
                 raise CaseFailed(f"{provider} disagrees with the float64 oracle on {name} B={B}: {chk.message}")

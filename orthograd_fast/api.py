@@ -481,8 +481,7 @@ class OrthoGrad:
         b = torch.stack(bs)
         del got, Ks
         for k, p in enumerate(active):  # the terms keep views of the stack, not a second copy of every K
-            if terms[p]._K is not None and terms[p]._K.shape == K.shape[1:]:
-                terms[p]._K = K[k]
+            terms[p]._K = K[k]
         finite = torch.isfinite(K).all() & torch.isfinite(b).all()
         if not bool(finite):
             self._raise_nonfinite(active, list(K), bs, out)
@@ -503,7 +502,7 @@ class OrthoGrad:
                     if terms[p].mode == "explicit" and terms[p].numel < terms[p].B and rtols[k] >= COLUMN_MIN_RTOL
                 ]
                 if col:
-                    rest = [k for k in range(len(active)) if k not in set(col)]
+                    rest = sorted(set(range(len(active))) - set(col))
                     c = torch.empty_like(b)
                     if rest:
                         c[rest] = solve_psd(K[rest], b[rest], rt[rest])

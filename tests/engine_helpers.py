@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from oracle import oracle_direction, orthogonality
 
 from orthograd_fast import OrthoGrad
@@ -45,3 +47,14 @@ def compare(model, loss_fn, retain, unlearn, scope="tensor", alpha=0.0, forget=F
         perp = {n: (alpha * gbar[n] - got[n]) / (1 - alpha) for n in got}
         orth = orthogonality(G, perp, u, scope)
     return err, orth, og
+
+
+def autocast_ok(dtype) -> bool:
+    """Whether this torch build's CPU autocast produces ``dtype`` (bf16 everywhere; fp16 only in
+    newer builds)."""
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            y = torch.nn.Linear(3, 2)(torch.randn(2, 3))
+        return y.dtype == dtype
+    except RuntimeError:
+        return False

@@ -248,12 +248,9 @@ def test_autocast_error_separates_the_two_error_sources():
     # fp32 by the autocast unlearn gradient's error plus the half retain span's, to first order
     from benchmarks import autocast_error
 
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            ok = torch.nn.Linear(3, 2)(torch.randn(2, 3)).dtype == torch.bfloat16
-    except RuntimeError:
-        ok = False
-    if not ok:
+    from engine_helpers import autocast_ok
+
+    if not autocast_ok(torch.bfloat16):
         pytest.skip("CPU autocast to bfloat16 is not supported by this torch build")
     r = autocast_error.measure("transformer", 6, torch.bfloat16)
     parts = [r[k] for k in ("u_err", "P32(uh)", "Ph(u32)", "Ph(uh)")]
@@ -279,3 +276,35 @@ def test_batched_oracle_matches_the_sample_loop_on_a_smooth_model():
         ref = one.direction[n]
         assert (bat.direction[n] - ref).abs().max() <= 1e-12 * (ref.abs().max() + one.u[n].abs().max())
         assert (bat.gbar[n] - one.gbar[n]).abs().max() <= 1e-12 * one.gbar[n].abs().max()
+
+
+def test_failed_check_is_diagnosed_by_the_float32_and_batched_oracles(session, monkeypatch):
+    # benchmarks/runner.py: a direction that fails the float64 check passes only if it matches an
+    # independent float32 oracle (one-sample loop, then through the batched forward), and says
+    # which; a wrong direction fails all of them and the message names each
+    name, Bd = "mlp", 5
+    model, mb = session.build(name)
+    loss_fn = zoo.per_sample_loss(name)
+    retain, unlearn = mb(Bd, torch.Generator().manual_seed(8)), mb(Bd, torch.Generator().manual_seed(9))
+    orc = oracle_direction(model, loss_fn, retain, unlearn)
+    good = dict(orc.direction)
+    session._first_step[(name, "plain")] = (Bd, 0.01)  # the batched oracle's budget estimate
+    skewed = oracle_direction(model, loss_fn, retain, unlearn)
+    n0 = skewed.checked[0]
+    skewed.direction[n0] = skewed.direction[n0] + 0.1 * skewed.u[n0]  # a float64 oracle that is off
+    failed = compare(good, skewed)
+    assert not failed.ok
+    chk, f64 = session._diagnose(failed, good, name, Bd, loss_fn, retain, unlearn, orc.checked, "torch", False)
+    assert chk.ok and f64 == failed.max_err and "float32 and float64" in chk.message
+    # the float32 one-sample oracle unavailable: the batched one decides
+    real = session.oracle_same_precision
+    monkeypatch.setattr(session, "oracle_same_precision",
+                        lambda *a, batched=False: real(*a, batched=batched) if batched else RuntimeError("off"))
+    chk, f64 = session._diagnose(compare(good, skewed), good, name, Bd, loss_fn, retain, unlearn, orc.checked, "torch", False)
+    assert chk.ok and "through the batched forward" in chk.message
+    # a wrong direction: every oracle disagrees, and the failure says so
+    wrong = {n: -orc.u[n] for n in orc.checked}
+    monkeypatch.setattr(session, "oracle_same_precision", real)
+    chk, f64 = session._diagnose(compare(wrong, orc), wrong, name, Bd, loss_fn, retain, unlearn, orc.checked, "torch", False)
+    assert not chk.ok and f64 is None
+    assert "float32-loop oracle disagrees" in chk.message and "batched forward disagrees" in chk.message

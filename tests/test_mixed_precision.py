@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import orthograd_fast.gram as gram
+from engine_helpers import autocast_ok
 from models import ce, make
 from oracle import oracle_direction, orthogonality
 from orthograd_fast import OrthoGrad
@@ -20,15 +21,6 @@ from orthograd_fast.factors import ExplicitUse
 # 4.3e-3 elsewhere; fp16 1.1e-3. benchmarks/autocast_error.py separates the two sources on the zoo.
 REL_HALF = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
 ORTH_HALF = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-
-def _autocast_ok(dtype):
-    try:
-        with torch.autocast("cpu", dtype=dtype):
-            y = torch.nn.Linear(3, 2)(torch.randn(2, 3))
-        return y.dtype == dtype
-    except RuntimeError:
-        return False
 
 
 def _half_factor_dtypes(og):
@@ -60,7 +52,7 @@ def _run(model, retain, unlearn, dtype, scope, loss_scale=1.0):
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("factored", [False, True])
 def test_autocast_direction_close_to_oracle(dtype, name, scope, factored, monkeypatch):
-    if not _autocast_ok(dtype):
+    if not autocast_ok(dtype):
         pytest.skip(f"CPU autocast to {dtype} is not supported by this torch build")
     if factored:
         monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
@@ -97,7 +89,7 @@ def test_autocast_direction_close_to_oracle(dtype, name, scope, factored, monkey
 
 @pytest.mark.parametrize("factored", [False, True])
 def test_fp16_overflow_in_retain_factors_is_clear_error(factored, monkeypatch):
-    if not _autocast_ok(torch.float16):
+    if not autocast_ok(torch.float16):
         pytest.skip("CPU autocast to float16 is not supported by this torch build")
     if factored:
         monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)

@@ -11,9 +11,6 @@ from orthograd_fast.ops_reference import coef_ref
 ACC = torch.float32  # see test_tile_gram.py
 
 
-
-
-
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_reference_matches_float64_loop(shape, dtype):
