@@ -16,6 +16,7 @@ factors are captured after the unlearn pass's activations are freed).
 from __future__ import annotations
 
 import contextlib
+
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from . import blocks as _blocks
 from . import distributed as _distributed
+from . import threads as _threads
 from .capture import Capture, CaptureError, find_units
 from .conv_factors import ConvUse
 from .factors import ExplicitUse, OuterUse, explicit_rows
@@ -37,19 +39,6 @@ MAX_RETAIN_SAMPLES = 4096
 
 # Terms whose Gram and coefficients take at most this many multiply-adds run on one CPU thread.
 SMALL_TERM_WORK = 1 << 25
-
-
-@contextlib.contextmanager
-def _one_thread(on: bool):
-    if not on or torch.get_num_threads() == 1:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _is_half(u) -> bool:
@@ -455,20 +444,28 @@ class OrthoGrad:
         if not active:
             return out
         cross = self._cross_usable(terms, active, vectors) if inplace else {}
-        # Small terms (biases, T = 1 layers: B x B products) first, on one CPU thread: waking the
-        # OpenMP pool for each of their many small ops costs more than the ops (measured on 2 cores
-        # with passive waits: project_() of the MLP 20-28 ms -> 15-16 ms); big ones with all threads.
+        # Small terms (biases, T = 1 layers: B x B products) first, one CPU thread each, side by side
+        # on Python threads (orthograd_fast.threads: waking the OpenMP pool for each of their many
+        # small ops costs more than the ops); big ones one after another with all threads.
         small, big = [], []
         for p in active:
             (small if terms[p].work(p in cross) <= SMALL_TERM_WORK else big).append(p)
+
+        def gram_coef(p):
+            return terms[p].gram_coef(out[p], terms[p].cross_coef(cross[p]) if p in cross else None)
+
         got = {}
-        for group, one in ((small, True), (big, False)):
-            with _one_thread(one and group and out[group[0]].device.type == "cpu"):
-                for p in group:
-                    K, b = terms[p].gram_coef(out[p], terms[p].cross_coef(cross[p]) if p in cross else None)
-                    if p in cross and not self._cross_checked:  # first use: the forget() factors against the GEMM
-                        self._check_cross(p, K, b, terms[p].coef(out[p]), out[p])
-                    got[p] = (K, b)
+        on_cpu = out[active[0]].device.type == "cpu"
+        if small:
+            n = torch.get_num_threads() if on_cpu else 1
+            with _threads.one_thread(on_cpu):
+                costs = [terms[p].work(p in cross) for p in small]
+                got.update(zip(small, _threads.map_balanced(gram_coef, small, costs, n)))
+        for p in big:
+            got[p] = gram_coef(p)
+        for p in active:
+            if p in cross and not self._cross_checked:  # first use: the forget() factors against the GEMM
+                self._check_cross(p, got[p][0], got[p][1], terms[p].coef(out[p]), out[p])
         Ks, bs, rtols = [], [], []
         for p in active:
             Ks.append(got[p][0])
@@ -487,7 +484,7 @@ class OrthoGrad:
             self._raise_nonfinite(active, list(K), bs, out)
         if check_sum:
             self._check_capture(active, bs, out)
-        with _one_thread(K.device.type == "cpu"):  # B x B matrices: one thread (see above)
+        with _threads.one_thread(K.device.type == "cpu"):  # B x B matrices: one thread (see above)
             if self.scope == "global":
                 rt = max(rtols)
                 c = solve_psd(K.sum(0), b.sum(0), rt).unsqueeze(0).expand(len(active), -1)

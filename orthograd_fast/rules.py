@@ -132,11 +132,10 @@ def _norm_uses(m: nn.Module, xhat: Tensor, gy: Tensor, B: int, numel: int, chann
 
 
 def layernorm_uses(m: nn.LayerNorm, x: Tensor, gy: Tensor, B: int) -> dict:
-    dims = tuple(range(-len(m.normalized_shape), 0))
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    mu = xf.mean(dims, keepdim=True)
-    var = xf.var(dims, unbiased=False, keepdim=True)
-    xhat = (xf - mu) * torch.rsqrt(var + m.eps)
+    # x-hat by the fused kernel without an affine part: one pass (mean, var, sub, mul as separate
+    # ops cost ~4 ms per call on a 64 x 64 x 128 input on 2 CPU cores, the fused one ~0.4 ms)
+    xhat = F.layer_norm(xf, m.normalized_shape, None, None, m.eps)
     return _norm_uses(m, xhat, gy, B, math.prod(m.normalized_shape), channel_first=False)
 
 
@@ -150,10 +149,7 @@ def rmsnorm_uses(m: nn.Module, x: Tensor, gy: Tensor, B: int) -> dict:
 
 def groupnorm_uses(m: nn.GroupNorm, x: Tensor, gy: Tensor, B: int) -> dict:
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    xg = xf.reshape(B, m.num_groups, -1)
-    mu = xg.mean(-1, keepdim=True)
-    var = xg.var(-1, unbiased=False, keepdim=True)
-    xhat = ((xg - mu) * torch.rsqrt(var + m.eps)).reshape_as(xf)
+    xhat = F.group_norm(xf, m.num_groups, None, None, m.eps)  # fused, like layernorm_uses
     return _norm_uses(m, xhat, gy, B, m.num_channels, channel_first=True)
 
 

@@ -1,0 +1,143 @@
+"""orthograd_fast.threads: small projection terms side by side on Python threads.
+
+The helper must keep the items' order, really use several threads, stop every thread before it
+raises, run workers without autograd, and restore torch's thread count; the engine's result must
+not depend on how the terms were spread (each term runs on one intra-op thread either way)."""
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import orthograd_fast.gram as gram
+from engine_helpers import compare
+from models import ce
+from orthograd_fast import OrthoGrad
+from orthograd_fast import threads as og_threads
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_map_balanced_keeps_order_and_uses_threads(n):
+    gen = torch.Generator().manual_seed(n)
+    costs = torch.randint(1, 50, (11,), generator=gen).tolist()
+    seen = []
+
+    def fn(k):
+        seen.append(threading.get_ident())
+        time.sleep(0.002)  # long enough that one thread cannot take every item
+        return k * k
+
+    out = og_threads.map_balanced(fn, list(range(11)), costs, n)
+    assert out == [k * k for k in range(11)]
+    assert len(set(seen)) == n
+
+
+def test_map_balanced_balances_by_cost():
+    where = {}
+
+    def fn(k):
+        where[k] = threading.get_ident()
+        return k
+
+    # one heavy item and four light ones: the heavy one gets a thread of its own
+    og_threads.map_balanced(fn, [0, 1, 2, 3, 4], [100, 1, 1, 1, 1], 2)
+    assert all(where[k] != where[0] for k in (1, 2, 3, 4))
+
+
+def test_map_balanced_raises_after_every_thread_stopped():
+    done = []
+
+    def fn(k):
+        if k == 3:
+            raise ValueError("item 3 failed")
+        time.sleep(0.005)
+        done.append(k)
+        return k
+
+    with pytest.raises(ValueError, match="item 3 failed"):
+        og_threads.map_balanced(fn, list(range(8)), [1.0] * 8, 2)
+    # the failing item's thread skips its remaining items; the other thread finishes all of its own
+    assert len(done) >= 3 and 3 not in done
+    n_before = len(done)
+    time.sleep(0.05)
+    assert len(done) == n_before  # nothing still running after the raise
+
+
+def test_workers_run_without_autograd():
+    w = torch.randn(3, requires_grad=True)
+
+    def fn(_):
+        return (w * 2).requires_grad, torch.get_num_threads()
+
+    with og_threads.one_thread(True):
+        got = og_threads.map_balanced(fn, [0, 1, 2, 3], [1, 1, 1, 1], 2)
+    # the caller's thread has autograd on (no no_grad here): its items record a graph
+    assert {r for r, _ in got} == {True, False}
+    assert all(nt == 1 for _, nt in got)
+
+
+def test_one_thread_restores_the_count_on_error():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with og_threads.one_thread(True):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
+
+class _Layers(nn.Module):
+    """Eight small tensors (weights and biases of ragged widths): all go to the small-term group."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(13, 29), nn.Tanh(), nn.Linear(29, 22), nn.ReLU(), nn.Linear(22, 17), nn.Tanh(), nn.Linear(17, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("forget", [False, True])
+def test_engine_same_result_spread_or_serial(forget, monkeypatch):
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)  # factored routes for the small weights too
+    gen = torch.Generator().manual_seed(11)
+    retain = (torch.randn(7, 13, generator=gen), torch.randint(0, 5, (7,), generator=gen))
+    unlearn = (torch.randn(5, 13, generator=gen), torch.randint(0, 5, (5,), generator=gen))
+    spreads = []
+    orig = og_threads.map_balanced
+
+    def spy(fn, items, cost, threads):
+        spreads.append(threads)
+        return orig(fn, items, cost, threads)
+
+    monkeypatch.setattr(og_threads, "map_balanced", spy)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for serial in (False, True):
+            if serial:
+                monkeypatch.setattr(og_threads, "map_balanced", lambda fn, items, cost, threads: orig(fn, items, cost, 1))
+            torch.manual_seed(0)
+            model = _Layers()
+            og = OrthoGrad(model)
+            model.zero_grad(set_to_none=True)
+            with og.forget() if forget else torch.enable_grad():
+                ce(model(unlearn[0]), unlearn[1]).mean().backward()
+            with og.retain():
+                ce(model(retain[0]), retain[1]).mean().backward()
+            og.project_()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert spreads and spreads[0] == 2  # the parallel path was taken
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+        torch.manual_seed(0)
+        err, orth, _ = compare(_Layers(), ce, retain, unlearn, forget=forget, unlearn_first=True)
+        assert err < 1e-5 and orth < 1e-5
+    finally:
+        torch.set_num_threads(n)
