@@ -37,7 +37,8 @@ BACKENDS = ("auto", "torch", "triton")
 MAX_RETAIN_SAMPLES = 4096
 
 
-# Terms whose Gram and coefficients take at most this many multiply-adds run on one CPU thread.
+# CPU: a term (its Gram and coefficients, or its update) of at most this many multiply-adds always
+# runs on one intra-op thread, beside other terms (orthograd_fast.threads.run_spread).
 SMALL_TERM_WORK = 1 << 25
 
 
@@ -444,25 +445,29 @@ class OrthoGrad:
         if not active:
             return out
         cross = self._cross_usable(terms, active, vectors) if inplace else {}
-        # Small terms (biases, T = 1 layers: B x B products) first, one CPU thread each, side by side
-        # on Python threads (orthograd_fast.threads: waking the OpenMP pool for each of their many
-        # small ops costs more than the ops); big ones one after another with all threads.
-        small, big = [], []
-        for p in active:
-            (small if terms[p].work(p in cross) <= SMALL_TERM_WORK else big).append(p)
+        # On the CPU the terms run side by side on Python threads, one intra-op thread each
+        # (orthograd_fast.threads: a projection is many independent small GEMMs, and waking the
+        # OpenMP pool for each small op costs more than the op); a dominant term runs on all threads.
+        # (Triton terms on the CPU run in its interpreter, which is not thread-safe: one at a time.)
+        on_cpu = out[active[0]].device.type == "cpu" and self._backend_used != "triton"
+        nthreads = torch.get_num_threads() if on_cpu else 1
 
         def gram_coef(p):
             return terms[p].gram_coef(out[p], terms[p].cross_coef(cross[p]) if p in cross else None)
 
-        got = {}
-        on_cpu = out[active[0]].device.type == "cpu"
-        if small:
-            n = torch.get_num_threads() if on_cpu else 1
-            with _threads.one_thread(on_cpu):
-                costs = [terms[p].work(p in cross) for p in small]
-                got.update(zip(small, _threads.map_balanced(gram_coef, small, costs, n)))
-        for p in big:
-            got[p] = gram_coef(p)
+        got = dict(
+            zip(
+                active,
+                _threads.run_spread(
+                    gram_coef,
+                    active,
+                    [terms[p].work(p in cross) for p in active],
+                    nthreads,
+                    small=SMALL_TERM_WORK,
+                    alone=[not terms[p].spreadable() for p in active],
+                ),
+            )
+        )
         for p in active:
             if p in cross and not self._cross_checked:  # first use: the forget() factors against the GEMM
                 self._check_cross(p, got[p][0], got[p][1], terms[p].coef(out[p]), out[p])
@@ -513,12 +518,17 @@ class OrthoGrad:
             # fold the retain-gradient term into the coefficients of the same update GEMM
             c = c + torch.tensor([shift.get(p, 0.0) for p in active], dtype=c.dtype, device=c.device).unsqueeze(-1)
             exact = self._needs_exact(K, c, [out[p] for p in active])
-        for k, p in enumerate(active):
-            # the scale rides in the update GEMM too, unless a re-projection follows
-            if approx:
+        # the scale rides in the update GEMM too, unless a re-projection follows
+        if approx:
+            for k, p in enumerate(active):
                 terms[p].apply_(out[p], c[k])
-            else:
-                terms[p].apply_(out[p], c[k], scale, exact=exact[k])
+        else:
+
+            def update(k):
+                terms[active[k]].apply_(out[active[k]], c[k], scale, exact=exact[k])
+
+            ks = range(len(active))
+            _threads.run_spread(update, ks, [terms[p].update_work() for p in active], nthreads, small=SMALL_TERM_WORK)
         if approx:
             # Float32-accumulated Gram (Triton): project the residual once more ("twice is enough").
             b2 = torch.stack([terms[p].coef(out[p]) for p in active])

@@ -108,15 +108,40 @@ class ParamTerm:
             self.G = None
 
     def work(self, cross: bool = False) -> int:
-        """Rough multiply-adds of gram_coef (picks the thread count on the CPU, nothing else)."""
+        """Rough multiply-adds of gram_coef, float64 ones counted twice (how the CPU spreads the
+        terms over its threads: :func:`orthograd_fast.threads.run_spread`; nothing else)."""
         B = self.B
         if self.mode == "explicit":
-            return B * B * self.numel
+            return 2 * B * B * self.numel
         if self.mode == GHOST:
             _, T, G, I = self.use.A.shape
             O = self.use.shape[1]
-            return B * B * T * T * G * (I + O) + (0 if cross else B * T * G * O * I)
-        return 1 << 62  # tile, conv, tokens: large GEMMs, all threads
+            return 2 * B * B * T * T * G * (I + O) + (0 if cross else 2 * B * T * G * O * I)
+        if self.mode == TILE:
+            B, T, G, I = self.use.A.shape
+            return B * T * self.numel + 2 * B * B * self.numel  # float32 tiles, float64 Gram
+        if self.mode == "conv":
+            return sum(u.tokens for u in self.uses) * B * self.numel + 2 * B * B * self.numel
+        if self.mode == "lookup":
+            return 2 * B * B * self.numel
+        tokens = B * sum(u.A.shape[1] for u in self.uses)
+        return 2 * tokens * tokens * self.uses[0].shape[2]  # tokens route
+
+    def update_work(self) -> int:
+        """Rough multiply-adds of apply_ (the update GEMM)."""
+        if self.use is not None and self.use.D is not None:
+            return self.use.A.shape[1] * self.B * self.numel
+        if self.mode == "conv":
+            return sum(u.tokens for u in self.uses) * self.B * self.numel
+        return self.B * self.numel
+
+    def spreadable(self) -> bool:
+        """Whether its scratch memory is a few slabs (TILE_SLAB_BYTES, CONV_TILE_BYTES), so that it
+        may run beside other terms; the token Grams (ghost over several tokens, tokens route) work
+        in CHUNK_BYTES blocks and run alone."""
+        if self.mode in ("explicit", TILE, "conv", "lookup"):
+            return True
+        return self.mode == GHOST and self.use.A.shape[1] == 1 and self.use.A.shape[2] == 1
 
     def _conv_route(self, convs: List[ConvUse]) -> str:
         G, O, I = convs[0].shape

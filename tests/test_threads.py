@@ -141,3 +141,27 @@ def test_engine_same_result_spread_or_serial(forget, monkeypatch):
         assert err < 1e-5 and orth < 1e-5
     finally:
         torch.set_num_threads(n)
+
+
+def test_run_spread_dominant_and_flagged_terms_run_on_all_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = {}
+
+        def fn(k):
+            seen[k] = torch.get_num_threads()
+            return -k
+
+        # item 0 dominates (above `small` and above half of the work); item 4 is flagged alone
+        out = og_threads.run_spread(fn, list(range(6)), [1000, 5, 5, 5, 1, 5], 2, small=10, alone=[False, False, False, False, True, False])
+        assert out == [0, -1, -2, -3, -4, -5]
+        assert seen[0] == 2 and seen[4] == 2
+        assert all(seen[k] == 1 for k in (1, 2, 3, 5))
+        # below `small`, even a dominant item runs beside the others on one thread
+        seen.clear()
+        og_threads.run_spread(fn, list(range(3)), [9, 1, 1], 2, small=10)
+        assert all(v == 1 for v in seen.values())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
