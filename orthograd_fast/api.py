@@ -28,6 +28,7 @@ from . import threads as _threads
 from .capture import Capture, CaptureError, find_units
 from .conv_factors import ConvUse
 from .factors import ExplicitUse, OuterUse, explicit_rows
+from . import gram
 from .gram import ParamTerm
 from .solve import COLUMN_MIN_RTOL, resolve_rtol, solve_columns, solve_psd
 
@@ -324,7 +325,8 @@ class OrthoGrad:
         for p, us in uses.items():
             if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitUse) for u in us):
                 self._half_seen = self._half_seen or any(_is_half(u) for u in us)
-                out[p] = [ExplicitUse(explicit_rows(us))]
+                twin = us[0].twin if len(us) == 1 and isinstance(us[0], ExplicitUse) else None
+                out[p] = [ExplicitUse(explicit_rows(us), twin=twin)]
             else:
                 out[p] = us
         return out
@@ -416,6 +418,7 @@ class OrthoGrad:
         for _, p in self._params:
             if p in uses and uses[p]:
                 terms[p] = ParamTerm(names[p], p, uses[p], backend)
+        gram.link_twins(list(terms.values()))
         self._terms = terms
         self._backend_used = backend
         return terms
@@ -455,19 +458,25 @@ class OrthoGrad:
         def gram_coef(p):
             return terms[p].gram_coef(out[p], terms[p].cross_coef(cross[p]) if p in cross else None)
 
+        # a one-token layer's bias takes its Gram from its weight's job (gram.link_twins): after it
+        hosted = set(active)
+        riders = [p for p in active if terms[p].host is not None and terms[p].host.param in hosted]
+        jobs = [p for p in active if p not in set(riders)]
         got = dict(
             zip(
-                active,
+                jobs,
                 _threads.run_spread(
                     gram_coef,
-                    active,
-                    [terms[p].work(p in cross) for p in active],
+                    jobs,
+                    [terms[p].work(p in cross) for p in jobs],
                     nthreads,
                     small=SMALL_TERM_WORK,
-                    alone=[not terms[p].spreadable() for p in active],
+                    alone=[not terms[p].spreadable() for p in jobs],
                 ),
             )
         )
+        for p in riders:
+            got[p] = gram_coef(p)
         for p in active:
             if p in cross and not self._cross_checked:  # first use: the forget() factors against the GEMM
                 self._check_cross(p, got[p][0], got[p][1], terms[p].coef(out[p]), out[p])

@@ -148,9 +148,13 @@ def explicit_rows(uses: list) -> Tensor:
 
 @dataclass
 class ExplicitUse:
-    """g_i given as rows of G [B, numel] (any float dtype)."""
+    """g_i given as rows of G [B, numel] (any float dtype).
+
+    ``twin``: the output gradient D [B, 1, 1, O] of a one-token layer whose bias this is (then
+    G = D's rows): the engine computes the Gram D D^T once for the weight and the bias."""
 
     G: Tensor
+    twin: Optional[Tensor] = None
 
     @property
     def B(self) -> int:

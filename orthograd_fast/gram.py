@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .conv_factors import ConvUse
-from .factors import CHUNK_BYTES, OuterUse, _compute_dtype, explicit_rows, merge_tokens
+from .factors import CHUNK_BYTES, ExplicitUse, OuterUse, _compute_dtype, explicit_rows, merge_tokens
 from .route import GHOST, TILE, choose_route, choose_route_fused
 
 # Tensors with B * numel at or below this many elements are materialized (fp64, exact).
@@ -65,6 +65,21 @@ def update_amplification(K: Tensor, c: Tensor) -> Tensor:
 EXACT_UPDATE_TOL = 1e-5
 
 
+def link_twins(terms: List["ParamTerm"]) -> None:
+    """Pair each one-token weight (ghost route, T = G = 1, on the torch path) with its bias, whose
+    per-sample rows are the weight's D: the weight's job computes D D^T once for both and reads D
+    from the bias's float64 rows (MLP, B = 64: 3 of 15 float64 B x B x 1024 products per step)."""
+    hosts = {}
+    for t in terms:
+        u = t.use
+        if t.mode == GHOST and u is not None and u.D is not None and u.A.shape[1] == 1 and u.A.shape[2] == 1 and not t._on_triton():
+            hosts[id(u.D)] = t
+    for t in terms:
+        h = hosts.get(id(t.twin)) if t.twin is not None else None
+        if h is not None and t.mode == "explicit" and t.G.shape == (h.B, h.use.D.shape[-1]) and h.passenger is None:
+            h.passenger, t.host = t, h
+
+
 class ParamTerm:
     """Everything the solve needs about one trainable tensor's per-sample gradients."""
 
@@ -77,6 +92,10 @@ class ParamTerm:
         self.approx = False  # True when K was accumulated in float32 (Triton)
         self._K: Optional[Tensor] = None
         self._r64: Optional[Tuple[Tensor, Tensor]] = None  # float64 rows of a one-token use (_rows64)
+        # link_twins: a one-token weight's bias (same rows as its D) rides on the weight's Gram
+        self.passenger: Optional["ParamTerm"] = None
+        self.host: Optional["ParamTerm"] = None
+        self.twin = uses[0].twin if len(uses) == 1 and isinstance(uses[0], ExplicitUse) else None
         convs = [u for u in uses if isinstance(u, ConvUse)]
         if convs and self.B * self.numel > EXPLICIT_MAX:
             if len(convs) == len(uses) and backend != "triton" and self._conv_route(convs) == TILE:
@@ -402,10 +421,11 @@ class ParamTerm:
 
     def _rows64(self) -> Tuple[Tensor, Tensor]:
         """A [B, I] and D [B, O] in float64 of a one-token use (T = G = 1), converted once for the
-        Gram and the og.forget() coefficients."""
+        Gram and the og.forget() coefficients (D: the bias's float64 rows when it rides along)."""
         if self._r64 is None:
             B = self.B
-            self._r64 = (self.use.A.reshape(B, -1).double(), self.use.D.reshape(B, -1).double())
+            D = self.passenger.G if self.passenger is not None else self.use.D.reshape(B, -1).double()
+            self._r64 = (self.use.A.reshape(B, -1).double(), D)
         return self._r64
 
     def _ghost_gram(self) -> Tensor:
@@ -414,7 +434,10 @@ class ParamTerm:
         B, T, G, I = use.A.shape
         if T == 1 and G == 1:  # one token per sample (an MLP layer): two B x B products
             A, D = self._rows64()
-            return (A @ A.t()) * (D @ D.t())
+            DD = D @ D.t()
+            if self.passenger is not None:  # the bias's Gram: the same D D^T
+                self.passenger._K = DD
+            return (A @ A.t()) * DD
         A = use.A.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
         D = use.D.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
         K = torch.zeros(B, B, dtype=torch.float64, device=A.device)

@@ -35,10 +35,11 @@ def linear_uses(m: nn.Module, x: Tensor, gy: Tensor, B: int) -> dict:
     A = _tokens(x, B, inp)
     D = _tokens(gy, B, out)
     uses = {}
+    D4 = D[:, :, None, :]
     if _trainable(m.weight):
-        uses[m.weight] = OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, out, inp))
+        uses[m.weight] = OuterUse(A[:, :, None, :], D4, None, (1, out, inp))
     if _trainable(m.bias):
-        uses[m.bias] = ExplicitUse(_token_sum(D))
+        uses[m.bias] = ExplicitUse(_token_sum(D), twin=D4 if D.shape[1] == 1 and _trainable(m.weight) else None)
     return uses
 
 

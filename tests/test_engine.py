@@ -274,3 +274,40 @@ def test_retain_gradient_matches_oracle(name, lean, monkeypatch):
         ref = sum(G[n].mean(0) for G in refs) / len(refs)
         err = float((g.reshape(-1).double() - ref).norm() / (ref.norm() + 1e-12))
         assert err <= 1e-5, f"{name} '{n}': {err:.2e}"
+
+
+class _Biased(nn.Module):
+    """One-token linears with biases (shared Gram), one without a bias and one with a frozen weight
+    (no sharing possible there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(11, 23)
+        self.b = nn.Linear(23, 19, bias=False)
+        self.c = nn.Linear(19, 14)
+        self.d = nn.Linear(14, 5)
+        self.d.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return self.d(torch.tanh(self.c(torch.relu(self.b(torch.tanh(self.a(x)))))))
+
+
+@pytest.mark.parametrize("forget", [False, True])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("compact", [True, False])
+def test_one_token_bias_rides_on_its_weight_gram(forget, scope, compact, monkeypatch):
+    # B = 9: biases have B x numel <= 207 and are turned into float64 rows at retain time under 300
+    # (compact) or kept as views of D under 0; the weights (>= 2277) stay factored either way
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 300 if compact else 0)
+    monkeypatch.setattr(gram, "choose_route", lambda *a: gram.GHOST)  # the pairing needs the ghost route
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(3)
+    model = _Biased()
+    retain = (torch.randn(9, 11, generator=gen), torch.randint(0, 5, (9,), generator=gen))
+    unlearn = (torch.randn(6, 11, generator=gen), torch.randint(0, 5, (6,), generator=gen))
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, forget=forget, unlearn_first=True, backend="torch")
+    terms = {t.name: t for t in og._terms.values()}
+    assert terms["a.bias"].host is terms["a.weight"] and terms["c.bias"].host is terms["c.weight"]
+    assert terms["d.bias"].host is None  # its weight is frozen: no Gram to share
+    assert err <= REL, f"relative error {err:.2e}"
+    assert orth <= ORTH, f"orthogonality {orth:.2e}"
