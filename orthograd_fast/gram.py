@@ -45,10 +45,12 @@ TILE_SLAB_BYTES = 4 << 20
 # Conv route: float32 per-sample tiles formed this many bytes per convolution call (each call
 # unfolds its samples' input again; see ParamTerm._conv_gram_coef). Measured on 2 CPU cores against
 # one call per float64 slab: conv Gram 25-30% faster (64 x 32 x 16 x 16 input, 64 channels: 32 ->
-# 24 ms; 64 x 128 x 8 x 8, 128 channels: 154 -> 113 ms) at the same step peak memory. 16 MiB calls
-# are ~2x faster still on the ResNet-18 shapes, but the grouped convolution's scratch grows with
-# them: ResNet-18 B = 32 step peak 89 -> 195 MB.
-CONV_TILE_BYTES = 4 << 20
+# 24 ms; 64 x 128 x 8 x 8, 128 channels: 154 -> 113 ms) at the same step peak memory. 8 MiB (4
+# before): the small CNN's 64-channel layer at B = 64 (4.7 MB of tiles) in one channel slab instead
+# of two, half the calls: project_ 40.8 -> 36.9 ms (interleaved A/B), step peak unchanged on the
+# CNN and ResNet-18 at B = 32, 64. 16 MiB calls are ~2x faster still on the ResNet-18 shapes, but
+# the grouped convolution's scratch grows with them: ResNet-18 B = 32 step peak 89 -> 195 MB.
+CONV_TILE_BYTES = 8 << 20
 
 
 def update_amplification(K: Tensor, c: Tensor) -> Tensor:
