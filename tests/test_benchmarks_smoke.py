@@ -110,6 +110,7 @@ def session():
         max_rounds=1,
         min_rounds=1,
         paired_rounds=0,
+        paired_ref_rounds=0,
         step_timeout=60.0,
         overrides=TINY,
     )
@@ -162,7 +163,8 @@ def _synthetic_json():
         "benchmarks": [
             bench("mlp", 64, "plain", 0.010, 100 * 2**20),
             bench("mlp", 64, "torch", 0.012, 110 * 2**20),
-            bench("mlp", 64, "reference-qr", 1.5, 900 * 2**20),
+            dict(bench("mlp", 64, "reference-qr", 1.5, 900 * 2**20), extra_info=dict(
+                bench("mlp", 64, "reference-qr", 1.5, 900 * 2**20)["extra_info"], paired_vs_torch=97.5, paired_vs_torch_rounds=3)),
             bench("mlp", 128, "plain", 0.020, 120 * 2**20),
             bench("mlp", 128, "torch", 0.030, 150 * 2**20),
         ],
@@ -185,7 +187,8 @@ def test_report_on_synthetic_json(tmp_path):
     assert "Test CPU" in md and "2026-01-01" in md and torch.__version__ in md
     assert "| 64 | torch | 12 ms | 1.20x |" in md
     assert "1.10x" in md  # memory ratio at B=64
-    assert "| mlp | reference-qr / torch >= 100 | 125.0x | PASS |" in md
+    assert "| mlp | reference-qr / torch >= 100 (medians) | 125.0x | PASS |" in md
+    assert "| mlp | reference-qr / torch >= 100 (paired, 3 pairs) | 97.5x | MISS |" in md
     assert "| mlp | torch step / plain <= 1.3 (medians) | 1.20x | PASS |" in md
     assert "**timeout**" in md and "**OOM**" in md
     png = tmp_path / "out" / "synthetic-mlp.png"
@@ -308,3 +311,16 @@ def test_failed_check_is_diagnosed_by_the_float32_and_batched_oracles(session, m
     chk, f64 = session._diagnose(compare(wrong, orc), wrong, name, Bd, loss_fn, retain, unlearn, orc.checked, "torch", False)
     assert not chk.ok and f64 is None
     assert "float32-loop oracle disagrees" in chk.message and "batched forward disagrees" in chk.message
+
+
+def test_reference_qr_paired_with_torch():
+    """The >= 100x target's paired ratio: reference-qr and torch steps alternate on two copies."""
+    s = Settings(
+        set_name="smoke-paired", device="cpu", size="cpu", providers=["plain", "torch", "reference-qr"],
+        case_budget=0.0, max_rounds=1, min_rounds=1, paired_rounds=0, paired_ref_rounds=2, step_timeout=60.0, overrides=TINY,
+    )
+    sess = BenchSession(s)
+    for prov in ("plain", "torch", "reference-qr"):
+        row = sess.run_case("mlp", B, prov, _one_round)
+        assert row["status"] == "ok", row
+    assert row["paired_vs_torch_rounds"] == 2 and row["paired_vs_torch"] > 0
