@@ -17,8 +17,8 @@ Order of work per case, on a fresh model (same seed => same weights as the oracl
    row ``wrong`` and the case fails: it is not timed;
 4. timing: ``rounds = clamp(case_budget / t_step, 1, max_rounds)`` (at least ``min_rounds`` when
    one step fits the budget), median reported;
-5. paired ratio (cheap cases only): ``paired_rounds`` alternations of a plain step and a provider
-   step on two model copies; the median of the per-pair ratios is robust to load changes on a
+5. paired ratio (cheap cases only): ``paired_rounds`` alternations (up to 3x as many when they fit
+   ``case_budget``) of a plain step and a provider step on two model copies; the median of the per-pair ratios is robust to load changes on a
    shared machine, unlike two medians taken minutes apart;
 6. reference-qr only, when torch ran on the same (model, B) and ``paired_ref_rounds`` pairs fit
    ``paired_ref_budget``: alternating reference-qr / torch steps, ``paired_vs_torch`` = the median
@@ -530,12 +530,14 @@ class BenchSession:
                     return time.perf_counter() - t
 
                 timed(lambda: plain.step(retain, unlearn))
-                for _ in range(s.paired_rounds):
+                # cheap steps: more pairs, up to 3x, within the case budget (the noise is per pair)
+                pairs = max(s.paired_rounds, min(3 * s.paired_rounds, int(s.case_budget // max(t0 + t_plain, 1e-9))))
+                for _ in range(pairs):
                     tp = timed(lambda: plain.step(retain, unlearn))
                     tq = timed(lambda: prov.step(retain, unlearn))
                     ratios.append(tq / tp)
                 row["paired_ratio"] = statistics.median(ratios)
-                row["paired_rounds"] = s.paired_rounds
+                row["paired_rounds"] = pairs
                 plain.close()
 
         # 6. reference-qr paired with torch (alternating steps on two model copies, like 5)
