@@ -166,9 +166,9 @@ def targets_table(rows: List[dict]) -> List[str]:
             if q is not None and q.get("status") == "ok" and t.get("median_s"):
                 sp = q["median_s"] / t["median_s"]
                 out.append(f"| {m} | reference-qr / torch >= {TARGET_SPEEDUP_VS_QR:g} (medians) | {sp:.1f}x | {'PASS' if sp >= TARGET_SPEEDUP_VS_QR else 'MISS'} |")
-                pq = q.get("paired_vs_torch")
+                pq = t.get("ref_qr_paired")
                 if pq:
-                    n = q.get("paired_vs_torch_rounds")
+                    n = t.get("ref_qr_paired_rounds")
                     out.append(f"| {m} | reference-qr / torch >= {TARGET_SPEEDUP_VS_QR:g} (paired, {n} pairs) | {pq:.1f}x | {'PASS' if pq >= TARGET_SPEEDUP_VS_QR else 'MISS'} |")
             elif q is not None:
                 out.append(f"| {m} | reference-qr / torch >= {TARGET_SPEEDUP_VS_QR:g} | reference-qr {_status_cell(q)} | n/a |")

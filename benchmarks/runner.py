@@ -20,8 +20,8 @@ Order of work per case, on a fresh model (same seed => same weights as the oracl
 5. paired ratio (cheap cases only): ``paired_rounds`` alternations (up to 3x as many when they fit
    ``case_budget``) of a plain step and a provider step on two model copies; the median of the per-pair ratios is robust to load changes on a
    shared machine, unlike two medians taken minutes apart;
-6. reference-qr only, when torch ran on the same (model, B) and ``paired_ref_rounds`` pairs fit
-   ``paired_ref_budget``: alternating reference-qr / torch steps, ``paired_vs_torch`` = the median
+6. torch only, when reference-qr ran on the same (model, B) and ``paired_ref_rounds`` pairs fit
+   ``paired_ref_budget``: alternating reference-qr / torch steps, ``ref_qr_paired`` = the median
    of their ratios (the >= 100x target; one reference step takes seconds, so few pairs).
 """
 
@@ -142,7 +142,7 @@ class Settings:
     paired_rounds: int = 9
     paired_budget: float = 3.0
     paired_providers: Tuple[str, ...] = ("torch", "triton")
-    # reference-qr against torch, alternating steps (the >= 100x target): rounds within a budget
+    # torch against reference-qr, alternating steps (the >= 100x target): rounds within a budget
     paired_ref_rounds: int = 3
     paired_ref_budget: float = 20.0
     mem_cap_bytes: Optional[int] = None  # None: 70% of available memory at start (CPU) / device total
@@ -301,7 +301,7 @@ class BenchSession:
         self._first_step: Dict[Tuple[str, str], Tuple[int, float]] = {}  # (model, provider) -> (B, s)
         self._oracles_same: Dict[Tuple[str, int, bool], object] = {}
         self._plain_median: Dict[Tuple[str, int], float] = {}
-        self._torch_median: Dict[Tuple[str, int], float] = {}
+        self._ref_median: Dict[Tuple[str, int], float] = {}  # reference-qr, for the torch case's pairs
         self.machine = machine_info(settings.device)
         avail = mem_available_bytes()
         if self.device.type == "cuda":
@@ -510,8 +510,6 @@ class BenchSession:
         row["median_s"], row["rounds"], row["status"] = median, rounds, "ok"
         if provider == "plain":
             self._plain_median[(name, B)] = median
-        if provider == "torch":
-            self._torch_median[(name, B)] = median
         elif (name, B) in self._plain_median:
             row["ratio_to_plain"] = median / self._plain_median[(name, B)]
 
@@ -540,26 +538,26 @@ class BenchSession:
                 row["paired_rounds"] = pairs
                 plain.close()
 
-        # 6. reference-qr paired with torch (alternating steps on two model copies, like 5)
-        if provider == "reference-qr" and "torch" in s.providers and s.paired_ref_rounds > 0:
-            t_torch = self._torch_median.get((name, B))
-            if t_torch is not None and s.paired_ref_rounds * (t0 + t_torch) <= s.paired_ref_budget:
-                tmodel, _ = self.build(name)
-                fast = make_provider("torch", tmodel, loss_fn, alpha=s.alpha, scope=s.scope)
-                ratios = []
-                fast.step(retain, unlearn)
-                for _ in range(s.paired_ref_rounds):
-                    t = time.perf_counter()
-                    prov.step(retain, unlearn)
-                    self._sync()
-                    tq = time.perf_counter() - t
-                    t = time.perf_counter()
-                    fast.step(retain, unlearn)
-                    self._sync()
-                    ratios.append(tq / (time.perf_counter() - t))
-                row["paired_vs_torch"] = statistics.median(ratios)
-                row["paired_vs_torch_rounds"] = s.paired_ref_rounds
-                fast.close()
+        # 6. torch paired with reference-qr (which runs first: PROVIDERS order), like 5
+        if provider == "reference-qr":
+            self._ref_median[(name, B)] = median
+        t_ref = self._ref_median.get((name, B))
+        if provider == "torch" and t_ref is not None and s.paired_ref_rounds > 0 and s.paired_ref_rounds * (t0 + t_ref) <= s.paired_ref_budget:
+            rmodel, _ = self.build(name)
+            ref = make_provider("reference-qr", rmodel, loss_fn, alpha=s.alpha, scope=s.scope)
+            ratios = []
+            for _ in range(s.paired_ref_rounds):
+                t = time.perf_counter()
+                ref.step(retain, unlearn)
+                self._sync()
+                tq = time.perf_counter() - t
+                t = time.perf_counter()
+                prov.step(retain, unlearn)
+                self._sync()
+                ratios.append(tq / (time.perf_counter() - t))
+            row["ref_qr_paired"] = statistics.median(ratios)
+            row["ref_qr_paired_rounds"] = s.paired_ref_rounds
+            ref.close()
         prov.close()
         row["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         return row
