@@ -78,7 +78,7 @@ def link_twins(terms: List["ParamTerm"]) -> None:
             hosts[id(u.D)] = t
     for t in terms:
         h = hosts.get(id(t.twin)) if t.twin is not None else None
-        if h is not None and t.mode == "explicit" and t.G.shape == (h.B, h.use.D.shape[-1]) and h.passenger is None:
+        if h is not None and t.mode == "explicit" and t.twin.shape[-1] == t.numel and t.B == h.B and h.passenger is None:
             h.passenger, t.host = t, h
 
 
@@ -101,7 +101,7 @@ class ParamTerm:
         convs = [u for u in uses if isinstance(u, ConvUse)]
         if convs and self.B * self.numel > EXPLICIT_MAX:
             if len(convs) == len(uses) and backend != "triton" and self._conv_route(convs) == TILE:
-                self.mode, self.uses, self.use, self.G = "conv", convs, None, None
+                self.mode, self.uses, self.use, self._G = "conv", convs, None, None
                 return
             # ghost route, Triton kernels, uses of other kinds: the token form
             uses = [u.outer() if isinstance(u, ConvUse) else u for u in uses]
@@ -109,24 +109,33 @@ class ParamTerm:
         explicit_only = len(outer) < len(uses)
         if explicit_only or self.B * self.numel <= EXPLICIT_MAX or self._mixed_orientation(outer):
             self.mode = "explicit"
-            self.G = explicit_rows(uses)
+            self._G, self._G_uses = None, uses  # float64 rows, formed on first use (in its job)
             self.use = None
         elif self._lookup_route_cheaper(outer):
             # the explicit route's flops, but rows formed slab by slab: never B x V x d at once
-            self.mode, self.uses, self.use, self.G = "lookup", outer, None, None
+            self.mode, self.uses, self.use, self._G = "lookup", outer, None, None
         elif all(u.ids is None for u in outer) and len({u.shape for u in outer}) == 1:
             self.use = merge_tokens(outer)
             B, T, G, I = self.use.A.shape
             O = self.use.D.shape[-1]
             self.mode = choose_route(B, T, G, I, O)
-            self.G = None
+            self._G = None
             if self._on_triton():  # the fused kernels' own costs (they recompute tiles)
                 self.mode = choose_route_fused(B, T, G, I, O)
         else:
             self.mode = "tokens"
             self.uses = outer
             self.use = None
-            self.G = None
+            self._G = None
+
+    @property
+    def G(self) -> Optional[Tensor]:
+        """[B, numel] float64 rows (explicit mode; None otherwise), formed on first use: inside the
+        term's own job, on its own thread (orthograd_fast.threads)."""
+        if self._G is None and self.mode == "explicit":
+            self._G = explicit_rows(self._G_uses)
+            self._G_uses = None
+        return self._G
 
     def work(self, cross: bool = False) -> int:
         """Rough multiply-adds of gram_coef, float64 ones counted twice (how the CPU spreads the
