@@ -8,7 +8,10 @@ retain fwd+bwd (for OrthoGrad: inside ``og.retain()``, hooks and exit included),
 run before the retain pass on the OrthoGrad side),
 ``project_()``, ``opt.step()``. The per-tensor table wraps ``ParamTerm.gram_coef`` / ``apply_``
 of ``orthograd_fast.gram`` at run time (the package is not modified) to attribute the projection
-to tensors and routes (explicit / tile / ghost / tokens / lookup / conv).
+to tensors and routes (explicit / tile / ghost / tokens / lookup / conv). On the CPU the terms run
+side by side on Python threads (``orthograd_fast.threads``): the per-tensor times are then each
+term's own time on its thread, and their sum exceeds ``project_``'s wall time; cProfile sees the
+main thread only.
 """
 
 from __future__ import annotations
