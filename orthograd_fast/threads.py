@@ -10,6 +10,7 @@ thread, and independent terms run side by side on Python threads (the ops releas
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Sequence, TypeVar
@@ -22,6 +23,7 @@ R = TypeVar("R")
 _pool_lock = threading.Lock()
 _pool: "ThreadPoolExecutor | None" = None
 _pool_size = 0
+_pool_pid = 0  # a forked child inherits the executor but not its threads: it makes its own
 
 
 @contextlib.contextmanager
@@ -40,13 +42,13 @@ def one_thread(on: bool) -> Iterator[None]:
 
 def _workers(n: int) -> ThreadPoolExecutor:
     # one pool for the process, grown on demand; created on first use (never at import)
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     with _pool_lock:
-        if _pool is None or _pool_size < n:
-            if _pool is not None:
+        if _pool is None or _pool_size < n or _pool_pid != os.getpid():
+            if _pool is not None and _pool_pid == os.getpid():
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="orthograd-small")
-            _pool_size = n
+            _pool_size, _pool_pid = n, os.getpid()
         return _pool
 
 

@@ -165,3 +165,25 @@ def test_run_spread_dominant_and_flagged_terms_run_on_all_threads():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(n)
+
+
+def _child_spread(q):
+    q.put(og_threads.map_balanced(lambda k: k + 1, [1, 2, 3, 4], [1, 1, 1, 1], 2))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork start method: POSIX only")
+def test_forked_child_gets_its_own_workers():
+    import multiprocessing as mp
+
+    og_threads.map_balanced(lambda k: k, [0, 1], [1, 1], 2)  # the parent's pool exists
+    # Python 3.12+ warns about forking a process with threads; the child only runs map_balanced
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_spread, args=(q,))
+    p.start()
+    p.join(30)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+    assert not alive, "the forked child hung on the parent's worker threads"
+    assert q.get(timeout=5) == [2, 3, 4, 5]
