@@ -16,7 +16,6 @@ factors are captured after the unlearn pass's activations are freed).
 from __future__ import annotations
 
 import contextlib
-
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -24,11 +23,11 @@ from torch import Tensor, nn
 
 from . import blocks as _blocks
 from . import distributed as _distributed
+from . import gram
 from . import threads as _threads
 from .capture import Capture, CaptureError, find_units
 from .conv_factors import ConvUse
 from .factors import ExplicitUse, OuterUse, explicit_rows
-from . import gram
 from .gram import ParamTerm
 from .solve import COLUMN_MIN_RTOL, resolve_rtol, solve_columns, solve_psd
 
@@ -319,14 +318,11 @@ class OrthoGrad:
         become their float64 per-sample rows now, so the layer inputs and output gradients behind
         them are freed before the unlearn pass (a first conv's output gradient is B x C x H x W,
         its weight's rows only B x numel)."""
-        from . import gram
-
         out = {}
         for p, us in uses.items():
             if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitUse) for u in us):
                 self._half_seen = self._half_seen or any(_is_half(u) for u in us)
-                twin = us[0].twin if len(us) == 1 and isinstance(us[0], ExplicitUse) else None
-                out[p] = [ExplicitUse(explicit_rows(us), twin=twin)]
+                out[p] = [ExplicitUse(explicit_rows(us))]
             else:
                 out[p] = us
         return out
@@ -461,7 +457,8 @@ class OrthoGrad:
         # a one-token layer's bias takes its Gram from its weight's job (gram.link_twins): after it
         hosted = set(active)
         riders = [p for p in active if terms[p].host is not None and terms[p].host.param in hosted]
-        jobs = [p for p in active if p not in set(riders)]
+        riding = set(riders)
+        jobs = [p for p in active if p not in riding]
         got = dict(
             zip(
                 jobs,
@@ -559,12 +556,11 @@ class OrthoGrad:
         signs whose terms cancel in the update; its rounding in the tensor's dtype, eps x
         update_amplification, would exceed gram.EXACT_UPDATE_TOL (random rows: amplification
         ~ sqrt(B), float32 fine up to B ~ 10^4). One host sync for all tensors."""
-        from .gram import EXACT_UPDATE_TOL, update_amplification
 
         eps = torch.tensor(
             [torch.finfo(v.dtype).eps if v.dtype != torch.float64 else 0.0 for v in vecs], dtype=K.dtype, device=K.device
         )
-        return (update_amplification(K, c.to(K.dtype)) * eps > EXACT_UPDATE_TOL).tolist()
+        return (gram.update_amplification(K, c.to(K.dtype)) * eps > gram.EXACT_UPDATE_TOL).tolist()
 
     def _check_cross(self, p, K, b_cross, b_gemm, u) -> None:
         unorm = float(torch.linalg.vector_norm(u))  # in u's dtype: dtype=float64 would copy u
