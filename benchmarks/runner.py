@@ -18,8 +18,9 @@ Order of work per case, on a fresh model (same seed => same weights as the oracl
 4. timing: ``rounds = clamp(case_budget / t_step, 1, max_rounds)`` (at least ``min_rounds`` when
    one step fits the budget), median reported;
 5. paired ratio (cheap cases only): ``paired_rounds`` alternations (up to 3x as many when they fit
-   ``case_budget``) of a plain step and a provider step on two model copies; the median of the per-pair ratios is robust to load changes on a
-   shared machine, unlike two medians taken minutes apart;
+   ``case_budget``) of a plain step and a provider step on two model copies; the median of the
+   per-pair ratios is robust to load changes on a shared machine, unlike two medians taken minutes
+   apart;
 6. torch only, when reference-qr ran on the same (model, B) and ``paired_ref_rounds`` pairs fit
    ``paired_ref_budget``: alternating reference-qr / torch steps, ``ref_qr_paired`` = the median
    of their ratios (the >= 100x target; one reference step takes seconds, so few pairs).
