@@ -512,16 +512,11 @@ class OrthoGrad:
                 if col:
                     rest = sorted(set(range(len(active))) - set(col))
                     c = torch.empty_like(b)
-
-                    def solve(part):  # the two independent solves side by side (CPU)
-                        if part == "rest":
-                            c[rest] = solve_psd(K[rest], b[rest], rt[rest])
-                            return
-                        got_c = solve_columns([terms[active[k]].G for k in col], [out[active[k]] for k in col], [rtols[k] for k in col])
-                        for k, ck in zip(col, got_c):
-                            c[k] = ck
-
-                    _threads.run_spread(solve, ["rest", "col"] if rest else ["col"], [1, 1], nthreads, small=SMALL_TERM_WORK)
+                    if rest:
+                        c[rest] = solve_psd(K[rest], b[rest], rt[rest])
+                    got_c = solve_columns([terms[active[k]].G for k in col], [out[active[k]] for k in col], [rtols[k] for k in col])
+                    for k, ck in zip(col, got_c):
+                        c[k] = ck
                 else:
                     c = solve_psd(K, b, rt)
         approx = any(terms[p].approx for p in active)
