@@ -1,10 +1,13 @@
-"""CPU threading for the many small terms of a projection (biases, one-token layers).
+"""CPU threading for the per-tensor terms of a projection.
 
-Their ops (B x B products over a few thousand columns, float64 copies of B x width factors) are too
-small for the intra-op pool: waking it for each op costs more than the op, and on 2 cores the same
-ops run faster on one thread (measured, B = 64: a 64 x 1024 float64 Gram 296 us on one thread
-against 406 us on two; its float64 copy 94 us against 140 us). So each small term runs on one
-thread, and independent terms run side by side on Python threads (the ops release the GIL).
+A projection is many independent terms (one per trainable tensor). Most of their ops (B x B
+products over a few thousand columns, float64 copies of B x width factors) are too small for the
+intra-op pool: waking it for each op costs more than the op, and on 2 cores the same ops run faster
+on one thread (measured, B = 64: a 64 x 1024 float64 Gram 296 us on one thread against 406 us on
+two; its float64 copy 94 us against 140 us). Even large GEMMs gain from running side by side (a
+float64 Gram: 32 GFLOP/s on one thread, 50 on two, ~60 for two on one thread each). So terms run on
+one intra-op thread each, side by side on Python threads (the ops release the GIL), except a term
+that dominates the work (:func:`run_spread`).
 """
 
 from __future__ import annotations
