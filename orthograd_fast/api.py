@@ -455,8 +455,8 @@ class OrthoGrad:
             return terms[p].gram_coef(out[p], terms[p].cross_coef(cross[p]) if p in cross else None)
 
         # a one-token layer's bias takes its Gram from its weight's job (gram.link_twins): after it
-        hosted = set(active)
-        riders = [p for p in active if terms[p].host is not None and terms[p].host.param in hosted]
+        active_set = set(active)
+        riders = [p for p in active if terms[p].host is not None and terms[p].host.param in active_set]
         riding = set(riders)
         jobs = [p for p in active if p not in riding]
         got = dict(

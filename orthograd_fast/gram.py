@@ -148,7 +148,7 @@ class ParamTerm:
             O = self.use.shape[1]
             return 2 * B * B * T * T * G * (I + O) + (0 if cross else 2 * B * T * G * O * I)
         if self.mode == TILE:
-            B, T, G, I = self.use.A.shape
+            T = self.use.A.shape[1]
             return B * T * self.numel + 2 * B * B * self.numel  # float32 tiles, float64 Gram
         if self.mode == "conv":
             return sum(u.tokens for u in self.uses) * B * self.numel + 2 * B * B * self.numel

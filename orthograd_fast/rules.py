@@ -30,16 +30,17 @@ def _trainable(p: Optional[Tensor]) -> bool:
     return p is not None and p.requires_grad
 
 
-def linear_uses(m: nn.Module, x: Tensor, gy: Tensor, B: int) -> dict:
-    out, inp = m.weight.shape
+def _dense_uses(weight, bias, x: Tensor, gy: Tensor, B: int, out: int, inp: int, transposed: bool) -> dict:
+    """y = x W^T + b over tokens (nn.Linear; transformers' Conv1D stores W transposed)."""
     A = _tokens(x, B, inp)
     D = _tokens(gy, B, out)
-    uses = {}
     D4 = D[:, :, None, :]
-    if _trainable(m.weight):
-        uses[m.weight] = OuterUse(A[:, :, None, :], D4, None, (1, out, inp))
-    if _trainable(m.bias):
-        uses[m.bias] = ExplicitUse(_token_sum(D), twin=D4 if D.shape[1] == 1 and _trainable(m.weight) else None)
+    uses = {}
+    if _trainable(weight):
+        uses[weight] = OuterUse(A[:, :, None, :], D4, None, (1, out, inp), transposed=transposed)
+    if _trainable(bias):
+        # one token per sample: the bias's rows are the weight's D (gram.link_twins shares D D^T)
+        uses[bias] = ExplicitUse(_token_sum(D), twin=D4 if D.shape[1] == 1 and _trainable(weight) else None)
     return uses
 
 
@@ -49,17 +50,15 @@ def _token_sum(D: Tensor) -> Tensor:
     return D[:, 0] if D.shape[1] == 1 else D.sum(1)
 
 
+def linear_uses(m: nn.Module, x: Tensor, gy: Tensor, B: int) -> dict:
+    out, inp = m.weight.shape
+    return _dense_uses(m.weight, m.bias, x, gy, B, out, inp, transposed=False)
+
+
 def hf_conv1d_uses(m: nn.Module, x: Tensor, gy: Tensor, B: int) -> dict:
     """transformers' Conv1D: y = x @ W + b with W stored [in, out] (a transposed Linear)."""
     inp, out = m.weight.shape
-    A = _tokens(x, B, inp)
-    D = _tokens(gy, B, out)
-    uses = {}
-    if _trainable(m.weight):
-        uses[m.weight] = OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, out, inp), transposed=True)
-    if _trainable(getattr(m, "bias", None)):
-        uses[m.bias] = ExplicitUse(_token_sum(D))
-    return uses
+    return _dense_uses(m.weight, getattr(m, "bias", None), x, gy, B, out, inp, transposed=True)
 
 
 def _unfold_nd(x: Tensor, m: nn.modules.conv._ConvNd) -> Tensor:

@@ -276,15 +276,29 @@ def test_retain_gradient_matches_oracle(name, lean, monkeypatch):
         assert err <= 1e-5, f"{name} '{n}': {err:.2e}"
 
 
+class Conv1D(nn.Module):
+    """transformers' Conv1D layout (y = x @ W + b, W stored [in, out]) without the dependency: the
+    rules recognize it by name and ``nf``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * nx**-0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
 class _Biased(nn.Module):
-    """One-token linears with biases (shared Gram), one without a bias and one with a frozen weight
-    (no sharing possible there)."""
+    """One-token layers with biases (shared Gram; c is a transposed Conv1D), one without a bias and
+    one with a frozen weight (no sharing possible there)."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Linear(11, 23)
         self.b = nn.Linear(23, 19, bias=False)
-        self.c = nn.Linear(19, 14)
+        self.c = Conv1D(14, 19)
         self.d = nn.Linear(14, 5)
         self.d.weight.requires_grad_(False)
 
