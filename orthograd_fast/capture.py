@@ -1,6 +1,13 @@
 """Hooks that capture each layer's input and output gradient during one retain backward.
 
-A forward hook on every module that owns trainable parameters stores its (detached) input and
+Three kinds of units (:func:`find_units`): a module with a class rule (:mod:`orthograd_fast.rules`:
+nn.Linear, nn.Conv*, nn.Embedding, the stock norms) is captured by module hooks, described here; a
+recurrent module (:mod:`orthograd_fast.recurrent`) runs an unrolled forward; every other module that
+owns trainable parameters (a custom forward, raw parameters, nn.MultiheadAttention) is captured by
+operation (:mod:`orthograd_fast.op_capture`), with the torch.func replay
+(:mod:`orthograd_fast.fallback`) only for a call that hits an operation with no rule.
+
+A forward hook on every class-rule module stores its (detached) input and
 registers a tensor hook on its output; the tensor hook stores the output gradient when the retain
 backward reaches it. Nothing is computed during the backward: the factors are assembled on
 leaving ``retain()`` (:meth:`Capture.finish`), after the hooks are gone.
@@ -11,13 +18,14 @@ for the call. The backward then computes input gradients only (the B x O x I wei
 of every layer and its retain ``.grad`` buffer are never formed), and a parameter that still
 receives a retain gradient was used outside its owner's forward: an error, found exactly. A layer
 whose input needs no gradient (the first one) would then produce an output that needs none; it is
-re-attached to the graph through :class:`_Anchor` (a no-op marked in place) so its output gradient
-is still computed.
+re-attached to the graph through :class:`~orthograd_fast.batch_layout.Anchor` (a no-op marked in
+place) so its output gradient is still computed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -25,7 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import fallback, rules
+from . import fallback, op_capture, recurrent, rules
+from .batch_layout import Anchor, ParamSpace
 
 
 from .errors import CaptureError  # noqa: E402  (re-exported: orthograd_fast.capture.CaptureError)
@@ -58,34 +67,13 @@ class Unit:
 
     name: str
     module: nn.Module
-    rule: Any  # a rules.* function, or None for the generic fallback
-    whole: bool = False  # fallback over all its parameters (MultiheadAttention)
+    rule: Any  # a rules.* function (class-rule units), else None
+    whole: bool = False  # owns its sub-modules' parameters too (MultiheadAttention reads out_proj.weight)
+    kind: str = "rule"  # "rule" (module hooks), "ops" (operation capture), "recurrent" (unrolled forward)
+    checked: bool = False  # recurrent: the unrolled forward was checked against the module
 
-
-class _Anchor(torch.autograd.Function):
-    """Identity on a layer output that does not require grad, attached to the graph through the
-    layer's (real) parameters so the retain backward still reaches it; returns no gradient.
-    Marked dirty (no copy) unless the output is a view, which is copied (in-place ops on views
-    made inside a custom Function are refused by autograd), or torch.compile is tracing (the
-    traced dirty output loses requires_grad under inductor)."""
-
-    @staticmethod
-    def forward(ctx, out, *params):
-        if out._base is not None or _compiling():
-            return out.clone()
-        ctx.mark_dirty(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None,) * len(ctx.needs_input_grad)
-
-
-def _compiling() -> bool:
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:  # older torch
-        return False
+    def parameters(self) -> List[Tensor]:
+        return [p for p in self.module.parameters(recurse=self.whole) if p.requires_grad]
 
 
 def _detach(x):
@@ -106,22 +94,52 @@ def find_units(model: nn.Module) -> List[Unit]:
                 claimed.add(id(sub))
         if not own:
             continue
-        reason = rules.refuse_reason(m)
+        reason = rules.refuse_reason(m) or (recurrent.refuse_reason(m) if isinstance(m, nn.RNNBase) else "")
         if reason:
             raise rules.UnsupportedModule(f"module '{name or type(model).__name__}': {reason}")
         rule = None if whole else rules.rule_for(m)
-        units.append(Unit(name=name or "<root>", module=m, rule=rule, whole=whole))
+        kind = "recurrent" if isinstance(m, nn.RNNBase) else ("rule" if rule is not None else "ops")
+        units.append(Unit(name=name or "<root>", module=m, rule=rule, whole=whole, kind=kind))
     return units
+
+
+def op_parameters(units: List[Unit]) -> List[Tensor]:
+    """Parameters captured by operation: owned by an "ops" unit and by no class-rule unit."""
+    ruled = {id(p) for u in units if u.kind != "ops" for p in u.parameters()}
+    out, seen = [], set()
+    for u in units:
+        if u.kind == "ops":
+            for p in u.parameters():
+                if id(p) not in ruled and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
 
 
 class Capture:
     """One retain() block: hooks on, calls recorded, factors assembled on finish."""
 
     def __init__(
-        self, model: nn.Module, units: List[Unit], swap: Optional[Dict[int, list]] = None, single_token_only: bool = False
+        self,
+        model: nn.Module,
+        units: List[Unit],
+        swap: Optional[Dict[int, list]] = None,
+        single_token_only: bool = False,
+        lean_ops: bool = False,
+        fallback_log: Optional[fallback.FallbackLog] = None,
     ):
         self.model = model
         self.units = units
+        # operation capture and recurrent units (retain only; og.forget() passes class-rule units)
+        self.lean_ops = lean_ops
+        self.fallback_log = fallback_log if fallback_log is not None else fallback.FallbackLog()
+        self.ctx: Optional[op_capture.OpContext] = None
+        self._mode: Optional[op_capture.OpMode] = None
+        op_units = [u for u in units if u.kind == "ops"]
+        if op_units and not single_token_only:
+            self.ctx = op_capture.OpContext(self, ParamSpace(op_parameters(units), lean_ops))
+        self.rnn_calls: List[recurrent.RecurrentCall] = []
+        self._flagged: List[tuple] = []  # (op_capture.Frame, Call) replayed by the fallback
         # og.forget(): keep only calls with one token per sample (the only ones it can use)
         self.single_token_only = single_token_only
         self.skipped: set = set()  # id(module) with a call not kept (single_token_only)
@@ -138,15 +156,63 @@ class Capture:
     def attach(self) -> None:
         self.handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         for u in self.units:
+            if u.kind == "ops":
+                if self.ctx is not None:
+                    ids = {id(p) for p in u.parameters()}
+                    self.handles += op_capture.frame_hooks(self.ctx, u, u.module, ids, self._fallback_call)
+                continue
+            if u.kind == "recurrent":
+                u.module.forward = functools.partial(self._recurrent_forward, u)
+                continue
             if self.swap.get(id(u.module)):
                 self.handles.append(u.module.register_forward_pre_hook(self._swap_pre))
             self.handles.append(u.module.register_forward_hook(self._make_hook(u), with_kwargs=True))
+        if self.ctx is not None:
+            self._mode = op_capture.OpMode(self.ctx)
+            self._mode.__enter__()
 
     def detach(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for u in self.units:
+            if u.kind == "recurrent" and "forward" in u.module.__dict__:
+                del u.module.forward
+        if self.ctx is not None:
+            self.ctx.frames.clear()
         self._unswap_all()
+
+    def param_names(self, params) -> List[str]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names.get(id(p), "?") for p in params]
+
+    def _recurrent_forward(self, unit: Unit, *args, **kwargs):
+        m = unit.module
+        if not torch.is_grad_enabled():
+            return type(m).forward(m, *args, **kwargs)
+        call = recurrent.RecurrentCall(m, unit.name, self.lean_ops)
+        out = call.forward(*args, **kwargs)
+        if not unit.checked:
+            recurrent.check_against_module(m, unit.name, out, args, kwargs)
+            unit.checked = True
+        self.rnn_calls.append(call)
+        return out
+
+    def _fallback_call(self, frame, args, kwargs, output):
+        """An op-unit call that hit an operation without a rule: keep it for the torch.func replay."""
+        u = frame.unit
+        self.fallback_log.add(u.name, type(u.module).__name__, frame.unknown, sum(p.numel() for p in u.parameters()))
+        call = Call(args=_detach(args), kwargs=_detach(kwargs), output=_detach(output), autocast=_autocast_state())
+        outs, _ = tree_flatten(output)
+        call.grads = [None] * len(outs)
+        for k, o in enumerate(outs):
+            if isinstance(o, Tensor) and o.requires_grad:
+                o.register_hook(self._grad_hook(call, k))
+        self._flagged.append((frame, call))
+        return None
 
     def _swap_pre(self, module, args):
         for name, p in self.swap[id(module)]:
@@ -203,30 +269,28 @@ class Capture:
                 and torch.is_grad_enabled()
                 and output.is_floating_point()
             ):
-                output = _Anchor.apply(output, *swapped)
+                output = Anchor.apply(output, *swapped)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 rules.check_batchnorm(module)
-            if unit.rule is None:  # the fallback replays the module: keep every input and the output
-                call = Call(args=_detach(args), kwargs=_detach(kwargs), output=_detach(output), autocast=_autocast_state())
-            else:  # a rule needs the layer input only; keeping outputs alive would cost memory
-                x = args[0] if args else next(iter(kwargs.values()), None)
-                if self.single_token_only and (not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != x.shape[-1]):
-                    self.skipped.add(id(module))
-                    return output
-                if (
-                    isinstance(module, nn.Embedding)
-                    and isinstance(x, Tensor)
-                    and x.dim() >= 1
-                    and x.shape[0] == 1
-                    and (self.B or 1) > 1
-                    and isinstance(output, Tensor)
-                ):
-                    # Ids shared by the batch (GPT-2's position_ids [1, T]): the output would be
-                    # broadcast later and its gradient summed over samples. Hand out the output
-                    # already expanded to the batch so its gradient keeps one row per sample.
-                    x = x.expand(self.B, *x.shape[1:])
-                    output = output.expand(self.B, *output.shape[1:])
-                call = Call(args=(x.detach(),) if isinstance(x, Tensor) else (), kwargs={}, output=None)
+            # a rule needs the layer input only; keeping outputs alive would cost memory
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if self.single_token_only and (not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != x.shape[-1]):
+                self.skipped.add(id(module))
+                return output
+            if (
+                isinstance(module, nn.Embedding)
+                and isinstance(x, Tensor)
+                and x.dim() >= 1
+                and x.shape[0] == 1
+                and (self.B or 1) > 1
+                and isinstance(output, Tensor)
+            ):
+                # Ids shared by the batch (GPT-2's position_ids [1, T]): the output would be
+                # broadcast later and its gradient summed over samples. Hand out the output
+                # already expanded to the batch so its gradient keeps one row per sample.
+                x = x.expand(self.B, *x.shape[1:])
+                output = output.expand(self.B, *output.shape[1:])
+            call = Call(args=(x.detach(),) if isinstance(x, Tensor) else (), kwargs={}, output=None)
             outs, _ = tree_flatten(output)
             call.grads = [None] * len(outs)
             for k, o in enumerate(outs):
@@ -251,6 +315,28 @@ class Capture:
         uses: Dict[Tensor, list] = {}
         any_grad = False
         B = self.B
+        for frame, call in self._flagged:  # op-unit calls with an operation without a rule
+            if all(g is None for g in call.grads):
+                continue
+            any_grad = True
+            u = frame.unit
+            names = fallback.unit_parameters(u.module, u.whole)
+            # autocast (issue 6): replay under the autocast state of the captured call, else
+            # the replay runs in fp32 and does not reproduce the captured half-precision output
+            with contextlib.ExitStack() as stack:
+                for dev, dt in call.autocast:
+                    stack.enter_context(torch.autocast(dev, dtype=dt))
+                fallback.merge(uses, fallback.fallback_uses(u.module, names, call, B, u.name))
+        if self.ctx is not None:
+            op_uses = op_capture.build_uses(self.ctx, [f for f, _ in self._flagged])
+            any_grad = any_grad or bool(op_uses)
+            for p, us in op_uses.items():
+                uses.setdefault(p, []).extend(us)
+        for rc in self.rnn_calls:
+            rnn_uses = rc.uses(B)
+            any_grad = any_grad or bool(rnn_uses)
+            for p, us in rnn_uses.items():
+                uses.setdefault(p, []).extend(us)
         for u in self.units:
             for call in self.calls[id(u.module)]:
                 if all(g is None for g in call.grads):
@@ -258,15 +344,6 @@ class Capture:
                 any_grad = True
                 if B is None:
                     B = self._infer_B(call)
-                if u.rule is None:
-                    names = fallback.unit_parameters(u.module, u.whole)
-                    # autocast (issue 6): replay under the autocast state of the captured call, else
-                    # the replay runs in fp32 and does not reproduce the captured half-precision output
-                    with contextlib.ExitStack() as stack:
-                        for dev, dt in call.autocast:
-                            stack.enter_context(torch.autocast(dev, dtype=dt))
-                        fallback.merge(uses, fallback.fallback_uses(u.module, names, call, B, u.name))
-                    continue
                 x = tree_flatten(call.args)[0][0] if call.args else None
                 gy = call.grads[0]
                 if x is None or gy is None:
@@ -276,7 +353,9 @@ class Capture:
                         f"module '{u.name}' ({type(u.module).__name__}) got an input with leading dimension "
                         f"{x.shape[0] if x.dim() else 'none'}, but the retain batch has B={B} samples. "
                         "OrthoGrad needs batch-first layouts (the sample index on dim 0 of every layer's "
-                        "input), e.g. batch_first=True for transformer layers."
+                        "input), e.g. batch_first=True for transformer layers; a batch folded into dim 0 "
+                        "(window attention's (B * windows, N, C), ids shared by all samples) is not supported: "
+                        "freeze that layer (requires_grad_(False))."
                     )
                 fallback.merge(uses, u.rule(u.module, x, gy, B))
         if not any_grad and not self.single_token_only:

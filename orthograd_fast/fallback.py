@@ -1,7 +1,9 @@
-"""Generic fallback: per-sample gradients of one module's own parameters by torch.func.
+"""Last-resort fallback: per-sample gradients of one module's own parameters by torch.func.
 
-For a module without a factored rule (nn.MultiheadAttention's in_proj_weight, a custom module with
-a raw nn.Parameter), the captured call gives its inputs x and output gradients gy. The per-sample
+Used for one call of a module captured by operation (:mod:`orthograd_fast.op_capture`) when that
+call fed one of its parameters to an operation with no per-op rule; every such use is listed in
+``og.stats["fallback"]`` and warned about once (:class:`FallbackLog`). The captured call gives the
+module's inputs x and output gradients gy. The per-sample
 gradient of its parameters theta is
 
     g_i = d/dtheta < M_theta(x_i), gy_i >
@@ -14,6 +16,7 @@ are treated as batched; everything else (masks, constants) is broadcast.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Dict, List
 
 import torch
@@ -28,6 +31,28 @@ from .factors import ExplicitUse
 class ReplayMismatch(RuntimeError):
     pass
 
+
+class FallbackLog:
+    """Fallback scopes seen by one OrthoGrad: module name, operation(s), parameter count."""
+
+    def __init__(self):
+        self._scopes: Dict[tuple, dict] = {}
+
+    def add(self, module: str, module_type: str, ops: List[str], numel: int) -> None:
+        key = (module, tuple(sorted(set(ops))))
+        if key in self._scopes:
+            return
+        self._scopes[key] = {"module": module, "op": ", ".join(key[1]), "params": numel}
+        warnings.warn(
+            f"OrthoGrad: module '{module}' ({module_type}) feeds its parameters to {', '.join(key[1])}, which has no "
+            f"per-sample rule: its {numel} parameters go through the torch.func fallback (the module is replayed per "
+            "sample; slower). See og.stats['fallback'].",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def report(self) -> List[dict]:
+        return [dict(v) for v in self._scopes.values()]
 
 
 # Per module type: keyword arguments that are never per-sample (broadcast to every sample).

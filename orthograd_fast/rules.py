@@ -2,8 +2,8 @@
 
 Every rule receives tensors whose dim 0 is the retain batch (batch-first layouts) and returns
 ``{param: use}`` for the trainable parameters the module owns. See orthograd-math.md section 2.
-Modules without a rule that own trainable parameters directly go to the generic fallback
-(:mod:`orthograd_fast.fallback`).
+Modules without a class rule that own trainable parameters are captured by operation
+(:mod:`orthograd_fast.op_capture`).
 """
 
 from __future__ import annotations
@@ -61,46 +61,46 @@ def hf_conv1d_uses(m: nn.Module, x: Tensor, gy: Tensor, B: int) -> dict:
     return _dense_uses(m.weight, getattr(m, "bias", None), x, gy, B, out, inp, transposed=True)
 
 
-def _unfold_nd(x: Tensor, m: nn.modules.conv._ConvNd) -> Tensor:
-    """Patches of x as [B, C, *L, *k] for any conv dimensionality, stride, dilation, padding."""
+def _unfold_nd(x: Tensor, kernel, stride, dilation) -> Tensor:
+    """Patches of x (already padded) as [B, C, *L, *k] for any conv dimensionality."""
     nd = x.dim() - 2
-    pad = list(m._reversed_padding_repeated_twice)
-    if any(pad):
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x, pad, mode=mode)
     for d in range(nd):
-        k, s, dil = m.kernel_size[d], m.stride[d], m.dilation[d]
+        k, s, dil = kernel[d], stride[d], dilation[d]
         span = dil * (k - 1) + 1
         x = x.unfold(2 + d, span, s)[..., ::dil]
-    # now [B, C, L1..Lnd, k1..knd] but unfold appends kernel dims in order of application
     return x
+
+
+def conv_weight_use(x: Tensor, gy: Tensor, B: int, kernel, stride, padding, dilation, groups: int, out_channels: int):
+    """The per-sample use of a convolution weight [O, C / groups, *kernel]; ``padding``: zeros
+    on both sides of each spatial dim (other padding is applied to x by the caller)."""
+    nd = x.dim() - 2
+    G, C, O = groups, x.shape[1], out_channels
+    if G == 1 and nd in (1, 2):
+        # kept as (input, output gradient), evaluated by convolutions (conv_factors.py)
+        return ConvUse(x, gy, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+    pad = [q for p in reversed(tuple(padding)) for q in (p, p)]
+    patches = _unfold_nd(F.pad(x, pad) if any(pad) else x, kernel, stride, dilation)  # [B, C, L..., k...]
+    Lprod = math.prod(patches.shape[2 : 2 + nd])
+    kprod = math.prod(kernel)
+    # -> [B, L, G, Cg * kprod], columns ordered (c_in_g, k1, ..., knd) like the weight
+    A = patches.reshape(B, G, C // G, Lprod, kprod).permute(0, 3, 1, 2, 4).reshape(B, Lprod, G, (C // G) * kprod)
+    D = gy.reshape(B, G, O // G, Lprod).permute(0, 3, 1, 2)
+    return OuterUse(A, D, None, (G, O // G, (C // G) * kprod))
 
 
 def conv_uses(m: nn.modules.conv._ConvNd, x: Tensor, gy: Tensor, B: int) -> dict:
     nd = x.dim() - 2
-    G = m.groups
-    C = x.shape[1]
-    O = m.out_channels
-    kprod = math.prod(m.kernel_size)
     uses = {}
     if _trainable(m.weight):
-        if G == 1 and nd in (1, 2):
-            # kept as (input, output gradient), evaluated by convolutions (conv_factors.py)
-            if m.padding_mode == "zeros" and not isinstance(m.padding, str):
-                pad = tuple(m.padding)
-            else:  # other modes and "same" (maybe asymmetric): pad explicitly, then padding 0
-                x = F.pad(x, list(m._reversed_padding_repeated_twice), mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
-                pad = (0,) * nd
-            uses[m.weight] = ConvUse(x, gy, tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation))
-        else:
-            patches = _unfold_nd(x, m)  # [B, C, L..., k...]
-            Lprod = math.prod(patches.shape[2 : 2 + nd])
-            # -> [B, L, G, Cg * kprod], columns ordered (c_in_g, k1, ..., knd) like the weight
-            A = patches.reshape(B, G, C // G, Lprod, kprod).permute(0, 3, 1, 2, 4).reshape(B, Lprod, G, (C // G) * kprod)
-            D = gy.reshape(B, G, O // G, Lprod).permute(0, 3, 1, 2)
-            uses[m.weight] = OuterUse(A, D, None, (G, O // G, (C // G) * kprod))
+        if m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            pad = tuple(m.padding)
+        else:  # other modes and "same" (maybe asymmetric): pad explicitly, then padding 0
+            x = F.pad(x, list(m._reversed_padding_repeated_twice), mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+            pad = (0,) * nd
+        uses[m.weight] = conv_weight_use(x, gy, B, m.kernel_size, m.stride, pad, m.dilation, m.groups, m.out_channels)
     if _trainable(m.bias):
-        uses[m.bias] = ExplicitUse(gy.reshape(B, O, -1).sum(-1))
+        uses[m.bias] = ExplicitUse(gy.reshape(B, m.out_channels, -1).sum(-1))
     return uses
 
 
@@ -181,9 +181,9 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
 
 
 def rule_for(m: nn.Module) -> Optional[Callable[[nn.Module, Tensor, Tensor, int], Dict]]:
-    """The factored rule for a module type, or None (then: generic fallback or an error)."""
+    """The factored rule for a module type, or None (then: captured by operation)."""
     # A subclass that overrides forward computes something else with the same parameters
-    # (e.g. a positional table returning weight slices): leave it to the generic fallback.
+    # (e.g. a positional table returning weight slices): leave it to operation capture.
     for base, rule in _RULES:
         if isinstance(m, base):
             return rule if type(m).forward is base.forward else None
@@ -213,21 +213,11 @@ def _rules():
 _RULES = _rules()
 
 
-# Modules handled as one fallback unit with all their parameters (their forward uses sub-module
+# Modules captured by operation with all their parameters (their forward uses sub-module
 # parameters directly, e.g. MultiheadAttention reads out_proj.weight without calling out_proj).
 WHOLE_UNITS = (nn.MultiheadAttention,)
 
-# Modules that cannot be replayed per sample by torch.func.
-REFUSED = (nn.RNNBase,)
-
-
 def refuse_reason(m: nn.Module) -> Optional[str]:
-    if isinstance(m, REFUSED):
-        return (
-            f"{type(m).__name__} (recurrent) is not supported: torch.func cannot vmap its fused kernel, "
-            "so its per-sample gradients cannot be formed. Freeze it (requires_grad_(False)) or write the "
-            "recurrence with nn.Linear/nn.RNNCell-free torch ops inside a module."
-        )
     if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
         return (
             "nn.MultiheadAttention with batch_first=False: per-sample gradients need batch-first layouts "

@@ -1,0 +1,216 @@
+"""Batch layout tracking for operation-level capture.
+
+Two questions an intercepted operation asks about its tensors:
+
+* where is the retain batch?  Batch-first tensors carry it on dim 0; inside
+  ``F.multi_head_attention_forward`` tensors are sequence-first ``(T, B, E)`` or folded ``(T * B, E)``
+  (sequence-major), and :func:`batch_major` turns both into ``(B, T, E)``.
+* which parameter does a tensor come from?  A managed parameter itself, a view of it (a slice,
+  ``expand``, ``split``; found by its storage), or a tensor computed from parameters only (``.float()``,
+  an embedding lookup with ids shared by all samples): :class:`ParamSpace` records how to recompute
+  those, and maps per-sample rows of such a tensor back to rows of its parameters.
+
+A parameter (or a tensor of parameters only) meets the batch in a broadcasting operation: there
+:class:`PerSample` hands the operation a copy expanded along the batch, so the backward delivers
+one gradient row per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+
+def _storage_key(t: Tensor) -> Optional[int]:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, functional)
+        return None
+
+
+def batch_major(t: Tensor, B: int, seq_first: bool) -> Tensor:
+    """``t`` with the retain batch on dim 0. Sequence-first: ``(T, B, ...)`` or ``(T * B, F)``
+    sequence-major (how multi-head attention folds the batch before its projections)."""
+    if not seq_first:
+        return t
+    return t.reshape(-1, B, t.shape[-1]).transpose(0, 1)
+
+
+def is_batched(t, B: int, seq_first: bool = False) -> bool:
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return False
+    if seq_first:
+        return (t.dim() >= 3 and t.shape[1] == B) or (t.dim() == 2 and t.shape[0] % B == 0)
+    return t.shape[0] == B
+
+
+class PerSample(torch.autograd.Function):
+    """``src`` (leading dim 1) expanded to ``B`` along dim 0; the backward sums the rows for
+    ``src`` (when it needs a gradient) while a hook on the output keeps the rows themselves.
+    ``anchors`` (the real parameters, under lean retain) attach the output to the graph."""
+
+    @staticmethod
+    def forward(ctx, src, B, *anchors):
+        return src.expand(B, *src.shape[1:])
+
+    @staticmethod
+    def backward(ctx, g):
+        gs = g.sum(0, keepdim=True) if ctx.needs_input_grad[0] else None
+        return (gs, None) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+class ParamSpace:
+    """The managed parameters of one retain block and the tensors made from them alone."""
+
+    def __init__(self, params: List[Tensor], lean: bool):
+        self.params = list(params)
+        self.lean = lean
+        self._by_id = {id(p): p for p in self.params}
+        self._alias: Dict[int, Tensor] = {}  # id(p) -> the detached alias handed out (lean)
+        self._by_storage: Dict[int, Tuple[str, object]] = {}
+        for p in self.params:
+            k = _storage_key(p)
+            if k is not None and p.numel():
+                self._by_storage[k] = ("param", p)
+        # id(derived tensor) -> (tensor, func, args, kwargs): recomputed from the parameters
+        self._derived: Dict[int, tuple] = {}
+
+    # --- what a tensor is ---------------------------------------------------------------------
+    def base(self, t) -> Optional[Tuple[str, object]]:
+        """("param", p) for a parameter or a view of one, ("derived", entry) for a tensor computed
+        from parameters only (or a view of one), else None."""
+        if not isinstance(t, Tensor):
+            return None
+        p = self._by_id.get(id(t))
+        if p is not None:
+            return ("param", p)
+        if not self._by_storage:
+            return None
+        k = _storage_key(t)
+        return self._by_storage.get(k) if k is not None else None
+
+    def owners(self, t) -> List[Tensor]:
+        """The managed parameters ``t`` is made of."""
+        b = self.base(t)
+        if b is None:
+            return []
+        if b[0] == "param":
+            return [b[1]]
+        out = []
+        for leaf in _leaves(b[1][2], b[1][3]):
+            for q in self.owners(leaf):
+                if all(q is not r for r in out):
+                    out.append(q)
+        return out
+
+    def use(self, t):
+        """What an operation receives in place of ``t``: under lean retain a detached alias of a
+        parameter (the retain backward then forms no weight gradient for it)."""
+        if self.lean and id(t) in self._by_id:
+            a = self._alias.get(id(t))
+            if a is None:
+                a = self._alias[id(t)] = t.detach()
+            return a
+        return t
+
+    def add_derived(self, out, func, args, kwargs) -> None:
+        for o in _tensors(out):
+            if not o.is_floating_point():
+                continue
+            k = _storage_key(o)
+            if k is None or k in self._by_storage:
+                continue  # a view of a parameter (or of a derived tensor): found by its storage
+            entry = (o, func, args, kwargs, _tensors(out).index(o))
+            self._by_storage[k] = ("derived", entry)
+
+    # --- per-sample rows of a tensor -> rows of its parameters --------------------------------
+    def rows_to_params(self, t: Tensor, rows: Tensor) -> Dict[Tensor, Tensor]:
+        """``rows`` [B, t.numel()] (per-sample gradients with respect to ``t``) -> {param: [B, numel]}."""
+        kind, obj = self.base(t)
+        B = rows.shape[0]
+        if kind == "param":
+            p = obj
+            if t.shape == p.shape and t.stride() == p.stride() and t.storage_offset() == p.storage_offset():
+                return {p: rows}
+            if not p.is_contiguous():
+                raise NotImplementedError("a view of a non-contiguous parameter")
+            idx = torch.arange(p.numel(), device=rows.device).as_strided(
+                t.shape, t.stride(), t.storage_offset() - p.storage_offset()
+            )
+            full = torch.zeros(B, p.numel(), dtype=rows.dtype, device=rows.device)
+            full.index_add_(1, idx.reshape(-1), rows.reshape(B, -1))
+            return {p: full}
+        # computed from parameters: the per-sample vector-Jacobian product of the recomputation
+        params = self.owners(t)
+        env = {id(p): p.detach().to(rows.dtype).requires_grad_(True) for p in params}
+        with torch.enable_grad():
+            val = self._value(t, env)
+            gs = torch.autograd.grad(
+                val, [env[id(p)] for p in params], rows.reshape(B, *t.shape).to(val.dtype),
+                is_grads_batched=True, allow_unused=True,
+            )
+        return {p: (g.reshape(B, -1) if g is not None else torch.zeros(B, p.numel(), dtype=rows.dtype)) for p, g in zip(params, gs)}
+
+    def _value(self, t, env):
+        b = self.base(t)
+        if b is None:
+            return t
+        kind, obj = b
+        if kind == "param":
+            root, v = obj, env[id(obj)]
+        else:
+            root, func, args, kwargs, index = obj
+            a, kw = tree_map(lambda x: self._value(x, env) if isinstance(x, Tensor) else x, (args, kwargs))
+            v = _tensors(func(*a, **kw))[index]
+        if t is root or (t.shape == root.shape and t.stride() == root.stride() and t.storage_offset() == root.storage_offset()):
+            return v
+        return v.as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset() + v.storage_offset())
+
+
+class Anchor(torch.autograd.Function):
+    """Identity on an output that does not require grad (its parameters were handed out detached
+    and its input needs no gradient), attached to the graph through the real parameters so the
+    retain backward still reaches it; returns no gradient. Marked dirty (no copy) unless the
+    output is a view, which is copied (in-place ops on views made inside a custom Function are
+    refused by autograd), or torch.compile is tracing (the traced dirty output loses
+    requires_grad under inductor)."""
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        if out._base is not None or _compiling():
+            return out.clone()
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None,) * len(ctx.needs_input_grad)
+
+
+def anchored(out, params):
+    """``out`` re-attached to the graph (see :class:`Anchor`) when it needs it."""
+    if isinstance(out, Tensor) and not out.requires_grad and out.is_floating_point() and torch.is_grad_enabled() and params:
+        return Anchor.apply(out, *params)
+    return out
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # older torch
+        return False
+
+
+def _tensors(x):
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [o for y in x for o in _tensors(y)]
+    return []
+
+
+def _leaves(args, kwargs):
+    return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]

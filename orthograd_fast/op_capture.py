@@ -1,0 +1,275 @@
+"""Operation-level capture: a ``TorchFunctionMode`` active inside ``retain()`` sees every functional
+call that consumes a managed parameter (one owned by a module without a class rule: a norm
+subclass with its own forward, a raw ``nn.Parameter`` such as a cls token or a layer scale,
+``nn.MultiheadAttention``), whatever module made it.
+
+Per call, in order:
+
+* a rule for the operation (:mod:`orthograd_fast.op_rules`: linear, conv, norms, embedding, ...)
+  with its data input batched: the rule runs it and records the input; the output gradient comes
+  in the backward;
+* a broadcasting operation with batched data (add, mul, where, cat along a feature dim, ...): each
+  parameter operand is handed out expanded along the batch, so the backward delivers its
+  per-sample rows (:class:`orthograd_fast.batch_layout.PerSample`);
+* no batched operand: a computation on parameters only (a view, ``.float()``, a lookup with shared
+  ids), remembered so its rows can be mapped back (:class:`~orthograd_fast.batch_layout.ParamSpace`);
+* otherwise no rule: the smallest enclosing module that owns the parameter is replayed by the
+  torch.func fallback for that call (visible in ``og.stats["fallback"]``, warned once).
+
+Under lean retain the operations receive detached aliases of the parameters (the retain backward
+forms no weight gradient), and an output that then needs no gradient is re-attached to the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import op_rules
+from .batch_layout import ParamSpace, PerSample, anchored, is_batched
+from .errors import CaptureError
+
+
+@dataclass
+class Frame:
+    """One call of a module that owns managed parameters (the fallback's scope)."""
+
+    unit: object  # capture.Unit
+    params: set  # id() of the parameters the unit owns
+    unknown: List[str] = field(default_factory=list)  # ops without a rule seen in this call
+
+
+class OpRecord:
+    """One intercepted call: ``build(output_gradient)`` -> {param: [uses]} on leaving retain()."""
+
+    def __init__(self, build: Callable, owners: List[Tensor], frames: tuple, name: str):
+        self.build = build
+        self.owners = owners
+        self.frames = frames
+        self.name = name
+        self.grad: Optional[Tensor] = None
+
+    def hook(self, g):
+        self.grad = g.detach() if self.grad is None else self.grad + g.detach()
+
+
+class OpContext:
+    """What a rule needs: the batch, the layout, the parameters and how to record a use."""
+
+    def __init__(self, capture, space: ParamSpace):
+        self.capture = capture
+        self.space = space
+        self.seq_first = False  # inside multi-head attention: (T, B, E) / (T * B, E)
+        self.records: List[OpRecord] = []
+        self.frames: List[Frame] = []
+
+    @property
+    def B(self) -> int:
+        return self.capture.B
+
+    def is_data(self, t) -> bool:
+        """A batched tensor that is not made of parameters."""
+        return isinstance(t, Tensor) and self.space.base(t) is None and is_batched(t, self.B, self.seq_first)
+
+    def is_activation(self, t) -> bool:
+        """A tensor of the forward that is not made of parameters alone: batched, or needing a
+        gradient (the batch folded into another dim, e.g. windows of an image); then an op with a
+        parameter is not a computation on parameters only."""
+        if not isinstance(t, Tensor) or self.space.base(t) is not None:
+            return False
+        return is_batched(t, self.B, self.seq_first) or t.requires_grad
+
+    def use(self, t):
+        return self.space.use(t) if isinstance(t, Tensor) else t
+
+    def where(self) -> str:
+        return f"module '{self.frames[-1].unit.name}'" if self.frames else "the model"
+
+    def record(self, func, out, operands, build):
+        """Register the output gradient hook of a rule's call and keep its record."""
+        owners = []
+        for t in operands:
+            for p in self.space.owners(t) if isinstance(t, Tensor) else ():
+                if all(p is not q for q in owners):
+                    owners.append(p)
+        out = anchored(out, owners if self.space.lean else [])
+        if isinstance(out, Tensor) and out.requires_grad:
+            rec = OpRecord(build, owners, tuple(self.frames), op_rules.op_name(func))
+            out.register_hook(rec.hook)
+            self.records.append(rec)
+        return out
+
+    def per_sample(self, func, t: Tensor, src: Tensor) -> Tensor:
+        """``src`` (a view of operand ``t`` with a leading dim of 1) expanded along the batch; its
+        per-sample gradient rows are recorded and mapped back to the parameters on finish."""
+        owners = self.space.owners(t)
+        rows = PerSample.apply(src, self.B, *(owners if self.space.lean else []))
+        space = self.space
+
+        def build(g):
+            return {p: [op_rules.ExplicitUse(r)] for p, r in space.rows_to_params(src, g.reshape(g.shape[0], -1)).items()}
+
+        rec = OpRecord(build, owners, tuple(self.frames), op_rules.op_name(func))
+        rows.register_hook(rec.hook)
+        self.records.append(rec)
+        return rows
+
+    # --- calls without a rule -------------------------------------------------------------------
+    def broadcast(self, func, args, kwargs, leaves, spec):
+        """A broadcasting op with batched data: parameter operands expanded along the batch."""
+        B = self.B
+        data = [t for t in leaves if self.is_data(t)]
+        n = max(t.dim() for t in data)
+        if func in op_rules.CONCAT:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if dim % n == 0:
+                return NotImplemented
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.startswith("__")) or name.startswith("__i"):
+            if self.space.base(args[0]) is not None:
+                return NotImplemented  # in place on a parameter
+        new = []
+        for t in leaves:
+            if isinstance(t, Tensor) and t.is_floating_point() and self.space.base(t) is not None:
+                u = self.use(t)
+                if u.dim() < n or (u.dim() == n and u.shape[0] == 1):
+                    src = u
+                    for _ in range(n - u.dim()):
+                        src = src.unsqueeze(0)
+                elif u.dim() == n and u.shape[0] == B and u.stride(0) == 0:
+                    src = u[:1]  # already expanded along the batch (a cls token)
+                else:
+                    return NotImplemented
+                rows = self.per_sample(func, t, src)
+                new.append(rows)
+            else:
+                new.append(t)
+        a, kw = tree_unflatten(new, spec)
+        return func(*a, **kw)
+
+    def unknown(self, func, args, kwargs, leaves, spec):
+        """No rule: flag the innermost running module that owns the parameters (torch.func
+        fallback for this call), run the op on the handed-out parameters."""
+        owners = [p for t in leaves if isinstance(t, Tensor) for p in self.space.owners(t)]
+        name = op_rules.op_name(func)
+        for fr in reversed(self.frames):
+            if all(id(p) in fr.params for p in owners):
+                fr.unknown.append(name)
+                break
+        else:
+            names = self.capture.param_names(owners)
+            if not any(is_batched(t, self.B, self.seq_first) for t in leaves if isinstance(t, Tensor)):
+                raise CaptureError(
+                    f"parameter(s) {names}: operation {name} combines them with data whose dim 0 is not the retain "
+                    f"batch (B={self.B}; shapes {[tuple(t.shape) for t in leaves if isinstance(t, Tensor)]}): the "
+                    "batch is folded into another dimension (e.g. window attention, (B * windows, N, C)), so "
+                    "per-sample gradients cannot be attributed. Freeze these parameters (requires_grad_(False))."
+                )
+            raise CaptureError(
+                f"parameter(s) {names}: operation {name} consumes them together with batched data, has no per-sample "
+                "rule, and runs outside the forward of the module that owns them, so no module can be replayed for "
+                "it. Move the computation into the owning module's forward, or freeze the parameters."
+            )
+        a, kw = tree_unflatten([self.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
+        return anchored(func(*a, **kw), owners if self.space.lean else [])
+
+
+class OpMode(TorchFunctionMode):
+    def __init__(self, ctx: OpContext):
+        super().__init__()
+        self.ctx = ctx
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ctx = self.ctx
+        space = ctx.space
+        if not torch.is_grad_enabled() or ctx.capture.B is None:
+            return func(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        if not any(isinstance(t, Tensor) and space.base(t) is not None for t in leaves):
+            return func(*args, **kwargs)
+        if getattr(func, "__name__", "") == "__get__":  # attribute of a parameter (requires_grad, .T, ...)
+            out = func(*args, **kwargs)
+            if isinstance(out, Tensor) and space.lean:
+                out = func(*[space.use(t) for t in args], **kwargs)
+            return out
+        if func in op_rules.MHA_FUNCS:
+            return self._attention(func, args, kwargs, leaves, spec)
+        rule = op_rules.RULES.get(func)
+        if rule is not None:
+            out = rule(ctx, func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        has_data = any(ctx.is_data(t) for t in leaves)
+        if has_data and not ctx.seq_first and (func in op_rules.BROADCAST or func in op_rules.CONCAT):
+            out = ctx.broadcast(func, args, kwargs, leaves, spec)
+            if out is not NotImplemented:
+                return out
+        if not has_data and not any(ctx.is_activation(t) for t in leaves):
+            # parameters only (and constants): a view or a derived tensor, mapped back later
+            a, kw = tree_unflatten([space.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
+            out = func(*a, **kw)
+            space.add_derived(out, func, args, kwargs)
+            return out
+        return ctx.unknown(func, args, kwargs, leaves, spec)
+
+    def _attention(self, func, args, kwargs, leaves, spec):
+        ctx = self.ctx
+        q = args[0] if args else kwargs.get("query")
+        if not (isinstance(q, Tensor) and q.dim() == 3 and q.shape[1] == ctx.B):
+            return ctx.unknown(func, args, kwargs, leaves, spec)
+        prev = ctx.seq_first
+        ctx.seq_first = True
+        try:
+            with self:  # the mode is popped while it handles a call: see the projections inside
+                return op_rules.MHA_FORWARD(*args, **kwargs)
+        finally:
+            ctx.seq_first = prev
+
+
+def frame_hooks(ctx: OpContext, unit, module: nn.Module, params: set, on_exit: Callable):
+    """Forward pre-/post-hooks keeping the stack of running op-unit calls."""
+
+    def pre(mod, args):
+        ctx.frames.append(Frame(unit, params))
+        return None
+
+    def post(mod, args, kwargs, output):
+        fr = ctx.frames.pop() if ctx.frames and ctx.frames[-1].unit is unit else None
+        if fr is not None and fr.unknown:
+            return on_exit(fr, args, kwargs, output)
+        return None
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post, with_kwargs=True)]
+
+
+def build_uses(ctx: OpContext, flagged: List[Frame]) -> Dict[Tensor, list]:
+    """{param: [uses]} of every record whose output gradient arrived; records of parameters a
+    flagged frame replays by the fallback are dropped (the replay covers that call whole)."""
+    uses: Dict[Tensor, list] = {}
+    flagged_ids = {id(f): f for f in flagged}
+    for rec in ctx.records:
+        if rec.grad is None:
+            continue
+        built = rec.build(rec.grad)
+        for p, us in built.items():
+            if any(id(f) in flagged_ids and id(p) in f.params for f in rec.frames):
+                continue
+            uses.setdefault(p, []).extend(us)
+    # one parameter's explicit rows from several calls: summed (exact, one use)
+    for p, us in uses.items():
+        ex = [u for u in us if isinstance(u, op_rules.ExplicitUse)]
+        if len(ex) > 1:
+            G = ex[0].G.double()
+            for u in ex[1:]:
+                G = G + u.G.double()
+            uses[p] = [u for u in us if not isinstance(u, op_rules.ExplicitUse)] + [op_rules.ExplicitUse(G)]
+    return uses
+
+
+__all__ = ["OpContext", "OpMode", "OpRecord", "Frame", "frame_hooks", "build_uses", "PerSample"]

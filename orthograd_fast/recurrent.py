@@ -1,0 +1,189 @@
+"""nn.LSTM / nn.GRU / nn.RNN inside ``retain()``: an unrolled forward whose weights are Linear uses.
+
+The fused recurrent kernel hides its per-step products, so inside ``retain()`` the module runs an
+unrolled copy of its recurrence (checked against the module's own output on the first call). Per
+layer and direction:
+
+* input-to-hidden: one linear over all time steps, x [B, T, I] -> gates [B, T, G]: an OuterUse with
+  A = x and D = the gates' gradient (its bias: the token sum of D);
+* hidden-to-hidden: per step h_{t-1} [B, H] -> [B, G]; stacked over steps it is one OuterUse with
+  A = [h_{t-1}]_t [B, T, H] and D = the per-step gradients [B, T, G].
+
+Gate order and formulas are PyTorch's (LSTM i, f, g, o; GRU r, z, n with the hidden bias inside
+r * (W_hn h + b_hn)).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batch_layout import anchored
+from .errors import CaptureError, UnsupportedModule
+from .factors import ExplicitUse, OuterUse
+
+# relative / absolute tolerance of the first-call check against the fused module (float32 rounding)
+CHECK_RTOL, CHECK_ATOL = 1e-4, 1e-5
+
+
+def refuse_reason(m: nn.RNNBase) -> str:
+    if getattr(m, "proj_size", 0):
+        return f"{type(m).__name__} with proj_size > 0 is not supported; build it with proj_size=0 or freeze it."
+    if m.mode not in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
+        return f"{type(m).__name__} (mode {m.mode}) is not supported."
+    return ""
+
+
+class _Grads:
+    """Output gradients of one tensor, summed over backward visits."""
+
+    def __init__(self):
+        self.g = None
+
+    def __call__(self, g):
+        self.g = g.detach() if self.g is None else self.g + g.detach()
+
+
+class RecurrentCall:
+    """One call of a recurrent module: the unrolled forward and what it recorded."""
+
+    def __init__(self, module: nn.RNNBase, name: str, lean: bool):
+        self.module = module
+        self.name = name
+        self.lean = lean
+        self.parts: List[tuple] = []  # (weight name, bias name, A [B, T, I], [grad holders per token])
+
+    def _w(self, name):
+        p = getattr(self.module, name, None)
+        if p is None:
+            return None
+        return p.detach() if self.lean and p.requires_grad else p
+
+    def _real(self):
+        return [p for p in self.module.parameters() if p.requires_grad] if self.lean else []
+
+    def _linear(self, x, wn, bn, A_rows: list, holders: list):
+        y = anchored(F.linear(x, self._w(wn), self._w(bn)), self._real())
+        A_rows.append(x.detach())
+        h = _Grads()
+        if y.requires_grad:
+            y.register_hook(h)
+        holders.append(h)
+        return y
+
+    def forward(self, input, hx=None):
+        m = self.module
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise UnsupportedModule(
+                f"module '{self.name}' ({type(m).__name__}): a PackedSequence input in the retain pass is not supported; "
+                "pass a padded batch-first tensor (mask the padded steps in the loss)."
+            )
+        if input.dim() != 3:
+            raise CaptureError(f"module '{self.name}' ({type(m).__name__}): the retain pass needs a batched input [B, T, I]")
+        if m.dropout and m.training and m.num_layers > 1:
+            raise UnsupportedModule(
+                f"module '{self.name}' ({type(m).__name__}) applies dropout between layers in training mode; use "
+                "module.eval() or dropout=0 for the retain pass."
+            )
+        x = input if m.batch_first else input.transpose(0, 1)
+        B, T, _ = x.shape
+        L, nd, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
+        lstm = m.mode == "LSTM"
+        if hx is None:
+            z = x.new_zeros(L * nd, B, H)
+            h0, c0 = z, z
+        elif lstm:
+            h0, c0 = hx
+        else:
+            h0, c0 = hx, None
+        hn, cn = [], []
+        layer_in = x
+        for layer in range(L):
+            outs = []
+            for d in range(nd):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                bias = m.bias
+                A_ih, g_ih, A_hh, g_hh = [], [], [], []
+                gates_x = self._linear(layer_in, "weight_ih" + sfx, "bias_ih" + sfx if bias else None, A_ih, g_ih)
+                h, c = h0[layer * nd + d], (c0[layer * nd + d] if lstm else None)
+                hs = [None] * T
+                for t in (range(T) if d == 0 else reversed(range(T))):
+                    gh = self._linear(h, "weight_hh" + sfx, "bias_hh" + sfx if bias else None, A_hh, g_hh)
+                    h, c = _cell(m.mode, gates_x[:, t], gh, h, c)
+                    hs[t] = h
+                outs.append(torch.stack(hs, 1))
+                hn.append(h)
+                cn.append(c)
+                self.parts.append(("weight_ih" + sfx, "bias_ih" + sfx if bias else None, A_ih, g_ih, False))
+                self.parts.append(("weight_hh" + sfx, "bias_hh" + sfx if bias else None, A_hh, g_hh, True))
+            layer_in = torch.cat(outs, -1) if nd == 2 else outs[0]
+            if m.dropout and layer < L - 1 and m.training:
+                layer_in = F.dropout(layer_in, m.dropout, True)
+        out = layer_in if m.batch_first else layer_in.transpose(0, 1)
+        h_n = torch.stack(hn)
+        return (out, (h_n, torch.stack(cn))) if lstm else (out, h_n)
+
+    def uses(self, B: int) -> Dict[Tensor, list]:
+        m = self.module
+        uses: Dict[Tensor, list] = {}
+        for wn, bn, A_rows, holders, per_step in self.parts:
+            if all(h.g is None for h in holders):
+                continue
+            if per_step:  # one token per step: stack the steps as tokens
+                A = torch.stack(A_rows, 1)
+                D = torch.stack([h.g if h.g is not None else A_rows[0].new_zeros(B, getattr(m, wn).shape[0]) for h in holders], 1)
+            else:
+                A, D = A_rows[0], holders[0].g
+            w = getattr(m, wn)
+            G, I = w.shape
+            if w.requires_grad:
+                uses.setdefault(w, []).append(OuterUse(A[:, :, None, :], D[:, :, None, :].to(A.dtype), None, (1, G, I)))
+            b = getattr(m, bn) if bn else None
+            if b is not None and b.requires_grad:
+                uses.setdefault(b, []).append(ExplicitUse(D.sum(1)))
+        return uses
+
+
+def _cell(mode, gx, gh, h, c):
+    if mode == "LSTM":
+        i, f, g, o = (gx + gh).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        xr, xz, xn = gx.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, None
+    pre = gx + gh
+    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+
+
+def check_against_module(module: nn.RNNBase, name: str, got, args, kwargs) -> None:
+    """The unrolled forward must reproduce the fused module (first call of each module)."""
+    with torch.no_grad():
+        ref = type(module).forward(module, *args, **kwargs)
+    flat_got = [t for t in _flat(got)]
+    flat_ref = [t for t in _flat(ref)]
+    ok = len(flat_got) == len(flat_ref) and all(
+        a.shape == b.shape and torch.allclose(a.detach().float(), b.float(), rtol=CHECK_RTOL, atol=CHECK_ATOL)
+        for a, b in zip(flat_got, flat_ref)
+    )
+    if not ok:
+        raise CaptureError(
+            f"module '{name}' ({type(module).__name__}): the unrolled recurrence used for per-sample gradients does not "
+            "reproduce the module's output (a subclass with a changed forward, or randomness); freeze the module "
+            "(requires_grad_(False)) or use the stock class in eval mode."
+        )
+
+
+def _flat(x):
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for y in x for t in _flat(y)]
+    return []
