@@ -16,6 +16,7 @@ factors are captured after the unlearn pass's activations are freed).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -25,9 +26,11 @@ from . import blocks as _blocks
 from . import distributed as _distributed
 from . import gram
 from . import threads as _threads
-from .capture import Capture, CaptureError, find_units
+from .capture import Capture, CaptureError, find_units, op_parameters
+from .fallback import FallbackLog
 from .conv_factors import ConvUse
 from .factors import ExplicitUse, OuterUse, explicit_rows
+from .forget_window import ForgetWindow
 from .gram import ParamTerm
 from .solve import COLUMN_MIN_RTOL, resolve_rtol, solve_columns, solve_psd
 
@@ -75,6 +78,9 @@ class OrthoGrad:
             retain ``.grad`` buffers. Turned off under DistributedDataParallel (its reducer expects
             every gradient); pass False for modules whose forward needs ``self.weight`` to be the
             ``nn.Parameter`` object itself.
+        arm_forget: on leaving ``retain()``, keep the :meth:`forget` capture attached until
+            ``project_()``, so an unlearn backward after the retain block gets the cheaper
+            coefficients without the block (README, "The armed capture"). Off under DDP.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class OrthoGrad:
         *,
         max_retain: int = MAX_RETAIN_SAMPLES,
         lean_retain: bool = True,
+        arm_forget: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"OrthoGrad(model=...): expected a torch.nn.Module, got {type(model).__name__}")
@@ -117,6 +124,13 @@ class OrthoGrad:
         self._forget_grad: Dict[Tensor, tuple] = {}
         self._forget_bad: set = set()
         self._cross_checked = False
+        # the unlearn capture armed on leaving retain() (see forget()); off under DDP
+        self.arm_forget = bool(arm_forget) and self._group is None
+        self._window: Optional[ForgetWindow] = None
+        self._forget_explicit = False  # an og.forget() block ran in this span: no arming, errors raise
+        self._arm_off: Optional[str] = None  # why arming stopped for good (armed factors failed a check)
+        self._row_gen = torch.Generator().manual_seed(0)  # rows of the per-step check of the factors
+        self._plan_cache: Optional[tuple] = None  # (key, plan) of the last projection (_plan)
         self._half_seen = False  # a half-precision factor was folded into float64 rows (_compact)
         self._params: List[Tuple[str, Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self._params:
@@ -132,9 +146,22 @@ class OrthoGrad:
         self._terms: Optional[Dict[Tensor, ParamTerm]] = None
         self._projected = False
         self._in_retain = False
-        self.stats: dict = {}
+        self._fallback_log = FallbackLog()  # torch.func fallback scopes seen (og.stats["fallback"])
+        self._op_params: set = set()  # parameters captured by operation (capture.op_parameters)
+        self.stats = {}
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        """Stats of the last projection, and ``"fallback"``: the modules whose calls went through the
+        torch.func fallback (module, op, params), empty when every use was captured by a rule."""
+        self._stats["fallback"] = self._fallback_log.report()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict) -> None:
+        self._stats = value
+
     @property
     def parameters(self) -> List[Tuple[str, Tensor]]:
         """(name, parameter) for every trainable parameter OrthoGrad manages."""
@@ -185,6 +212,7 @@ class OrthoGrad:
         """
         if self._in_retain:
             raise OrthoGradError("og.retain() blocks cannot be nested")
+        self._disarm()
         self._begin_block()
         saved = {p: p.grad for _, p in self._params}
         # DDP (issue 6): with gradient_as_bucket_view=True the reducer writes the retain gradient
@@ -192,7 +220,13 @@ class OrthoGrad:
         saved_vals = {p: g.clone() for p, g in saved.items() if g is not None} if self._group is not None else {}
         for _, p in self._params:
             p.grad = None
-        cap = Capture(self.model, self._units, self._swap)
+        # Until the first projection has checked the capture, operation-captured parameters run with
+        # their real tensors: their retain gradient then shows any use the operations did not see
+        # (e.g. inside a custom autograd.Function), which the capture check turns into an error.
+        op_real = self._op_params if self.lean_retain and not self._capture_checked else set()
+        cap = Capture(
+            self.model, self._units, self._swap, lean_ops=self.lean_retain and not op_real, fallback_log=self._fallback_log
+        )
         self._in_retain = True
         cap.attach()
         try:
@@ -206,11 +240,11 @@ class OrthoGrad:
                     f"factors are kept until project_() (roughly B x activations of memory) and the solve is "
                     f"B^3. Call project_() more often or raise OrthoGrad(max_retain=...)."
                 )
-            self._check_lean()  # before the block joins the span: a refused block leaves no factors
+            self._check_lean(exempt=op_real)  # before the block joins the span: a refused block leaves no factors
             self._blocks.append((B, self._compact(uses, B)))
             keep_retain_grad = self.alpha > 0 or not self._capture_checked
             for _, p in self._params:
-                g = p.grad if keep_retain_grad and p not in self._lean else None
+                g = p.grad if keep_retain_grad and (p not in self._lean or p in op_real) else None
                 if g is not None and self._group is not None:
                     # DDP (issue 6): with gradient_as_bucket_view the next backward reuses this storage
                     g = g.clone()
@@ -226,6 +260,7 @@ class OrthoGrad:
                 if p in saved_vals:  # DDP bucket views: restore the values too (see above)
                     p.grad.copy_(saved_vals[p])
             self._in_retain = False
+        self._arm()  # the unlearn backward that follows keeps its factors (forget())
 
     def _begin_block(self) -> None:
         """Common entry of retain() and forget(): a new span after a projection, model checks."""
@@ -243,61 +278,101 @@ class OrthoGrad:
 
     @contextlib.contextmanager
     def forget(self) -> Iterator["OrthoGrad"]:
-        """Optional: run the unlearn backward inside this block to make ``project_()`` cheaper.
+        """Run the unlearn backward inside this block to make ``project_()`` cheaper.
 
         The hooks keep the unlearn pass's layer inputs and output gradients for nn.Linear (and
         transformers' Conv1D) layers; where it is cheaper (layers without a token axis: an MLP, a
         classifier head), the coefficients <g_i, u> then come from B x B_u products of factors
         instead of a pass of the B x O x I GEMM over u. ``.grad`` is computed as usual, so the
         result is the same with or without the block. The factors are used for a parameter only if
-        its ``.grad`` was None when the first block began (``zero_grad(set_to_none=True)``) and is
-        the same, unmodified tensor at ``project_()`` (gradient clipping in between: they are
-        ignored). The first projection checks them against the GEMM and raises CaptureError on a
-        mismatch (an unlearn loss term outside the modules' forwards, e.g. a weight penalty).
-        Several blocks before one ``project_()`` accumulate, before or after the retain blocks of
-        the step (a block after a projection starts the next step). No-op under
-        DistributedDataParallel.
+        its ``.grad`` was None before the step's first unlearn accumulation
+        (``zero_grad(set_to_none=True)``), every later accumulation found what the previous one
+        left, and it is that same, unmodified tensor at ``project_()`` (gradient clipping in
+        between: they are ignored). Their first use is checked against the GEMM, later ones on a
+        few random rows of ``.grad``: a mismatch (an unlearn loss term outside the modules'
+        forwards, e.g. a weight penalty) raises CaptureError. Several blocks before one
+        ``project_()`` accumulate, before or after the retain blocks of the step (a block after a
+        projection starts the next step). No-op under DistributedDataParallel.
+
+        Without the block, leaving ``retain()`` arms the same capture until ``project_()`` (see
+        the README, "og.forget()"): an unlearn backward after the retain block is as fast as one
+        inside ``forget()``.
         """
         if self._in_retain:
             raise OrthoGradError("og.forget() cannot be used inside og.retain() (or nested)")
+        self._disarm()
         self._begin_block()
         if self._group is not None:  # DDP: .grad is the rank average; the local factors are not u
             yield self
             return
+        self._forget_explicit = True
+        win = self._forget_start()
+        self._in_retain = True  # no project_() inside
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            self._in_retain = False
+            if win is not None:
+                self._forget_finish(win, ok)
+
+    # Layer inputs an armed unlearn capture may hold (one-token dense layers: B_u x I each); past it
+    # the window gives up and those weights use the coefficient GEMM.
+    FORGET_MAX_BYTES = 256 << 20
+
+    def _forget_start(self) -> Optional[ForgetWindow]:
+        """Hooks of one unlearn window (an og.forget() block or the armed capture), attached."""
         from . import rules
 
         units = [u for u in self._units if u.rule in (rules.linear_uses, rules.hf_conv1d_uses)]
         # a parameter also owned by a module outside this set (tied to an embedding or a fallback
         # module) would get unlearn gradient the captured factors do not hold
-        elsewhere = {id(q) for u in self._units if u not in units for q in u.module.parameters(recurse=u.whole)}
-        before = {p: (p.grad, None if p.grad is None else p.grad._version) for _, p in self._params}
-        cap = Capture(self.model, units, single_token_only=True)
-        self._in_retain = True  # no project_() inside
-        cap.attach()
-        try:
-            yield self
-            cap.detach()
-            uses = cap.finish() if units else {}
-        finally:
-            cap.detach()
-            self._in_retain = False
-        # a layer with a call that was not kept (several tokens per sample): its factors are partial
-        elsewhere.update(id(q) for u in units if id(u.module) in cap.skipped for q in u.module.parameters(recurse=False))
-        for _, p in self._params:
-            if p in self._forget_bad or id(p) in elsewhere:
-                self._forget_bad.add(p)
-                continue
-            prev = self._forget_grad.get(p)
-            g0, v0 = before[p]
-            # the first block must start from no gradient; a later one from what the last one left
-            fresh = g0 is None if prev is None else (g0 is prev[0] and v0 == prev[1])
-            us = [u for u in uses.get(p, []) if isinstance(u, OuterUse)]
-            if p.grad is None or not fresh or not us or len(us) != len(uses.get(p, [])):
+        dense = {id(u) for u in units}
+        elsewhere = {id(q) for u in self._units if id(u) not in dense for q in u.module.parameters(recurse=u.whole)}
+        self._forget_bad.update(p for _, p in self._params if id(p) in elsewhere)
+        layers = [
+            (u.module, u.module.weight, u.rule is rules.hf_conv1d_uses)
+            for u in units
+            if u.module.weight.requires_grad and id(u.module.weight) not in elsewhere
+        ]
+        if not layers:
+            return None
+        win = ForgetWindow(layers, dict(self._forget_grad), self.FORGET_MAX_BYTES)
+        win.attach()
+        return win
+
+    def _forget_finish(self, win: ForgetWindow, ok: bool) -> None:
+        """Hooks off; the window's factors join the span for the weights whose .grad they describe."""
+        win.detach()
+        uses = win.uses() if ok and not win.overflow else {}
+        for p in win.weights:
+            us = uses.get(p, [])
+            if p not in win.seen and not us and p not in win.bad and p not in win.partial:
+                continue  # untouched by this window (what earlier windows left still holds)
+            if not ok or win.overflow or p in self._forget_bad or p in win.partial or p in win.bad or p not in win.seen or not us:
                 self._forget_bad.add(p)
                 self._forget.pop(p, None)
                 continue
             self._forget.setdefault(p, []).extend(us)
-            self._forget_grad[p] = (p.grad, p.grad._version)
+            self._forget_grad[p] = win.seen[p]
+
+    def _arm(self) -> None:
+        """On leaving retain(): keep an unlearn capture attached until project_() (or reset(), the next
+        retain() or forget(), close()), unless an og.forget() block ran in this span."""
+        if not self.arm_forget or self._arm_off or self._forget_explicit or self._window is not None:
+            return
+        self._window = self._forget_start()
+
+    def _disarm(self, keep: bool = True) -> None:
+        """Detach the armed capture; ``keep``: its factors join the span (else dropped)."""
+        win, self._window = self._window, None
+        if win is None:
+            return
+        if keep:
+            self._forget_finish(win, True)
+        else:
+            win.detach()
 
     def _cross_usable(self, terms, active, vecs) -> Dict[Tensor, list]:
         """{param: og.forget() factors} where they are valid for .grad and b from them is cheaper
@@ -328,19 +403,19 @@ class OrthoGrad:
         return out
 
     def _swap_plan(self):
-        """Lean retain: the (name, param) pairs each rule layer gets detached during its calls.
-        Parameters a generic-fallback unit also uses keep their retain gradient (its check)."""
+        """Lean retain: the (name, param) pairs each class-rule layer gets detached during its calls,
+        and every parameter whose retain gradient is never formed (class-rule, operation-captured
+        and recurrent ones: their gbar_r comes from the factors). A parameter also owned by an
+        operation-captured or recurrent unit is not swapped (it keeps its retain gradient)."""
+        self._op_params = set(op_parameters(self._units))
         if not self.lean_retain:
             return {}, set()
-        from . import fallback
-
-        shared = set()
-        for u in self._units:
-            if u.rule is None:
-                shared.update(id(p) for p in fallback.unit_parameters(u.module, u.whole).values())
+        shared = {id(p) for u in self._units if u.kind != "rule" for p in u.parameters()}
         swap, lean = {}, set()
         for u in self._units:
-            if u.rule is None:
+            if u.kind == "recurrent":
+                lean.update(u.parameters())
+            if u.kind != "rule":
                 continue
             own = [
                 (n, p)
@@ -350,14 +425,16 @@ class OrthoGrad:
             if own:
                 swap[id(u.module)] = own
                 lean.update(p for _, p in own)
+        lean.update(self._op_params)
         return swap, lean
 
-    def _check_lean(self) -> None:
+    def _check_lean(self, exempt=()) -> None:
         """Lean retain: a parameter handed out detached to its owner that still got a retain
-        gradient was used outside its owner's forward (the hooks cannot see that use)."""
+        gradient was used outside its owner's forward (the hooks cannot see that use).
+        ``exempt``: parameters that ran with their real tensors in this block."""
         names = {p: n for n, p in self._params}
         for p in self._lean:
-            if p.grad is not None:
+            if p.grad is not None and p not in exempt:
                 raise CaptureError(
                     f"parameter '{names[p]}' received a retain gradient outside the forward of the module that "
                     "owns it (e.g. `h @ self.emb.weight.T` in a parent's forward, or a weight penalty in the "
@@ -367,6 +444,7 @@ class OrthoGrad:
 
     def _reset_span(self) -> None:
         self._half_seen = False
+        self._forget_explicit = False
         self._forget.clear()
         self._forget_grad.clear()
         self._forget_bad.clear()
@@ -378,8 +456,19 @@ class OrthoGrad:
         self.stats = {}
 
     def reset(self) -> None:
-        """Drop captured factors (free their memory) without projecting."""
+        """Drop captured factors (free their memory) and the armed unlearn capture without projecting."""
+        self._disarm(keep=False)
         self._reset_span()
+
+    def close(self) -> None:
+        """Remove every hook this object holds and drop its factors (also done on deletion)."""
+        self.reset()
+
+    def __del__(self):
+        try:
+            self._disarm(keep=False)
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to clean
+            pass
 
     # ------------------------------------------------------------------------------------------
     def _build_terms(self) -> Dict[Tensor, ParamTerm]:
@@ -455,28 +544,35 @@ class OrthoGrad:
             return terms[p].gram_coef(out[p], terms[p].cross_coef(cross[p]) if p in cross else None)
 
         # a one-token layer's bias takes its Gram from its weight's job (gram.link_twins): after it
-        active_set = set(active)
-        riders = [p for p in active if terms[p].host is not None and terms[p].host.param in active_set]
-        riding = set(riders)
-        jobs = [p for p in active if p not in riding]
-        got = dict(
-            zip(
-                jobs,
-                _threads.run_spread(
-                    gram_coef,
-                    jobs,
-                    [terms[p].work(p in cross) for p in jobs],
-                    nthreads,
-                    small=SMALL_TERM_WORK,
-                    alone=[not terms[p].spreadable() for p in jobs],
-                ),
-            )
-        )
+        riders, groups, jobs = self._plan(terms, active)
+        grouped = {p for g in groups for p in (t.param for t in g.terms)}
+
+        def gram_job(item):
+            if isinstance(item, gram.ExplicitGroup):
+                return item.gram_coef([out[t.param] for t in item.terms])
+            return gram_coef(item)
+
+        items = jobs + groups
+        got = {}
+        for item, r in zip(
+            items,
+            _threads.run_spread(
+                gram_job,
+                items,
+                [terms[p].work(p in cross) for p in jobs] + [g.work() for g in groups],
+                nthreads,
+                small=SMALL_TERM_WORK,
+                alone=[not terms[p].spreadable() for p in jobs] + [False] * len(groups),
+            ),
+        ):
+            if isinstance(item, gram.ExplicitGroup):
+                got.update(zip((t.param for t in item.terms), zip(r[0].unbind(0), r[1].unbind(0))))
+            else:
+                got[item] = r
         for p in riders:
             got[p] = gram_coef(p)
-        for p in active:
-            if p in cross and not self._cross_checked:  # first use: the forget() factors against the GEMM
-                self._check_cross(p, got[p][0], got[p][1], terms[p].coef(out[p]), out[p])
+        if cross:
+            self._verify_cross(cross, got, terms, out)
         Ks, bs, rtols = [], [], []
         for p in active:
             Ks.append(got[p][0])
@@ -488,13 +584,13 @@ class OrthoGrad:
         K = torch.stack(Ks)
         b = torch.stack(bs)
         del got, Ks
-        for k, p in enumerate(active):  # the terms keep views of the stack, not a second copy of every K
-            terms[p]._K = K[k]
-        finite = torch.isfinite(K).all() & torch.isfinite(b).all()
+        for p, Kk in zip(active, K.unbind(0)):  # the terms keep views of the stack, not a second copy of every K
+            terms[p]._K = Kk
+        finite = torch.isfinite(K.sum() + b.sum())  # NaN and inf propagate: one small reduction, one sync
         if not bool(finite):
             self._raise_nonfinite(active, list(K), bs, out)
         if check_sum:
-            self._check_capture(active, bs, out)
+            self._check_capture(active, K, bs, out)
         with _threads.one_thread(K.device.type == "cpu"):  # B x B matrices: one thread (see above)
             if self.scope == "global":
                 rt = max(rtols)
@@ -504,25 +600,32 @@ class OrthoGrad:
                 rt = torch.tensor(rtols, dtype=torch.float64, device=K.device).unsqueeze(-1)
                 # materialized tensors with fewer entries than samples: the same c from their n x n
                 # column Gram (K is rank-deficient there: no B x B eigh every step)
+                # (groups of explicit terms: one batched column solve per group)
+                col_groups = [g for g in groups if g.numel < g.B and rtols[g.ks[0]] >= COLUMN_MIN_RTOL]
+                in_groups = {k for g in col_groups for k in g.ks}
                 col = [
                     k
                     for k, p in enumerate(active)
-                    if terms[p].mode == "explicit" and terms[p].numel < terms[p].B and rtols[k] >= COLUMN_MIN_RTOL
+                    if terms[p].mode == "explicit" and terms[p].numel < terms[p].B and rtols[k] >= COLUMN_MIN_RTOL and k not in in_groups
                 ]
-                if col:
-                    rest = sorted(set(range(len(active))) - set(col))
+                if col or col_groups:
+                    rest = sorted(set(range(len(active))) - set(col) - in_groups)
                     c = torch.empty_like(b)
                     if rest:
                         c[rest] = solve_psd(K[rest], b[rest], rt[rest])
-                    got_c = solve_columns([terms[active[k]].G for k in col], [out[active[k]] for k in col], [rtols[k] for k in col])
-                    for k, ck in zip(col, got_c):
-                        c[k] = ck
+                    if col:
+                        got_c = solve_columns([terms[active[k]].G for k in col], [out[active[k]] for k in col], [rtols[k] for k in col])
+                        for k, ck in zip(col, got_c):
+                            c[k] = ck
+                    for g in col_groups:
+                        c[g.rows] = g.solve_columns(rtols[g.ks[0]])
                 else:
                     c = solve_psd(K, b, rt)
         approx = any(terms[p].approx for p in active)
         if not approx:
             # fold the retain-gradient term into the coefficients of the same update GEMM
-            c = c + torch.tensor([shift.get(p, 0.0) for p in active], dtype=c.dtype, device=c.device).unsqueeze(-1)
+            if shift:
+                c = c + torch.tensor([shift.get(p, 0.0) for p in active], dtype=c.dtype, device=c.device).unsqueeze(-1)
             exact = self._needs_exact(K, c, [out[p] for p in active])
         # the scale rides in the update GEMM too, unless a re-projection follows
         if approx:
@@ -530,11 +633,15 @@ class OrthoGrad:
                 terms[p].apply_(out[p], c[k])
         else:
 
-            def update(k):
-                terms[active[k]].apply_(out[active[k]], c[k], scale, exact=exact[k])
+            def update(item):
+                if isinstance(item, gram.ExplicitGroup):
+                    item.apply_([out[t.param] for t in item.terms], c[item.rows], scale)
+                else:
+                    terms[active[item]].apply_(out[active[item]], c[item], scale, exact=exact[item])
 
-            ks = range(len(active))
-            _threads.run_spread(update, ks, [terms[p].update_work() for p in active], nthreads, small=SMALL_TERM_WORK)
+            ks = [k for k, p in enumerate(active) if p not in grouped] + groups
+            work = [terms[active[k]].update_work() for k in ks[: len(ks) - len(groups)]] + [g.update_work() for g in groups]
+            _threads.run_spread(update, ks, work, nthreads, small=SMALL_TERM_WORK)
         if approx:
             # Float32-accumulated Gram (Triton): project the residual once more ("twice is enough").
             b2 = torch.stack([terms[p].coef(out[p]) for p in active])
@@ -544,6 +651,43 @@ class OrthoGrad:
         # terms[...].B: under DDP the union of every rank's retain samples (retain_size is local)
         self.stats = {"B": terms[active[0]].B, "backend": self._backend_used, "scope": self.scope, "tensors": len(active)}
         return out
+
+    # explicit terms of one size grouped from this many members on (below: per-term jobs), and at
+    # most this many bytes of stacked float64 rows per group (a group's stack is a copy of its rows)
+    GROUP_MIN = 2
+    GROUP_MAX_BYTES = 32 << 20
+
+    def _plan(self, terms, active):
+        """(riders, explicit groups, per-term jobs) of a projection, cached while the terms' kinds and
+        shapes repeat (every step of a training loop): riders take their Gram from their host's job
+        (gram.link_twins); explicit terms of one size form :class:`gram.ExplicitGroup` s."""
+        key = tuple((id(p), t.mode, t.B, t.numel, t.host is not None) for p, t in zip(active, map(terms.__getitem__, active)))
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            riders, spec, jobs = self._plan_cache[1]
+        else:
+            active_set = set(active)
+            riders = [p for p in active if terms[p].host is not None and terms[p].host.param in active_set]
+            riding = set(riders)
+            by_key: Dict[tuple, list] = {}
+            if self._backend_used != "triton":
+                for k, p in enumerate(active):
+                    gk = gram.ExplicitGroup.key(terms[p]) if p not in riding else None
+                    if gk is not None:
+                        by_key.setdefault(gk, []).append(k)
+            dev = terms[active[0]].param.device
+            spec = []
+            for ks in by_key.values():
+                t = terms[active[ks[0]]]
+                per = max(1, self.GROUP_MAX_BYTES // (8 * t.B * t.numel))
+                for i in range(0, len(ks), per):
+                    part = ks[i : i + per]
+                    if len(part) >= self.GROUP_MIN:
+                        spec.append((part, torch.tensor(part, device=dev)))
+            grouped = {active[k] for ks, _ in spec for k in ks}
+            jobs = [p for p in active if p not in riding and p not in grouped]
+            self._plan_cache = (key, (riders, spec, jobs))
+        groups = [gram.ExplicitGroup([terms[active[k]] for k in ks], ks, rows) for ks, rows in spec]
+        return riders, groups, jobs
 
     @staticmethod
     def _needs_exact(K: Tensor, c: Tensor, vecs: List[Tensor]) -> List[bool]:
@@ -557,16 +701,55 @@ class OrthoGrad:
         )
         return (gram.update_amplification(K, c.to(K.dtype)) * eps > gram.EXACT_UPDATE_TOL).tolist()
 
-    def _check_cross(self, p, K, b_cross, b_gemm, u) -> None:
-        unorm = float(torch.linalg.vector_norm(u))  # in u's dtype: dtype=float64 would copy u
-        tol = (3e-2 if self._half_factors else 1e-3) * K.diagonal().clamp_min(0).sqrt() * unorm + 1e-30
-        if bool(((b_cross - b_gemm).abs() > tol).any()):
-            name = {q: n for n, q in self._params}[p]
+    # rows of .grad compared with the unlearn factors at every projection after the first
+    CROSS_CHECK_ROWS = 4
+
+    def _verify_cross(self, cross, got, terms, vecs) -> None:
+        """The unlearn factors must reproduce .grad: the first use compares the coefficients with
+        the GEMM, later ones a few random rows of .grad (a loss term that appears later, e.g. a
+        penalty switched on after some steps). A mismatch raises under og.forget(); factors of the
+        armed capture are replaced by the GEMM and arming stops for this object, with a warning."""
+        first = not self._cross_checked
+        errs = []
+        for p in cross:
+            if first:
+                b_gemm = terms[p].coef(vecs[p])
+                errs.append(self._cross_error(p, got[p][0], got[p][1], b_gemm, vecs[p]))
+            else:
+                errs.append(terms[p].cross_rows_error(cross[p], vecs[p], self.CROSS_CHECK_ROWS, self._row_gen))
+        tol = 3e-2 if self._half_factors else 1e-3
+        # one host sync; a NaN from a non-finite retain Gram is left to the finite check that follows
+        bad = [
+            p
+            for p, e in zip(cross, torch.stack(errs).tolist())
+            if e > tol or (e != e and bool(torch.isfinite(got[p][0]).all()))
+        ]
+        self._cross_checked = True
+        if not bad:
+            return
+        names = {q: n for n, q in self._params}
+        if self._forget_explicit:
             raise CaptureError(
-                f"parameter '{name}': the unlearn factors captured by og.forget() do not reproduce its unlearn "
-                "gradient (a use outside the owning module's forward, or a loss term such as a weight penalty). "
-                "Run the unlearn backward outside og.forget() for this model."
+                f"parameter '{names[bad[0]]}': the unlearn factors captured by og.forget() do not reproduce its "
+                "unlearn gradient (a use outside the owning module's forward, or a loss term such as a weight "
+                "penalty). Run the unlearn backward outside og.forget() for this model."
             )
+        for p in bad:
+            got[p] = (got[p][0], terms[p].coef(vecs[p]))
+        self._arm_off = names[bad[0]]
+        warnings.warn(
+            f"OrthoGrad: the unlearn pass after retain() does not come from the modules' forwards alone for "
+            f"parameter '{names[bad[0]]}' (a loss term such as a weight penalty?); its coefficients use the GEMM "
+            "and the unlearn capture is no longer armed (OrthoGrad(arm_forget=False) skips it from the start).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _cross_error(self, p, K, b_cross, b_gemm, u) -> Tensor:
+        """max_i |b_cross - b_gemm| / (|g_i| |u|), a 0-d tensor (no host sync)."""
+        unorm = torch.linalg.vector_norm(u).double()  # in u's dtype: dtype=float64 would copy u
+        scale = K.diagonal().clamp_min(0).sqrt() * unorm + 1e-30
+        return ((b_cross - b_gemm).abs() / scale).max()
 
     def _raise_nonfinite(self, active, Ks, bs, vecs) -> None:
         names = {p: n for n, p in self._params}
@@ -583,32 +766,45 @@ class OrthoGrad:
                 )
         raise FloatingPointError("non-finite values in the OrthoGrad Gram")
 
-    def _check_capture(self, active, bs, vecs) -> None:
+    def _check_capture(self, active, K, bs, vecs) -> None:
         """sum_i <g_i, u> must equal <sum of the retain gradients, u>: a use the hooks missed (a
-        parameter used outside its module's forward) breaks it. Scalar per tensor, no extra pass."""
+        parameter used outside its module's forward) breaks it. Scalar per tensor, no extra pass.
+
+        Rounding in both sums scales with the per-sample rows, sum_i |g_i| |u| (|g_i| = sqrt(K_ii)),
+        not with |sum_i g_i|, which vanishes when the samples cancel. A tensor whose every row is
+        rounding noise (its true gradient is exactly zero, e.g. a bias a later op removes) is judged
+        against the model-wide scale sum_t sum_i |g_i,t| |u_t| instead: its noise is far below it,
+        a real missed use is not."""
         names = {p: n for n, p in self._params}
-        for p, b in zip(active, bs):
+        rows = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().sum(-1)  # sum_i |g_i| per tensor
+        model_scale = None  # formed only if some tensor misses its own tolerance
+        # DDP (issue 6): .grad is the rank average, the gathered rows sum every rank's local gradient.
+        world = _distributed.world_size(self._group)
+        for k, (p, b) in enumerate(zip(active, bs)):
             gs = self._gsum.get(p)
             if gs is None:
                 continue
             u = vecs[p]
             lhs = b.sum()
-            # DDP (issue 6): .grad is the rank average, the gathered rows sum every rank's local gradient.
-            world = _distributed.world_size(self._group)
             # float32 dots are enough for the tolerance and avoid float64 copies of big tensors
             rhs = torch.dot(gs.reshape(-1), u.reshape(-1).to(gs.dtype)).double() * world
-            scale = torch.linalg.vector_norm(gs).double() * torch.linalg.vector_norm(u).double() * world
+            unorm = torch.linalg.vector_norm(u).double()
             # autocast (issue 6): half factors (bf16/fp16 activations and output gradients) with an fp32
-            # .grad still carry half-precision rounding: use the half tolerance for them too.
+            # .grad still carry half-precision rounding: use the half tolerances for them too.
             half = gs.dtype in (torch.float16, torch.bfloat16) or self._half_factors
-            tol = (3e-2 if half else 2e-3) * scale + 1e-30
-            if (lhs - rhs).abs() > tol:
-                raise CaptureError(
-                    f"parameter '{names[p]}': the per-sample gradients captured by the hooks do not add up to its "
-                    "retain gradient. It is used outside the forward of the module that owns it (e.g. "
-                    "`h @ self.emb.weight.T` in a parent's forward). Route that use through a module "
-                    "(nn.Linear with the tied weight) or freeze the parameter."
-                )
+            tol = (3e-2 if half else 2e-3) * rows[k] * unorm + 1e-30
+            if (lhs - rhs).abs() <= tol:
+                continue
+            if model_scale is None:
+                model_scale = sum(float(rows[j]) * float(torch.linalg.vector_norm(vecs[q])) for j, q in enumerate(active))
+            if float((lhs - rhs).abs()) <= (1e-3 if half else 1e-5) * model_scale:
+                continue
+            raise CaptureError(
+                f"parameter '{names[p]}': the per-sample gradients captured by the hooks do not add up to its "
+                "retain gradient. It is used outside the forward of the module that owns it (e.g. "
+                "`h @ self.emb.weight.T` in a parent's forward). Route that use through a module "
+                "(nn.Linear with the tied weight) or freeze the parameter."
+            )
         for name, p in self._params:
             if p not in self._terms and self._gsum.get(p) is not None and bool(self._gsum[p].abs().max() > 0):
                 raise CaptureError(
@@ -631,6 +827,7 @@ class OrthoGrad:
                 "og.project_() was already applied to this retain pass; run a new `with og.retain():` pass "
                 "before projecting again (project_vectors() can reuse the factors)."
             )
+        self._disarm()  # the armed unlearn capture's factors join the span; its hooks go
         if not self._blocks:
             self._build_terms()  # raises the no-retain error
         for _, p in self._params:

@@ -82,6 +82,63 @@ def link_twins(terms: List["ParamTerm"]) -> None:
             h.passenger, t.host = t, h
 
 
+class ExplicitGroup:
+    """Explicit terms (float64 rows G [B, n]) of one size, one dtype and one device, evaluated as one
+    batch: K and b by one bmm each, the update by one bmm and one grouped copy back, instead of
+    several small ops per tensor (a ViT has ~100 biases and norm weights; per-op host time would
+    dominate). The same numbers as the per-term path, the update formed in float64."""
+
+    def __init__(self, terms: List["ParamTerm"], ks: List[int], rows: Tensor):
+        self.terms = terms
+        self.ks = ks  # the members' positions in the projection's list of active tensors
+        self.rows = rows  # the same as an index tensor
+        self.B = terms[0].B
+        self.numel = terms[0].numel
+        self._G: Optional[Tensor] = None
+        self._U: Optional[Tensor] = None
+
+    @staticmethod
+    def key(t: "ParamTerm") -> Optional[tuple]:
+        """Terms with equal keys may share a group (None: not groupable)."""
+        if t.mode != "explicit" or t.host is not None:
+            return None
+        return (t.B, t.numel, t.param.dtype, t.param.device)
+
+    def work(self) -> int:
+        return sum(t.work() for t in self.terms)
+
+    def update_work(self) -> int:
+        return sum(t.update_work() for t in self.terms)
+
+    def gram_coef(self, Us: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(K [m, B, B], b [m, B]) float64 for the members' tensors ``Us``."""
+        G = torch.stack([t.G for t in self.terms])
+        U = torch.stack([u.reshape(-1) for u in Us]).double()
+        self._G, self._U = G, U
+        K = torch.bmm(G, G.transpose(1, 2))
+        b = torch.bmm(G, U.unsqueeze(-1)).squeeze(-1)
+        for t, Kt in zip(self.terms, K.unbind(0)):
+            t._K = Kt
+        return K, b
+
+    def solve_columns(self, rtol: float) -> Tensor:
+        """c [m, B] from the members' n x n column Grams (numel < B: see solve.solve_columns), from
+        the rows and tensors gram_coef stacked."""
+        from .solve import solve_columns_stacked
+
+        return solve_columns_stacked(self._G, self._U, rtol)
+
+    def apply_(self, Us: List[Tensor], c: Tensor, scale: float = 1.0) -> None:
+        """Us[j] <- scale * (Us[j] - sum_i c[j, i] g_ji), from the float64 copy made by gram_coef
+        (Us must be unchanged since)."""
+        res = self._U - torch.bmm(c.double().unsqueeze(1), self._G).squeeze(1)
+        if scale != 1.0:
+            res.mul_(scale)
+        res = res.to(Us[0].dtype)
+        torch._foreach_copy_(Us, [r.view(u.shape) for r, u in zip(res.unbind(0), Us)])
+        self._U = None
+
+
 class ParamTerm:
     """Everything the solve needs about one trainable tensor's per-sample gradients."""
 
@@ -315,6 +372,23 @@ class ParamTerm:
                 prod = (A[:, r] @ Au.transpose(1, 2)) * (D[:, r] @ Du.transpose(1, 2))
                 b[b0:b1] += prod.sum(dim=(0, 2)).double().reshape(b1 - b0, T).sum(1)
         return b
+
+    def cross_rows_error(self, fuses: List[OuterUse], U: Tensor, rows: int, gen: torch.Generator) -> Tensor:
+        """How far ``rows`` random rows of U (the [O, I] view) are from the same rows of
+        sum_k D_uk^T A_uk, relative to sum_k |d_kj| |a_k| (the rounding scale of the backward's
+        sum): a 0-d float64 tensor, small when the unlearn factors describe U (no host sync)."""
+        Uv = self.use.view(U)[0]
+        O, I = Uv.shape
+        idx = torch.randint(0, O, (min(rows, O),), generator=gen).to(Uv.device)
+        sub = Uv[idx].double()
+        scale = torch.zeros(idx.numel(), dtype=torch.float64, device=Uv.device)
+        for f in fuses:
+            Bu = f.A.shape[0] * f.A.shape[1]
+            A = f.A.reshape(Bu, I).double()
+            D = f.D.reshape(Bu, -1)[:, idx].double()
+            sub = sub - D.t() @ A
+            scale += D.abs().t() @ torch.linalg.vector_norm(A, dim=1)
+        return (torch.linalg.vector_norm(sub, dim=1) / (scale + 1e-30)).max()
 
     def _on_triton(self) -> bool:
         # The kernels take one group of dense fp32/bf16/fp16 factors; grouped convolutions,

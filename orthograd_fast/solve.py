@@ -127,14 +127,19 @@ def solve_columns(Gs: "list[Tensor]", us: "list[Tensor]", rtols: "list[float]") 
         by_n.setdefault(G.shape[1], []).append(k)
     for ks in by_n.values():
         G = torch.stack([Gs[k].double() for k in ks])  # [m, B, n]
-        C = G.transpose(1, 2) @ G
         u = torch.stack([us[k].reshape(-1).double() for k in ks])
-        rt = torch.tensor([rtols[k] for k in ks], dtype=torch.float64, device=C.device).unsqueeze(-1)
-        y = solve_psd(C, u, rt)  # [m, n]
-        c = (G @ y.unsqueeze(-1)).squeeze(-1)
+        rt = torch.tensor([rtols[k] for k in ks], dtype=torch.float64, device=G.device).unsqueeze(-1)
+        c = solve_columns_stacked(G, u, rt)
         for j, k in enumerate(ks):
             out[k] = c[j]
     return out
+
+
+def solve_columns_stacked(G: Tensor, u: Tensor, rtol) -> Tensor:
+    """:func:`solve_columns` for rows already stacked: G [m, B, n], u [m, n] float64 -> c [m, B]."""
+    C = G.transpose(1, 2) @ G
+    y = solve_psd(C, u, rtol)  # [m, n]
+    return (G @ y.unsqueeze(-1)).squeeze(-1)
 
 
 def _eigh_solve(K: Tensor, bb: Tensor, rtol) -> Tensor:

@@ -1,0 +1,279 @@
+"""The contract's call order (retain block, then the unlearn backward, then project_()) takes the
+og.forget() factors from the capture armed on leaving retain(): the same direction as the float64
+oracle, the factor coefficients actually used, and every case where they must not be (an eval
+forward, clipping, a loss term outside the modules, too much held) handled without a wrong result
+or a hook left behind."""
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import orthograd_fast.gram as gram
+from engine_helpers import compare
+from models import ce
+from orthograd_fast import OrthoGrad, OrthoGradError
+
+REL = 1e-4
+ORTH = 1e-5
+
+
+class WideMLP(nn.Module):
+    """Sizes where the factor route is cheaper for every weight: B_u (I + O) < O I."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(17, 40), nn.ReLU(), nn.Linear(40, 33), nn.Tanh(), nn.Linear(33, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _data(gen, B=6, Bu=3):
+    return (torch.randn(B, 17, generator=gen), torch.randint(0, 5, (B,), generator=gen)), (
+        torch.randn(Bu, 17, generator=gen),
+        torch.randint(0, 5, (Bu,), generator=gen),
+    )
+
+
+@pytest.fixture
+def factored(monkeypatch):
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)  # small test weights take the factored routes
+
+
+@pytest.fixture
+def cross_calls(monkeypatch):
+    calls = []
+    orig = gram.ParamTerm.cross_coef
+
+    def spy(self, fuses):
+        calls.append(self.name)
+        return orig(self, fuses)
+
+    monkeypatch.setattr(gram.ParamTerm, "cross_coef", spy)
+    return calls
+
+
+def _hooks_left(model):
+    mods = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    params = any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+    glob = bool(nn.modules.module._global_forward_hooks)
+    return mods or params or glob
+
+
+def _reference(model, retain, unlearn, between=None, unlearn_loss=None):
+    """The same step with arming off: coefficients from the GEMM over .grad."""
+    og = OrthoGrad(model, arm_forget=False)
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    (unlearn_loss or (lambda: ce(model(unlearn[0]), unlearn[1]).mean()))().backward()
+    if between:
+        between(model)
+    og.project_()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _close(a, b):
+    num = sum(float((a[n] - b[n]).square().sum()) for n in a)
+    return (num / sum(float(b[n].square().sum()) for n in a)) ** 0.5
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_contract_order_uses_factors_and_matches_oracle(scope, alpha, factored, cross_calls):
+    gen = torch.Generator().manual_seed(21)
+    model = WideMLP()
+    retain, unlearn = _data(gen)
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha)  # no og.forget()
+    assert sorted(set(cross_calls)) == ["net.0.weight", "net.2.weight", "net.4.weight"], cross_calls
+    assert err <= REL, f"relative error {err:.2e}"
+    assert orth <= ORTH
+    assert not _hooks_left(model)
+
+
+def test_arm_forget_off_uses_gemm(factored, cross_calls):
+    gen = torch.Generator().manual_seed(22)
+    model = WideMLP()
+    retain, unlearn = _data(gen)
+    err, orth, _ = compare(model, ce, retain, unlearn, arm_forget=False)
+    assert cross_calls == [] and err <= REL and orth <= ORTH
+
+
+def test_eval_forwards_record_nothing_and_steps_repeat(factored, cross_calls):
+    gen = torch.Generator().manual_seed(23)
+    model = WideMLP()
+    og = OrthoGrad(model)
+    for step in range(3):
+        retain, unlearn = _data(gen, B=5 + step, Bu=2 + step)
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        with torch.no_grad():
+            model(torch.randn(7, 17, generator=gen))  # an eval forward: nothing kept
+        assert all(len(v) == 0 for v in og._window.calls.values())
+        model(torch.randn(4, 17, generator=gen))  # a forward with grad but no backward: allowed
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        og.project_()
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert not _hooks_left(model)
+        assert _close(got, _reference(model, retain, unlearn)) <= 1e-5
+    assert len(cross_calls) == 9  # three weights, every step
+
+
+@pytest.mark.parametrize("case", ["clip", "replace", "not_none", "two_backwards", "overflow"])
+def test_armed_factors_follow_grad(case, factored, cross_calls, monkeypatch):
+    gen = torch.Generator().manual_seed(24)
+    model = WideMLP()
+    retain, unlearn = _data(gen, Bu=4)
+    between = None
+    if case == "clip":
+        def between(m):
+            nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+    elif case == "replace":
+        def between(m):
+            for p in m.parameters():
+                p.grad = p.grad * 0.5
+    elif case == "overflow":
+        monkeypatch.setattr(OrthoGrad, "FORGET_MAX_BYTES", 64)
+    og = OrthoGrad(model)
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    if case == "not_none":
+        for q in model.parameters():  # zeros, not None: the factors cannot know what .grad held
+            q.grad = torch.zeros_like(q)
+    halves = [slice(0, 2), slice(2, 4)] if case == "two_backwards" else [slice(0, 4)]
+    for s in halves:  # gradient accumulation over two backwards
+        (ce(model(unlearn[0][s]), unlearn[1][s]).sum() / 4).backward()
+    if between:
+        between(model)
+    og.project_()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert not _hooks_left(model)
+    assert _close(got, _reference(model, retain, unlearn, between)) <= 1e-5
+    assert (len(cross_calls) > 0) == (case == "two_backwards"), cross_calls
+
+
+@pytest.mark.parametrize("when", [0, 1])
+def test_loss_term_outside_modules_falls_back_with_warning(when, factored):
+    # a weight penalty in the unlearn loss: from the first step (caught against the GEMM) or
+    # switched on at the second (caught by the per-step row check)
+    gen = torch.Generator().manual_seed(25)
+    model = WideMLP()
+    og = OrthoGrad(model)
+    for step in range(3):
+        retain, unlearn = _data(gen)
+        lam = 0.1 if step >= when else 0.0
+
+        def unlearn_loss():
+            return ce(model(unlearn[0]), unlearn[1]).mean() + lam * sum((p * p).sum() for p in model.parameters())
+
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            unlearn_loss().backward()
+            og.project_()
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert (len([x for x in w if "no longer armed" in str(x.message)]) == 1) == (step == when), [str(x.message) for x in w]
+        assert _close(got, _reference(model, retain, unlearn, unlearn_loss=unlearn_loss)) <= 1e-5
+    assert og._arm_off is not None and og._window is None
+
+
+def test_explicit_forget_disarms_and_accumulates(factored, cross_calls):
+    gen = torch.Generator().manual_seed(26)
+    model = WideMLP()
+    retain, unlearn = _data(gen, Bu=4)
+    og = OrthoGrad(model)
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    (ce(model(unlearn[0][:2]), unlearn[1][:2]).sum() / 4).backward()  # armed window
+    with og.forget():  # ends the armed window (its factors kept), adds its own
+        (ce(model(unlearn[0][2:]), unlearn[1][2:]).sum() / 4).backward()
+    og.project_()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert len(cross_calls) == 3
+    assert _close(got, _reference(model, retain, unlearn)) <= 1e-5
+    assert not _hooks_left(model)
+
+
+def test_hooks_removed_after_errors_reset_close_and_deletion():
+    gen = torch.Generator().manual_seed(27)
+    model = WideMLP()
+    retain, unlearn = _data(gen)
+    og = OrthoGrad(model)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    assert _hooks_left(model)  # armed
+    with pytest.raises(RuntimeError, match="boom"):
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        raise RuntimeError("boom")
+    og.reset()
+    assert not _hooks_left(model)
+    with pytest.raises(OrthoGradError, match="no retain pass"):
+        og.project_()
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    og.close()
+    assert not _hooks_left(model)
+    with og.retain():  # a new retain() after close() works and re-arms
+        ce(model(retain[0]), retain[1]).mean().backward()
+    ref = weakref.ref(og)
+    del og
+    gc.collect()
+    assert ref() is None
+    assert not _hooks_left(model)
+
+
+def test_deepcopy_while_armed_carries_no_hooks(factored, cross_calls):
+    # an armed window must not leak into a copy of the model (an EMA or evaluation copy)
+    import copy
+
+    gen = torch.Generator().manual_seed(29)
+    model = WideMLP()
+    retain, unlearn = _data(gen)
+    og = OrthoGrad(model)
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    twin = copy.deepcopy(model)
+    ce(twin(unlearn[0]), unlearn[1]).mean().backward()  # the copy's pass: not the model's .grad
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert not _hooks_left(model) and not _hooks_left(twin)
+    assert len(cross_calls) == 3
+    assert _close(got, _reference(model, retain, unlearn)) <= 1e-5
+
+
+def test_next_retain_block_ends_the_window(factored, cross_calls):
+    # two retain blocks with the unlearn pass between them: the span accumulates both blocks, the
+    # factors of the unlearn pass are kept
+    gen = torch.Generator().manual_seed(28)
+    model = WideMLP()
+    retain, unlearn = _data(gen, B=8)
+    og = OrthoGrad(model)
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0][:4]), retain[1][:4]).mean().backward()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    with og.retain():
+        ce(model(retain[0][4:]), retain[1][4:]).mean().backward()
+    og.project_()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ref_og = OrthoGrad(model, arm_forget=False)
+    model.zero_grad(set_to_none=True)
+    for s in (slice(0, 4), slice(4, 8)):
+        with ref_og.retain():
+            ce(model(retain[0][s]), retain[1][s]).mean().backward()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    ref_og.project_()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert len(cross_calls) == 3
+    assert _close(got, want) <= 1e-5
