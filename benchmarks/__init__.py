@@ -8,6 +8,10 @@
 - ``benchmarks.memory``: honest peak-memory measurement (CUDA allocator stats / torch CPU allocator
   events from the profiler).
 - ``benchmarks.report``: pytest-benchmark JSON -> markdown table + PNG plots.
+- ``benchmarks.real_zoo``: models from libraries the project does not control (transformers
+  models from small configs, ``nn.TransformerEncoder``, an LSTM), same API as ``zoo``.
+- ``benchmarks.floor``: the FLOP floor of an exact OrthoGrad step over the plain step.
+- ``benchmarks.real_zoo_run`` / ``benchmarks.real_report``: the real-model table (json, md, png).
 
 See ``benchmarks/README.md``.
 """

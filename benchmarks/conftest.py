@@ -4,7 +4,7 @@
     python -m benchmarks.report benchmarks/results/run.json
 
 Options (each also readable from an environment variable ORTHOGRAD_BENCH_<NAME>):
-  --og-set          cpu-quick (default) | cpu-full | gpu          (the case list and budgets)
+  --og-set          cpu-quick (default) | cpu-full | gpu | real-cpu | real-gpu  (cases, budgets; real-*: benchmarks/real_zoo.py)
   --og-models       comma list: restrict the set's models
   --og-batches      comma list: replace the set's retain batch sizes
   --og-providers    comma list of plain,reference-qr,reference-svd,opacus,torch,triton

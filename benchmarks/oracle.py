@@ -30,6 +30,10 @@ import torch
 import torch.nn as nn
 
 DEFAULT_RTOL = 1e-6
+# A tensor's error is scaled by at least this share of the whole model's gradient size: a tensor
+# with no gradient in exact arithmetic (an attention key bias, which softmax cancels) holds only
+# rounding noise in every provider, which is no error of the projection.
+SCALE_FLOOR = 1e-6
 
 __all__ = ["OracleResult", "CheckResult", "oracle_direction", "compare", "grads_as_dict"]
 
@@ -243,7 +247,9 @@ def compare(
 
     Per tensor the error is |d_t - o_t| scaled by alpha |gbar_t| + (1 - alpha) |u_t| (the size of
     what went into the direction: the projection is a contraction, so this stays meaningful when a
-    tensor's projected gradient is ~0). Fails on a missing, mis-shaped or non-finite tensor.
+    tensor's projected gradient is ~0), or by ``SCALE_FLOOR`` times that size over all checked
+    tensors where it is larger (tensors whose exact gradient is zero). Fails on a missing,
+    mis-shaped or non-finite tensor.
 
     ``qr_semantics``: the provider projects with a QR of G_t^T and no rank tolerance (the paper's
     code). Where G_t is rank-deficient that differs from the exact projector by definition
@@ -254,6 +260,7 @@ def compare(
     a = oracle.alpha
     worst, max_err, problems, skipped, qr_zero = None, 0.0, [], [], []
     num = den = 0.0
+    whole = math.sqrt(sum(float(a * oracle.gbar[n].norm() + (1 - a) * oracle.u[n].norm()) ** 2 for n in oracle.checked))
     for n in oracle.checked:
         o = oracle.direction[n]
         if qr_semantics and oracle.rank_deficient(n):
@@ -274,7 +281,7 @@ def compare(
         if not torch.isfinite(d).all():
             problems.append(f"{n}: non-finite values")
             continue
-        scale = a * oracle.gbar[n].norm() + (1 - a) * oracle.u[n].norm()
+        scale = max(float(a * oracle.gbar[n].norm() + (1 - a) * oracle.u[n].norm()), SCALE_FLOOR * whole)
         diff = (d - o).norm()
         err = float(diff / scale) if scale > 0 else float(diff)
         num += float(diff) ** 2

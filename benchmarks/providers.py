@@ -7,6 +7,7 @@
 | ``reference-qr`` / ``reference-svd`` | ``orthograd_fast.reference.orthograd_direction`` (torch.func per-sample gradients, per-tensor QR / SVD projector), opt.step |
 | ``opacus`` | Opacus ``GradSampleModule`` per-sample gradients, unlearn grad with hooks off, per-tensor QR projection (as the paper's code), opt.step |
 | ``torch`` / ``triton`` | ``OrthoGrad(backend=...)``: unlearn backward under ``og.forget()``, then retain under ``og.retain()`` (the documented fast, light path), ``og.project_()``, opt.step |
+| ``torch-contract`` | ``OrthoGrad(backend="torch")`` in the API contract's order: retain under ``og.retain()`` first, then the unlearn backward (no ``og.forget()``), ``og.project_()``, opt.step |
 
 Losses: L_r and L_u are means of ``per_sample_loss`` over the batch (gbar_r = mean gradient).
 """
@@ -206,6 +207,20 @@ class TorchBackend(OrthoGradProvider):
     backend = "torch"
 
 
+class TorchContract(OrthoGradProvider):
+    """The order a user writes from the API contract: retain block first, unlearn after, no forget()."""
+
+    name = "torch-contract"
+    backend = "torch"
+
+    def grads(self, retain, unlearn):
+        self.opt.zero_grad(set_to_none=True)
+        with self.og.retain():
+            self.loss_fn(self.model(retain[0]), retain[1]).mean().backward()
+        self.loss_fn(self.model(unlearn[0]), unlearn[1]).mean().backward()
+        self.og.project_()
+
+
 class TritonBackend(OrthoGradProvider):
     name = "triton"
     backend = "triton"
@@ -221,7 +236,7 @@ class TritonBackend(OrthoGradProvider):
         return super().unavailable(device, model)
 
 
-PROVIDERS = {c.name: c for c in (Plain, ReferenceQR, ReferenceSVD, OpacusQR, TorchBackend, TritonBackend)}
+PROVIDERS = {c.name: c for c in (Plain, ReferenceQR, ReferenceSVD, OpacusQR, TorchBackend, TorchContract, TritonBackend)}
 
 
 def unavailable_reason(name: str, device: torch.device, model: nn.Module) -> Optional[str]:

@@ -14,7 +14,10 @@ Order of work per case, on a fresh model (same seed => same weights as the oracl
 3. first step of a fresh provider instance, under a SIGALRM step timeout: peak memory measured
    (``benchmarks.memory``) and the direction left in ``.grad`` compared with the float64 oracle
    (``benchmarks.oracle``, cached per (model, B)). A direction off by more than ``tol`` makes the
-   row ``wrong`` and the case fails: it is not timed;
+   row ``wrong`` and the case fails: it is not timed. The engine's own refusal
+   (``UnsupportedModule`` / ``CaptureError``) is a ``refused`` row with its message, not a failure;
+   the row also records the parameters on the engine's fallback, and with ``Settings.floor`` the
+   FLOP floor of (model, B) (``benchmarks.floor``);
 4. timing: ``rounds = clamp(case_budget / t_step, 1, max_rounds)`` (at least ``min_rounds`` when
    one step fits the budget), median reported;
 5. paired ratio (cheap cases only): ``paired_rounds`` alternations (up to 3x as many when they fit
@@ -40,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import zoo
+from . import real_zoo, zoo
 from .memory import measure_peak
 from .oracle import compare, grads_as_dict, oracle_direction
 from .providers import PROVIDERS, make_provider, materialized_bytes, unavailable_reason
@@ -48,6 +51,8 @@ from .providers import PROVIDERS, make_provider, materialized_bytes, unavailable
 __all__ = ["Settings", "BenchSession", "SETS", "StepTimeout", "mem_available_bytes", "machine_info"]
 
 ALL_MODELS = list(zoo.MODEL_NAMES)
+REAL_MODELS = list(real_zoo.MODEL_NAMES)
+ZOOS = {"zoo": zoo, "real_zoo": real_zoo}  # Settings.zoo -> the module building the models
 ALL_PROVIDERS = list(PROVIDERS)  # plain first: the others' ratios use its median
 
 
@@ -99,6 +104,36 @@ SETS: Dict[str, dict] = {
         paired_rounds=9,
         paired_budget=10.0,
     ),
+    # The real-model zoo (benchmarks/real_zoo.py) in the API contract's order (retain block
+    # first, unlearn backward after, no forget()) against plain, B = 32 retain / 16 unlearn, with
+    # the FLOP floor (benchmarks/floor.py). Refused models are recorded as "refused" rows.
+    "real-cpu": dict(
+        device="cpu",
+        size="cpu",
+        zoo="real_zoo",
+        cases=_sweep(REAL_MODELS, [32], ("plain", "torch-contract")),
+        unlearn_batch=16,
+        floor=True,
+        step_timeout=30.0,
+        case_budget=3.0,
+        min_rounds=5,
+        max_rounds=25,
+        paired_rounds=9,
+        paired_budget=15.0,
+    ),
+    "real-gpu": dict(
+        device="cuda",
+        size="gpu",
+        zoo="real_zoo",
+        cases=_sweep(REAL_MODELS, [32], ("plain", "torch-contract")),
+        unlearn_batch=16,
+        floor=True,
+        step_timeout=30.0,
+        case_budget=1.0,
+        max_rounds=50,
+        paired_rounds=11,
+        paired_budget=5.0,
+    ),
     # What benchmarks/gpu runs: full-size models on one CUDA device.
     "gpu": dict(
         device="cuda",
@@ -142,7 +177,7 @@ class Settings:
     min_rounds: int = 3
     paired_rounds: int = 9
     paired_budget: float = 3.0
-    paired_providers: Tuple[str, ...] = ("torch", "triton")
+    paired_providers: Tuple[str, ...] = ("torch", "torch-contract", "triton")
     # torch against reference-qr, alternating steps (the >= 100x target): rounds within a budget
     paired_ref_rounds: int = 3
     paired_ref_budget: float = 20.0
@@ -150,6 +185,8 @@ class Settings:
     oracle_max_bytes: Optional[int] = None  # None: 30% of available memory
     overrides: Dict[str, dict] = field(default_factory=dict)  # per-model zoo config overrides
     seed: int = 0
+    zoo: str = "zoo"  # "zoo" (benchmarks/zoo.py) or "real_zoo" (benchmarks/real_zoo.py)
+    floor: bool = False  # compute the FLOP floor per (model, B) (benchmarks/floor.py)
 
     @classmethod
     def from_set(cls, name: str, **kw) -> "Settings":
@@ -284,6 +321,40 @@ def _is_oom(e: BaseException) -> bool:
     return "out of memory" in msg.lower() or "can't allocate memory" in msg or "not enough memory" in msg.lower()
 
 
+def _refusals() -> tuple:
+    try:
+        from orthograd_fast.errors import CaptureError, UnsupportedModule
+    except Exception:  # noqa: BLE001
+        return ()
+    return (CaptureError, UnsupportedModule)
+
+
+REFUSALS = _refusals()
+
+
+def fallback_stats(og, model) -> dict:
+    """Parameters on the engine's torch.func fallback: ``og.stats["fallback"]`` when the engine
+    reports it, else counted from ``orthograd_fast.capture.find_units`` (units without a rule)."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n = (getattr(og, "stats", None) or {}).get("fallback")
+    source = "og.stats"
+    if not isinstance(n, (int, float)):
+        try:
+            from orthograd_fast.capture import find_units
+
+            seen, n = set(), 0
+            for u in find_units(model):
+                if u.rule is None:
+                    for p in u.module.parameters(recurse=u.whole):
+                        if p.requires_grad and id(p) not in seen:
+                            seen.add(id(p))
+                            n += p.numel()
+            source = "find_units"
+        except Exception as e:  # noqa: BLE001
+            return {"fallback_params": None, "fallback_share": None, "fallback_source": f"unknown ({type(e).__name__})"}
+    return {"fallback_params": int(n), "fallback_share": n / total if total else None, "fallback_source": source}
+
+
 class CaseFailed(Exception):
     """The case is recorded; the test should fail (error / wrong direction)."""
 
@@ -303,6 +374,10 @@ class BenchSession:
         self._oracles_same: Dict[Tuple[str, int, bool], object] = {}
         self._plain_median: Dict[Tuple[str, int], float] = {}
         self._ref_median: Dict[Tuple[str, int], float] = {}  # reference-qr, for the torch case's pairs
+        self._floors: Dict[Tuple[str, int], object] = {}  # (model, B) -> floor dict or the exception
+        if settings.zoo not in ZOOS:
+            raise KeyError(f"Settings(zoo={settings.zoo!r}): use one of {sorted(ZOOS)}")
+        self.zoo = ZOOS[settings.zoo]
         self.machine = machine_info(settings.device)
         avail = mem_available_bytes()
         if self.device.type == "cuda":
@@ -315,7 +390,7 @@ class BenchSession:
 
     # ------------------------------------------------------------------ helpers
     def build(self, name: str):
-        return zoo.build_model(name, self.s.size, seed=self.s.seed, device=self.device, **self.s.overrides.get(name, {}))
+        return self.zoo.build_model(name, self.s.size, seed=self.s.seed, device=self.device, **self.s.overrides.get(name, {}))
 
     def batches(self, name: str, B: int, make_batch):
         Bu = self.s.unlearn_batch or B
@@ -386,6 +461,19 @@ class BenchSession:
             chk.message += f"; {what} disagrees too: {chk2.message}"
         return chk, None
 
+    def floor(self, name, B, model, loss_fn, retain, unlearn) -> dict:
+        """The FLOP floor of (model, B) (cached; an error is recorded in the dict, not raised)."""
+        key = (name, B)
+        if key not in self._floors:
+            from .floor import flop_floor
+
+            try:
+                self._floors[key] = flop_floor(model, loss_fn, retain, unlearn).as_dict()
+            except Exception as e:  # noqa: BLE001
+                self._floors[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            self._free()
+        return self._floors[key]
+
     def _free(self):
         gc.collect()
         if self.device.type == "cuda":
@@ -437,7 +525,7 @@ class BenchSession:
             )
 
         model, make_batch = self.build(name)
-        row["n_params"] = zoo.count_params(model)
+        row["n_params"] = self.zoo.count_params(model)
         why = unavailable_reason(provider, self.device, model)
         if why:
             row["status"], row["reason"] = "skipped", why
@@ -446,8 +534,10 @@ class BenchSession:
         if self.device.type == "cpu" and need > self.mem_cap:
             self._record_limit(row, "OOM", f"predicted: ~{need / 2**30:.1f} GiB of per-sample gradients > cap {self.mem_cap / 2**30:.1f} GiB", name, provider, B)
 
-        loss_fn = zoo.per_sample_loss(name)
+        loss_fn = self.zoo.per_sample_loss(name)
         retain, unlearn = self.batches(name, B, make_batch)
+        if s.floor:
+            row["floor"] = self.floor(name, B, model, loss_fn, retain, unlearn)
         orc = self.oracle(name, B, model, loss_fn, retain, unlearn)
 
         # 3. first step of a fresh instance: memory + direction check
@@ -461,8 +551,14 @@ class BenchSession:
             self._first_step[(name, provider)] = (B, t_first)
             row["peak_mem_bytes"], row["mem_method"] = peak, method
             direction = grads_as_dict(model)
+            if getattr(prov, "og", None) is not None:
+                row.update(fallback_stats(prov.og, model))
         except StepTimeout as e:
             self._record_limit(row, "timeout", f"first step > {s.step_timeout:g} s ({e})", name, provider, B)
+        except REFUSALS as e:
+            # the engine's own refusal (unsupported module, layout): a row, not a crash
+            row["status"], row["reason"] = "refused", f"refused: {type(e).__name__}: {e}"[:500]
+            raise CaseSkipped(row["reason"]) from None
         except Exception as e:  # noqa: BLE001
             if _is_oom(e):
                 prov = None

@@ -9,10 +9,13 @@
    fails loudly instead of passing on leftover zeros. Opt out per test with
    @pytest.mark.no_nan_poison (e.g. torch.compile tests) or for a run with ORTHOGRAD_NAN_POISON=0.
 3. tests/ is put on sys.path so `from tolerance import assert_close` works under any import mode.
+4. Every test starts from the same global random state (torch, numpy, random: seed 0), whatever
+   ran before it, so a draw without an explicit generator is still reproducible.
 """
 
 import functools
 import os
+import random
 import sys
 
 import pytest
@@ -54,6 +57,19 @@ def _nan_poison_empty(request, monkeypatch):
         return
     for name, fn in _ORIGINALS.items():
         monkeypatch.setattr(torch, name, _poisoned(fn))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds():
+    random.seed(0)
+    torch.manual_seed(0)
+    try:
+        import numpy
+    except ImportError:
+        pass
+    else:
+        numpy.random.seed(0)
     yield
 
 

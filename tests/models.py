@@ -161,9 +161,50 @@ class RawNet(nn.Module):
         return self.out(self.raw(self.inp(x)))
 
 
-def make(name, gen=None):
-    """(model, retain (x, y), unlearn (x, y)) with fresh random inputs and ragged sizes."""
-    g = gen or torch.Generator().manual_seed(torch.seed() % (2**31))
+class PadCNN(nn.Module):
+    """Zero padding that differs between height and width, on a non-square input (the conv route
+    keeps padding per dimension; a swap changes every per-sample gradient)."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(2, 0))
+        self.c2 = nn.Conv2d(5, 4, 3, padding=(0, 1), dilation=(1, 2))
+        self.c3 = nn.Conv1d(4, 3, 3, padding=2)
+        self.head = nn.Linear(3 * 14, classes)
+
+    def forward(self, x):  # x [B, 3, 9, 6]
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x))))  # [B, 4, 4, 3]
+        h = torch.tanh(self.c3(h.flatten(2)))  # [B, 3, 14]
+        return self.head(h.flatten(1))
+
+
+class TiedTokens(nn.Module):
+    """An embedding tied to its output head with no other layer between: the table's per-sample
+    gradient is the sum of a lookup use and a dense use, whose cross terms the Gram must include."""
+
+    def __init__(self, vocab=11, d=6, pad=None):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=pad)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def make(name, gen=None, seed=0):
+    """(model, retain (x, y), unlearn (x, y)) with random inputs and ragged sizes, reproducible:
+    the data come from ``gen`` (default: a generator seeded with ``seed``), the model's
+    initialization from a fixed seed (``seed``, or ``gen``'s initial seed) without touching the
+    global random state."""
+    g = gen if gen is not None else torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(g.initial_seed() if gen is not None else seed)
+        return _make(name, g)
+
+
+def _make(name, g):
     r = lambda *s: torch.randn(*s, generator=g)
     ri = lambda hi, *s: torch.randint(0, hi, s, generator=g)
     if name == "mlp":
@@ -183,7 +224,31 @@ def make(name, gen=None):
         return LoRANet(), (r(6, 9), ri(5, 6)), (r(4, 9), ri(5, 4))
     if name == "raw":
         return RawNet(), (r(5, 7), ri(3, 5)), (r(4, 7), ri(3, 4))
+    if name == "cnn_pad":
+        return PadCNN(), (r(5, 3, 9, 6), ri(4, 5)), (r(3, 3, 9, 6), ri(4, 3))
+    if name == "tied":
+        return TiedTokens(), (ri(11, 6, 4), ri(11, 6, 4)), (ri(11, 4, 4), ri(11, 4, 4))
     raise KeyError(name)
 
 
-MODELS = ["mlp", "cnn", "conv3d", "lm", "speech", "lora", "raw"]
+MODELS = ["mlp", "cnn", "conv3d", "lm", "speech", "lora", "raw", "cnn_pad", "tied"]
+
+
+def spectrum(sigmas, n=9, classes=3, dtype=torch.float32, seed=0):
+    """(model, retain, unlearn): a bias-free Linear whose retain per-sample gradients have singular
+    values proportional to ``sigmas``, exactly, in any precision: sample i is sigmas[i] times the
+    unit vector of a coordinate of its own (orthogonal inputs: orthogonal rows, K diagonal on every
+    route), and all logits are ~0 (weights ~1e-3), so |g_i| = sigmas[i] sqrt(1 - 1/classes) (1 + O(1e-3))."""
+    B = len(sigmas)
+    assert B <= n
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(n, classes, bias=False)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3)
+    xr = torch.zeros(B, n, dtype=torch.float64)
+    xr[torch.arange(B), torch.randperm(n, generator=g)[:B]] = torch.tensor(sigmas, dtype=torch.float64)
+    retain = (xr.to(dtype), torch.randint(0, classes, (B,), generator=g))
+    unlearn = (torch.randn(4, n, generator=g).to(dtype), torch.randint(0, classes, (4,), generator=g))
+    return model, retain, unlearn

@@ -130,6 +130,10 @@ def test_provider_matches_float64_oracle(session, name, provider):
         row = session.run_case(name, B, provider, _one_round)
     except CaseSkipped as e:
         row = session.rows[-1]
+        # a tiny case that times out or is (predicted) out of memory is a bug here (a hang, a
+        # runaway allocation), not a limit of the machine: only an unavailable provider may skip
+        if row["status"] in ("timeout", "OOM"):
+            pytest.fail(f"{name} {provider} at B={B}: {row['status']} ({row['reason']})", pytrace=False)
         assert row["status"] == "skipped" and row["reason"], row
         pytest.skip(str(e))
     except CaseFailed as e:
@@ -140,7 +144,7 @@ def test_provider_matches_float64_oracle(session, name, provider):
 
 
 def test_opacus_row_is_skipped_with_reason_on_batchnorm(session):
-    pytest.importorskip("opacus", reason="opacus is optional (the [bench] extra)")
+    pytest.importorskip("opacus", reason="opacus not installed (extras [bench] and [test])")
     with pytest.raises(CaseSkipped, match="BatchNorm"):
         session.run_case("resnet18", B, "opacus", _one_round)
 

@@ -9,6 +9,7 @@ from torch import nn
 import orthograd_fast.gram as gram
 from engine_helpers import compare
 from models import ce, make
+from oracle import oracle_grads, oracle_unlearn_grad, project_out
 from orthograd_fast import CaptureError, OrthoGrad, OrthoGradError
 
 REL = 1e-4
@@ -18,9 +19,11 @@ ORTH = 1e-5
 class WideMLP(nn.Module):
     """Sizes where the factor route is cheaper for every weight: B_u (I + O) < O I."""
 
-    def __init__(self):
+    def __init__(self, seed=0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(17, 40), nn.ReLU(inplace=True), nn.Linear(40, 33), nn.Tanh(), nn.Linear(33, 5))
+        with torch.random.fork_rng(devices=[]):  # a fixed initialization, the global state untouched
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(17, 40), nn.ReLU(inplace=True), nn.Linear(40, 33), nn.Tanh(), nn.Linear(33, 5))
 
     def forward(self, x):
         return self.net(x)
@@ -103,8 +106,23 @@ def _plain_step(model, retain, unlearn, between=None):
 def _close(a, b):
     # over the whole model: a tensor fully inside the span (the 5-element head bias, B = 6) has a
     # direction at rounding level, meaningless on its own
+    a = {n: t.reshape(-1).double() for n, t in a.items()}
+    b = {n: t.reshape(-1).double() for n, t in b.items()}
     num = sum(float((a[n] - b[n]).square().sum()) for n in a)
     return (num / sum(float(b[n].square().sum()) for n in a)) ** 0.5
+
+
+def _oracle_grad(model, retain, unlearn=None, u_scale=1.0, u=None):
+    """.grad after project_() with alpha = 0, -P_perp(u), from the float64 oracle (explicit
+    per-sample loop): u is the oracle's unlearn gradient times ``u_scale``, or the given tensors."""
+    G = oracle_grads(model, ce, *retain)
+    if u is None:
+        u = {n: u_scale * g for n, g in oracle_unlearn_grad(model, ce, *unlearn).items()}
+    return {n: -project_out(G[n], u[n].reshape(-1).double()) for n in G}
+
+
+# float32 engine against the float64 oracle, over the whole model (see _close)
+ORACLE_REL = 1e-5
 
 
 @pytest.mark.parametrize(
@@ -129,6 +147,12 @@ def test_forget_factors_follow_grad(case, factored, monkeypatch):
     ref = _plain_step(model, retain, unlearn, between)
     assert _close(got, ref) <= 1e-5
     assert (len(calls) > 0) == (case == "two_blocks"), calls
+    # both paths against the oracle: u as .grad held it (clipped, halved or accumulated)
+    u64 = oracle_unlearn_grad(model, ce, *unlearn)
+    scale = {"clip": min(1.0, 1e-3 / (sum(float(g.square().sum()) for g in u64.values()) ** 0.5 + 1e-6)),
+             "replace": 0.5, "two_blocks": 1.0}[case]
+    want = _oracle_grad(model, retain, unlearn, u_scale=scale)
+    assert _close(got, want) <= ORACLE_REL, _close(got, want)
 
 
 def test_forget_ignored_when_grad_was_not_none(factored, monkeypatch):
@@ -138,7 +162,7 @@ def test_forget_ignored_when_grad_was_not_none(factored, monkeypatch):
     retain, unlearn = _data(gen)
     og = OrthoGrad(model)
     for p in model.parameters():
-        p.grad = torch.randn_like(p)  # something already in .grad before the unlearn pass
+        p.grad = torch.randn(p.shape, generator=gen)  # something already in .grad before the unlearn pass
     with og.retain():
         ce(model(retain[0]), retain[1]).mean().backward()
     with og.forget():
@@ -153,6 +177,9 @@ def test_forget_ignored_when_grad_was_not_none(factored, monkeypatch):
     assert calls == []  # the factors do not describe .grad (it held more than the unlearn pass)
     got = {n: -p.grad for n, p in model.named_parameters()}
     assert _close(got, want) <= 1e-5
+    # and both against the oracle's projection of the same u
+    oracle = _oracle_grad(model, retain, u=u)
+    assert _close({n: -g for n, g in got.items()}, oracle) <= ORACLE_REL, _close({n: -g for n, g in got.items()}, oracle)
 
 
 def test_forget_detects_loss_term_outside_modules(factored):
@@ -173,7 +200,7 @@ def test_forget_detects_loss_term_outside_modules(factored):
 def test_forget_order_and_hooks():
     model = WideMLP()
     og = OrthoGrad(model)
-    x = torch.randn(3, 17)
+    x = torch.randn(3, 17, generator=torch.Generator().manual_seed(15))
     with og.forget():  # the unlearn pass may come first, but a retain pass is still needed
         model(x).sum().backward()
     with pytest.raises(OrthoGradError, match="no retain pass"):
@@ -209,4 +236,5 @@ def test_forget_first_starts_next_step(factored, monkeypatch):
         got.append({n: p.grad.clone() for n, p in model.named_parameters()})
         want = _plain_step(model, retain, unlearn)
         assert _close(got[-1], want) <= 1e-5
+        assert _close(got[-1], _oracle_grad(model, retain, unlearn)) <= ORACLE_REL
     assert len(calls) >= 6  # three weights, both steps
