@@ -29,7 +29,7 @@ if "torch" not in sys.modules:
 
 import pytest  # noqa: E402
 
-from benchmarks.runner import SETS, BenchSession, Settings  # noqa: E402
+from benchmarks.runner import SETS, BenchSession, Settings, parse_overrides  # noqa: E402
 
 _OPTS = [
     ("set", "cpu-quick", "benchmark set: " + ", ".join(SETS)),
@@ -59,15 +59,6 @@ def _opt(config, name):
     return v
 
 
-def _parse_value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
-
-
 def settings_from_config(config) -> Settings:
     set_name = _opt(config, "set") or "cpu-quick"
     kw = {}
@@ -94,11 +85,8 @@ def settings_from_config(config) -> Settings:
     overrides = list(config.getoption("--og-override") or [])
     if os.environ.get("ORTHOGRAD_BENCH_OVERRIDE"):
         overrides += os.environ["ORTHOGRAD_BENCH_OVERRIDE"].split(";")
-    for ov in overrides:
-        model, _, kvs = ov.partition(":")
-        for kv in kvs.split(","):
-            k, _, v = kv.partition("=")
-            s.overrides.setdefault(model, {})[k] = _parse_value(v)
+    for model, kv in parse_overrides(overrides).items():
+        s.overrides.setdefault(model, {}).update(kv)
     return s
 
 

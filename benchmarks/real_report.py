@@ -63,7 +63,7 @@ def model_rows(rows: List[dict]) -> List[dict]:
             over_floor=(ratio / fr) if (ratio and fr and step.get("status") == "ok") else None,
             fast_ratio=(fast.get("paired_ratio") or fast.get("time_ratio")) if fast and fast.get("status") == "ok" else None,
             mem_ratio=step.get("mem_ratio"), fallback_share=step.get("fallback_share"),
-            fallback_source=step.get("fallback_source"), n_params=step.get("n_params") or plain.get("n_params"),
+            fallback_modules=step.get("fallback_modules"), n_params=step.get("n_params") or plain.get("n_params"),
             notes="; ".join(notes).replace("|", "/").replace("\n", " "),
         ))
     return out
@@ -121,8 +121,8 @@ def markdown(data: dict, summary: List[dict], pngs: List[str], title: str) -> st
         "`torch-contract`). `step / plain`: median of per-pair ratios over alternating plain / step runs (`(medians)`: the "
         "ratio of the two medians, where no pairs ran). `floor`: (plain + the least extra work any exact step needs) / plain "
         "in flops (`benchmarks/floor.py`). `measured / floor`: how far the step is from that. `fallback params`: the share of "
-        "parameters on the engine's torch.func fallback (`og.stats[\"fallback\"]` where the engine reports it, else counted "
-        "from `find_units`; `fallback_source` in the JSON). The direction of every step provider was checked against the "
+        "parameters on the engine's torch.func fallback (`og.stats[\"fallback\"]`; the modules in `fallback_modules` in the "
+        "JSON). The direction of every step provider was checked against the "
         "float64 oracle before timing.",
         "",
     ]

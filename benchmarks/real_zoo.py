@@ -105,16 +105,7 @@ MODEL_NAMES = tuple(CONFIGS)
 
 
 def config(name: str, size: str = "cpu", **overrides) -> dict:
-    if name not in CONFIGS:
-        raise KeyError(f"unknown real-zoo model {name!r}; the real zoo has {', '.join(MODEL_NAMES)}")
-    if size not in CONFIGS[name]:
-        raise KeyError(f"unknown size {size!r} for {name!r}; use one of {sorted(CONFIGS[name])}")
-    cfg = dict(CONFIGS[name][size])
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise TypeError(f"{name}: unknown config keys {sorted(unknown)}; known: {sorted(cfg)}")
-    cfg.update(overrides)
-    return cfg
+    return _zoo.lookup_config(CONFIGS, name, size, overrides, zoo="the real zoo")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -83,15 +83,6 @@ def run(set_name: str = "real-cpu", models=None, budget=None, paired_rounds=None
     }
 
 
-def _parse_value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
-
-
 def _commit_info() -> dict:
     import subprocess
 
@@ -117,12 +108,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from .real_report import write
 
-    overrides: dict = {}
-    for ov in args.override:
-        model, _, kvs = ov.partition(":")
-        for kv in kvs.split(","):
-            k, _, v = kv.partition("=")
-            overrides.setdefault(model, {})[k] = _parse_value(v)
+    from .runner import parse_overrides
+
+    overrides = parse_overrides(args.override)
     data = run(args.set, args.models.split(",") if args.models else None, args.budget, args.paired_rounds, overrides,
                args.providers.split(",") if args.providers else None)
     out_dir, name = os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out)

@@ -160,6 +160,28 @@ def set_cases(settings: "Settings") -> List[Tuple[str, int, str]]:
     return out
 
 
+
+def parse_overrides(specs) -> Dict[str, dict]:
+    """``["model:key=value,key=value", ...]`` -> {model: {key: value}} (ints, floats, true/false/none
+    parsed, anything else kept as a string)."""
+    out: Dict[str, dict] = {}
+    for spec in specs:
+        model, _, kvs = spec.partition(":")
+        for kv in kvs.split(","):
+            k, _, v = kv.partition("=")
+            out.setdefault(model, {})[k] = _parse_value(v)
+    return out
+
+
+def _parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
 @dataclass
 class Settings:
     set_name: str = "cpu-quick"
@@ -333,26 +355,14 @@ REFUSALS = _refusals()
 
 
 def fallback_stats(og, model) -> dict:
-    """Parameters on the engine's torch.func fallback: ``og.stats["fallback"]`` when the engine
-    reports it, else counted from ``orthograd_fast.capture.find_units`` (units without a rule)."""
+    """Parameters on the engine's torch.func fallback, from ``og.stats["fallback"]`` (one entry per
+    module and op set; a module listed under several op sets counts once)."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n = (getattr(og, "stats", None) or {}).get("fallback")
-    source = "og.stats"
-    if not isinstance(n, (int, float)):
-        try:
-            from orthograd_fast.capture import find_units
-
-            seen, n = set(), 0
-            for u in find_units(model):
-                if u.rule is None:
-                    for p in u.module.parameters(recurse=u.whole):
-                        if p.requires_grad and id(p) not in seen:
-                            seen.add(id(p))
-                            n += p.numel()
-            source = "find_units"
-        except Exception as e:  # noqa: BLE001
-            return {"fallback_params": None, "fallback_share": None, "fallback_source": f"unknown ({type(e).__name__})"}
-    return {"fallback_params": int(n), "fallback_share": n / total if total else None, "fallback_source": source}
+    per_module: Dict[str, int] = {}
+    for scope in og.stats["fallback"]:
+        per_module[scope["module"]] = max(per_module.get(scope["module"], 0), int(scope["params"]))
+    n = sum(per_module.values())
+    return {"fallback_params": n, "fallback_share": n / total if total else None, "fallback_modules": sorted(per_module)}
 
 
 class CaseFailed(Exception):

@@ -284,16 +284,22 @@ CONFIGS: Dict[str, Dict[str, dict]] = {
 MODEL_NAMES = tuple(CONFIGS)
 
 
-def config(name: str, size: str = "cpu", **overrides) -> dict:
-    if name not in CONFIGS:
-        raise KeyError(f"unknown model {name!r}; the zoo has {', '.join(MODEL_NAMES)}")
-    if size not in CONFIGS[name]:
-        raise KeyError(f"unknown size {size!r} for {name!r}; use one of {sorted(CONFIGS[name])}")
-    cfg = dict(CONFIGS[name][size])
+def lookup_config(configs: dict, name: str, size: str, overrides: dict, zoo: str = "the zoo") -> dict:
+    """configs[name][size] updated with ``overrides`` (known keys only), as a new dict."""
+    if name not in configs:
+        raise KeyError(f"unknown model {name!r}; {zoo} has {', '.join(configs)}")
+    if size not in configs[name]:
+        raise KeyError(f"unknown size {size!r} for {name!r}; use one of {sorted(configs[name])}")
+    cfg = dict(configs[name][size])
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise TypeError(f"{name}: unknown config keys {sorted(unknown)}; known: {sorted(cfg)}")
     cfg.update(overrides)
+    return cfg
+
+
+def config(name: str, size: str = "cpu", **overrides) -> dict:
+    cfg = lookup_config(CONFIGS, name, size, overrides)
     if name == "gpt2" and cfg["n_positions"] is None:
         cfg["n_positions"] = cfg["T"]
     return cfg

@@ -124,25 +124,21 @@ class Capture:
         model: nn.Module,
         units: List[Unit],
         swap: Optional[Dict[int, list]] = None,
-        single_token_only: bool = False,
         lean_ops: bool = False,
         fallback_log: Optional[fallback.FallbackLog] = None,
     ):
         self.model = model
         self.units = units
-        # operation capture and recurrent units (retain only; og.forget() passes class-rule units)
+        # operation capture and recurrent units
         self.lean_ops = lean_ops
         self.fallback_log = fallback_log if fallback_log is not None else fallback.FallbackLog()
         self.ctx: Optional[op_capture.OpContext] = None
         self._mode: Optional[op_capture.OpMode] = None
         op_units = [u for u in units if u.kind == "ops"]
-        if op_units and not single_token_only:
+        if op_units:
             self.ctx = op_capture.OpContext(self, ParamSpace(op_parameters(units), lean_ops))
         self.rnn_calls: List[recurrent.RecurrentCall] = []
         self._flagged: List[tuple] = []  # (op_capture.Frame, Call) replayed by the fallback
-        # og.forget(): keep only calls with one token per sample (the only ones it can use)
-        self.single_token_only = single_token_only
-        self.skipped: set = set()  # id(module) with a call not kept (single_token_only)
         # id(module) -> [(name, param)] handed out detached during the module's calls (see top)
         self.swap = swap or {}
         self._swapped: List[tuple] = []  # (module, name, param) currently replaced
@@ -274,9 +270,6 @@ class Capture:
                 rules.check_batchnorm(module)
             # a rule needs the layer input only; keeping outputs alive would cost memory
             x = args[0] if args else next(iter(kwargs.values()), None)
-            if self.single_token_only and (not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != x.shape[-1]):
-                self.skipped.add(id(module))
-                return output
             if (
                 isinstance(module, nn.Embedding)
                 and isinstance(x, Tensor)
@@ -358,7 +351,7 @@ class Capture:
                         "freeze that layer (requires_grad_(False))."
                     )
                 fallback.merge(uses, u.rule(u.module, x, gy, B))
-        if not any_grad and not self.single_token_only:
+        if not any_grad:
             raise CaptureError(
                 "og.retain(): no gradient reached any layer inside the block. Call "
                 "retain_loss.backward() inside `with og.retain():` (the loss must depend on the model)."

@@ -73,11 +73,46 @@ def _fixed_seeds():
     yield
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from threads and lose a lot to contention on
-    a shared 2-core CI box."""
+def _one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from threads and lose a lot to contention on
+    a shared 2-core CI box (OpenMP's spin-waiting makes 2-thread runs 10x slower there)."""
+    yield from _one_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (smoke suites that measure no speed)."""
+    yield from _one_thread()
+
+
+@pytest.fixture
+def factored(monkeypatch):
+    """Small test weights take the factored routes (no float64 materialized rows)."""
+    import orthograd_fast.gram as gram
+
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
+
+
+@pytest.fixture
+def cross_calls(monkeypatch):
+    """Names of the tensors whose coefficients came from the unlearn factors (og.forget() or the
+    armed capture), one entry per projection."""
+    import orthograd_fast.gram as gram
+
+    calls = []
+    orig = gram.ParamTerm.cross_coef
+
+    def spy(self, fuses):
+        calls.append(self.name)
+        return orig(self, fuses)
+
+    monkeypatch.setattr(gram.ParamTerm, "cross_coef", spy)
+    return calls

@@ -252,3 +252,24 @@ def spectrum(sigmas, n=9, classes=3, dtype=torch.float32, seed=0):
     retain = (xr.to(dtype), torch.randint(0, classes, (B,), generator=g))
     unlearn = (torch.randn(4, n, generator=g).to(dtype), torch.randint(0, classes, (4,), generator=g))
     return model, retain, unlearn
+
+
+class WideMLP(nn.Module):
+    """Sizes where og.forget()'s factor route is cheaper for every weight: B_u (I + O) < O I."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # a fixed initialization, the global state untouched
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(17, 40), nn.ReLU(inplace=True), nn.Linear(40, 33), nn.Tanh(), nn.Linear(33, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def wide_mlp_data(gen, B=6, Bu=3):
+    """(retain, unlearn) batches for :class:`WideMLP`."""
+    return (torch.randn(B, 17, generator=gen), torch.randint(0, 5, (B,), generator=gen)), (
+        torch.randn(Bu, 17, generator=gen),
+        torch.randint(0, 5, (Bu,), generator=gen),
+    )

@@ -89,14 +89,8 @@ def test_oracle_is_orthogonal_to_every_retain_gradient_and_the_checker_can_fail(
     assert not compare({}, o).ok
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # No speed is measured here; one thread keeps the test quick on a loaded CI box (OpenMP's
-    # spin-waiting makes 2-thread runs 10x slower when other processes share the cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# no speed is measured here: one intra-op thread keeps it quick on a loaded 2-core box
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -12,49 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-import orthograd_fast.gram as gram
 from engine_helpers import compare
-from models import ce
+from models import WideMLP, ce
+from models import wide_mlp_data as _data
 from orthograd_fast import OrthoGrad, OrthoGradError
 
 REL = 1e-4
 ORTH = 1e-5
-
-
-class WideMLP(nn.Module):
-    """Sizes where the factor route is cheaper for every weight: B_u (I + O) < O I."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(17, 40), nn.ReLU(), nn.Linear(40, 33), nn.Tanh(), nn.Linear(33, 5))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def _data(gen, B=6, Bu=3):
-    return (torch.randn(B, 17, generator=gen), torch.randint(0, 5, (B,), generator=gen)), (
-        torch.randn(Bu, 17, generator=gen),
-        torch.randint(0, 5, (Bu,), generator=gen),
-    )
-
-
-@pytest.fixture
-def factored(monkeypatch):
-    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)  # small test weights take the factored routes
-
-
-@pytest.fixture
-def cross_calls(monkeypatch):
-    calls = []
-    orig = gram.ParamTerm.cross_coef
-
-    def spy(self, fuses):
-        calls.append(self.name)
-        return orig(self, fuses)
-
-    monkeypatch.setattr(gram.ParamTerm, "cross_coef", spy)
-    return calls
 
 
 def _hooks_left(model):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-import orthograd_fast.gram as gram
 from engine_helpers import compare
-from models import ce, make
+from models import WideMLP, ce, make
+from models import wide_mlp_data as _data
 from oracle import oracle_grads, oracle_unlearn_grad, project_out
 from orthograd_fast import CaptureError, OrthoGrad, OrthoGradError
 
@@ -16,48 +16,11 @@ REL = 1e-4
 ORTH = 1e-5
 
 
-class WideMLP(nn.Module):
-    """Sizes where the factor route is cheaper for every weight: B_u (I + O) < O I."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):  # a fixed initialization, the global state untouched
-            torch.manual_seed(seed)
-            self.net = nn.Sequential(nn.Linear(17, 40), nn.ReLU(inplace=True), nn.Linear(40, 33), nn.Tanh(), nn.Linear(33, 5))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def _data(gen, B=6, Bu=3):
-    return (torch.randn(B, 17, generator=gen), torch.randint(0, 5, (B,), generator=gen)), (
-        torch.randn(Bu, 17, generator=gen),
-        torch.randint(0, 5, (Bu,), generator=gen),
-    )
-
-
-@pytest.fixture
-def factored(monkeypatch):
-    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)  # small test weights take the factored routes
-
-
-def _count_cross(monkeypatch):
-    calls = []
-    orig = gram.ParamTerm.cross_coef
-
-    def spy(self, fuses):
-        calls.append(self.name)
-        return orig(self, fuses)
-
-    monkeypatch.setattr(gram.ParamTerm, "cross_coef", spy)
-    return calls
-
-
 @pytest.mark.parametrize("unlearn_first", [False, True])
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
-def test_forget_matches_oracle(scope, alpha, unlearn_first, factored, monkeypatch):
-    calls = _count_cross(monkeypatch)
+def test_forget_matches_oracle(scope, alpha, unlearn_first, factored, cross_calls):
+    calls = cross_calls
     gen = torch.Generator().manual_seed(7)
     model = WideMLP()
     retain, unlearn = _data(gen)
@@ -128,8 +91,8 @@ ORACLE_REL = 1e-5
 @pytest.mark.parametrize(
     "case", ["clip", "replace", "two_blocks"]
 )
-def test_forget_factors_follow_grad(case, factored, monkeypatch):
-    calls = _count_cross(monkeypatch)
+def test_forget_factors_follow_grad(case, factored, cross_calls):
+    calls = cross_calls
     gen = torch.Generator().manual_seed(11)
     model = WideMLP()
     retain, unlearn = _data(gen, Bu=4)
@@ -155,8 +118,8 @@ def test_forget_factors_follow_grad(case, factored, monkeypatch):
     assert _close(got, want) <= ORACLE_REL, _close(got, want)
 
 
-def test_forget_ignored_when_grad_was_not_none(factored, monkeypatch):
-    calls = _count_cross(monkeypatch)
+def test_forget_ignored_when_grad_was_not_none(factored, cross_calls):
+    calls = cross_calls
     gen = torch.Generator().manual_seed(12)
     model = WideMLP()
     retain, unlearn = _data(gen)
@@ -217,10 +180,10 @@ def test_forget_order_and_hooks():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_forget_first_starts_next_step(factored, monkeypatch):
+def test_forget_first_starts_next_step(factored, cross_calls):
     # after a projection, an unlearn pass under forget() starts the next step's span: its factors
     # (not the previous step's) give the coefficients of the next projection
-    calls = _count_cross(monkeypatch)
+    calls = cross_calls
     gen = torch.Generator().manual_seed(14)
     model = WideMLP()
     og = OrthoGrad(model)
