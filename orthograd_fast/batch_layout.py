@@ -2,6 +2,8 @@
 
 Two questions an intercepted operation asks about its tensors:
 
+* does it carry the retain batch at all?  :class:`Provenance` decides by origin (the model's
+  inputs and what is computed from them), never by a dim that happens to equal B.
 * where is the retain batch?  Batch-first tensors carry it on dim 0; inside
   ``F.multi_head_attention_forward`` tensors are sequence-first ``(T, B, E)`` or folded ``(T * B, E)``
   (sequence-major), and :func:`batch_major` turns both into ``(B, T, E)``.
@@ -17,9 +19,11 @@ one gradient row per sample.
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -37,6 +41,58 @@ def batch_major(t: Tensor, B: int, seq_first: bool) -> Tensor:
     if not seq_first:
         return t
     return t.reshape(-1, B, t.shape[-1]).transpose(0, 1)
+
+
+# Making a tensor the same for every sample: an explicit expansion along the batch, or a fill.
+EXPAND_FUNCS = {Tensor.expand, torch.broadcast_to, Tensor.broadcast_to, Tensor.repeat, torch.tile, Tensor.tile}
+FILL_FUNCS = {torch.zeros, torch.ones, torch.full, torch.empty, Tensor.new_zeros, Tensor.new_ones, Tensor.new_full,
+              Tensor.new_empty}
+
+
+class Provenance:
+    """Which tensors of the retain forward carry the retain batch on dim 0.
+
+    Batched: the model's inputs with dim 0 == B, anything an operation computes from a batched
+    tensor, a tensor expanded along dim 0 to B (``ids.expand(B, -1)``: one row per sample) and a
+    constant fill with dim 0 == B (``torch.zeros(B, H)``). Everything else is not batched, whatever
+    its shape: T5's relative-position ids are [T, S] and built from ``arange``, so with T == B a
+    shape test would take positions for samples and attribute gradients to the wrong samples.
+    Tags are weak: the tags do not keep forward intermediates alive."""
+
+    def __init__(self):
+        self._tags: Dict[int, weakref.ref] = {}
+
+    def mark(self, t) -> None:
+        if isinstance(t, Tensor):
+            self._tags[id(t)] = weakref.ref(t)
+
+    def batched(self, t) -> bool:
+        """Under torch.compile's tracing the tensors are stand-ins without tags: judged by shape there."""
+        if not isinstance(t, Tensor):
+            return False
+        r = self._tags.get(id(t))
+        return (r is not None and r() is t) or _compiling()
+
+    def propagate(self, func, leaves, out, B: Optional[int]) -> None:
+        outs = _tensors(out)
+        if not outs:
+            return
+        if any(self.batched(t) for t in leaves):
+            for o in outs:
+                self.mark(o)
+            return
+        o = outs[0]
+        if B is None or o.dim() == 0 or o.shape[0] != B:
+            return
+        if func in FILL_FUNCS:
+            self.mark(o)
+        elif func in EXPAND_FUNCS and B > 1:
+            src = leaves[0] if leaves and isinstance(leaves[0], Tensor) else None
+            if src is not None and (src.dim() < o.dim() or src.shape[0] == 1):
+                self.mark(o)
+
+    def clear(self) -> None:
+        self._tags.clear()
 
 
 def is_batched(t, B: int, seq_first: bool = False) -> bool:
@@ -75,8 +131,8 @@ class ParamSpace:
             k = _storage_key(p)
             if k is not None and p.numel():
                 self._by_storage[k] = ("param", p)
-        # id(derived tensor) -> (tensor, func, args, kwargs): recomputed from the parameters
-        self._derived: Dict[int, tuple] = {}
+        # storage of an embedding lookup's output -> (weight, ids, padding_idx)
+        self._lookups: Dict[int, tuple] = {}
 
     # --- what a tensor is ---------------------------------------------------------------------
     def base(self, t) -> Optional[Tuple[str, object]]:
@@ -116,6 +172,32 @@ class ParamSpace:
             return a
         return t
 
+    def add_param(self, p: Tensor) -> None:
+        """A parameter of a class-rule layer met outside the batch (see :meth:`add_lookup`)."""
+        if id(p) not in self._by_id:
+            self.params.append(p)
+            self._by_id[id(p)] = p
+            k = _storage_key(p)
+            if k is not None and p.numel():
+                self._by_storage[k] = ("param", p)
+
+    def add_lookup(self, out: Tensor, weight: Tensor, ids: Tensor, padding_idx: Optional[int]) -> None:
+        """``out`` = rows ``ids`` of the parameter ``weight`` (an embedding lookup with ids shared by
+        all samples): per-sample rows of ``out`` map back as an embedding use (no dense rows)."""
+        self.add_param(weight)
+        k = _storage_key(out)
+        if k is not None:
+            self._by_storage[k] = ("derived", (out, F.embedding, (ids, weight, padding_idx), {}, 0))
+            self._lookups[k] = (weight, ids.detach(), padding_idx)
+
+    def add_computed(self, out, fn, args) -> None:
+        """``out`` = ``fn(*args)`` computed from parameters only by a class-rule layer."""
+        for o in _tensors(out):
+            if o.is_floating_point():
+                k = _storage_key(o)
+                if k is not None and k not in self._by_storage:
+                    self._by_storage[k] = ("derived", (o, fn, tuple(args), {}, _tensors(out).index(o)))
+
     def add_derived(self, out, func, args, kwargs) -> None:
         for o in _tensors(out):
             if not o.is_floating_point():
@@ -127,6 +209,31 @@ class ParamSpace:
             self._by_storage[k] = ("derived", entry)
 
     # --- per-sample rows of a tensor -> rows of its parameters --------------------------------
+    def rows_to_uses(self, t: Tensor, rows: Tensor) -> Dict[Tensor, list]:
+        """``rows`` [B, t.numel()] -> {param: [use]}: an embedding use for a view of a lookup's
+        output, else explicit rows (:meth:`rows_to_params`)."""
+        from .factors import ExplicitUse, OuterUse
+
+        k = _storage_key(t)
+        look = self._lookups.get(k) if k is not None else None
+        if look is not None:
+            weight, ids, pad = look
+            root = self.base(t)[1][0]
+            B = rows.shape[0]
+            if not _same_view(t, root):
+                idx = torch.arange(root.numel(), device=rows.device).as_strided(
+                    t.shape, t.stride(), t.storage_offset() - root.storage_offset()
+                )
+                full = torch.zeros(B, root.numel(), dtype=rows.dtype, device=rows.device)
+                rows = full.index_add_(1, idx.reshape(-1), rows.reshape(B, -1))
+            V, d = weight.shape
+            flat = ids.reshape(1, -1).expand(B, -1)
+            r = rows.reshape(B, -1, d)
+            if pad is not None:
+                r = r * (flat != (pad if pad >= 0 else V + pad)).unsqueeze(-1).to(r.dtype)
+            return {weight: [OuterUse(r[:, :, None, :], None, flat, (1, V, d))]}
+        return {p: [ExplicitUse(r)] for p, r in self.rows_to_params(t, rows).items()}
+
     def rows_to_params(self, t: Tensor, rows: Tensor) -> Dict[Tensor, Tensor]:
         """``rows`` [B, t.numel()] (per-sample gradients with respect to ``t``) -> {param: [B, numel]}."""
         kind, obj = self.base(t)
@@ -195,6 +302,10 @@ def anchored(out, params):
     if isinstance(out, Tensor) and not out.requires_grad and out.is_floating_point() and torch.is_grad_enabled() and params:
         return Anchor.apply(out, *params)
     return out
+
+
+def _same_view(t: Tensor, root: Tensor) -> bool:
+    return t.shape == root.shape and t.stride() == root.stride() and t.storage_offset() == root.storage_offset()
 
 
 def _compiling() -> bool:

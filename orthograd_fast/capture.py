@@ -7,6 +7,11 @@ owns trainable parameters (a custom forward, raw parameters, nn.MultiheadAttenti
 operation (:mod:`orthograd_fast.op_capture`), with the torch.func replay
 (:mod:`orthograd_fast.fallback`) only for a call that hits an operation with no rule.
 
+Which tensors carry the batch is tracked by origin inside every block
+(:class:`~orthograd_fast.batch_layout.Provenance`): a class-rule layer called on a tensor that does
+not (a table of positions, ids shared by all samples) is a computation on parameters only, captured
+by operation where its output meets batched data.
+
 A forward hook on every class-rule module stores its (detached) input and
 registers a tensor hook on its output; the tensor hook stores the output gradient when the retain
 backward reaches it. Nothing is computed during the backward: the factors are assembled on
@@ -76,6 +81,11 @@ class Unit:
         return [p for p in self.module.parameters(recurse=self.whole) if p.requires_grad]
 
 
+def _replay(module: nn.Module, names: List[str], x: Tensor, *params: Tensor):
+    """The module's forward on ``x`` with ``params`` in place of its parameters ``names``."""
+    return torch.func.functional_call(module, dict(zip(names, params)), (x,))
+
+
 def _detach(x):
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, x)
 
@@ -132,11 +142,10 @@ class Capture:
         # operation capture and recurrent units
         self.lean_ops = lean_ops
         self.fallback_log = fallback_log if fallback_log is not None else fallback.FallbackLog()
-        self.ctx: Optional[op_capture.OpContext] = None
+        # the operation mode runs in every block: it tracks which tensors carry the batch
+        # (batch_layout.Provenance) and captures the operation-captured parameters
+        self.ctx = op_capture.OpContext(self, ParamSpace(op_parameters(units), lean_ops))
         self._mode: Optional[op_capture.OpMode] = None
-        op_units = [u for u in units if u.kind == "ops"]
-        if op_units:
-            self.ctx = op_capture.OpContext(self, ParamSpace(op_parameters(units), lean_ops))
         self.rnn_calls: List[recurrent.RecurrentCall] = []
         self._flagged: List[tuple] = []  # (op_capture.Frame, Call) replayed by the fallback
         # id(module) -> [(name, param)] handed out detached during the module's calls (see top)
@@ -160,12 +169,10 @@ class Capture:
             if u.kind == "recurrent":
                 u.module.forward = functools.partial(self._recurrent_forward, u)
                 continue
-            if self.swap.get(id(u.module)):
-                self.handles.append(u.module.register_forward_pre_hook(self._swap_pre))
+            self.handles.append(u.module.register_forward_pre_hook(self._rule_pre))
             self.handles.append(u.module.register_forward_hook(self._make_hook(u), with_kwargs=True))
-        if self.ctx is not None:
-            self._mode = op_capture.OpMode(self.ctx)
-            self._mode.__enter__()
+        self._mode = op_capture.OpMode(self.ctx)
+        self._mode.__enter__()
 
     def detach(self) -> None:
         if self._mode is not None:
@@ -177,8 +184,8 @@ class Capture:
         for u in self.units:
             if u.kind == "recurrent" and "forward" in u.module.__dict__:
                 del u.module.forward
-        if self.ctx is not None:
-            self.ctx.frames.clear()
+        self.ctx.frames.clear()
+        self.ctx.in_rule = 0
         self._unswap_all()
 
     def param_names(self, params) -> List[str]:
@@ -210,8 +217,9 @@ class Capture:
         self._flagged.append((frame, call))
         return None
 
-    def _swap_pre(self, module, args):
-        for name, p in self.swap[id(module)]:
+    def _rule_pre(self, module, args):
+        self.ctx.in_rule += 1
+        for name, p in self.swap.get(id(module), ()):
             if module._parameters.get(name) is p:  # not already swapped (re-entrant call)
                 module._parameters[name] = p.detach()
                 self._swapped.append((module, name, p))
@@ -246,6 +254,10 @@ class Capture:
             if isinstance(t, Tensor) and t.dim() >= 1:
                 self.B = t.shape[0]
                 break
+        self.ctx.in_rule = 0
+        for t in leaves:  # the inputs carrying the batch on dim 0
+            if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == self.B:
+                self.ctx.prov.mark(t)
         if self.B == 0:
             # issue 6 (bad-input contract): an empty retain batch has no per-sample gradients; without
             # this check it fails later inside a layer rule with an unrelated reshape error.
@@ -257,7 +269,14 @@ class Capture:
 
     def _make_hook(self, unit: Unit):
         def hook(module, args, kwargs, output):
+            self.ctx.in_rule = max(self.ctx.in_rule - 1, 0)
             swapped = self._unswap(module) if self.swap.get(id(module)) else []
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(x, Tensor) and torch.is_grad_enabled() and not self.ctx.prov.batched(x):
+                # an input that does not carry the batch (a table of positions, ids shared by all
+                # samples): a computation on parameters only, captured where it meets the batch
+                self._parameters_only(module, x, output)
+                return None
             if (
                 swapped
                 and isinstance(output, Tensor)
@@ -269,20 +288,6 @@ class Capture:
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 rules.check_batchnorm(module)
             # a rule needs the layer input only; keeping outputs alive would cost memory
-            x = args[0] if args else next(iter(kwargs.values()), None)
-            if (
-                isinstance(module, nn.Embedding)
-                and isinstance(x, Tensor)
-                and x.dim() >= 1
-                and x.shape[0] == 1
-                and (self.B or 1) > 1
-                and isinstance(output, Tensor)
-            ):
-                # Ids shared by the batch (GPT-2's position_ids [1, T]): the output would be
-                # broadcast later and its gradient summed over samples. Hand out the output
-                # already expanded to the batch so its gradient keeps one row per sample.
-                x = x.expand(self.B, *x.shape[1:])
-                output = output.expand(self.B, *output.shape[1:])
             call = Call(args=(x.detach(),) if isinstance(x, Tensor) else (), kwargs={}, output=None)
             outs, _ = tree_flatten(output)
             call.grads = [None] * len(outs)
@@ -293,6 +298,20 @@ class Capture:
             return output
 
         return hook
+
+    def _parameters_only(self, module: nn.Module, x: Tensor, output) -> None:
+        """A class-rule layer called on a tensor without the batch: its output is recorded as a
+        computation on its parameters (an embedding lookup, or a replay of the module), whose
+        per-sample rows come from where it meets batched data (op_capture)."""
+        space = self.ctx.space
+        if isinstance(module, nn.Embedding) and isinstance(output, Tensor):
+            if module.weight.requires_grad:
+                space.add_lookup(output, module.weight, x, module.padding_idx)
+            return
+        named = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        for _, p in named:
+            space.add_param(p)
+        space.add_computed(output, functools.partial(_replay, module, [n for n, _ in named]), [x] + [p for _, p in named])
 
     @staticmethod
     def _grad_hook(call: Call, k: int):

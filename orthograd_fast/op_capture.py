@@ -31,8 +31,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import op_rules
-from .batch_layout import ParamSpace, PerSample, anchored, is_batched
+from .batch_layout import ParamSpace, PerSample, Provenance, anchored, is_batched
 from .errors import CaptureError
+from .factors import ExplicitUse
 
 
 @dataclass
@@ -65,6 +66,8 @@ class OpContext:
         self.capture = capture
         self.space = space
         self.seq_first = False  # inside multi-head attention: (T, B, E) / (T * B, E)
+        self.prov = Provenance()  # which tensors carry the batch (not judged by shape)
+        self.in_rule = 0  # inside the forward of a class-rule layer: its module hooks capture it
         self.records: List[OpRecord] = []
         self.frames: List[Frame] = []
 
@@ -73,8 +76,14 @@ class OpContext:
         return self.capture.B
 
     def is_data(self, t) -> bool:
-        """A batched tensor that is not made of parameters."""
-        return isinstance(t, Tensor) and self.space.base(t) is None and is_batched(t, self.B, self.seq_first)
+        """A batched tensor (derived from the model's inputs, with the batch where the layout puts
+        it) that is not made of parameters."""
+        return (
+            isinstance(t, Tensor)
+            and self.prov.batched(t)
+            and self.space.base(t) is None
+            and is_batched(t, self.B, self.seq_first)
+        )
 
     def is_activation(self, t) -> bool:
         """A tensor of the forward that is not made of parameters alone: batched, or needing a
@@ -82,7 +91,7 @@ class OpContext:
         parameter is not a computation on parameters only."""
         if not isinstance(t, Tensor) or self.space.base(t) is not None:
             return False
-        return is_batched(t, self.B, self.seq_first) or t.requires_grad
+        return self.prov.batched(t) or t.requires_grad
 
     def use(self, t):
         return self.space.use(t) if isinstance(t, Tensor) else t
@@ -108,11 +117,14 @@ class OpContext:
         """``src`` (a view of operand ``t`` with a leading dim of 1) expanded along the batch; its
         per-sample gradient rows are recorded and mapped back to the parameters on finish."""
         owners = self.space.owners(t)
-        rows = PerSample.apply(src, self.B, *(owners if self.space.lean else []))
+        # anchored to the real parameters when ``src`` has no gradient of its own (lean retain, or
+        # computed by a class-rule layer from its detached parameters)
+        anchors = owners if (self.space.lean or not src.requires_grad) else []
+        rows = PerSample.apply(src, self.B, *anchors)
         space = self.space
 
         def build(g):
-            return {p: [op_rules.ExplicitUse(r)] for p, r in space.rows_to_params(src, g.reshape(g.shape[0], -1)).items()}
+            return space.rows_to_uses(src, g.reshape(g.shape[0], -1))
 
         rec = OpRecord(build, owners, tuple(self.frames), op_rules.op_name(func))
         rows.register_hook(rec.hook)
@@ -163,7 +175,7 @@ class OpContext:
                 break
         else:
             names = self.capture.param_names(owners)
-            if not any(is_batched(t, self.B, self.seq_first) for t in leaves if isinstance(t, Tensor)):
+            if not any(self.prov.batched(t) and is_batched(t, self.B, self.seq_first) for t in leaves):
                 raise CaptureError(
                     f"parameter(s) {names}: operation {name} combines them with data whose dim 0 is not the retain "
                     f"batch (B={self.B}; shapes {[tuple(t.shape) for t in leaves if isinstance(t, Tensor)]}): the "
@@ -186,13 +198,19 @@ class OpMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        leaves = _flat(args, kwargs)
+        out = self._handle(func, args, kwargs, leaves)
+        self.ctx.prov.propagate(func, leaves, out, self.ctx.capture.B)
+        return out
+
+    def _handle(self, func, args, kwargs, leaves):
         ctx = self.ctx
         space = ctx.space
-        if not torch.is_grad_enabled() or ctx.capture.B is None:
+        if not torch.is_grad_enabled() or ctx.capture.B is None or ctx.in_rule:
             return func(*args, **kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
         if not any(isinstance(t, Tensor) and space.base(t) is not None for t in leaves):
             return func(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
         if getattr(func, "__name__", "") == "__get__":  # attribute of a parameter (requires_grad, .T, ...)
             out = func(*args, **kwargs)
             if isinstance(out, Tensor) and space.lean:
@@ -232,6 +250,19 @@ class OpMode(TorchFunctionMode):
             ctx.seq_first = prev
 
 
+def _flat(args, kwargs) -> list:
+    """The leaves of a call's arguments (tensors inside lists and tuples too), without a spec."""
+    out = []
+    stack = [kwargs.values(), args] if kwargs else [args]
+    while stack:
+        for a in stack.pop():
+            if isinstance(a, (list, tuple)):
+                stack.append(a)
+            else:
+                out.append(a)
+    return out
+
+
 def frame_hooks(ctx: OpContext, unit, module: nn.Module, params: set, on_exit: Callable):
     """Forward pre-/post-hooks keeping the stack of running op-unit calls."""
 
@@ -263,12 +294,12 @@ def build_uses(ctx: OpContext, flagged: List[Frame]) -> Dict[Tensor, list]:
             uses.setdefault(p, []).extend(us)
     # one parameter's explicit rows from several calls: summed (exact, one use)
     for p, us in uses.items():
-        ex = [u for u in us if isinstance(u, op_rules.ExplicitUse)]
+        ex = [u for u in us if isinstance(u, ExplicitUse)]
         if len(ex) > 1:
             G = ex[0].G.double()
             for u in ex[1:]:
                 G = G + u.G.double()
-            uses[p] = [u for u in us if not isinstance(u, op_rules.ExplicitUse)] + [op_rules.ExplicitUse(G)]
+            uses[p] = [u for u in us if not isinstance(u, ExplicitUse)] + [ExplicitUse(G)]
     return uses
 
 

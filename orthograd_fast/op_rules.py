@@ -24,7 +24,7 @@ from torch import Tensor
 from . import rules
 from .batch_layout import batch_major
 from .errors import UnsupportedModule
-from .factors import ExplicitUse, OuterUse
+from .factors import OuterUse
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -42,8 +42,8 @@ def _identity(t: Tensor, p: Tensor) -> bool:
 
 
 def _explicit(space, t: Tensor, rows: Tensor) -> dict:
-    """Per-sample rows [B, t.numel()] of an operand -> {param: [ExplicitUse]}."""
-    return {p: [ExplicitUse(r)] for p, r in space.rows_to_params(t, rows).items()}
+    """Per-sample rows [B, t.numel()] of an operand -> {param: [use]}."""
+    return space.rows_to_uses(t, rows)
 
 
 def _merge(into: dict, new: dict) -> dict:
@@ -266,8 +266,8 @@ def rms_norm(ctx, func, args, kwargs):
 
 def embedding(ctx, func, args, kwargs):
     ids, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
-    if not ctx.is_data(ids) or ctx.seq_first:
-        return NotImplemented  # ids shared by all samples: a lookup of parameters only
+    if ctx.seq_first:
+        return NotImplemented
     padding_idx = _arg(args, kwargs, 2, "padding_idx")
     if _arg(args, kwargs, 3, "max_norm") is not None or _arg(args, kwargs, 5, "scale_grad_by_freq", False):
         raise UnsupportedModule(
@@ -280,6 +280,12 @@ def embedding(ctx, func, args, kwargs):
         return NotImplemented
     a = list(args)
     a[1] = ctx.use(w)
+    if not ctx.is_data(ids):
+        # ids shared by all samples (positions, relative-position buckets): a lookup of parameters
+        # only, mapped back as an embedding use where it meets the batch
+        out = func(*a, **kwargs)
+        ctx.space.add_lookup(out, p, ids, padding_idx)
+        return out
     out = func(*a, **kwargs)
     B, idsd = ctx.B, ids.detach()
 
@@ -379,6 +385,33 @@ def einsum(ctx, func, args, kwargs):
     return func(",".join(terms) + "->" + out, *new)
 
 
+def attention(ctx, func, args, kwargs):
+    """``F.scaled_dot_product_attention`` with batched queries: an operand made of parameters only
+    (a relative-position bias as ``attn_mask``, a learned query) is added to or multiplied into the
+    scores sample by sample, so it is handed out expanded along the batch (per-sample rows)."""
+    q = _arg(args, kwargs, 0, "query")
+    if not ctx.is_data(q) or ctx.seq_first:
+        return NotImplemented
+    a, kw = list(args), dict(kwargs)
+    for i, name in enumerate(("query", "key", "value", "attn_mask")):
+        t = _arg(args, kwargs, i, name)
+        if not isinstance(t, Tensor) or ctx.space.base(t) is None:
+            continue
+        if not t.is_floating_point() or t.dim() > q.dim():
+            return NotImplemented
+        src = ctx.use(t)
+        while src.dim() < q.dim():
+            src = src.unsqueeze(0)
+        if src.shape[0] != 1:
+            return NotImplemented
+        rows = ctx.per_sample(func, t, src)
+        if i < len(args):
+            a[i] = rows
+        else:
+            kw[name] = rows
+    return func(*a, **kw)
+
+
 RULES: Dict[Callable, Callable] = {
     F.linear: linear,
     torch.matmul: matmul,
@@ -401,6 +434,7 @@ RULES: Dict[Callable, Callable] = {
     Tensor.__getitem__: getitem,
     torch.prelu: prelu,
     torch.bilinear: bilinear,
+    F.scaled_dot_product_attention: attention,
 }
 if hasattr(F, "rms_norm"):
     RULES[F.rms_norm] = rms_norm

@@ -1,12 +1,13 @@
 """Models from transformers (tiny random configs) against the float64 oracle: exact, with no
 parameter on the torch.func fallback. T5's relative position bias (a table looked up with ids shared
-by all samples) and Swin's window attention (the batch folded into dim 0) stay refused with clear
-errors; T5 with its bias table frozen is exact."""
+by all samples) is exact, also when the sequence length equals the retain batch size; Swin's
+window attention (the batch folded into dim 0) stays refused with a clear error."""
 
 import itertools
 import warnings
 
 import pytest
+import torch
 
 from engine_helpers import compare
 from orthograd_fast import OrthoGrad
@@ -17,7 +18,7 @@ pytest.importorskip("transformers")
 
 REL = 1e-4
 COMBOS = list(itertools.product(["tensor", "global"], [0.0, 0.3]))
-EXACT = [m for m in HF_MODELS if m not in ("swin", "t5")]
+EXACT = [m for m in HF_MODELS if m != "swin"]
 # class-rule layers only (conv, BatchNorm, Linear): nothing captured by operation; the slow selection runs them
 CLASS_RULES_ONLY = ("resnet", "mobilenet_v2", "efficientnet")
 DEFAULT = [m for m in EXACT if m not in CLASS_RULES_ONLY]
@@ -53,12 +54,10 @@ def _freeze(model, word):
             p.requires_grad_(False)
 
 
-@pytest.mark.parametrize("name", ["swin", "t5"])
-def test_folded_batch_and_shared_ids_refused(name):
-    # Swin folds windows into dim 0 of its attention's inputs and bias lookups; T5 looks its
-    # relative position bias up with ids shared by all samples: both refused with a clear error,
-    # on leaving retain() with every .grad restored
-    model, retain, unlearn, loss = hf_model(name)
+def test_folded_batch_refused():
+    # Swin folds windows into dim 0 of its attention's inputs and bias lookups: refused with a
+    # clear error, on leaving retain() with every .grad restored
+    model, retain, unlearn, loss = hf_model("swin")
     og = OrthoGrad(model)
     with pytest.raises(CaptureError, match="folded|leading dimension"):
         with og.retain():
@@ -66,9 +65,12 @@ def test_folded_batch_and_shared_ids_refused(name):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_t5_exact_with_position_bias_frozen():
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_t5_exact_when_sequence_length_equals_batch(scope):
+    # the bias table's ids are [T, S]: with T == B a shape test takes positions for samples
     model, retain, unlearn, loss = hf_model("t5")
-    for n, p in model.named_parameters():
-        if "relative_attention_bias" in n:
-            p.requires_grad_(False)
-    _check(model, retain, unlearn, loss, "tensor", 0.3, "t5")
+    T = retain[0].shape[1]
+    gen = torch.Generator().manual_seed(7)
+    retain = (torch.randint(1, 37, (T, T), generator=gen), torch.randint(0, 37, (T, 4), generator=gen))
+    _check(model, retain, unlearn, loss, scope, 0.3, "t5")
+    assert any("relative_attention_bias" in n for n, p in model.named_parameters() if p.requires_grad)
