@@ -62,10 +62,20 @@ class OuterUse:
     def explicit(self) -> Tensor:
         """Materialize [B, numel] in fp64 (small tensors only)."""
         G, O, I = self.shape
-        A = self.A.double()
         if self.ids is None:
-            g = torch.einsum("btgo,btgi->bgoi", self.D.double(), A)
+            # float64 copies of a few samples' factors at a time, (sample, group)-major: the batched
+            # GEMM reads them contiguously and they stay in cache (a depthwise conv's unfolded A is
+            # 49x its input; a float64 copy of all of it cost more than the rest of the step)
+            B, T = self.A.shape[:2]
+            g = torch.empty(B, G, O, I, dtype=torch.float64, device=self.A.device)
+            step = max(1, 4 * F64_SLAB_BYTES // max(1, 8 * T * G * (I + O)))
+            for b0 in range(0, B, step):
+                b1 = min(B, b0 + step)
+                A = self.A[b0:b1].permute(0, 2, 1, 3).to(torch.float64, memory_format=torch.contiguous_format)
+                D = self.D[b0:b1].permute(0, 2, 3, 1).to(torch.float64, memory_format=torch.contiguous_format)
+                torch.matmul(D, A, out=g[b0:b1])
         else:
+            A = self.A.double()
             B = self.ids.shape[0]
             # index_add per sample: flatten (b, id) into one row index of a [B*O, I] table.
             rows = (torch.arange(B, device=A.device)[:, None] * O + self.ids).reshape(-1)
