@@ -7,7 +7,7 @@ the GEMMs over it cost more than the convolution (measured on a 64 x 32 x 16 x 1
 17 ms, the conv 4 ms). Here:
 
 * per-sample tiles: the weight gradient of a grouped convolution with the samples folded into
-  channels (groups = samples), in slabs of output channels; the Gram and the coefficients
+  channels (groups = samples x the layer's groups), in slabs of output channels; the Gram and the coefficients
   ``<g_i, U>`` both come from them (:meth:`ParamTerm._conv_gram_coef`), so they match exactly
 * ``U -= sum c_i g_i`` = weight gradient of (x, c * gy)                  one weight-gradient conv
 
@@ -29,9 +29,9 @@ from .factors import OuterUse, _compute_dtype
 
 @dataclass
 class ConvUse:
-    """x: the input [B, C, *S]; gy: the output gradient [B, O, *L]; the weight [O, C, *k] with
-    ``stride``, ``padding`` (zeros; other modes and asymmetric padding are applied to x by the
-    rule, then padding is 0) and ``dilation``; groups = 1; nd in 1, 2.
+    """x: the input [B, C, *S]; gy: the output gradient [B, O, *L]; the weight [O, C / groups, *k]
+    with ``stride``, ``padding`` (zeros; other modes and asymmetric padding are applied to x by the
+    rule, then padding is 0), ``dilation`` and ``groups``; nd in 1, 2.
     ``A`` / ``D`` name x / gy for code that only inspects factor dtypes."""
 
     x: Tensor
@@ -40,6 +40,7 @@ class ConvUse:
     stride: Tuple[int, ...]
     padding: Tuple[int, ...]
     dilation: Tuple[int, ...]
+    groups: int = 1
 
     @property
     def A(self) -> Tensor:
@@ -58,8 +59,23 @@ class ConvUse:
         return self.x.dim() - 2
 
     @property
-    def shape(self) -> tuple:  # (G, O, I) like OuterUse
-        return (1, self.gy.shape[1], self.x.shape[1] * math.prod(self.kernel))
+    def shape(self) -> tuple:  # (G, O, I) like OuterUse: per group
+        G = self.groups
+        return (G, self.gy.shape[1] // G, self.x.shape[1] // G * math.prod(self.kernel))
+
+    @property
+    def out_channels(self) -> int:
+        return self.gy.shape[1]
+
+    @property
+    def row(self) -> int:
+        """Weight entries per output channel (C / groups x prod(k))."""
+        return self.x.shape[1] // self.groups * math.prod(self.kernel)
+
+    @property
+    def channel_step(self) -> int:
+        """Slabs of output channels start and end on multiples of this (whole groups)."""
+        return self.gy.shape[1] // self.groups
 
     @property
     def tokens(self) -> int:
@@ -83,24 +99,26 @@ class ConvUse:
         U is float64: the engine's exact update)."""
         dt = torch.promote_types(self._dt(), U.dtype)
         scaled = self.gy.to(dt) * c.to(dt).reshape((-1,) + (1,) * (self.gy.dim() - 1))
-        U.sub_(self._wgrad(scaled, self.x, U.shape, dt=dt).to(U.dtype))
+        U.sub_(self._wgrad(scaled, self.x, U.shape, groups=self.groups, dt=dt).to(U.dtype))
 
     def tiles(self, o0: int, o1: int, b0: int = 0, b1: int = -1) -> Tensor:
-        """Per-sample gradients of output channels o0:o1 for samples b0:b1,
-        [b1 - b0, (o1 - o0) * C * prod(k)] in the compute dtype: a grouped weight-gradient
-        convolution with the samples as groups."""
+        """Per-sample gradients of output channels o0:o1 (multiples of :attr:`channel_step` when
+        groups > 1) for samples b0:b1, [b1 - b0, (o1 - o0) * C / groups * prod(k)] in the compute
+        dtype: a grouped weight-gradient convolution with (sample, group) pairs as groups."""
         b1 = self.B if b1 < 0 else b1
-        B, C = b1 - b0, self.x.shape[1]
-        n = o1 - o0
-        x = self.x[b0:b1].reshape(1, B * C, *self.x.shape[2:])
-        gy = self.gy[b0:b1, o0:o1].reshape(1, B * n, *self.gy.shape[2:])
-        g = self._wgrad(gy, x, (B * n, C, *self.kernel), groups=B)
+        B = b1 - b0
+        og = self.channel_step
+        g0, g1 = o0 // og, -(-o1 // og)
+        cg = self.x.shape[1] // self.groups
+        x = self.x[b0:b1, g0 * cg : g1 * cg].reshape(1, B * (g1 - g0) * cg, *self.x.shape[2:])
+        gy = self.gy[b0:b1, o0:o1].reshape(1, B * (o1 - o0), *self.gy.shape[2:])
+        g = self._wgrad(gy, x, (B * (o1 - o0), cg, *self.kernel), groups=B * (g1 - g0))
         return g.reshape(B, -1)
 
     def sample_chunk(self, budget: int) -> int:
         """Samples per tiles() call that keep the convolution's own unfolded copy of the input
         (C prod(k) x positions per sample) under ``budget`` bytes."""
-        per = self.x.shape[1] * math.prod(self.kernel) * self.tokens * self.x.element_size()
+        per = self.row * self.groups * self.tokens * self.x.element_size()
         return max(1, budget // max(1, per))
 
     def explicit(self) -> Tensor:
@@ -116,6 +134,7 @@ class ConvUse:
         cols = F.unfold(
             xp, two(self.kernel, 1), dilation=two(self.dilation, 1), padding=two(self.padding, 0), stride=two(self.stride, 1)
         )
-        A = cols.transpose(1, 2).unsqueeze(2)  # [B, L, 1, C k]
-        D = self.gy.reshape(self.B, self.gy.shape[1], -1).transpose(1, 2).unsqueeze(2)
+        G, B = self.groups, self.B
+        A = cols.reshape(B, G, self.row, -1).permute(0, 3, 1, 2)  # [B, L, G, C / G k]
+        D = self.gy.reshape(B, G, self.channel_step, -1).permute(0, 3, 1, 2)
         return OuterUse(A, D, None, self.shape)

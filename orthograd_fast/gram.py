@@ -157,7 +157,8 @@ class ParamTerm:
         self.twin = uses[0].twin if len(uses) == 1 and isinstance(uses[0], ExplicitUse) else None
         convs = [u for u in uses if isinstance(u, ConvUse)]
         if convs and self.B * self.numel > EXPLICIT_MAX:
-            if len(convs) == len(uses) and backend != "triton" and self._conv_route(convs) == TILE:
+            same = len({(u.shape, u.groups) for u in convs}) == 1
+            if len(convs) == len(uses) and same and backend != "triton" and self._conv_route(convs) == TILE:
                 self.mode, self.uses, self.use, self._G = "conv", convs, None, None
                 return
             # ghost route, Triton kernels, uses of other kinds: the token form
@@ -412,15 +413,18 @@ class ParamTerm:
         channels it produces, so the calls produce CONV_TILE_BYTES of float32 tiles each and only
         the float64 widening goes in TILE_SLAB_BYTES pieces (half as many calls as one call per
         float64 slab)."""
-        G, O, I = self.uses[0].shape
+        u0 = self.uses[0]
+        O, I = u0.out_channels, u0.row  # output channels, weight entries per output channel
         B = self.B
-        dev = self.uses[0].x.device
+        dev = u0.x.device
         K = torch.zeros(B, B, dtype=torch.float64, device=dev)
         b = torch.zeros(B, dtype=torch.float64, device=dev)
         Uf = U.reshape(O, -1)
         rows = max(1, min(CHUNK_BYTES, TILE_SLAB_BYTES) // max(1, B * I * 8))  # float64 widening
-        dt = self.uses[0]._dt()  # the tiles' dtype: float32 (float64 for a float64 model)
+        dt = u0._dt()  # the tiles' dtype: float32 (float64 for a float64 model)
         per_call = max(rows, CONV_TILE_BYTES // max(1, B * I * torch.finfo(dt).bits // 8))  # channels per call
+        if u0.groups > 1:  # a call covers whole groups
+            per_call = -(-per_call // u0.channel_step) * u0.channel_step
         # samples per convolution call: its unfolded input copy stays near the slab size
         step = min(u.sample_chunk(TILE_SLAB_BYTES) for u in self.uses)
         for c0 in range(0, O, per_call):
