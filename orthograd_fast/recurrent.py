@@ -7,7 +7,11 @@ layer and direction:
 * input-to-hidden: one linear over all time steps, x [B, T, I] -> gates [B, T, G]: an OuterUse with
   A = x and D = the gates' gradient (its bias: the token sum of D);
 * hidden-to-hidden: per step h_{t-1} [B, H] -> [B, G]; stacked over steps it is one OuterUse with
-  A = [h_{t-1}]_t [B, T, H] and D = the per-step gradients [B, T, G].
+  A = [h_{t-1}]_t [B, T, H] and D = the per-step gradients [B, T, G]. For LSTM and RNN the step's
+  pre-activation is gates_x[:, t] + W_hh h_{t-1} (+ both biases, folded into gates_x), so that
+  gradient is the input-to-hidden one's token t: one gradient hook per layer and direction, and
+  per step only the recurrence's own operations (each op of the unrolled forward passes through
+  the capture's operation tracking).
 
 Gate order and formulas are PyTorch's (LSTM i, f, g, o; GRU r, z, n with the hidden bias inside
 r * (W_hn h + b_hn)).
@@ -65,8 +69,10 @@ class RecurrentCall:
     def _real(self):
         return [p for p in self.module.parameters() if p.requires_grad] if self.lean else []
 
-    def _linear(self, x, wn, bn, A_rows: list, holders: list):
-        y = anchored(F.linear(x, self._w(wn), self._w(bn)), self._real())
+    def _linear(self, x, wn, bn, A_rows: list, holders: list, bias=None):
+        """F.linear(x, W[wn], b[bn]) with a hook for its output gradient; ``bias``: a bias tensor
+        to use instead of b[bn] (LSTM / RNN: both biases, summed)."""
+        y = anchored(F.linear(x, self._w(wn), self._w(bn) if bias is None else bias), self._real())
         A_rows.append(x.detach())
         h = _Grads()
         if y.requires_grad:
@@ -105,20 +111,37 @@ class RecurrentCall:
             outs = []
             for d in range(nd):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
-                bias = m.bias
-                A_ih, g_ih, A_hh, g_hh = [], [], [], []
-                gates_x = self._linear(layer_in, "weight_ih" + sfx, "bias_ih" + sfx if bias else None, A_ih, g_ih)
+                wih, whh = "weight_ih" + sfx, "weight_hh" + sfx
+                bih, bhh = ("bias_ih" + sfx, "bias_hh" + sfx) if m.bias else (None, None)
                 h, c = h0[layer * nd + d], (c0[layer * nd + d] if lstm else None)
+                steps = range(T) if d == 0 else reversed(range(T))
                 hs = [None] * T
-                for t in (range(T) if d == 0 else reversed(range(T))):
-                    gh = self._linear(h, "weight_hh" + sfx, "bias_hh" + sfx if bias else None, A_hh, g_hh)
-                    h, c = _cell(m.mode, gates_x[:, t], gh, h, c)
-                    hs[t] = h
+                A_ih, g_ih = [], []
+                if m.mode == "GRU":  # the hidden bias sits inside r * (W_hn h + b_hn): per-step hooks
+                    A_hh, g_hh = [], []
+                    gates_x = self._linear(layer_in, wih, bih, A_ih, g_ih)
+                    for t in steps:
+                        gh = self._linear(h, whh, bhh, A_hh, g_hh)
+                        h, c = _cell(m.mode, gates_x[:, t], gh, h, c)
+                        hs[t] = h
+                    self.parts.append((wih, bih, A_ih, g_ih, False))
+                    self.parts.append((whh, bhh, A_hh, g_hh, True))
+                else:
+                    both = self._w(bih) + self._w(bhh) if m.bias else None
+                    gates_x = self._linear(layer_in, wih, bih, A_ih, g_ih, bias=both)
+                    Wt = self._w(whh).t()
+                    prev = []  # h_{t-1} of each step, in step order
+                    for t in steps:
+                        prev.append(h)
+                        h, c = _step(m.mode, torch.addmm(gates_x[:, t], h, Wt), h, c)
+                        hs[t] = h
+                    if d:  # tokens in time order, like gates_x
+                        prev.reverse()
+                    self.parts.append((wih, bih, A_ih, g_ih, False))
+                    self.parts.append((whh, bhh, [torch.stack(prev, 1).detach()], g_ih, False))
                 outs.append(torch.stack(hs, 1))
                 hn.append(h)
                 cn.append(c)
-                self.parts.append(("weight_ih" + sfx, "bias_ih" + sfx if bias else None, A_ih, g_ih, False))
-                self.parts.append(("weight_hh" + sfx, "bias_hh" + sfx if bias else None, A_hh, g_hh, True))
             layer_in = torch.cat(outs, -1) if nd == 2 else outs[0]
             if m.dropout and layer < L - 1 and m.training:
                 layer_in = F.dropout(layer_in, m.dropout, True)
@@ -145,6 +168,16 @@ class RecurrentCall:
             if b is not None and b.requires_grad:
                 uses.setdefault(b, []).append(ExplicitUse(D.sum(1)))
         return uses
+
+
+def _step(mode, pre, h, c):
+    """One LSTM / RNN step from its pre-activation (both products and biases): few operations."""
+    if mode == "LSTM":
+        H = h.shape[-1]
+        s = torch.sigmoid(pre)  # i, f, o (the g quarter unused)
+        c = torch.addcmul(s[:, H : 2 * H] * c, s[:, :H], torch.tanh(pre[:, 2 * H : 3 * H]))
+        return s[:, 3 * H :] * torch.tanh(c), c
+    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
 
 def _cell(mode, gx, gh, h, c):
