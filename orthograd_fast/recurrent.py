@@ -117,23 +117,25 @@ class RecurrentCall:
                 steps = range(T) if d == 0 else reversed(range(T))
                 hs = [None] * T
                 A_ih, g_ih = [], []
+                # the steps' gate inputs by one unbind: its backward stacks their gradients once,
+                # where an index per step would fill a zero [B, T, G] gradient per step
                 if m.mode == "GRU":  # the hidden bias sits inside r * (W_hn h + b_hn): per-step hooks
                     A_hh, g_hh = [], []
-                    gates_x = self._linear(layer_in, wih, bih, A_ih, g_ih)
+                    gx = self._linear(layer_in, wih, bih, A_ih, g_ih).unbind(1)
                     for t in steps:
                         gh = self._linear(h, whh, bhh, A_hh, g_hh)
-                        h, c = _cell(m.mode, gates_x[:, t], gh, h, c)
+                        h, c = _cell(m.mode, gx[t], gh, h, c)
                         hs[t] = h
                     self.parts.append((wih, bih, A_ih, g_ih, False))
                     self.parts.append((whh, bhh, A_hh, g_hh, True))
                 else:
                     both = self._w(bih) + self._w(bhh) if m.bias else None
-                    gates_x = self._linear(layer_in, wih, bih, A_ih, g_ih, bias=both)
+                    gx = self._linear(layer_in, wih, bih, A_ih, g_ih, bias=both).unbind(1)
                     Wt = self._w(whh).t()
                     prev = []  # h_{t-1} of each step, in step order
                     for t in steps:
                         prev.append(h)
-                        h, c = _step(m.mode, torch.addmm(gates_x[:, t], h, Wt), h, c)
+                        h, c = _step(m.mode, torch.addmm(gx[t], h, Wt), h, c)
                         hs[t] = h
                     if d:  # tokens in time order, like gates_x
                         prev.reverse()
