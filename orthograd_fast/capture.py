@@ -51,8 +51,10 @@ class Call:
     kwargs: Any
     output: Any
     grads: List[Optional[Tensor]] = field(default_factory=list)
-    # autocast (issue 6): (device, dtype) pairs active at the call; the fallback replays under them
+    # autocast: (device, dtype) pairs active at the call; the fallback replays under them
     autocast: tuple = ()
+    # rows per sample on dim 0 of the input (k > 1: the batch folded sample by sample, e.g. windows)
+    fold: Optional[int] = 1
 
 
 def _autocast_state() -> tuple:
@@ -288,7 +290,8 @@ class Capture:
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 rules.check_batchnorm(module)
             # a rule needs the layer input only; keeping outputs alive would cost memory
-            call = Call(args=(x.detach(),) if isinstance(x, Tensor) else (), kwargs={}, output=None)
+            call = Call(args=(x.detach(),) if isinstance(x, Tensor) else (), kwargs={}, output=None,
+                        fold=self.ctx.prov.fold(x, self.B))
             outs, _ = tree_flatten(output)
             call.grads = [None] * len(outs)
             for k, o in enumerate(outs):
@@ -360,14 +363,24 @@ class Capture:
                 gy = call.grads[0]
                 if x is None or gy is None:
                     continue
-                if x.dim() == 0 or x.shape[0] != B or gy.shape[0] != B:
+                k = call.fold or 1  # None: the batch is not on dim 0 (refused just below)
+                if k > 1 and u.rule not in rules.TOKEN_RULES:
+                    raise CaptureError(
+                        f"module '{u.name}' ({type(u.module).__name__}) got an input whose dim 0 holds {k} rows per "
+                        f"sample (the retain batch B={B} folded into dim 0, e.g. windows of an image): its per-sample "
+                        "gradients sum over images, which OrthoGrad factors for token layers (Linear, LayerNorm, "
+                        "RMSNorm, Embedding) only. Freeze this layer (requires_grad_(False)) or keep the batch "
+                        "on dim 0 of its input."
+                    )
+                if call.fold is None or x.dim() == 0 or x.shape[0] != k * B or gy.shape[0] != k * B:
                     raise CaptureError(
                         f"module '{u.name}' ({type(u.module).__name__}) got an input with leading dimension "
-                        f"{x.shape[0] if x.dim() else 'none'}, but the retain batch has B={B} samples. "
-                        "OrthoGrad needs batch-first layouts (the sample index on dim 0 of every layer's "
-                        "input), e.g. batch_first=True for transformer layers; a batch folded into dim 0 "
-                        "(window attention's (B * windows, N, C), ids shared by all samples) is not supported: "
-                        "freeze that layer (requires_grad_(False))."
+                        f"{x.shape[0] if x.dim() else 'none'} that does not hold the retain batch (B={B} samples) "
+                        "sample by sample. OrthoGrad needs the sample index on dim 0 of every layer's input "
+                        "(batch-first, e.g. batch_first=True for transformer layers; a batch folded into dim 0 "
+                        "by reshapes, as in window attention, is followed); this input is sequence-first or "
+                        "comes from an operation that moves or mixes the batch dim. Transpose it back before "
+                        "the layer, or freeze the layer (requires_grad_(False))."
                     )
                 fallback.merge(uses, u.rule(u.module, x, gy, B))
         if not any_grad:

@@ -78,12 +78,15 @@ class OpContext:
     def is_data(self, t) -> bool:
         """A batched tensor (derived from the model's inputs, with the batch where the layout puts
         it) that is not made of parameters."""
-        return (
-            isinstance(t, Tensor)
-            and self.prov.batched(t)
-            and self.space.base(t) is None
-            and is_batched(t, self.B, self.seq_first)
-        )
+        return isinstance(t, Tensor) and self.fold(t) is not None and self.space.base(t) is None
+
+    def fold(self, t) -> Optional[int]:
+        """Rows per sample on dim 0 (1: batch-first; k: the batch folded sample by sample into
+        dim 0, e.g. windows), None when ``t`` does not carry the batch in a known layout. Inside
+        multi-head attention (sequence-first) only the batch-first test applies."""
+        if self.seq_first:
+            return 1 if self.prov.batched(t) and is_batched(t, self.B, True) else None
+        return self.prov.fold(t, self.B)
 
     def is_activation(self, t) -> bool:
         """A tensor of the forward that is not made of parameters alone: batched, or needing a
@@ -113,18 +116,21 @@ class OpContext:
             self.records.append(rec)
         return out
 
-    def per_sample(self, func, t: Tensor, src: Tensor) -> Tensor:
-        """``src`` (a view of operand ``t`` with a leading dim of 1) expanded along the batch; its
-        per-sample gradient rows are recorded and mapped back to the parameters on finish."""
+    def per_sample(self, func, t: Tensor, src: Tensor, k: int = 1) -> Tensor:
+        """``src`` (a view of operand ``t`` with a leading dim of 1) expanded along the batch (to
+        ``k * B`` rows for data folded ``k`` rows per sample); its per-sample gradient rows are
+        recorded and mapped back to the parameters on finish."""
         owners = self.space.owners(t)
         # anchored to the real parameters when ``src`` has no gradient of its own (lean retain, or
         # computed by a class-rule layer from its detached parameters)
         anchors = owners if (self.space.lean or not src.requires_grad) else []
-        rows = PerSample.apply(src, self.B, *anchors)
+        B = self.B
+        rows = PerSample.apply(src, k * B, *anchors)
         space = self.space
 
         def build(g):
-            return space.rows_to_uses(src, g.reshape(g.shape[0], -1))
+            g = g.reshape(B, k, -1).sum(1) if k > 1 else g.reshape(B, -1)
+            return space.rows_to_uses(src, g)
 
         rec = OpRecord(build, owners, tuple(self.frames), op_rules.op_name(func))
         rows.register_hook(rec.hook)
@@ -137,6 +143,10 @@ class OpContext:
         B = self.B
         data = [t for t in leaves if self.is_data(t)]
         n = max(t.dim() for t in data)
+        folds = {self.fold(t) for t in data if t.dim() == n}
+        if len(folds) != 1:
+            return NotImplemented
+        k = folds.pop()
         if func in op_rules.CONCAT:
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if dim % n == 0:
@@ -153,11 +163,11 @@ class OpContext:
                     src = u
                     for _ in range(n - u.dim()):
                         src = src.unsqueeze(0)
-                elif u.dim() == n and u.shape[0] == B and u.stride(0) == 0:
+                elif k == 1 and u.dim() == n and u.shape[0] == B and u.stride(0) == 0:
                     src = u[:1]  # already expanded along the batch (a cls token)
                 else:
                     return NotImplemented
-                rows = self.per_sample(func, t, src)
+                rows = self.per_sample(func, t, src, k)
                 new.append(rows)
             else:
                 new.append(t)
@@ -175,7 +185,7 @@ class OpContext:
                 break
         else:
             names = self.capture.param_names(owners)
-            if not any(self.prov.batched(t) and is_batched(t, self.B, self.seq_first) for t in leaves):
+            if not any(self.fold(t) == 1 for t in leaves):
                 raise CaptureError(
                     f"parameter(s) {names}: operation {name} combines them with data whose dim 0 is not the retain "
                     f"batch (B={self.B}; shapes {[tuple(t.shape) for t in leaves if isinstance(t, Tensor)]}): the "
@@ -200,7 +210,7 @@ class OpMode(TorchFunctionMode):
         kwargs = kwargs or {}
         leaves = _flat(args, kwargs)
         out = self._handle(func, args, kwargs, leaves)
-        self.ctx.prov.propagate(func, leaves, out, self.ctx.capture.B)
+        self.ctx.prov.propagate(func, args, kwargs, leaves, out, self.ctx.capture.B)
         return out
 
     def _handle(self, func, args, kwargs, leaves):

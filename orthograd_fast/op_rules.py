@@ -134,8 +134,8 @@ def _conv_padding(x, padding, kernel, dilation, nd):
 
 def conv(ctx, func, args, kwargs):
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-    if not ctx.is_data(x) or ctx.seq_first:
-        return NotImplemented
+    if not ctx.is_data(x) or ctx.fold(x) != 1 or ctx.seq_first:
+        return NotImplemented  # folded images: per-sample sums over k images are not factored
     nd = x.dim() - 2
     stride = _tuple(_arg(args, kwargs, 3, "stride", 1), nd)
     padding = _arg(args, kwargs, 4, "padding", 0)
@@ -158,7 +158,7 @@ def conv(ctx, func, args, kwargs):
 
 def conv_transpose(ctx, func, args, kwargs):
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-    if not ctx.is_data(x) or ctx.seq_first:
+    if not ctx.is_data(x) or ctx.fold(x) != 1 or ctx.seq_first:
         return NotImplemented
     nd = x.dim() - 2
     stride = _tuple(_arg(args, kwargs, 3, "stride", 1), nd)
@@ -188,8 +188,8 @@ def _weight_use(space, w, use) -> dict:
 
 
 def _norm(ctx, func, args, kwargs, x, weight, bias, xhat_fn, channel_first):
-    if not ctx.is_data(x) or ctx.seq_first:
-        return NotImplemented
+    if not ctx.is_data(x) or ctx.seq_first or (channel_first and ctx.fold(x) != 1):
+        return NotImplemented  # channels-first statistics are per image: batch-first only
     a = list(args)
     kw = dict(kwargs)
     for name, t in (("weight", weight), ("bias", bias)):
@@ -321,7 +321,7 @@ def getitem(ctx, func, args, kwargs):
 
 def prelu(ctx, func, args, kwargs):
     x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
-    if not ctx.is_data(x) or ctx.seq_first or x.dim() < 2:
+    if not ctx.is_data(x) or ctx.fold(x) != 1 or ctx.seq_first or x.dim() < 2:
         return NotImplemented
     out = func(x, ctx.use(w))
     B, xd, space = ctx.B, x.detach(), ctx.space
@@ -374,13 +374,17 @@ def einsum(ctx, func, args, kwargs):
     b = terms[data[0]][:1]
     if not b or not out.startswith(b) or any(not terms[i].startswith(b) for i in data):
         return NotImplemented
+    folds = {ctx.fold(ops[i]) for i in data}
+    if len(folds) != 1:
+        return NotImplemented
+    k = folds.pop()
     new = list(ops)
     for i, t in enumerate(ops):
         if i in data or not isinstance(t, Tensor):
             continue
         if ctx.space.base(t) is None or b in terms[i] or not t.is_floating_point():
             return NotImplemented
-        new[i] = ctx.per_sample(func, t, ctx.use(t).unsqueeze(0))
+        new[i] = ctx.per_sample(func, t, ctx.use(t).unsqueeze(0), k)
         terms[i] = b + terms[i]
     return func(",".join(terms) + "->" + out, *new)
 
@@ -404,7 +408,7 @@ def attention(ctx, func, args, kwargs):
             src = src.unsqueeze(0)
         if src.shape[0] != 1:
             return NotImplemented
-        rows = ctx.per_sample(func, t, src)
+        rows = ctx.per_sample(func, t, src, ctx.fold(q))
         if i < len(args):
             a[i] = rows
         else:

@@ -213,6 +213,11 @@ def _rules():
 _RULES = _rules()
 
 
+# Rules over tokens: they read x and gy as [B, tokens, features], so a batch folded sample by
+# sample into dim 0 (k rows per sample) is k times more tokens per sample.
+TOKEN_RULES = (linear_uses, hf_conv1d_uses, embedding_uses, layernorm_uses, rmsnorm_uses)
+
+
 # Modules captured by operation with all their parameters (their forward uses sub-module
 # parameters directly, e.g. MultiheadAttention reads out_proj.weight without calling out_proj).
 WHOLE_UNITS = (nn.MultiheadAttention,)

@@ -81,8 +81,9 @@ def _hf_model(name: str, seed: int):
         return _vision("ViTConfig", "ViTForImageClassification", gen, image_size=16, patch_size=4, **TINY_TX)
     if name == "swin":
         return _vision(
+            # window 3 on 8 x 8 patches: padded windows; two blocks per stage: the second one shifted
             "SwinConfig", "SwinForImageClassification", gen, image_size=16, patch_size=2, embed_dim=8,
-            depths=[1, 1], num_heads=[2, 2], window_size=2,
+            depths=[2, 2], num_heads=[2, 2], window_size=3,
         )
     if name == "convnext":
         return _vision("ConvNextConfig", "ConvNextForImageClassification", gen, hidden_sizes=[8, 12], depths=[1, 1], num_stages=2)

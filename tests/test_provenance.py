@@ -155,19 +155,55 @@ def test_provenance_rules():
     x = torch.randn(B, 3)
     prov.mark(x)
     y = x * 2
-    prov.propagate(torch.mul, [x, 2], y, B)
+    prov.propagate(torch.mul, (x, 2), {}, [x, 2], y, B)
     assert prov.batched(y)
     pos = torch.arange(B)  # dim 0 == B, but positions
-    prov.propagate(torch.arange, [B], pos, B)
+    prov.propagate(torch.arange, (B,), {}, [B], pos, B)
     assert not prov.batched(pos)
     z = torch.zeros(B, 2)
-    prov.propagate(torch.zeros, [B, 2], z, B)
+    prov.propagate(torch.zeros, (B, 2), {}, [B, 2], z, B)
     assert prov.batched(z)
     row = torch.randn(1, 3)
     e = row.expand(B, 3)
-    prov.propagate(torch.Tensor.expand, [row, B, 3], e, B)
+    prov.propagate(torch.Tensor.expand, (row, B, 3), {}, [row, B, 3], e, B)
     assert prov.batched(e)
     t = torch.randn(B, 3)  # a table with dim 0 == B, expanded along another dim
-    prov.propagate(torch.Tensor.expand, [t[:, None], B, 2, 3], t[:, None].expand(B, 2, 3), B)
+    t2 = t[:, None].expand(B, 2, 3)
+    prov.propagate(torch.Tensor.expand, (t[:, None], B, 2, 3), {}, [t[:, None], B, 2, 3], t2, B)
     assert not prov.batched(t)
     assert not prov.batched(F.relu(t))
+
+
+def _op(prov, B, func, *args):
+    out = func(*args)
+    leaves = [a for a in args if not isinstance(a, (tuple, list))] + [v for a in args if isinstance(a, (tuple, list)) for v in a]
+    prov.propagate(func, args, {}, leaves, out, B)
+    return out
+
+
+def test_layout_rules():
+    """Folds (k rows per sample on dim 0) through reshapes, transposes, rolls and mixing ops."""
+    B, prov = 3, Provenance()
+    x = torch.randn(B, 4, 6, 5)
+    prov.mark(x)
+    w = _op(prov, B, torch.Tensor.reshape, x, (B * 2, 2, 6, 5))  # windows: 2 rows per sample
+    assert prov.fold(w, B) == 2
+    w = _op(prov, B, torch.Tensor.transpose, w, 1, 2)
+    assert prov.fold(w, B) == 2
+    w = _op(prov, B, torch.roll, w, (1, 1), (1, 2))
+    assert prov.fold(w, B) == 2
+    assert prov.fold(_op(prov, B, torch.Tensor.flip, w, 0), B) is None  # mixes samples
+    assert prov.fold(_op(prov, B, torch.roll, w, 1, 0), B) is None
+    back = _op(prov, B, torch.Tensor.reshape, w, (B, -1))
+    assert prov.fold(back, B) == 1
+    # sequence-first: the batch moves to dim 1 and back; with T == B dim 0 is not the batch
+    s = torch.randn(B, B, 5)
+    prov.mark(s)
+    t = _op(prov, B, torch.Tensor.transpose, s, 0, 1)
+    assert prov.batched(t) and prov.fold(t, B) is None and prov.layout(t, B) == (1, 1)
+    assert prov.fold(_op(prov, B, torch.tanh, t), B) is None
+    assert prov.fold(_op(prov, B, torch.Tensor.transpose, t, 1, 0), B) == 1
+    p = _op(prov, B, torch.Tensor.permute, s, (1, 0, 2))
+    assert prov.layout(p, B) == (1, 1)
+    # a reshape of a tensor whose batch is not on dim 0 has no known layout
+    assert prov.fold(_op(prov, B, torch.Tensor.reshape, t, (B * B, 5)), B) is None

@@ -1,7 +1,8 @@
 """Models from transformers (tiny random configs) against the float64 oracle: exact, with no
 parameter on the torch.func fallback. T5's relative position bias (a table looked up with ids shared
 by all samples) is exact, also when the sequence length equals the retain batch size; Swin's
-window attention (the batch folded into dim 0) stays refused with a clear error."""
+window attention (the batch folded into dim 0, shifted and padded windows) is exact with both
+attention implementations."""
 
 import itertools
 import warnings
@@ -10,15 +11,13 @@ import pytest
 import torch
 
 from engine_helpers import compare
-from orthograd_fast import OrthoGrad
-from orthograd_fast.errors import CaptureError
 from real_models import HF_MODELS, hf_model
 
 pytest.importorskip("transformers")
 
 REL = 1e-4
 COMBOS = list(itertools.product(["tensor", "global"], [0.0, 0.3]))
-EXACT = [m for m in HF_MODELS if m != "swin"]
+EXACT = list(HF_MODELS)
 # class-rule layers only (conv, BatchNorm, Linear): nothing captured by operation; the slow selection runs them
 CLASS_RULES_ONLY = ("resnet", "mobilenet_v2", "efficientnet")
 DEFAULT = [m for m in EXACT if m not in CLASS_RULES_ONLY]
@@ -48,21 +47,13 @@ def test_real_model_matches_oracle_all_settings(name, scope, alpha):
     _check(*hf_model(name), scope, alpha, name)
 
 
-def _freeze(model, word):
-    for n, p in model.named_parameters():
-        if word in n:
-            p.requires_grad_(False)
-
-
-def test_folded_batch_refused():
-    # Swin folds windows into dim 0 of its attention's inputs and bias lookups: refused with a
-    # clear error, on leaving retain() with every .grad restored
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_swin_exact_with_either_attention(impl):
+    # the relative-position bias meets the folded scores as an added tensor (eager) or as the
+    # attn_mask of scaled_dot_product_attention (sdpa)
     model, retain, unlearn, loss = hf_model("swin")
-    og = OrthoGrad(model)
-    with pytest.raises(CaptureError, match="folded|leading dimension"):
-        with og.retain():
-            loss(model(retain[0]), retain[1]).mean().backward()
-    assert all(p.grad is None for p in model.parameters())
+    model.hf.config._attn_implementation = impl
+    _check(model, retain, unlearn, loss, "tensor", 0.3, f"swin-{impl}")
 
 
 @pytest.mark.parametrize("scope", ["tensor", "global"])
