@@ -39,8 +39,10 @@ def median_timer(fn, rounds: int, warmup_rounds: int) -> float:
     return statistics.median(ts)
 
 
-def run(set_name: str = "real-cpu", models=None, budget=None, paired_rounds=None, overrides=None, providers=None, log=print) -> dict:
-    """Run the set's cases; returns the JSON structure (``orthograd``: settings, machine, rows)."""
+def run(set_name: str = "real-cpu", models=None, budget=None, paired_rounds=None, overrides=None, providers=None, log=print,
+        time_limit=None) -> dict:
+    """Run the set's cases; returns the JSON structure (``orthograd``: settings, machine, rows).
+    ``time_limit``: seconds after which no new case starts (the rows so far are returned)."""
     from .runner import BenchSession, CaseFailed, CaseSkipped, Settings, set_cases
 
     kw = {}
@@ -61,6 +63,9 @@ def run(set_name: str = "real-cpu", models=None, budget=None, paired_rounds=None
     sess = BenchSession(s)
     t0 = time.perf_counter()
     for model, B, provider in set_cases(s):
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            log(f"time limit {time_limit:.0f} s reached: {model} B={B} {provider} and later cases not run")
+            break
         t = time.perf_counter()
         try:
             row = sess.run_case(model, B, provider, median_timer)
@@ -105,6 +110,7 @@ def main(argv=None):
     ap.add_argument("--providers", default=None, help="comma-separated providers (default plain,torch-contract; "
                     "add torch for the forget() order)")
     ap.add_argument("--override", action="append", default=[], help="model:key=value[,key=value] config override")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds after which no new case starts")
     args = ap.parse_args(argv)
     from .real_report import write
 
@@ -112,7 +118,7 @@ def main(argv=None):
 
     overrides = parse_overrides(args.override)
     data = run(args.set, args.models.split(",") if args.models else None, args.budget, args.paired_rounds, overrides,
-               args.providers.split(",") if args.providers else None)
+               args.providers.split(",") if args.providers else None, time_limit=args.time_limit)
     out_dir, name = os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, name + ".json"), "w") as f:

@@ -46,7 +46,7 @@ FULL = dict(
     coef=(32, 256, 768, 3072), cgs=(10_000_000, 64),
     e2e=dict(B=32, zoo_kw={}, local_kw={}),
     e2e_scale=dict(B=1024, zoo_kw=dict(T=32), local_kw=dict(T=32)),
-    budget_s=240,  # no new section starts after this; run.sh kills the script at 300 s
+    budget_s=180,  # no new section starts after this; run.sh kills the script at 230 s
 )
 TINY = dict(
     check_tile=[(5, 7, 33, 17)], check_ghost=[(5, 7, 33, 17)], check_coef=[(5, 7, 33, 17)],
