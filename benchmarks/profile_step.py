@@ -2,6 +2,10 @@
 and a cProfile of the core's functions. Diagnostic tool, not part of the timed suite.
 
     python -m benchmarks.profile_step mlp --B 64 [--steps 15] [--size cpu] [--device cpu]
+    python -m benchmarks.profile_step hf_convnext --B 32 --Bu 16 --order contract   # real zoo
+
+``--order forget`` (default): unlearn pass first inside ``og.forget()``; ``--order contract``: the
+API contract's order (retain block first, then the unlearn backward, no ``og.forget()``).
 
 Phases are timed with ``time.perf_counter`` on alternating plain / OrthoGrad steps (medians, ms):
 retain fwd+bwd (for OrthoGrad: inside ``og.retain()``, hooks and exit included), unlearn fwd+bwd (inside ``og.forget()``,
@@ -26,7 +30,7 @@ from collections import defaultdict
 
 import torch
 
-from . import zoo
+from . import real_zoo, zoo
 
 
 def _sync(dev):
@@ -36,8 +40,10 @@ def _sync(dev):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", choices=zoo.MODEL_NAMES)
+    ap.add_argument("model", choices=zoo.MODEL_NAMES + real_zoo.MODEL_NAMES)
     ap.add_argument("--B", type=int, default=64)
+    ap.add_argument("--Bu", type=int, default=None, help="unlearn batch (default: B)")
+    ap.add_argument("--order", choices=("forget", "contract"), default="forget")
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--size", default="cpu")
     ap.add_argument("--device", default="cpu")
@@ -50,11 +56,12 @@ def main(argv=None):
     from orthograd_fast import gram as _gram
 
     dev = torch.device(args.device)
-    loss_fn = zoo.per_sample_loss(args.model)
-    m_plain, mb = zoo.build_model(args.model, args.size, device=dev)
-    m_og, _ = zoo.build_model(args.model, args.size, device=dev)
+    Z = real_zoo if args.model in real_zoo.MODEL_NAMES else zoo
+    loss_fn = Z.per_sample_loss(args.model)
+    m_plain, mb = Z.build_model(args.model, args.size, device=dev)
+    m_og, _ = Z.build_model(args.model, args.size, device=dev)
     g = torch.Generator().manual_seed(0)
-    (xr, yr), (xu, yu) = mb(args.B, g), mb(args.B, g)
+    (xr, yr), (xu, yu) = mb(args.B, g), mb(args.Bu or args.B, g)
     opt_p = torch.optim.SGD(m_plain.parameters(), lr=1e-4)
     opt_o = torch.optim.SGD(m_og.parameters(), lr=1e-4)
     og = OrthoGrad(m_og, scope=args.scope, alpha=0.0, backend=args.backend)
@@ -77,13 +84,20 @@ def main(argv=None):
             loss_fn(m_og(xr), yr).mean().backward()
 
     def og_unlearn():
+        if args.order == "contract":
+            loss_fn(m_og(xu), yu).mean().backward()
+            return
         with og.forget():
             loss_fn(m_og(xu), yu).mean().backward()
 
     def og_step(ph):
         opt_o.zero_grad(set_to_none=True)
-        ph["unlearn fwd+bwd"].append(timed(og_unlearn))  # unlearn first: the lighter order
-        ph["retain fwd+bwd"].append(timed(og_retain))
+        if args.order == "contract":
+            ph["retain fwd+bwd"].append(timed(og_retain))
+            ph["unlearn fwd+bwd"].append(timed(og_unlearn))
+        else:
+            ph["unlearn fwd+bwd"].append(timed(og_unlearn))  # unlearn first: the lighter order
+            ph["retain fwd+bwd"].append(timed(og_retain))
         ph["project_"].append(timed(og.project_))
         ph["opt.step"].append(timed(opt_o.step))
 
@@ -96,7 +110,7 @@ def main(argv=None):
         tot["plain"].append(timed(lambda: plain_step(P)))
         tot["orthograd"].append(timed(lambda: og_step(O)))
     med = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
-    print(f"# {args.model} (size {args.size}) B={args.B} on {dev}, torch threads {torch.get_num_threads()}, {args.steps} steps, medians in ms\n")
+    print(f"# {args.model} (size {args.size}) B={args.B} Bu={args.Bu or args.B} order {args.order} on {dev}, torch threads {torch.get_num_threads()}, {args.steps} steps, medians in ms\n")
     print("| phase | plain | orthograd | extra |\n|---|---|---|---|")
     for k in ["retain fwd+bwd", "unlearn fwd+bwd", "project_", "opt.step"]:
         print(f"| {k} | {med(P[k]):.2f} | {med(O[k]):.2f} | {med(O[k]) - med(P[k]):+.2f} |")
