@@ -45,10 +45,14 @@ MAX_RETAIN_SAMPLES = 4096
 SMALL_TERM_WORK = 1 << 25
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _is_half(u) -> bool:
+    if type(u) is ExplicitUse:  # the common case (biases, norm weights, compacted rows): one dtype
+        return u.G.dtype in _HALF
     return any(
-        t is not None and t.dtype in (torch.float16, torch.bfloat16)
-        for t in (getattr(u, "G", None), getattr(u, "A", None), getattr(u, "D", None))
+        t is not None and t.dtype in _HALF for t in (getattr(u, "G", None), getattr(u, "A", None), getattr(u, "D", None))
     )
 
 
@@ -479,8 +483,10 @@ class OrthoGrad:
                 "og.project_(): no retain pass was captured. Run the retain loss backward inside "
                 "`with og.retain():` before project_()."
             )
+        versions = self._versions
         for name, p in self._params:
-            if p in self._versions and p._version != self._versions[p]:
+            v = versions.get(p)
+            if v is not None and p._version != v:
                 raise OrthoGradError(
                     f"parameter '{name}' was modified after the retain pass (optimizer.step() between "
                     "og.retain() and og.project_()?): the captured factors describe the old weights. Run the "
@@ -498,11 +504,11 @@ class OrthoGrad:
             names_ = {p: n for n, p in self._params}
             uses = _distributed.gather_uses(uses, [p for _, p in self._params], names_, self.retain_size, self._group)
         backend = self._resolve_backend()
-        names = {p: n for n, p in self._params}
         terms = {}
-        for _, p in self._params:
-            if p in uses and uses[p]:
-                terms[p] = ParamTerm(names[p], p, uses[p], backend)
+        for name, p in self._params:
+            us = uses.get(p)
+            if us:
+                terms[p] = ParamTerm(name, p, us, backend)
         gram.link_twins(list(terms.values()))
         self._terms = terms
         self._backend_used = backend
@@ -525,7 +531,8 @@ class OrthoGrad:
         shift = shift or {}
         terms = self._build_terms()
         active = [p for p in terms if p in vectors]
-        out = {p: (v.detach() if inplace else v.detach().clone()) for p, v in vectors.items()}
+        # .grad needs no detached alias unless it is itself part of a graph (create_graph=True)
+        out = {p: ((v.detach() if v.requires_grad else v) if inplace else v.detach().clone()) for p, v in vectors.items()}
         if scale != 1.0:  # tensors the projection does not touch
             for p in out:
                 if p not in terms:
@@ -544,8 +551,7 @@ class OrthoGrad:
             return terms[p].gram_coef(out[p], terms[p].cross_coef(cross[p]) if p in cross else None)
 
         # a one-token layer's bias takes its Gram from its weight's job (gram.link_twins): after it
-        riders, groups, jobs = self._plan(terms, active)
-        grouped = {p for g in groups for p in (t.param for t in g.terms)}
+        riders, groups, jobs, plan = self._plan(terms, active)
 
         def gram_job(item):
             if isinstance(item, gram.ExplicitGroup):
@@ -553,44 +559,38 @@ class OrthoGrad:
             return gram_coef(item)
 
         items = jobs + groups
-        got = {}
-        for item, r in zip(
+        res = _threads.run_spread(
+            gram_job,
             items,
-            _threads.run_spread(
-                gram_job,
-                items,
-                [terms[p].work(p in cross) for p in jobs] + [g.work() for g in groups],
-                nthreads,
-                small=SMALL_TERM_WORK,
-                alone=[not terms[p].spreadable() for p in jobs] + [False] * len(groups),
-            ),
-        ):
-            if isinstance(item, gram.ExplicitGroup):
-                got.update(zip((t.param for t in item.terms), zip(r[0].unbind(0), r[1].unbind(0))))
-            else:
-                got[item] = r
+            [terms[p].work(p in cross) for p in jobs] + [g.work() for g in groups],
+            nthreads,
+            small=SMALL_TERM_WORK,
+            alone=[not terms[p].spreadable() for p in jobs] + [False] * len(groups),
+        )
+        got = dict(zip(jobs, res))
         for p in riders:
             got[p] = gram_coef(p)
         if cross:
             self._verify_cross(cross, got, terms, out)
-        Ks, bs, rtols = [], [], []
-        for p in active:
-            Ks.append(got[p][0])
-            bs.append(got[p][1])
-            t = terms[p]
-            rtols.append(resolve_rtol(self.rtol, t.factor_dtype, t.approx))
-        if cross:
             self._cross_checked = True
-        K = torch.stack(Ks)
-        b = torch.stack(bs)
-        del got, Ks
-        for p, Kk in zip(active, K.unbind(0)):  # the terms keep views of the stack, not a second copy of every K
-            terms[p]._K = Kk
+        # K, b stacked in the plan's order (single terms, then each group's [m, B, B] as it came),
+        # then put in the order of ``active`` by one index (no per-member unbind and restack)
+        single = jobs + riders
+        parts = ([(torch.stack([got[p][0] for p in single]), torch.stack([got[p][1] for p in single]))] if single else [])
+        parts += res[len(jobs) :]
+        K = torch.cat([q[0] for q in parts]) if len(parts) > 1 else parts[0][0]
+        b = torch.cat([q[1] for q in parts]) if len(parts) > 1 else parts[0][1]
+        if plan["inv"] is not None:
+            K, b = K[plan["inv"]], b[plan["inv"]]
+        del got, parts, res
+        rtols = [resolve_rtol(self.rtol, t.factor_dtype, t.approx) for t in map(terms.__getitem__, active)]
+        for t, Kk in zip(map(terms.__getitem__, active), K.unbind(0)):  # views of the stack, not a second copy of every K
+            t._K = Kk
         finite = torch.isfinite(K.sum() + b.sum())  # NaN and inf propagate: one small reduction, one sync
         if not bool(finite):
-            self._raise_nonfinite(active, list(K), bs, out)
+            self._raise_nonfinite(active, list(K), list(b), out)
         if check_sum:
-            self._check_capture(active, K, bs, out)
+            self._check_capture(active, K, b, out)
         with _threads.one_thread(K.device.type == "cpu"):  # B x B matrices: one thread (see above)
             if self.scope == "global":
                 rt = max(rtols)
@@ -626,7 +626,13 @@ class OrthoGrad:
             # fold the retain-gradient term into the coefficients of the same update GEMM
             if shift:
                 c = c + torch.tensor([shift.get(p, 0.0) for p in active], dtype=c.dtype, device=c.device).unsqueeze(-1)
-            exact = self._needs_exact(K, c, [out[p] for p in active])
+            # groups always form their update in float64: only the single terms are checked
+            exact = [False] * len(active)
+            ks = plan["single_ks"]
+            if ks:
+                idx = plan["single_idx"]
+                for k, e in zip(ks, self._needs_exact(K[idx], c[idx], [out[active[k]] for k in ks])):
+                    exact[k] = e
         # the scale rides in the update GEMM too, unless a re-projection follows
         if approx:
             for k, p in enumerate(active):
@@ -639,8 +645,8 @@ class OrthoGrad:
                 else:
                     terms[active[item]].apply_(out[active[item]], c[item], scale, exact=exact[item])
 
-            ks = [k for k, p in enumerate(active) if p not in grouped] + groups
-            work = [terms[active[k]].update_work() for k in ks[: len(ks) - len(groups)]] + [g.update_work() for g in groups]
+            ks = plan["single_ks"] + groups
+            work = [terms[active[k]].update_work() for k in plan["single_ks"]] + [g.update_work() for g in groups]
             _threads.run_spread(update, ks, work, nthreads, small=SMALL_TERM_WORK)
         if approx:
             # Float32-accumulated Gram (Triton): project the residual once more ("twice is enough").
@@ -658,12 +664,16 @@ class OrthoGrad:
     GROUP_MAX_BYTES = 32 << 20
 
     def _plan(self, terms, active):
-        """(riders, explicit groups, per-term jobs) of a projection, cached while the terms' kinds and
-        shapes repeat (every step of a training loop): riders take their Gram from their host's job
-        (gram.link_twins); explicit terms of one size form :class:`gram.ExplicitGroup` s."""
+        """(riders, explicit groups, per-term jobs, index plan) of a projection, cached while the
+        terms' kinds and shapes repeat (every step of a training loop): riders take their Gram from
+        their host's job (gram.link_twins); explicit terms of one size form
+        :class:`gram.ExplicitGroup` s. The index plan: ``single_ks`` (positions in ``active`` of
+        the terms outside groups, as an index tensor ``single_idx``) and ``inv``, the index that
+        puts K and b stacked as jobs, riders, then each group's members in ``active``'s order
+        (None when that is already the order)."""
         key = tuple((id(p), t.mode, t.B, t.numel, t.host is not None) for p, t in zip(active, map(terms.__getitem__, active)))
         if self._plan_cache is not None and self._plan_cache[0] == key:
-            riders, spec, jobs = self._plan_cache[1]
+            riders, spec, jobs, plan = self._plan_cache[1]
         else:
             active_set = set(active)
             riders = [p for p in active if terms[p].host is not None and terms[p].host.param in active_set]
@@ -682,12 +692,22 @@ class OrthoGrad:
                 for i in range(0, len(ks), per):
                     part = ks[i : i + per]
                     if len(part) >= self.GROUP_MIN:
-                        spec.append((part, torch.tensor(part, device=dev)))
-            grouped = {active[k] for ks, _ in spec for k in ks}
+                        shapes = {active[k].shape for k in part}
+                        spec.append((part, torch.tensor(part, device=dev), shapes.pop() if len(shapes) == 1 else None))
+            grouped = {active[k] for ks, _, _ in spec for k in ks}
             jobs = [p for p in active if p not in riding and p not in grouped]
-            self._plan_cache = (key, (riders, spec, jobs))
-        groups = [gram.ExplicitGroup([terms[active[k]] for k in ks], ks, rows) for ks, rows in spec]
-        return riders, groups, jobs
+            pos = {id(p): k for k, p in enumerate(active)}
+            order = [pos[id(p)] for p in jobs + riders] + [k for ks, _, _ in spec for k in ks]
+            inv = None
+            if order != list(range(len(active))):
+                inv = torch.empty(len(order), dtype=torch.long)
+                inv[torch.tensor(order)] = torch.arange(len(order))
+                inv = inv.to(dev)
+            single_ks = [k for k, p in enumerate(active) if p not in grouped]
+            plan = {"inv": inv, "single_ks": single_ks, "single_idx": torch.tensor(single_ks, dtype=torch.long, device=dev)}
+            self._plan_cache = (key, (riders, spec, jobs, plan))
+        groups = [gram.ExplicitGroup([terms[active[k]] for k in ks], ks, rows, shape) for ks, rows, shape in spec]
+        return riders, groups, jobs, plan
 
     @staticmethod
     def _needs_exact(K: Tensor, c: Tensor, vecs: List[Tensor]) -> List[bool]:

@@ -88,10 +88,11 @@ class ExplicitGroup:
     several small ops per tensor (a ViT has ~100 biases and norm weights; per-op host time would
     dominate). The same numbers as the per-term path, the update formed in float64."""
 
-    def __init__(self, terms: List["ParamTerm"], ks: List[int], rows: Tensor):
+    def __init__(self, terms: List["ParamTerm"], ks: List[int], rows: Tensor, shape: Optional[torch.Size] = None):
         self.terms = terms
         self.ks = ks  # the members' positions in the projection's list of active tensors
         self.rows = rows  # the same as an index tensor
+        self.shape = shape  # the members' common shape (None: shapes differ): stacked without reshapes
         self.B = terms[0].B
         self.numel = terms[0].numel
         self._G: Optional[Tensor] = None
@@ -104,21 +105,21 @@ class ExplicitGroup:
             return None
         return (t.B, t.numel, t.param.dtype, t.param.device)
 
-    def work(self) -> int:
-        return sum(t.work() for t in self.terms)
+    def work(self) -> int:  # the members' ParamTerm.work(), summed
+        return 2 * self.B * self.B * self.numel * len(self.terms)
 
     def update_work(self) -> int:
-        return sum(t.update_work() for t in self.terms)
+        return self.B * self.numel * len(self.terms)
 
     def gram_coef(self, Us: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        """(K [m, B, B], b [m, B]) float64 for the members' tensors ``Us``."""
+        """(K [m, B, B], b [m, B]) float64 for the members' tensors ``Us`` (the engine keeps each
+        member's K from the projection's stack)."""
         G = torch.stack([t.G for t in self.terms])
-        U = torch.stack([u.reshape(-1) for u in Us]).double()
+        U = torch.stack(Us) if self.shape is not None else torch.stack([u.reshape(-1) for u in Us])
+        U = U.reshape(len(Us), -1).double()
         self._G, self._U = G, U
         K = torch.bmm(G, G.transpose(1, 2))
         b = torch.bmm(G, U.unsqueeze(-1)).squeeze(-1)
-        for t, Kt in zip(self.terms, K.unbind(0)):
-            t._K = Kt
         return K, b
 
     def solve_columns(self, rtol: float) -> Tensor:
@@ -135,7 +136,10 @@ class ExplicitGroup:
         if scale != 1.0:
             res.mul_(scale)
         res = res.to(Us[0].dtype)
-        torch._foreach_copy_(Us, [r.view(u.shape) for r, u in zip(res.unbind(0), Us)])
+        if self.shape is not None:
+            torch._foreach_copy_(Us, res.view(len(Us), *self.shape).unbind(0))
+        else:
+            torch._foreach_copy_(Us, [r.view(u.shape) for r, u in zip(res.unbind(0), Us)])
         self._U = None
 
 
@@ -155,6 +159,9 @@ class ParamTerm:
         self.passenger: Optional["ParamTerm"] = None
         self.host: Optional["ParamTerm"] = None
         self.twin = uses[0].twin if len(uses) == 1 and isinstance(uses[0], ExplicitUse) else None
+        if len(uses) == 1 and type(uses[0]) is ExplicitUse:  # rows given (biases, norms, compacted): explicit
+            self.mode, self._G, self._G_uses, self.use = "explicit", None, uses, None
+            return
         convs = [u for u in uses if isinstance(u, ConvUse)]
         if convs and self.B * self.numel > EXPLICIT_MAX:
             same = len({(u.shape, u.groups) for u in convs}) == 1

@@ -81,7 +81,7 @@ def test_grouped_explicit_terms_match_oracle(B, scope, alpha, split, group_calls
     assert group_calls["group"] >= n - (9 if split else 3), group_calls
     assert err <= REL, f"relative error {err:.2e}"
     assert orth is None or orth <= ORTH
-    sizes = [len(ks) for ks, _ in og._plan_cache[1][1]]
+    sizes = [len(ks) for ks, _, _ in og._plan_cache[1][1]]
     assert (max(sizes) <= 3) == split, sizes
 
 
@@ -135,3 +135,35 @@ def test_project_vectors_through_groups():
     for n in vecs:
         assert float((got[n] - want[n]).norm()) <= 1e-5 * float(want[n].norm()) + 1e-12, n
     og.close()
+
+
+class Mixed(nn.Module):
+    """Equal-size tensors of different shapes: Linear(1, 6)'s weight [6, 1] shares a group with
+    biases and norm weights [6]; the group's members are not consecutive parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.norm = nn.LayerNorm(6)
+        self.w = nn.Linear(6, 6)  # 36 entries: its own job, between group members
+        self.b = nn.Linear(1, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.w(self.norm(self.a(x))) + self.b(x[:, :1])))
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_group_of_different_shapes_matches_oracle(scope, alpha, group_calls):
+    torch.manual_seed(38)
+    model = Mixed()
+    retain, unlearn = _data(torch.Generator().manual_seed(39), 9)
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha)
+    assert err <= REL, f"relative error {err:.2e}"
+    assert orth is None or orth <= ORTH
+    spec = og._plan_cache[1][1]
+    shapes = [shape for _, _, shape in spec]
+    assert None in shapes, shapes  # the [6, 1] weight and the [6] tensors in one group
+    assert og._plan_cache[1][3]["inv"] is not None  # stacked out of the parameters' order
+    assert group_calls["group"] >= 5
