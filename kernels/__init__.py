@@ -9,11 +9,12 @@ so the package works without triton installed. Import these modules only as
 | tile_gram  | _tile_gram_kernel -> tile_gram   | tile_gram(A, D, U=None, *, deterministic=True) |
 | ghost_gram | _ghost_gram_kernel -> ghost_gram | ghost_gram(A, D, U=None) (b through coef) |
 | coef       | _coef_kernel -> coef             | coef(A, D, U) |
-| cgs_step   | _cgs_step_kernel -> cgs_step     | cgs2(G, rtol=None), project_out(G, u, rtol=None) (via gram_schmidt) |
+| cgs_step   | _cgs_step_kernel -> cgs_step     | none: orthograd_fast.gram_schmidt cgs2 / project_out, backend="triton" |
 
-Launchers trust their inputs (triton_ops validates) and take block-size keywords, which the tests
-use to force many small tiles. Whether a kernel runs compiled or in the Triton interpreter is fixed
-when its module is imported (TRITON_INTERPRET at that moment): see ``_common.is_interpreted``.
+Launchers trust their inputs (triton_ops validates; gram_schmidt for cgs_step) and take block-size
+keywords, which the tests use to force many small tiles. Whether a kernel runs compiled or in the
+Triton interpreter is fixed when its module is imported (TRITON_INTERPRET at that moment): see
+``_common.is_interpreted``.
 
 The source folder is the top-level ``kernels/`` of a checkout. Where the checkout's root is on
 ``sys.path`` (``python -m ...`` or ``python -c`` run there), a plain ``import kernels`` would find

@@ -5,6 +5,13 @@ of one tensor laid out as columns. ``cgs2(G)`` returns Q (n x r) with orthonorma
 the numerically independent columns of G; ``project_out(G, u)`` returns u minus its component in
 span(G) (applied twice: "twice is enough").
 
+Not used by the engine, which never imports this module: OrthoGrad solves the small B x B Gram in
+float64 instead (orthograd_fast.solve), which was faster in every case measured where per-sample
+rows exist (benchmarks/cgs2_vs_gram.py). Both give the same projector: the Cholesky factor of the
+Gram is Gram-Schmidt carried out in Gram coordinates (docs/math.md section 10). What CGS2 offers
+is precision, not speed: it never squares the condition number, so a direction at s = sigma /
+sigma_max is resolved to ~eps / s instead of ~eps / s^2, down to s ~ 1e-12 in float64.
+
 Per block X of ``block`` columns (Q = columns accepted so far):
 
     pass 1:  Y = X - Q (Q^T X);   W1 = Y^T Y;  in-order Cholesky of W1 with drops -> R1;  Z = Y R1^-1
@@ -21,7 +28,8 @@ Q^T Z in pass 2 costs no extra pass: it equals (Q^T Y) R1^-1, and Q^T Y comes ou
 pass-1 update; the original column norms come free as well (|x|^2 = |Q^T x|^2 + |y|^2). So a block
 reads Q three times (Q^T X; Y = X - QC with Q^T Y and Y^T Y; Z' = Y T - QC with Z'^T Z').
 The backend "triton" runs each of those passes as one kernel (orthograd_fast.kernels.cgs_step);
-"torch" does the same with torch matmuls; "auto" picks triton for CUDA tensors when importable.
+"torch" does the same with torch matmuls; "auto" picks triton for CUDA tensors when importable
+(orthograd_fast.triton_ops.resolve_backend).
 """
 
 from __future__ import annotations
@@ -32,19 +40,31 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["cgs2", "project_out", "default_rtol", "MAX_BLOCK"]
+from . import triton_ops
+from .solve import default_rtol
+
+__all__ = ["cgs2", "project_out", "cgs2_rtol", "MAX_BLOCK"]
 
 MAX_BLOCK = 64  # the fused kernel holds a block's m x m Gram on chip
-_BACKENDS = ("auto", "torch", "triton")
+
+# Rounding floor of CGS2's own arithmetic, by work dtype: residuals come from tall GEMMs in that
+# dtype, so a column dependent up to rounding keeps about eps * (growth over long sums) of its norm.
+_WORK_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
-def default_rtol(dtype: torch.dtype) -> float:
-    """Rank tolerance used when rtol is None: relative column norm left after two passes.
+def cgs2_rtol(dtype: torch.dtype) -> float:
+    """Default rank tolerance of :func:`cgs2` for input of ``dtype``: a column is dropped when its
+    norm after the two passes is <= this times its original norm.
 
-    Set well above the rounding floor of the work precision (fp32 ~1e-7 per GEMM, more for long
-    sums), so a column that is dependent up to rounding is dropped, not kept as noise.
+    Not :func:`orthograd_fast.solve.default_rtol`'s numbers, which cut sigma_k / sigma_max of the
+    rows through their Gram: K = G G^T squares the singular values, so float64 K resolves ratios
+    only to ~1e-8, while CGS2 forms each residual explicitly and in float64 resolves ~1e-12. The
+    rounding an input dtype carries limits both alike, so a reduced-precision input takes at least
+    ``default_rtol(dtype)`` (bfloat16 / float16: 1e-3), and float32 work adds its floor of 1e-5.
     """
-    return 1e-12 if dtype == torch.float64 else 1e-5
+    if dtype == torch.float64:
+        return _WORK_FLOOR[torch.float64]
+    return max(default_rtol(dtype), _WORK_FLOOR[torch.float32])
 
 
 def _work_dtype(*ts) -> torch.dtype:
@@ -97,16 +117,8 @@ def _torch_step(Q, X, Tm=None, C=None, *, store_y=True, want_sq=True, want_sy=Tr
     return Y, sq, sy
 
 
-def _resolve_backend(backend: str, *ts) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    from .triton_ops import _require_runnable, triton_available
-
-    if backend == "auto":
-        return "triton" if all(t.is_cuda for t in ts) and triton_available() else "torch"
-    if backend == "triton":
-        _require_runnable("gram_schmidt (backend='triton')", "G", ts[0])
-    return backend
+def _resolve_backend(backend: str, who: str, *ts) -> str:
+    return triton_ops.resolve_backend(backend, all(t.is_cuda for t in ts), who)
 
 
 def _step_fn(backend: str):
@@ -165,16 +177,16 @@ def cgs2(G: torch.Tensor, rtol: float | None = None, block: int = 32,
     """Orthonormal basis Q (n x r) of span(G's columns), by blocked CGS2 with a rank tolerance.
 
     G: n x m floating tensor (any device, any strides). rtol: drop a column whose norm after two
-    passes is <= rtol times its original norm (None: ``default_rtol(work dtype)``); columns are
+    passes is <= rtol times its original norm (None: ``cgs2_rtol(G.dtype)``); columns are
     taken in order, so of a dependent set the later ones drop. Q has the work dtype (float64 for
     float64 G, else float32) and r <= min(n, m) columns.
     """
     _check_matrix(G)
     _check_block(block)
     G = G.detach()
-    backend = _resolve_backend(backend, G)
+    backend = _resolve_backend(backend, "cgs2", G)
     work = _work_dtype(G)
-    rtol = default_rtol(work) if rtol is None else float(rtol)
+    rtol = cgs2_rtol(G.dtype) if rtol is None else float(rtol)
     if not rtol >= 0:
         raise ValueError(f"rtol must be >= 0, got {rtol}")
     n, mtot = G.shape
@@ -240,7 +252,7 @@ def project_out(G: torch.Tensor, u: torch.Tensor, rtol: float | None = None, blo
         raise ValueError(f"u must be a floating tensor, got dtype {u.dtype}")
     if u.device != G.device:
         raise ValueError(f"u is on {u.device} but G is on {G.device}")
-    backend = _resolve_backend(backend, G, u)
+    backend = _resolve_backend(backend, "project_out", G, u)
     Q = cgs2(G, rtol=rtol, block=block, backend=backend)
     return _project_with_q(Q, u, backend)
 

@@ -3,8 +3,7 @@
     tile_gram(A, D, U=None, *, deterministic=True) -> (K fp32 [B, B], b fp32 [B] or None)
     ghost_gram(A, D, U=None)                       -> (K fp32 [B, B], b fp32 [B] or None)
     coef(A, D, U)                                  -> b fp32 [B],  b_i = sum_t d_it^T U a_it
-    cgs2(G, rtol=None)                             -> Q (n x r), orthonormal basis of span(G cols)
-    project_out(G, u, rtol=None)                   -> u minus its component in span(G cols)
+    resolve_backend(backend, on_cuda, who)         -> "torch" or "triton", the backend that runs
 
 A [B, T, I] layer inputs, D [B, T, O] output gradients (a 2-D [B, I] / [B, O] pair means T = 1),
 U [O, I] the unlearn gradient of the weight. Inputs are validated here (errors name the
@@ -13,7 +12,10 @@ argument); the launchers in orthograd_fast.kernels trust them.
 Triton is imported only inside these functions, so ``import orthograd_fast`` works without it.
 Tensors must be on CUDA, or on CPU with TRITON_INTERPRET=1 set before the kernel modules are first
 imported (Triton fixes interpreter vs compiler per kernel at import); otherwise use the torch path
-(orthograd_fast.ops_reference / gram_schmidt with backend="torch").
+(orthograd_fast.ops_reference).
+
+The blocked Gram-Schmidt kernel (kernels.cgs_step) has its front end in orthograd_fast.gram_schmidt,
+which imports this module and is not imported back: the engine never reaches it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import functools
 
 import torch
 
-__all__ = ["triton_available", "kernels_interpreted", "tile_gram", "ghost_gram", "coef", "cgs2",
-           "project_out"]
+__all__ = ["BACKENDS", "triton_available", "kernels_interpreted", "resolve_backend", "tile_gram",
+           "ghost_gram", "coef"]
+
+BACKENDS = ("auto", "torch", "triton")
 
 _FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,17 +53,40 @@ def kernels_interpreted() -> bool:
     return is_interpreted(_tile_gram_kernel)
 
 
-def _require_runnable(fn: str, name: str, t: torch.Tensor) -> None:
+def _unrunnable(who: str, on_cuda: bool, where: str) -> str | None:
+    """Why the Triton kernels cannot run for data ``where`` (None if they can)."""
     if not triton_available():
-        raise RuntimeError(f"{fn}: triton is not installed; use backend='torch' "
-                           "(pip install 'orthograd-fast[triton]' for the kernels)")
-    if t.is_cuda:
-        return
-    if not kernels_interpreted():
-        raise RuntimeError(
-            f"{fn}: {name} is on {t.device}; the Triton kernels need CUDA tensors, or "
-            "TRITON_INTERPRET=1 set before orthograd_fast.kernels is first imported (to run them "
-            "on CPU in the interpreter). Otherwise use backend='torch'.")
+        return (f"{who}: triton is not installed; use backend='torch' "
+                "(pip install 'orthograd-fast[triton]' for the kernels)")
+    if on_cuda or kernels_interpreted():
+        return None
+    return (f"{who}: {where}; the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
+            "before orthograd_fast.kernels is first imported (to run them on CPU in the "
+            "interpreter). Otherwise use backend='torch'.")
+
+
+def resolve_backend(backend: str, on_cuda: bool, who: str, error: type = RuntimeError) -> str:
+    """The backend that runs ("torch" or "triton") for a requested one of BACKENDS.
+
+    "auto" takes Triton for CUDA data when triton imports, else torch; "triton" raises ``error``
+    (message starting with ``who``) where the kernels cannot run. An unknown name is a ValueError.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{who}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    why = _unrunnable(who, on_cuda, "the data is on the CPU")
+    if why:
+        raise error(why)
+    return "triton"
+
+
+def _require_runnable(fn: str, name: str, t: torch.Tensor) -> None:
+    why = _unrunnable(fn, t.is_cuda, f"{name} is on {t.device}")
+    if why:
+        raise RuntimeError(why)
 
 
 def _check_tensor(fn: str, name: str, t, dims: tuple[int, ...]) -> None:
@@ -179,24 +206,3 @@ def coef(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     from .kernels.coef import coef as launch
 
     return launch(A, D, U)
-
-
-def cgs2(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-    """Orthonormal Q (n x r) of span(G's columns) by blocked CGS2 on the Triton step kernel.
-
-    See orthograd_fast.gram_schmidt.cgs2 (backend="triton") for the rank rule and dtypes.
-    """
-    from . import gram_schmidt
-
-    gram_schmidt._check_matrix(G)
-    _require_runnable("cgs2", "G", G)
-    return gram_schmidt.cgs2(G, rtol=rtol, backend="triton")
-
-
-def project_out(G: torch.Tensor, u: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-    """u minus its component in span(G's columns); u is [n] or [n, k]; Triton step kernel."""
-    from . import gram_schmidt
-
-    gram_schmidt._check_matrix(G)
-    _require_runnable("project_out", "G", G)
-    return gram_schmidt.project_out(G, u, rtol=rtol, backend="triton")

@@ -102,7 +102,7 @@ def test_cgs2_orthonormal_same_span(request, be, dt, shape):
     Q = gs.cgs2(G, block=block, backend=be)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     assert Q.dtype == work and Q.shape[0] == n
-    rtol = gs.default_rtol(work)
+    rtol = gs.cgs2_rtol(dtype)
     Qr = cgs2_ref(G, rtol)
     assert Q.shape[1] == Qr.shape[1] == min(n, m)
     tol = 1e-12 if work == torch.float64 else 1e-5  # fp32: O(m) eps
@@ -130,7 +130,7 @@ def test_rank_tolerance(backend, rtol, rank):
     be, dev = backend
     G = _rank_test_matrix(dev)
     Q = gs.cgs2(G, rtol=rtol, block=3, backend=be)
-    eff = gs.default_rtol(torch.float32) if rtol is None else rtol
+    eff = gs.cgs2_rtol(torch.float32) if rtol is None else rtol
     Qr = cgs2_ref(G, eff)
     assert Q.shape[1] == Qr.shape[1] == rank
     assert _orth_err(Q) < 1e-5
@@ -149,7 +149,7 @@ def test_rank_tolerance_float64():
     g = _rank_test_matrix("cpu").double()
     g[:, 8] = g[:, 4] - g[:, 0] + 1e-14 * _rand(22, 80, dtype=torch.float64)
     Q = gs.cgs2(g, block=3, backend="torch")
-    assert Q.shape[1] == cgs2_ref(g, gs.default_rtol(torch.float64)).shape[1] == 8
+    assert Q.shape[1] == cgs2_ref(g, gs.cgs2_rtol(torch.float64)).shape[1] == 8
     assert _orth_err(Q) < 1e-13
 
 
@@ -179,7 +179,7 @@ def test_project_out_in_span_and_rank_deficient(backend):
     assert up.norm().item() < 1e-5 * u_in.norm().item()
     u = _rand(41, 80, device=dev)
     up = gs.project_out(G, u, backend=be, block=3)
-    ref = project_out_ref(G, u, gs.default_rtol(torch.float32))
+    ref = project_out_ref(G, u, gs.cgs2_rtol(torch.float32))
     # column 6 is independent only by a 1e-3 relative part, so its basis direction is known to
     # ~eps32 / 1e-3 = 6e-5 from fp32 data: absolute errors up to ~1e-4 are the data's, not ours
     assert_close(up, ref, dtype=torch.float32, reduction_len=10, scale=10.0)
@@ -194,13 +194,35 @@ def test_project_out_bf16_u_and_g(backend):
     assert_close(up, _svd_projector_out(G, u), dtype=torch.bfloat16, reduction_len=6)
 
 
-def test_triton_ops_entry_points(kdev):
+def test_triton_backend_defaults(kdev):
+    """Default block and rtol on the Triton step kernel (the entry points the GPU bench uses)."""
     G = _rand(60, 50, 7, device=kdev)
     u = _rand(61, 50, device=kdev)
-    Q = triton_ops.cgs2(G)
+    Q = gs.cgs2(G, backend="triton")
     assert Q.shape == (50, 7) and _orth_err(Q) < 2e-6
-    assert_close(triton_ops.project_out(G, u), _svd_projector_out(G, u), dtype=torch.float32,
-                 reduction_len=7)
+    assert_close(gs.project_out(G, u, backend="triton"), _svd_projector_out(G, u),
+                 dtype=torch.float32, reduction_len=7)
+
+
+def test_cgs2_rtol_shares_the_input_rounding_with_solve():
+    """float64: CGS2's own floor (explicit residuals, no squared condition number); reduced
+    precision: at least the engine's tolerance for that dtype (the data's own rounding)."""
+    from orthograd_fast.solve import default_rtol
+
+    assert gs.cgs2_rtol(torch.float64) == 1e-12 < default_rtol(torch.float64)
+    assert gs.cgs2_rtol(torch.float32) == 1e-5
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        assert gs.cgs2_rtol(dt) >= default_rtol(dt)
+    assert gs.cgs2_rtol(torch.bfloat16) == gs.cgs2_rtol(torch.float16) == 1e-3
+
+
+def test_resolve_backend():
+    assert triton_ops.resolve_backend("torch", True, "f") == "torch"
+    assert triton_ops.resolve_backend("auto", False, "f") == "torch"
+    assert triton_ops.resolve_backend("auto", True, "f") == (
+        "triton" if triton_ops.triton_available() else "torch")
+    with pytest.raises(ValueError, match=r"f: backend must be one of \('auto', 'torch', 'triton'\)"):
+        triton_ops.resolve_backend("cuda", False, "f")
 
 
 def test_zero_matrix_and_empty():
@@ -237,7 +259,10 @@ def test_validation_names_the_argument():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_gpu_large(gpu, dtype):
     n, m = 1_000_003, 64
-    G = _rand(80, n, m, dtype=dtype, device=gpu)
+    # small integers, exact in every dtype: column 40 is dependent exactly, not up to the dtype's
+    # rounding (a bf16 difference of random columns keeps ~2e-3 of its norm, above any tolerance)
+    g = torch.Generator().manual_seed(80)
+    G = torch.randint(-8, 9, (n, m), generator=g).to(dtype=dtype, device=gpu)
     G[:, 40] = G[:, 3] - G[:, 7]  # one dependent column
     u = _rand(81, n, device=gpu)
     for be in ("triton", "torch"):
@@ -271,3 +296,23 @@ def test_triton_backend_on_cpu_without_interpreter_says_how(monkeypatch):
     monkeypatch.setattr(triton_ops, "kernels_interpreted", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         gs.cgs2(torch.randn(10, 3), backend="triton")
+
+
+# ----------------------------------------------------------------------------- benchmark
+def test_cgs2_vs_gram_benchmark_smoke(tmp_path):
+    """benchmarks/cgs2_vs_gram.py at a tiny size: both routes give the exact projection, and the
+    markdown has one row per cell and the verdict."""
+    from benchmarks import cgs2_vs_gram as bench
+
+    for dt in (torch.float32, torch.float64):
+        for data in ("random", "duplicated"):
+            row = bench.run_cell(6, 40, dt, data, "cpu", ["torch"], reps=1)
+            assert row["rank_cgs2[torch]"] == (6 if data == "random" else 3)
+            tol = 1e-12 if dt == torch.float64 else 1e-5
+            assert row["orth_gram"] < tol and row["orth_cgs2[torch]"] < tol
+            assert row["diff_cgs2[torch]"] < 10 * tol
+    out = tmp_path / "t.md"
+    md = bench.main(["--B", "4", "--n", "30", "--dtypes", "float64", "--data", "random",
+                     "--reps", "1", "--no-accuracy", "--out", str(out)])
+    assert out.read_text() == md and md.count("| float64 | 4 | 30 |") == 1
+    assert "CGS2 faster in" in md
