@@ -36,7 +36,7 @@ from orthograd_fast import OrthoGrad
 from . import zoo
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-TARGET = 1e-2  # issue 6: the direction within 1e-2 relative of fp32
+TARGET = 1e-2  # the direction within 1e-2 relative of fp32
 
 
 def _norm(d: Dict[str, torch.Tensor]) -> float:

@@ -253,7 +253,7 @@ def compare(
 
     ``qr_semantics``: the provider projects with a QR of G_t^T and no rank tolerance (the paper's
     code). Where G_t is rank-deficient that differs from the exact projector by definition
-    (orthograd-math.md section 1): with numel <= B its Q is a complete basis, P_perp(u_t) = 0, and
+    (docs/math.md section 1): with numel <= B its Q is a complete basis, P_perp(u_t) = 0, and
     that is what is checked; with numel > B its extra columns are arbitrary directions, and the
     tensor is not compared (the message counts them).
     """

@@ -261,7 +261,7 @@ class Capture:
             if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == self.B:
                 self.ctx.prov.mark(t)
         if self.B == 0:
-            # issue 6 (bad-input contract): an empty retain batch has no per-sample gradients; without
+            # an empty retain batch has no per-sample gradients; without
             # this check it fails later inside a layer rule with an unrelated reshape error.
             raise CaptureError(
                 "og.retain(): the retain batch is empty (B=0 on dim 0 of the model input). Skip the "
@@ -336,7 +336,7 @@ class Capture:
             any_grad = True
             u = frame.unit
             names = fallback.unit_parameters(u.module, u.whole)
-            # autocast (issue 6): replay under the autocast state of the captured call, else
+            # autocast: replay under the autocast state of the captured call, else
             # the replay runs in fp32 and does not reproduce the captured half-precision output
             with contextlib.ExitStack() as stack:
                 for dev, dt in call.autocast:

@@ -7,7 +7,7 @@ the uses are built on leaving ``retain()``. A rule returns ``NotImplemented`` wh
 the batched form it knows (e.g. an embedding lookup with ids shared by all samples: then it is a
 computation on parameters only, see :mod:`orthograd_fast.batch_layout`).
 
-Math per rule: orthograd-math.md section 2 (Linear, Conv, Embedding, norms); a transposed
+Math per rule: docs/math.md section 2 (Linear, Conv, Embedding, norms); a transposed
 convolution's weight gradient is the convolution weight gradient with input and output gradient
 swapped; a bilinear weight [O, I1, I2] is a Linear over the outer products x1 (x) x2.
 """

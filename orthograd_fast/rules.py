@@ -1,7 +1,7 @@
 """Layer rules: one captured call (input x, output gradient gy) -> factored per-sample uses.
 
 Every rule receives tensors whose dim 0 is the retain batch (batch-first layouts) and returns
-``{param: use}`` for the trainable parameters the module owns. See orthograd-math.md section 2.
+``{param: use}`` for the trainable parameters the module owns. See docs/math.md section 2.
 Modules without a class rule that own trainable parameters are captured by operation
 (:mod:`orthograd_fast.op_capture`).
 """

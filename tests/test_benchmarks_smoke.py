@@ -245,7 +245,7 @@ def test_profile_step_runs_and_attributes_every_route(capsys):
 
 
 def test_autocast_error_separates_the_two_error_sources():
-    # benchmarks/autocast_error.py (issue 6's precision table): the direction under autocast is off
+    # benchmarks/autocast_error.py (the precision table): the direction under autocast is off
     # fp32 by the autocast unlearn gradient's error plus the half retain span's, to first order
     from benchmarks import autocast_error
 
