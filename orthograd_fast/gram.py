@@ -24,6 +24,7 @@ re-projection pass and a coarser rank tolerance (see :mod:`orthograd_fast.solve`
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -51,6 +52,18 @@ TILE_SLAB_BYTES = 4 << 20
 # CNN and ResNet-18 at B = 32, 64. 16 MiB calls are ~2x faster still on the ResNet-18 shapes, but
 # the grouped convolution's scratch grows with them: ResNet-18 B = 32 step peak 89 -> 195 MB.
 CONV_TILE_BYTES = 8 << 20
+
+
+class _SlabBuffer:
+    """One scratch allocation reused by every slab of a term's loop: a fresh multi-MiB tensor per
+    slab costs page faults (measured on 2 CPU cores: 20-35% of the tile route's Gram and
+    coefficients for 2-8 MiB slabs). ``take`` returns a contiguous view of its first elements."""
+
+    def __init__(self, n: int, device, dtype=torch.float64):
+        self.flat = torch.empty(n, dtype=dtype, device=device)
+
+    def take(self, *shape: int) -> Tensor:
+        return self.flat[: math.prod(shape)].view(shape)
 
 
 def update_amplification(K: Tensor, c: Tensor) -> Tensor:
@@ -434,6 +447,7 @@ class ParamTerm:
             per_call = -(-per_call // u0.channel_step) * u0.channel_step
         # samples per convolution call: its unfolded input copy stays near the slab size
         step = min(u.sample_chunk(TILE_SLAB_BYTES) for u in self.uses)
+        f64, u64 = _SlabBuffer(B * min(rows, O) * I, dev), _SlabBuffer(min(rows, O) * I, dev)
         for c0 in range(0, O, per_call):
             c1 = min(O, c0 + per_call)
             if step >= B:
@@ -445,10 +459,10 @@ class ParamTerm:
                     tiles32[b0:b1] = sum(u.tiles(c0, c1, b0, b1) for u in self.uses)
             for o0 in range(c0, c1, rows):
                 o1 = min(c1, o0 + rows)
-                tiles = tiles32[:, (o0 - c0) * I : (o1 - c0) * I].double()
+                tiles = f64.take(B, (o1 - o0) * I).copy_(tiles32[:, (o0 - c0) * I : (o1 - c0) * I])
                 if gram:
                     K.addmm_(tiles, tiles.t())
-                b.addmv_(tiles, Uf[o0:o1].reshape(-1).double())
+                b.addmv_(tiles, u64.take((o1 - o0) * I).copy_(Uf[o0:o1].reshape(-1)))
         return (K if gram else None), b
 
     def _lookup_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
@@ -478,19 +492,22 @@ class ParamTerm:
                 sample = torch.div(order, T, rounding_mode="floor")
                 A = u.A[:, :, 0, :].reshape(B * T, I)[order]
                 flat.append((ids, sample, A, None, torch.searchsorted(ids, starts).tolist()))
+        n = min(rows, O) * I
+        f64, u64 = _SlabBuffer(B * n, dev), _SlabBuffer(n, dev)
+        t32 = {dt: _SlabBuffer(B * n, dev, dt) for dt in {A.dtype for ids, _, A, _, _ in flat if ids is None}}
         for k, o0 in enumerate(range(0, O, rows)):
             o1 = min(O, o0 + rows)
             r = o1 - o0
-            slab = torch.zeros(B * r, I, dtype=torch.float64, device=dev)
+            slab = f64.take(B * r, I).zero_()
             for ids, sample, A, D, bounds in flat:
                 if ids is None:  # a slab of per-sample tiles (a tied head's D is B x T x V), widened
-                    slab += torch.bmm(D[:, :, o0:o1].to(A.dtype).transpose(1, 2), A).reshape(B * r, I)
+                    slab += torch.bmm(D[:, :, o0:o1].to(A.dtype).transpose(1, 2), A, out=t32[A.dtype].take(B, r, I)).view(B * r, I)
                 else:
                     lo, hi = bounds[k], bounds[k + 1]
                     slab.index_add_(0, sample[lo:hi] * r + (ids[lo:hi] - o0), A[lo:hi].double())
-            S = slab.reshape(B, r * I)
+            S = slab.view(B, r * I)
             K.addmm_(S, S.t())
-            b.addmv_(S, Uv[o0:o1].reshape(-1).double())
+            b.addmv_(S, u64.take(r * I).copy_(Uv[o0:o1].reshape(-1)))
         return K, b
 
     def _tile_gram_coef(self, U: Tensor, gram: bool = True) -> Tuple[Optional[Tensor], Tensor]:
@@ -507,15 +524,23 @@ class ParamTerm:
         # slabs of TILE_SLAB_BYTES of float64 tiles (a fresh 30+ MiB buffer costs page faults)
         rows = max(1, min(CHUNK_BYTES, TILE_SLAB_BYTES) // max(1, B * G * I * 8))
         Dt = D[:, :, 0, :].transpose(1, 2) if G == 1 else None  # [B, O, T], a transposed view: no copy
+        n = min(rows, O) * G * I
+        f64, u64 = _SlabBuffer(B * n, A.device), _SlabBuffer(n, A.device)
+        t32 = _SlabBuffer(B * n, A.device, dt) if G == 1 and dt != torch.float64 else None
         for o0 in range(0, O, rows):
             o1 = min(O, o0 + rows)
+            r = o1 - o0
+            tiles = f64.take(B, r * G * I)  # the same float64 values as .double() of the tiles
             if G == 1:
-                tiles = torch.bmm(Dt[:, o0:o1], A[:, :, 0, :]).reshape(B, -1).double()
+                if t32 is None:  # float64 factors: straight into the slab
+                    torch.bmm(Dt[:, o0:o1], A[:, :, 0, :], out=tiles.view(B, r, I))
+                else:
+                    tiles.view(B, r, I).copy_(torch.bmm(Dt[:, o0:o1], A[:, :, 0, :], out=t32.take(B, r, I)))
             else:
-                tiles = torch.einsum("btgo,btgi->bgoi", D[..., o0:o1], A).reshape(B, -1).double()
+                tiles.view(B, G, r, I).copy_(torch.einsum("btgo,btgi->bgoi", D[..., o0:o1], A))
             if gram:
                 K.addmm_(tiles, tiles.t())
-            b.addmv_(tiles, Uv[:, o0:o1, :].reshape(-1).double())
+            b.addmv_(tiles, u64.take(r * G * I).view(G, r, I).copy_(Uv[:, o0:o1, :]).view(-1))
         return (K if gram else None), b
 
     def _rows64(self) -> Tuple[Tensor, Tensor]:
