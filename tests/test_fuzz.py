@@ -42,7 +42,7 @@ ORTH = 1e-5
 # route, whose per-sample tiles are formed in fp32 (then reduced in fp64); on such nearly square,
 # ill-conditioned G the fp32 tile rounding is amplified to ~1.3e-4 (orthogonality ~2e-5), found by
 # the 300-example run. The default configuration materializes these tensors in fp64 (gram.py,
-# orthograd-math.md section 4), so the factored examples get 10x looser bounds.
+# docs/math.md section 8), so the factored examples get 10x looser bounds.
 REL_FACTORED = 1e-3
 ORTH_FACTORED = 1e-4
 # The oracle runs a float64 copy of the model, the engine the float32 model. Some random
