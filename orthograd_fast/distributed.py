@@ -53,11 +53,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from .errors import DistributedError
 from .factors import ExplicitUse, OuterUse
-
-
-class DistributedError(RuntimeError):
-    pass
 
 
 def _dist():

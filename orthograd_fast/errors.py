@@ -7,3 +7,11 @@ class CaptureError(RuntimeError):
 
 class UnsupportedModule(RuntimeError):
     """A module whose per-sample gradients are not defined or not supported."""
+
+
+class ReplayMismatch(RuntimeError):
+    """The torch.func replay of a fallback module did not reproduce the captured call's output."""
+
+
+class DistributedError(RuntimeError):
+    """Ranks disagree (sizes, parameter lists) or the process group cannot do what a step needs."""

@@ -24,12 +24,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import CaptureError
+from .errors import CaptureError, ReplayMismatch
 from .factors import ExplicitUse
-
-
-class ReplayMismatch(RuntimeError):
-    pass
 
 
 class FallbackLog:
