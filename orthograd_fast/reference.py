@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from .solve import default_rtol
+
 
 def per_sample_grads(model: nn.Module, loss_fn: Callable, x: Tensor, y) -> Dict[str, Tensor]:
     """{name: [B, *param.shape]} per-sample gradients of loss_fn(model(x_i), y_i) (torch.func)."""
@@ -36,7 +38,7 @@ def _project_out(G: Tensor, u: Tensor, method: str, rtol: Optional[float]) -> Te
         Q, _ = torch.linalg.qr(G.t(), mode="reduced")
         return u - Q @ (Q.t() @ u)
     U_, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    tol = (1e-6 if G.dtype != torch.float64 else 1e-8) if rtol is None else rtol
+    tol = default_rtol(G.dtype) if rtol is None else rtol
     keep = S > tol * S.max() if S.numel() and S.max() > 0 else torch.zeros_like(S, dtype=torch.bool)
     V = Vh[keep]
     return u - V.t() @ (V @ u)
