@@ -76,9 +76,10 @@ def conv_weight_use(x: Tensor, gy: Tensor, B: int, kernel, stride, padding, dila
     on both sides of each spatial dim (other padding is applied to x by the caller)."""
     nd = x.dim() - 2
     G, C, O = groups, x.shape[1], out_channels
-    if G == 1 and nd in (1, 2):
-        # kept as (input, output gradient), evaluated by convolutions (conv_factors.py)
-        return ConvUse(x, gy, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+    if nd in (1, 2):
+        # kept as (input, output gradient), evaluated by (grouped) convolutions (conv_factors.py):
+        # a depthwise k x k conv is never unfolded (that is k^2 copies of its input)
+        return ConvUse(x, gy, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), G)
     pad = [q for p in reversed(tuple(padding)) for q in (p, p)]
     patches = _unfold_nd(F.pad(x, pad) if any(pad) else x, kernel, stride, dilation)  # [B, C, L..., k...]
     Lprod = math.prod(patches.shape[2 : 2 + nd])
