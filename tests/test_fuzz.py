@@ -426,15 +426,16 @@ def _run(draw, families=FAMILIES, route_draws=ROUTES):
     # embedding tables take the slab-wise lookup route wherever it is cheaper than the token route
     routes = draw.pick(route_draws)
     factored = routes != "default"
-    old = gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE
-    if routes == "factored":
-        gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE = 0, False
-    elif routes == "lookup":
-        gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE = 1, True
     # alpha > 0 also checks gbar_r: from the factors (lean retain) or from the kept retain gradient
     alpha = draw.pick([0.0, 0.0, 0.3])
     lean = draw.bool()
+    # every draw before the module globals change: a draw that raises must not leave them set
+    old = gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE
     try:
+        if routes == "factored":
+            gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE = 0, False
+        elif routes == "lookup":
+            gram.EXPLICIT_MAX, gram.LOOKUP_ROUTE = 1, True
         og, got = og_direction(model, ce, retain, unlearn, scope=scope, backend="torch", alpha=alpha, lean_retain=lean)
     except CaptureError as e:
         # a use the hooks cannot see (FuzzLM.refused): refused on leaving retain() (lean retain:
