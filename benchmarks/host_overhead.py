@@ -23,7 +23,10 @@ from torch import nn
 
 
 class Stack(nn.Module):
-    def __init__(self, d: int, depth: int, classes: int = 4):
+    """Many small tensors: LayerNorm + Linear blocks (also the model of tests/test_plan.py: at d = 7
+    the weights have 49 entries, norm weights and biases 7, both more and fewer than its samples)."""
+
+    def __init__(self, d: int = 7, depth: int = 5, classes: int = 4):
         super().__init__()
         self.inp = nn.Linear(5, d)
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.Tanh()) for _ in range(depth))

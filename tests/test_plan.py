@@ -7,29 +7,13 @@ import torch
 from torch import nn
 
 import orthograd_fast.gram as gram
+from benchmarks.host_overhead import Stack  # the many-small-tensors model, shared with the benchmark
 from engine_helpers import compare
 from models import ce
 from orthograd_fast import OrthoGrad
 
 REL = 1e-4
 ORTH = 1e-5
-
-
-class Stack(nn.Module):
-    """Many small tensors: LayerNorm + Linear blocks (weights 7 x 7 = 49 entries, norm weights
-    and biases 7: both more and fewer entries than the retain samples)."""
-
-    def __init__(self, d=7, depth=5, classes=4):
-        super().__init__()
-        self.inp = nn.Linear(5, d)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.Tanh()) for _ in range(depth))
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        h = self.inp(x)
-        for b in self.blocks:
-            h = h + b(h)
-        return self.head(h)
 
 
 def _data(gen, B, Bu=3):
