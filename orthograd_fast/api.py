@@ -110,7 +110,7 @@ class OrthoGrad:
             raise ValueError(f"OrthoGrad(backend={backend!r}): use one of {BACKENDS}")
         if rtol is not None and not (0.0 <= float(rtol) < 1.0):
             raise ValueError(f"OrthoGrad(rtol={rtol}): use a value in [0, 1), or None for the default")
-        # DDP/FSDP (issue 6): refuse sharded parameters; under DDP the factors are all-gathered.
+        # DDP/FSDP: refuse sharded parameters; under DDP the factors are all-gathered.
         _distributed.check_supported(model)
         self._group = _distributed.ddp_group(model)
         self.model = model
@@ -219,7 +219,7 @@ class OrthoGrad:
         self._disarm()
         self._begin_block()
         saved = {p: p.grad for _, p in self._params}
-        # DDP (issue 6): with gradient_as_bucket_view=True the reducer writes the retain gradient
+        # DDP: with gradient_as_bucket_view=True the reducer writes the retain gradient
         # into the bucket that a saved .grad is a view of; keep the values to put them back.
         saved_vals = {p: g.clone() for p, g in saved.items() if g is not None} if self._group is not None else {}
         for _, p in self._params:
@@ -250,7 +250,7 @@ class OrthoGrad:
             for _, p in self._params:
                 g = p.grad if keep_retain_grad and (p not in self._lean or p in op_real) else None
                 if g is not None and self._group is not None:
-                    # DDP (issue 6): with gradient_as_bucket_view the next backward reuses this storage
+                    # DDP: with gradient_as_bucket_view the next backward reuses this storage
                     g = g.clone()
                 if g is not None:
                     prev = self._gsum.get(p)
@@ -497,10 +497,10 @@ class OrthoGrad:
             # several blocks / DDP ranks are concatenated along samples in the token form
             blocks = [(B, {p: [u.outer() if isinstance(u, ConvUse) else u for u in us] for p, us in uses.items()}) for B, uses in blocks]
         uses = _blocks.concat_blocks(blocks)
-        # autocast (issue 6): whether any captured factor was half precision (_check_capture);
+        # autocast: whether any captured factor was half precision (_check_capture);
         # _compact recorded it for the tensors it turned into float64 rows
         self._half_factors = self._half_seen or any(_is_half(u) for us in uses.values() for u in us)
-        if self._group is not None:  # DDP (issue 6): the union of every rank's retain samples
+        if self._group is not None:  # DDP: the union of every rank's retain samples
             names_ = {p: n for n, p in self._params}
             uses = _distributed.gather_uses(uses, [p for _, p in self._params], names_, self.retain_size, self._group)
         backend = self._resolve_backend()
@@ -798,7 +798,7 @@ class OrthoGrad:
         names = {p: n for n, p in self._params}
         rows = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().sum(-1)  # sum_i |g_i| per tensor
         model_scale = None  # formed only if some tensor misses its own tolerance
-        # DDP (issue 6): .grad is the rank average, the gathered rows sum every rank's local gradient.
+        # DDP: .grad is the rank average, the gathered rows sum every rank's local gradient.
         world = _distributed.world_size(self._group)
         for k, (p, b) in enumerate(zip(active, bs)):
             gs = self._gsum.get(p)
@@ -809,7 +809,7 @@ class OrthoGrad:
             # float32 dots are enough for the tolerance and avoid float64 copies of big tensors
             rhs = torch.dot(gs.reshape(-1), u.reshape(-1).to(gs.dtype)).double() * world
             unorm = torch.linalg.vector_norm(u).double()
-            # autocast (issue 6): half factors (bf16/fp16 activations and output gradients) with an fp32
+            # autocast: half factors (bf16/fp16 activations and output gradients) with an fp32
             # .grad still carry half-precision rounding: use the half tolerances for them too.
             half = gs.dtype in (torch.float16, torch.bfloat16) or self._half_factors
             tol = (3e-2 if half else 2e-3) * rows[k] * unorm + 1e-30
