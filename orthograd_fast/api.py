@@ -29,7 +29,7 @@ from . import threads as _threads
 from .capture import Capture, CaptureError, find_units, op_parameters
 from .fallback import FallbackLog
 from .conv_factors import ConvUse
-from .factors import ExplicitUse, OuterUse, explicit_rows
+from .factors import ExplicitUse, explicit_rows
 from .forget_window import ForgetWindow
 from .gram import ParamTerm
 from .solve import COLUMN_MIN_RTOL, resolve_rtol, solve_columns, solve_psd
