@@ -61,6 +61,12 @@ _UNBINDS = {Tensor.unbind, torch.unbind, Tensor.__iter__}
 _MOVEDIMS = {Tensor.movedim, torch.movedim, Tensor.moveaxis, torch.moveaxis}
 
 
+# Operations whose output layout is not the input's: everything else keeps the batch dim in place.
+_MOVES = (RESHAPE_FUNCS | _SWAPS | _PERMUTES | _ROLLS | _JOINS | _STACKS | _UNSQUEEZES | _SQUEEZES | _UNBINDS
+          | _MOVEDIMS | {Tensor.__getitem__})
+_METHOD_WRAPPER = type(Tensor.mT.__get__)  # attribute reads (``.mT``, ``.T``, ``._base``)
+
+
 class Provenance:
     """Which tensors of the retain forward carry the retain batch, and where.
 
@@ -113,16 +119,35 @@ class Provenance:
         return lay[0] if lay is not None and lay[1] == 0 else None
 
     def propagate(self, func, args, kwargs, leaves, out, B: Optional[int]) -> None:
+        # called for every operation of the retain forward: the common case (an elementwise op on
+        # a batched tensor) stays on the first few lines
+        tags = self._tags
+        for t in leaves:
+            if isinstance(t, Tensor):
+                e = tags.get(id(t))
+                if e is None or e[0]() is not t:
+                    continue
+                lay = e[1]
+                if lay is not None and (B is None or lay[1] >= t.dim() or t.shape[lay[1]] != lay[0] * B):
+                    lay = None
+                outs = (out,) if isinstance(out, Tensor) else _tensors(out)
+                general = func not in _MOVES and type(func) is not _METHOD_WRAPPER
+                for o in outs:
+                    eo = tags.get(id(o))
+                    if eo is not None and eo[0]() is o:
+                        continue  # an input returned (in place, ``._base``) keeps its tag
+                    if lay is None or o.dim() == 0:
+                        lo = None
+                    elif general:  # keeps the batch dim where it is, if its size is unchanged
+                        d = lay[1]
+                        lo = lay if d < o.dim() and o.shape[d] == t.shape[d] and (d == 0 or o.dim() == t.dim()) else None
+                    else:
+                        lo = _out_layout(func, args, kwargs, t, lay, o, B)
+                    tags[id(o)] = (weakref.ref(o), lo)
+                return
         outs = _tensors(out)
         if not outs:
             return
-        for t in leaves:
-            if isinstance(t, Tensor) and self._entry(t) is not None:
-                lay = self.layout(t, B)
-                for o in outs:
-                    if self._entry(o) is None:  # an input returned (in place, ``._base``) keeps its tag
-                        self.mark(o, _out_layout(func, args, kwargs, t, lay, o, B))
-                return
         o = outs[0]
         if B is None or o.dim() == 0 or o.shape[0] != B:
             return
@@ -158,7 +183,7 @@ def _out_layout(func, args, kwargs, src: Tensor, lay, o: Tensor, B: Optional[int
         if d > 0 and o.shape[: d + 1] == src.shape[: d + 1]:
             return lay  # the dims up to the batch's unchanged: only later dims regrouped
         return None
-    attr = getattr(getattr(func, "__self__", None), "__name__", None) if type(func).__name__ == "method-wrapper" else None
+    attr = getattr(getattr(func, "__self__", None), "__name__", None) if type(func) is _METHOD_WRAPPER else None
     if attr in ("T", "mT", "H", "mH"):  # transposes read as attributes
         if attr in ("T", "H"):
             return (k, n - 1 - d)

@@ -199,7 +199,17 @@ class Capture:
         if not torch.is_grad_enabled():
             return type(m).forward(m, *args, **kwargs)
         call = recurrent.RecurrentCall(m, unit.name, self.lean_ops)
-        out = call.forward(*args, **kwargs)
+        # the unrolled steps need no operation capture (the call records its own uses): run them
+        # outside the mode, then tag the outputs with the input's batch layout
+        with torch._C.DisableTorchFunction():
+            out = call.forward(*args, **kwargs)
+        x = args[0] if args else kwargs.get("input")
+        prov, lay = self.ctx.prov, self.ctx.prov.layout(x, self.B)
+        if lay is not None and lay[0] == 1:
+            outs, _ = tree_flatten(out)
+            prov.mark(outs[0], lay)  # the output sequence: the input's layout
+            for h in outs[1:]:
+                prov.mark(h, (1, 1))  # h_n / c_n: [layers * directions, B, H]
         if not unit.checked:
             recurrent.check_against_module(m, unit.name, out, args, kwargs)
             unit.checked = True
