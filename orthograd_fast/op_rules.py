@@ -120,6 +120,28 @@ def matmul(ctx, func, args, kwargs):
     return ctx.record(func, out, [w], build)
 
 
+def addmm(ctx, func, args, kwargs):
+    """``torch.addmm(b, x, w)``: a Linear with the weight stored [I, O] (transformers' Conv1D
+    written by hand); ``x`` [N, I] holds the batch folded over tokens."""
+    b, x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat1"), _arg(args, kwargs, 2, "mat2")
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
+        return NotImplemented
+    if not ctx.is_data(x) or ctx.seq_first or not isinstance(w, Tensor) or w.dim() != 2:
+        return NotImplemented
+    if isinstance(b, Tensor) and ctx.space.base(b) is not None and b.dim() != 1:
+        return NotImplemented  # a parameter bias per row: not one bias shared by the tokens
+    out = func(ctx.use(b), x, ctx.use(w), **kwargs)
+    B, xd, space = ctx.B, x.detach(), ctx.space
+
+    def build(gy):
+        A = xd.reshape(B, -1, xd.shape[-1])
+        D = gy.reshape(B, -1, gy.shape[-1])
+        uses = dense_weight_uses(space, w, A, D, transposed=True) if space.base(w) is not None else {}
+        return _merge(uses, _bias_uses(space, b, D))
+
+    return ctx.record(func, out, [w, b], build)
+
+
 def _conv_padding(x, padding, kernel, dilation, nd):
     if isinstance(padding, str):
         if padding == "valid":
@@ -419,6 +441,8 @@ def attention(ctx, func, args, kwargs):
 RULES: Dict[Callable, Callable] = {
     F.linear: linear,
     torch.matmul: matmul,
+    torch.addmm: addmm,
+    Tensor.addmm: addmm,
     torch.einsum: einsum,
     Tensor.matmul: matmul,
     Tensor.__matmul__: matmul,

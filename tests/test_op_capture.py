@@ -146,6 +146,20 @@ class RelBiasAttention(nn.Module):
         return (att @ v).transpose(1, 2).reshape(B, T, d)
 
 
+class HandConv1D(nn.Module):
+    """transformers' Conv1D written by hand: raw weight [I, O] and bias, torch.addmm over the
+    tokens folded into dim 0 ([B * T, I]: T rows per sample)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(i, o) / i**0.5)
+        self.bias = nn.Parameter(torch.randn(o) * 0.1)
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return y.reshape(*x.shape[:-1], -1)
+
+
 class BilinearNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -193,12 +207,16 @@ def make(name, seed=0):
     if name == "norms":
         ids = lambda b: torch.randint(0, 11, (b, 4), generator=g)
         return NormsNet().eval(), (ids(5), ri(5, 5)), (ids(3), ri(5, 3))
+    if name == "addmm":  # T = 5 == B: dim 0 of the folded input is B * T
+        m = nn.Sequential(nn.Linear(3, 6), HandConv1D(6, 4), nn.Tanh(), HandConv1D(4, 4), nn.Flatten(), nn.Linear(20, 5))
+        return m, (r(5, 5, 3), ri(5, 5)), (r(3, 5, 3), ri(5, 3))
     if name == "einsum":
         return nn.Sequential(nn.Linear(3, 6), EinsumMix(6, 4)), (r(5, 3, 3), ri(4, 5)), (r(3, 3, 3), ri(4, 3))
     raise KeyError(name)
 
 
-OP_MODELS = ["vit_root", "encoder", "decoder", "conv_transpose_prelu", "layer_scale", "bilinear", "einsum", "norms", "rel_bias"]
+OP_MODELS = ["vit_root", "encoder", "decoder", "conv_transpose_prelu", "layer_scale", "bilinear", "einsum", "norms", "rel_bias",
+             "addmm"]
 
 
 def assert_no_fallback(og):
