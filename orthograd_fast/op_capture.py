@@ -138,6 +138,9 @@ class OpContext:
         return rows
 
     # --- calls without a rule -------------------------------------------------------------------
+    # run eagerly under torch.compile: dynamo's trace of this loop fails on ``id()`` of a tensor it
+    # reached through a tuple iterator (InternalTorchDynamoError ___tuple_iterator_getitem)
+    @torch.compiler.disable
     def broadcast(self, func, args, kwargs, leaves, spec):
         """A broadcasting op with batched data: parameter operands expanded along the batch."""
         B = self.B
