@@ -191,9 +191,11 @@ class OpContext:
             if not any(self.fold(t) == 1 for t in leaves):
                 raise CaptureError(
                     f"parameter(s) {names}: operation {name} combines them with data whose dim 0 is not the retain "
-                    f"batch (B={self.B}; shapes {[tuple(t.shape) for t in leaves if isinstance(t, Tensor)]}): the "
-                    "batch is folded into another dimension (e.g. window attention, (B * windows, N, C)), so "
-                    "per-sample gradients cannot be attributed. Freeze these parameters (requires_grad_(False))."
+                    f"batch one row per sample (B={self.B}; shapes {[tuple(t.shape) for t in leaves if isinstance(t, Tensor)]}):"
+                    " the batch is folded into dim 0 for an operation without a rule for folds (e.g. a convolution "
+                    "over (B * k, C, H, W) images), sits on another dim (sequence-first), or passed an operation "
+                    "that mixes samples, so per-sample gradients cannot be attributed. Keep the batch on dim 0 "
+                    "there, or freeze these parameters (requires_grad_(False))."
                 )
             raise CaptureError(
                 f"parameter(s) {names}: operation {name} consumes them together with batched data, has no per-sample "

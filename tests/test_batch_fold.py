@@ -153,3 +153,27 @@ def test_folded_conv_refused_by_name():
 def test_sequence_first_input_refused(B):
     model = nn.Sequential(SeqFirst(), nn.Flatten(), nn.Linear(T * D, 4))
     _retain_grads_restored(model, B, (T, D), r"module '0.lin'.*dim 0|leading dimension")
+
+
+class Holder(nn.Module):
+    """Owns a raw conv weight that its parent uses (no forward of its own runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 2, 3, 3) * 0.3)
+
+
+class ParentFoldedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.holder = Holder()
+        self.head = nn.Linear(72, 4)
+
+    def forward(self, x):  # [B, 2, 4, 6] -> two halves of each image folded into dim 0
+        B = x.shape[0]
+        y = F.conv2d(x.reshape(B * 2, 2, 2, 6), self.holder.w, padding=1)
+        return self.head(y.reshape(B, -1))
+
+
+def test_folded_conv_outside_its_owner_refused():
+    _retain_grads_restored(ParentFoldedConv(), 3, (2, 4, 6), r"holder\.w.*folded into dim 0")
