@@ -110,8 +110,7 @@ class Provenance:
         e = self._entry(t)
         if e is None:
             return (1, 0) if _compiling() and t.shape[0] == B else None
-        lay = e[1]
-        return lay if lay is not None and lay[1] < t.dim() and t.shape[lay[1]] == lay[0] * B else None
+        return _checked(e[1], t, B)
 
     def fold(self, t, B: Optional[int]) -> Optional[int]:
         """``k`` when ``t`` carries the batch on dim 0, ``k`` rows per sample; else None."""
@@ -127,9 +126,7 @@ class Provenance:
                 e = tags.get(id(t))
                 if e is None or e[0]() is not t:
                     continue
-                lay = e[1]
-                if lay is not None and (B is None or lay[1] >= t.dim() or t.shape[lay[1]] != lay[0] * B):
-                    lay = None
+                lay = _checked(e[1], t, B)
                 outs = (out,) if isinstance(out, Tensor) else _tensors(out)
                 general = func not in _MOVES and type(func) is not _METHOD_WRAPPER
                 for o in outs:
@@ -160,6 +157,11 @@ class Provenance:
 
     def clear(self) -> None:
         self._tags.clear()
+
+
+def _checked(lay, t: Tensor, B: Optional[int]):
+    """A tag's layout if ``t``'s shape still agrees with it (dim d holds k * B entries), else None."""
+    return lay if lay is not None and B is not None and lay[1] < t.dim() and t.shape[lay[1]] == lay[0] * B else None
 
 
 def _dims_arg(args, kwargs, i, name):
@@ -238,7 +240,7 @@ def _out_layout(func, args, kwargs, src: Tensor, lay, o: Tensor, B: Optional[int
         return lay if dims is not None and all(x % n != d for x in dims) else None
     if func in _JOINS:
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        return lay if func is not torch.stack and dim % n != d else None
+        return lay if dim % n != d else None
     return lay
 
 
@@ -392,12 +394,7 @@ class ParamSpace:
             weight, ids, pad = look
             root = self.base(t)[1][0]
             B = rows.shape[0]
-            if not _same_view(t, root):
-                idx = torch.arange(root.numel(), device=rows.device).as_strided(
-                    t.shape, t.stride(), t.storage_offset() - root.storage_offset()
-                )
-                full = torch.zeros(B, root.numel(), dtype=rows.dtype, device=rows.device)
-                rows = full.index_add_(1, idx.reshape(-1), rows.reshape(B, -1))
+            rows = _rows_of_root(t, root, rows)
             V, d = weight.shape
             flat = ids.reshape(1, -1).expand(B, -1)
             r = rows.reshape(B, -1, d)
@@ -411,17 +408,9 @@ class ParamSpace:
         kind, obj = self.base(t)
         B = rows.shape[0]
         if kind == "param":
-            p = obj
-            if t.shape == p.shape and t.stride() == p.stride() and t.storage_offset() == p.storage_offset():
-                return {p: rows}
-            if not p.is_contiguous():
+            if not same_view(t, obj) and not obj.is_contiguous():
                 raise NotImplementedError("a view of a non-contiguous parameter")
-            idx = torch.arange(p.numel(), device=rows.device).as_strided(
-                t.shape, t.stride(), t.storage_offset() - p.storage_offset()
-            )
-            full = torch.zeros(B, p.numel(), dtype=rows.dtype, device=rows.device)
-            full.index_add_(1, idx.reshape(-1), rows.reshape(B, -1))
-            return {p: full}
+            return {obj: _rows_of_root(t, obj, rows)}
         # computed from parameters: the per-sample vector-Jacobian product of the recomputation
         params = self.owners(t)
         env = {id(p): p.detach().to(rows.dtype).requires_grad_(True) for p in params}
@@ -444,7 +433,7 @@ class ParamSpace:
             root, func, args, kwargs, index = obj
             a, kw = tree_map(lambda x: self._value(x, env) if isinstance(x, Tensor) else x, (args, kwargs))
             v = _tensors(func(*a, **kw))[index]
-        if t is root or (t.shape == root.shape and t.stride() == root.stride() and t.storage_offset() == root.storage_offset()):
+        if t is root or same_view(t, root):
             return v
         return v.as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset() + v.storage_offset())
 
@@ -476,8 +465,20 @@ def anchored(out, params):
     return out
 
 
-def _same_view(t: Tensor, root: Tensor) -> bool:
+def same_view(t: Tensor, root: Tensor) -> bool:
+    """``t`` is ``root`` seen whole: the same shape, strides and offset into the storage."""
     return t.shape == root.shape and t.stride() == root.stride() and t.storage_offset() == root.storage_offset()
+
+
+def _rows_of_root(t: Tensor, root: Tensor, rows: Tensor) -> Tensor:
+    """Per-sample rows [B, t.numel()] of a view ``t`` of the contiguous ``root`` -> rows
+    [B, root.numel()] (entries outside the view: zero; entries the view repeats: summed)."""
+    if same_view(t, root):
+        return rows
+    B = rows.shape[0]
+    idx = torch.arange(root.numel(), device=rows.device).as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset())
+    full = torch.zeros(B, root.numel(), dtype=rows.dtype, device=rows.device)
+    return full.index_add_(1, idx.reshape(-1), rows.reshape(B, -1))
 
 
 def _compiling() -> bool:

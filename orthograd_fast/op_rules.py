@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import rules
-from .batch_layout import batch_major
+from .batch_layout import batch_major, same_view
 from .errors import UnsupportedModule
 from .factors import OuterUse
 
@@ -35,10 +35,6 @@ def _arg(args, kwargs, i, name, default=None):
 
 def _tuple(v, nd):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
-
-
-def _identity(t: Tensor, p: Tensor) -> bool:
-    return t.shape == p.shape and t.stride() == p.stride() and t.storage_offset() == p.storage_offset()
 
 
 def _explicit(space, t: Tensor, rows: Tensor) -> dict:
@@ -58,7 +54,7 @@ def dense_weight_uses(space, w: Tensor, A: Tensor, D: Tensor, transposed: bool) 
     O = D.shape[-1]
     kind, p = space.base(w)
     if kind == "param" and p.dim() == 2:
-        if _identity(w, p):
+        if same_view(w, p):
             return {p: [OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, O, I), transposed=transposed)]}
         if w.dim() == 2 and w.shape == p.shape[::-1] and w.stride() == p.stride()[::-1] and w.storage_offset() == p.storage_offset():
             # w is p.t() (a tied head written `h @ emb.weight.t()`)
@@ -87,37 +83,33 @@ def _bias_uses(space, b, D: Tensor) -> dict:
     return _explicit(space, b, D.sum(1) if D.shape[1] > 1 else D[:, 0])
 
 
+def _dense(ctx, func, out, x: Tensor, w: Tensor, b, transposed: bool):
+    """Record the call of a dense layer over tokens, ``out = x w^T + b`` (w [O, I]) or, when
+    ``transposed``, ``out = x w + b`` (w [I, O]): the weight's factors and the bias's token sums."""
+    B, seq_first, xd, space = ctx.B, ctx.seq_first, x.detach(), ctx.space
+
+    def build(gy):
+        A = batch_major(xd, B, seq_first).reshape(B, -1, xd.shape[-1])
+        D = batch_major(gy, B, seq_first).reshape(B, -1, gy.shape[-1])
+        uses = dense_weight_uses(space, w, A, D, transposed) if space.base(w) is not None else {}
+        return _merge(uses, _bias_uses(space, b, D))
+
+    return ctx.record(func, out, [w, b], build)
+
+
 # --- rules ---------------------------------------------------------------------------------------
 def linear(ctx, func, args, kwargs):
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if not ctx.is_data(x):
         return NotImplemented
-    out = func(x, ctx.use(w), ctx.use(b))
-    B, seq_first, xd = ctx.B, ctx.seq_first, x.detach()
-    space = ctx.space
-
-    def build(gy):
-        A = batch_major(xd, B, seq_first).reshape(B, -1, xd.shape[-1])
-        D = batch_major(gy, B, seq_first).reshape(B, -1, gy.shape[-1])
-        uses = dense_weight_uses(space, w, A, D, transposed=False) if space.base(w) is not None else {}
-        return _merge(uses, _bias_uses(space, b, D))
-
-    return ctx.record(func, out, [w, b], build)
+    return _dense(ctx, func, func(x, ctx.use(w), ctx.use(b)), x, w, b, transposed=False)
 
 
 def matmul(ctx, func, args, kwargs):
     x, w = args[0], args[1]
     if not ctx.is_data(x) or ctx.space.base(w) is None or w.dim() != 2 or x.dim() < 2:
         return NotImplemented
-    out = func(x, ctx.use(w))
-    B, xd, space = ctx.B, x.detach(), ctx.space
-
-    def build(gy):
-        A = xd.reshape(B, -1, xd.shape[-1])
-        D = gy.reshape(B, -1, gy.shape[-1])
-        return dense_weight_uses(space, w, A, D, transposed=True)
-
-    return ctx.record(func, out, [w], build)
+    return _dense(ctx, func, func(x, ctx.use(w)), x, w, None, transposed=True)
 
 
 def addmm(ctx, func, args, kwargs):
@@ -130,16 +122,7 @@ def addmm(ctx, func, args, kwargs):
         return NotImplemented
     if isinstance(b, Tensor) and ctx.space.base(b) is not None and b.dim() != 1:
         return NotImplemented  # a parameter bias per row: not one bias shared by the tokens
-    out = func(ctx.use(b), x, ctx.use(w), **kwargs)
-    B, xd, space = ctx.B, x.detach(), ctx.space
-
-    def build(gy):
-        A = xd.reshape(B, -1, xd.shape[-1])
-        D = gy.reshape(B, -1, gy.shape[-1])
-        uses = dense_weight_uses(space, w, A, D, transposed=True) if space.base(w) is not None else {}
-        return _merge(uses, _bias_uses(space, b, D))
-
-    return ctx.record(func, out, [w, b], build)
+    return _dense(ctx, func, func(ctx.use(b), x, ctx.use(w), **kwargs), x, w, b, transposed=True)
 
 
 def _conv_padding(x, padding, kernel, dilation, nd):
@@ -204,7 +187,7 @@ def conv_transpose(ctx, func, args, kwargs):
 
 def _weight_use(space, w, use) -> dict:
     kind, p = space.base(w)
-    if kind == "param" and _identity(w, p):
+    if kind == "param" and same_view(w, p):
         return {p: [use]}
     return _explicit(space, w, use.explicit())
 
@@ -298,7 +281,7 @@ def embedding(ctx, func, args, kwargs):
             "Use max_norm=None and scale_grad_by_freq=False."
         )
     kind, p = ctx.space.base(w)
-    if kind != "param" or not _identity(w, p):
+    if kind != "param" or not same_view(w, p):
         return NotImplemented
     a = list(args)
     a[1] = ctx.use(w)
@@ -329,7 +312,7 @@ def getitem(ctx, func, args, kwargs):
     if not (isinstance(ids, Tensor) and ids.dtype in (torch.long, torch.int) and ctx.is_data(ids)) or ctx.seq_first:
         return NotImplemented
     kind, p = ctx.space.base(w)
-    if kind != "param" or not _identity(w, p) or p.dim() != 2:
+    if kind != "param" or not same_view(w, p) or p.dim() != 2:
         return NotImplemented
     out = func(ctx.use(w), ids)
     B, idsd = ctx.B, ids.detach()
@@ -371,7 +354,7 @@ def bilinear(ctx, func, args, kwargs):
         uses = {}
         if space.base(w) is not None:
             kind, p = space.base(w)
-            if kind == "param" and _identity(w, p):
+            if kind == "param" and same_view(w, p):
                 uses = {p: [OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, O, I1 * I2))]}
             else:
                 uses = _explicit(space, w, torch.einsum("bto,bti->boi", D.double(), A.double()).reshape(B, -1))
