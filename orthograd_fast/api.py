@@ -26,6 +26,7 @@ from . import blocks as _blocks
 from . import distributed as _distributed
 from . import gram
 from . import threads as _threads
+from . import triton_ops as _triton_ops
 from .capture import Capture, CaptureError, find_units, op_parameters
 from .fallback import FallbackLog
 from .conv_factors import ConvUse
@@ -35,7 +36,7 @@ from .gram import ParamTerm
 from .solve import COLUMN_MIN_RTOL, resolve_rtol, solve_columns, solve_psd
 
 SCOPES = ("tensor", "global")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = _triton_ops.BACKENDS
 # Retain spans beyond one batch: cap on the total number of retain samples before project_().
 MAX_RETAIN_SAMPLES = 4096
 
@@ -177,27 +178,8 @@ class OrthoGrad:
         return sum(B for B, _ in self._blocks)
 
     def _resolve_backend(self) -> str:
-        if self.backend == "torch":
-            return "torch"
         on_cuda = any(p.is_cuda for _, p in self._params)
-        try:
-            from .triton_ops import triton_available
-        except ImportError:  # pragma: no cover - only when the package is broken
-            def triton_available():
-                return False
-
-        if self.backend == "auto":
-            return "triton" if on_cuda and triton_available() else "torch"
-        if not triton_available():
-            raise OrthoGradError('OrthoGrad(backend="triton"): triton is not installed; pip install triton, or use backend="torch"')
-        from .triton_ops import kernels_interpreted
-
-        if not on_cuda and not kernels_interpreted():
-            raise OrthoGradError(
-                'OrthoGrad(backend="triton"): the parameters are on the CPU; the Triton kernels need CUDA '
-                'tensors (or TRITON_INTERPRET=1 for the slow CPU interpreter). Use backend="torch" on CPU.'
-            )
-        return "triton"
+        return _triton_ops.resolve_backend(self.backend, on_cuda, f"OrthoGrad(backend={self.backend!r})", error=OrthoGradError)
 
     # ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
