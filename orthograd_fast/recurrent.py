@@ -10,8 +10,8 @@ layer and direction:
   A = [h_{t-1}]_t [B, T, H] and D = the per-step gradients [B, T, G]. For LSTM and RNN the step's
   pre-activation is gates_x[:, t] + W_hh h_{t-1} (+ both biases, folded into gates_x), so that
   gradient is the input-to-hidden one's token t: one gradient hook per layer and direction, and
-  per step only the recurrence's own operations (each op of the unrolled forward passes through
-  the capture's operation tracking).
+  per step only the recurrence's own operations. (The capture runs the unrolled forward outside
+  its operation mode and tags only the outputs.)
 
 Gate order and formulas are PyTorch's (LSTM i, f, g, o; GRU r, z, n with the hidden bias inside
 r * (W_hn h + b_hn)).
@@ -124,7 +124,7 @@ class RecurrentCall:
                     gx = self._linear(layer_in, wih, bih, A_ih, g_ih).unbind(1)
                     for t in steps:
                         gh = self._linear(h, whh, bhh, A_hh, g_hh)
-                        h, c = _cell(m.mode, gx[t], gh, h, c)
+                        h = _gru_cell(gx[t], gh, h)
                         hs[t] = h
                     self.parts.append((wih, bih, A_ih, g_ih, False))
                     self.parts.append((whh, bhh, A_hh, g_hh, True))
@@ -182,20 +182,14 @@ def _step(mode, pre, h, c):
     return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
 
-def _cell(mode, gx, gh, h, c):
-    if mode == "LSTM":
-        i, f, g, o = (gx + gh).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-    if mode == "GRU":
-        xr, xz, xn = gx.chunk(3, -1)
-        hr, hz, hn = gh.chunk(3, -1)
-        r = torch.sigmoid(xr + hr)
-        z = torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + r * hn)
-        return (1 - z) * n + z * h, None
-    pre = gx + gh
-    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+def _gru_cell(gx, gh, h):
+    """One GRU step from the input's and the hidden state's gate products (PyTorch's r, z, n)."""
+    xr, xz, xn = gx.chunk(3, -1)
+    hr, hz, hn = gh.chunk(3, -1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
 
 
 def check_against_module(module: nn.RNNBase, name: str, got, args, kwargs) -> None:
