@@ -522,6 +522,21 @@ class OrthoGrad:
         if not active:
             return out
         cross = self._cross_usable(terms, active, vectors) if inplace else {}
+        # tile and conv terms that can hold their float32 rows project inside their own job
+        # (orthograd_fast.held_rows; per-tensor solves only: the passes use each term's own K)
+        hold = [terms[p] for p in active if p not in cross]
+        if self.scope != "tensor" or self._backend_used == "triton":
+            hold = []
+        for p in active:
+            terms[p].hold = False
+        gram.hold_rows(hold, [resolve_rtol(self.rtol, t.factor_dtype, False) for t in hold])
+        try:
+            return self._project_terms(terms, active, out, cross, check_sum, shift, scale, inplace)
+        finally:
+            for p in active:
+                terms[p].drop_rows()  # held rows live for one projection at most
+
+    def _project_terms(self, terms, active, out, cross, check_sum, shift, scale, inplace) -> Dict[Tensor, Tensor]:
         # On the CPU the terms run side by side on Python threads, one intra-op thread each
         # (orthograd_fast.threads: a projection is many independent small GEMMs, and waking the
         # OpenMP pool for each small op costs more than the op); a dominant term runs on all threads.
@@ -529,8 +544,17 @@ class OrthoGrad:
         on_cpu = out[active[0]].device.type == "cpu" and self._backend_used != "triton"
         nthreads = torch.get_num_threads() if on_cpu else 1
 
+        # terms projected in their own job (held rows): into a copy when writing through, so that
+        # .grad stays as it was until every check below has passed
+        staged = {}
+
         def gram_coef(p):
-            return terms[p].gram_coef(out[p], terms[p].cross_coef(cross[p]) if p in cross else None)
+            t = terms[p]
+            K, b = t.gram_coef(out[p], t.cross_coef(cross[p]) if p in cross else None)
+            if t.rows is not None:
+                staged[p] = out[p].clone() if inplace else out[p]
+                t.project_held_(staged[p], b, scale, shift.get(p, 0.0))
+            return K, b
 
         # a one-token layer's bias takes its Gram from its weight's job (gram.link_twins): after it
         riders, groups, jobs, plan = self._plan(terms, active)
@@ -624,6 +648,9 @@ class OrthoGrad:
             def update(item):
                 if isinstance(item, gram.ExplicitGroup):
                     item.apply_([out[t.param] for t in item.terms], c[item.rows], scale)
+                elif active[item] in staged:
+                    if staged[active[item]] is not out[active[item]]:
+                        out[active[item]].copy_(staged[active[item]])
                 else:
                     terms[active[item]].apply_(out[active[item]], c[item], scale, exact=exact[item])
 
@@ -637,7 +664,13 @@ class OrthoGrad:
             for k, p in enumerate(active):
                 terms[p].apply_(out[p], c2[k] + shift[p] if p in shift else c2[k], scale)
         # terms[...].B: under DDP the union of every rank's retain samples (retain_size is local)
-        self.stats = {"B": terms[active[0]].B, "backend": self._backend_used, "scope": self.scope, "tensors": len(active)}
+        self.stats = {
+            "B": terms[active[0]].B,
+            "backend": self._backend_used,
+            "scope": self.scope,
+            "tensors": len(active),
+            "held_rows": len(staged),  # tensors projected from float32 rows (orthograd_fast.held_rows)
+        }
         return out
 
     # explicit terms of one size grouped from this many members on (below: per-term jobs), and at

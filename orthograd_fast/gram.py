@@ -17,7 +17,10 @@ evaluate them:
 
 Precision: per-sample tiles are formed in the factors' dtype (fp32 for half factors) and reduced
 to K in float64; token Grams (ghost) are formed in float64. So K is accurate to float64 rounding
-and the solve can resolve directions far weaker than a float32 Gram could. The Triton backend
+and the solve can resolve directions far weaker than a float32 Gram could. On the CPU, tile and
+conv terms whose float32 rows fit :data:`held_rows.MAX_BYTES` keep them instead: K from a float32
+GEMM, refined by re-projection passes to the same result (:mod:`orthograd_fast.held_rows`,
+docs/math.md section 11); too ill-conditioned ones stay on float64. The Triton backend
 accumulates in float32 instead: its terms are marked ``approx`` and the engine adds one
 re-projection pass and a coarser rank tolerance (see :mod:`orthograd_fast.solve`).
 """
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .conv_factors import ConvUse
+from . import held_rows
 from .factors import CHUNK_BYTES, ExplicitUse, OuterUse, _compute_dtype, explicit_rows, merge_tokens
 from .route import GHOST, TILE, choose_route, choose_route_fused
 
@@ -93,6 +97,13 @@ def link_twins(terms: List["ParamTerm"]) -> None:
         h = hosts.get(id(t.twin)) if t.twin is not None else None
         if h is not None and t.mode == "explicit" and t.twin.shape[-1] == t.numel and t.B == h.B and h.passenger is None:
             h.passenger, t.host = t, h
+
+
+def hold_rows(terms: List["ParamTerm"], rtols: List[float]) -> None:
+    """Ask the terms that can hold their float32 rows (orthograd_fast.held_rows) to do so."""
+    for t, rt in zip(terms, rtols):
+        t.hold = 4 * t.B * t.numel <= held_rows.MAX_BYTES and t.can_hold()
+        t.hold_rtol = rt
 
 
 class ExplicitGroup:
@@ -168,6 +179,11 @@ class ParamTerm:
         self.approx = False  # True when K was accumulated in float32 (Triton)
         self._K: Optional[Tensor] = None
         self._r64: Optional[Tuple[Tensor, Tensor]] = None  # float64 rows of a one-token use (_rows64)
+        # held float32 rows (orthograd_fast.held_rows): ``hold`` is asked by the projection's
+        # plan (hold_rows), ``rows`` is set by the Gram job and dropped by the update
+        self.hold, self.hold_rtol = False, 0.0
+        self.rows: Optional[held_rows.HeldRows] = None
+        self._k32 = False  # K came from float32 rows
         # link_twins: a one-token weight's bias (same rows as its D) rides on the weight's Gram
         self.passenger: Optional["ParamTerm"] = None
         self.host: Optional["ParamTerm"] = None
@@ -225,11 +241,12 @@ class ParamTerm:
             _, T, G, I = self.use.A.shape
             O = self.use.shape[1]
             return 2 * B * B * T * T * G * (I + O) + (0 if cross else 2 * B * T * G * O * I)
+        gram = (1 if self.hold else 2) * B * B * self.numel  # float32 Gram when the rows are held
         if self.mode == TILE:
             T = self.use.A.shape[1]
-            return B * T * self.numel + 2 * B * B * self.numel  # float32 tiles, float64 Gram
+            return B * T * self.numel + gram  # float32 tiles, float64 Gram
         if self.mode == "conv":
-            return sum(u.tokens for u in self.uses) * B * self.numel + 2 * B * B * self.numel
+            return sum(u.tokens for u in self.uses) * B * self.numel + gram
         if self.mode == "lookup":
             return 2 * B * B * self.numel
         tokens = B * sum(u.A.shape[1] for u in self.uses)
@@ -237,6 +254,8 @@ class ParamTerm:
 
     def update_work(self) -> int:
         """Rough multiply-adds of apply_ (the update GEMM)."""
+        if self.hold:  # GEMVs: the update and the passes
+            return 2 * (held_rows.MAX_PASSES + 1) * self.B * self.numel
         if self.use is not None and self.use.D is not None:
             return self.use.A.shape[1] * self.B * self.numel
         if self.mode == "conv":
@@ -285,6 +304,8 @@ class ParamTerm:
         """(K [B, B] fp64, b [B] fp64) for the tensor U (shaped like the parameter).
 
         ``b``: coefficients already known (:meth:`cross_coef`); only K is formed then."""
+        if self._k32 and self.rows is None:  # a float32 K whose rows the update dropped: form again
+            self._K, self._k32 = None, False
         if b is not None and self.mode == GHOST and not self._on_triton():
             if self._K is None:
                 self._K = self._ghost_gram()
@@ -294,6 +315,8 @@ class ParamTerm:
             return self._K, self.coef(U)
         if self.mode == "explicit":
             K, b = self.G @ self.G.t(), self.G @ U.reshape(-1).double()
+        elif self.hold:
+            K, b = self._held_gram_coef(U)
         elif self.mode == "conv":
             K, b = self._conv_gram_coef(U)
         elif self.mode == "lookup":
@@ -316,6 +339,8 @@ class ParamTerm:
         mismatch between K and b by the conditioning of the rows)."""
         if self.mode == "explicit":
             return self.G @ U.reshape(-1).double()
+        if self.rows is not None:
+            return self.rows.coef(self._flat(U)[0])
         if self.mode == "conv":
             return self._conv_gram_coef(U, gram=False)[1]
         if self.mode == TILE and not self._on_triton():
@@ -410,6 +435,92 @@ class ParamTerm:
             sub = sub - D.t() @ A
             scale += D.abs().t() @ torch.linalg.vector_norm(A, dim=1)
         return (torch.linalg.vector_norm(sub, dim=1) / (scale + 1e-30)).max()
+
+    # --- held float32 rows (orthograd_fast.held_rows) ---------------------------------------------
+    def can_hold(self) -> bool:
+        """Tile and conv terms of float32 factors on the CPU, off the Triton kernels."""
+        if self.mode == TILE and self.use is not None and not self._on_triton():
+            A, D = self.use.A, self.use.D
+        elif self.mode == "conv":
+            A, D = self.uses[0].x, self.uses[0].gy
+        else:
+            return False
+        return A.device.type == "cpu" and _compute_dtype(A, D) == torch.float32
+
+    def _flat(self, U: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """U as the flat float32 vector the held rows' columns index, and the view to copy it back
+        into (None when the vector is that view itself)."""
+        V = self.use.view(U) if self.mode == TILE else U
+        if V.dtype == torch.float32 and V.is_contiguous():
+            return V.view(-1), None
+        return V.reshape(-1).to(torch.float32, copy=True), V
+
+    def _held_rows(self, buf: Tensor) -> List[Tuple[int, Tensor]]:
+        """Every per-sample row, float32, as column blocks (offset, [B, n_j]) in the order of
+        :meth:`_flat`, each at most held_rows.BLOCK_BYTES, in ``buf`` (B * numel: block j from
+        B * offset)."""
+        B, blocks = self.B, []
+        if self.mode == TILE:
+            A, D = self.use.A.float(), self.use.D.float()
+            _, T, G, I = A.shape
+            O = D.shape[-1]
+            rows = max(1, held_rows.BLOCK_BYTES // (4 * B * I))  # output rows per block
+            for g in range(G):
+                Dt = D[:, :, g, :].transpose(1, 2)  # [B, O, T], a view
+                for o0 in range(0, O, rows):
+                    o1 = min(O, o0 + rows)
+                    off = (g * O + o0) * I
+                    Y = buf[B * off : B * (off + (o1 - o0) * I)].view(B, (o1 - o0) * I)
+                    torch.bmm(Dt[:, o0:o1], A[:, :, g, :], out=Y.view(B, o1 - o0, I))
+                    blocks.append((off, Y))
+            return blocks
+        u0 = self.uses[0]
+        O, I = u0.out_channels, u0.row
+        per_call = max(1, min(CONV_TILE_BYTES, held_rows.BLOCK_BYTES) // max(1, B * I * 4))  # channels per block
+        if u0.groups > 1:
+            per_call = -(-per_call // u0.channel_step) * u0.channel_step
+        step = min(u.sample_chunk(TILE_SLAB_BYTES) for u in self.uses)
+        for c0 in range(0, O, per_call):
+            c1 = min(O, c0 + per_call)
+            Y = buf[B * c0 * I : B * c1 * I].view(B, (c1 - c0) * I)
+            for b0 in range(0, B, step):
+                b1 = min(B, b0 + step)
+                Y[b0:b1] = sum(u.tiles(c0, c1, b0, b1) for u in self.uses)
+            blocks.append((c0 * I, Y))
+        return blocks
+
+    def _held_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+        """K from the float32 rows, kept for the update; the float64 route where K is too
+        ill-conditioned for the re-projection passes (or the rank tolerance could act)."""
+        buf, slot = held_rows.scratch(self.B * self.numel, self.param.device)
+        blocks = self._held_rows(buf)
+        K = held_rows.HeldRows.gram(blocks)
+        rows = held_rows.HeldRows.make(blocks, K, self.hold_rtol, slot)
+        if rows is None:
+            del blocks, buf
+            self.hold = False
+            return self._conv_gram_coef(U) if self.mode == "conv" else self._tile_gram_coef(U)
+        self.rows, self._k32 = rows, True
+        return K, rows.coef(self._flat(U)[0])
+
+    def project_held_(self, U: Tensor, b: Tensor, scale: float = 1.0, shift: float = 0.0) -> None:
+        """U <- scale * (P_perp U - shift * sum_i g_i) in place from the held rows (in the term's own
+        job, right after :meth:`gram_coef`: c = K^-1 b, every direction above the rank cutoff);
+        the rows are dropped."""
+        rows = self.rows
+        c = rows.Kinv @ b
+        exact = bool(update_amplification(rows.K, c + shift) * torch.finfo(torch.float32).eps > EXACT_UPDATE_TOL)
+        r, back = self._flat(U)
+        rows.apply_(r, c, scale, exact, shift)
+        if back is not None:
+            back.copy_(r.view(back.shape))
+        self.drop_rows()
+
+    def drop_rows(self) -> None:
+        """Forget the held rows (their scratch goes back to the thread)."""
+        if self.rows is not None:
+            self.rows.close()
+            self.rows = None
 
     def _on_triton(self) -> bool:
         # The kernels take one group of dense fp32/bf16/fp16 factors; grouped convolutions,

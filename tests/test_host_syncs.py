@@ -15,6 +15,15 @@ from benchmarks.zoo import build_model, per_sample_loss
 from models import ce
 from orthograd_fast import OrthoGrad
 
+@pytest.fixture(autouse=True)
+def no_held_rows(monkeypatch):
+    # held float32 rows (orthograd_fast.held_rows) are a CPU-only route (ParamTerm.can_hold) that
+    # reads K's eigenvalues per term; on the CPU such reads wait for nothing. The device path is off.
+    from orthograd_fast import held_rows
+
+    monkeypatch.setattr(held_rows, "MAX_BYTES", 0)
+
+
 READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero"]
 MAX_SYNCS = 6
 
