@@ -248,7 +248,7 @@ class ParamTerm:
         if self.mode == "conv":
             return sum(u.tokens for u in self.uses) * B * self.numel + gram
         if self.mode == "lookup":
-            return 2 * B * B * self.numel
+            return gram
         tokens = B * sum(u.A.shape[1] for u in self.uses)
         return 2 * tokens * tokens * self.uses[0].shape[2]  # tokens route
 
@@ -438,11 +438,15 @@ class ParamTerm:
 
     # --- held float32 rows (orthograd_fast.held_rows) ---------------------------------------------
     def can_hold(self) -> bool:
-        """Tile and conv terms of float32 factors on the CPU, off the Triton kernels."""
+        """Tile, conv and lookup terms of float32 factors on the CPU, off the Triton kernels."""
         if self.mode == TILE and self.use is not None and not self._on_triton():
             A, D = self.use.A, self.use.D
         elif self.mode == "conv":
             A, D = self.uses[0].x, self.uses[0].gy
+        elif self.mode == "lookup":
+            us = self.uses
+            dense = all(u.D is None or _compute_dtype(u.A, u.D) == torch.float32 for u in us)
+            return us[0].A.device.type == "cpu" and dense and all(u.A.dtype == torch.float32 for u in us)
         else:
             return False
         return A.device.type == "cpu" and _compute_dtype(A, D) == torch.float32
@@ -450,7 +454,7 @@ class ParamTerm:
     def _flat(self, U: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """U as the flat float32 vector the held rows' columns index, and the view to copy it back
         into (None when the vector is that view itself)."""
-        V = self.use.view(U) if self.mode == TILE else U
+        V = self.use.view(U) if self.mode == TILE else self.uses[0].view(U)[0] if self.mode == "lookup" else U
         if V.dtype == torch.float32 and V.is_contiguous():
             return V.view(-1), None
         return V.reshape(-1).to(torch.float32, copy=True), V
@@ -473,6 +477,22 @@ class ParamTerm:
                     Y = buf[B * off : B * (off + (o1 - o0) * I)].view(B, (o1 - o0) * I)
                     torch.bmm(Dt[:, o0:o1], A[:, :, g, :], out=Y.view(B, o1 - o0, I))
                     blocks.append((off, Y))
+            return blocks
+        if self.mode == "lookup":  # slabs of table rows: index_add for lookups, tiles for dense uses
+            _, O, I = self.uses[0].shape
+            rows = max(1, held_rows.BLOCK_BYTES // (4 * B * I))
+            flat = self._lookup_parts(rows)
+            for k, o0 in enumerate(range(0, O, rows)):
+                o1 = min(O, o0 + rows)
+                r = o1 - o0
+                Y = buf[B * o0 * I : B * o1 * I].view(B, r * I).zero_()
+                for ids, sample, A, D, bounds in flat:
+                    if ids is None:
+                        Y.view(B, r, I).baddbmm_(D[:, :, o0:o1].to(A.dtype).transpose(1, 2), A)
+                    else:
+                        lo, hi = bounds[k], bounds[k + 1]
+                        Y.view(B * r, I).index_add_(0, sample[lo:hi] * r + (ids[lo:hi] - o0), A[lo:hi])
+                blocks.append((o0 * I, Y))
             return blocks
         u0 = self.uses[0]
         O, I = u0.out_channels, u0.row
@@ -499,7 +519,8 @@ class ParamTerm:
         if rows is None:
             del blocks, buf
             self.hold = False
-            return self._conv_gram_coef(U) if self.mode == "conv" else self._tile_gram_coef(U)
+            route = {"conv": self._conv_gram_coef, "lookup": self._lookup_gram_coef}.get(self.mode, self._tile_gram_coef)
+            return route(U)
         self.rows, self._k32 = rows, True
         return K, rows.coef(self._flat(U)[0])
 
@@ -576,20 +597,13 @@ class ParamTerm:
                 b.addmv_(tiles, u64.take((o1 - o0) * I).copy_(Uf[o0:o1].reshape(-1)))
         return (K if gram else None), b
 
-    def _lookup_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
-        """Embedding tables (one-hot uses, possibly tied to dense ones of the same [V, d] view):
-        the float64 per-sample rows of a slab of table rows at a time, by index_add for lookups
-        and per-sample tiles for dense uses (formed in the factors' dtype and widened, like the
-        tile route: GPT-2 shape B = 32, project_ 109.6 -> 103.9 ms against float64 tiles); K and b
-        accumulated over slabs."""
+    def _lookup_parts(self, rows: int) -> list:
+        """Per use, for slabs of ``rows`` table rows: (None, None, A, D, None) for a dense use (A in
+        the tiles' dtype), (ids, sample, A, None, bounds) for lookups sorted by table row, where
+        slab k's lookups are the range bounds[k]:bounds[k + 1]."""
         _, O, I = self.uses[0].shape
         B = self.B
-        dev = self.uses[0].A.device
-        K = torch.zeros(B, B, dtype=torch.float64, device=dev)
-        b = torch.zeros(B, dtype=torch.float64, device=dev)
-        Uv = self.uses[0].view(U)[0]  # [V, d]; every use has the same orientation here
-        rows = max(1, TILE_SLAB_BYTES // max(1, B * I * 8))
-        starts = torch.arange(0, O + rows, rows, device=dev).clamp_max(O)
+        starts = torch.arange(0, O + rows, rows, device=self.uses[0].A.device).clamp_max(O)
         flat = []
         for u in self.uses:
             T = u.A.shape[1]
@@ -603,6 +617,22 @@ class ParamTerm:
                 sample = torch.div(order, T, rounding_mode="floor")
                 A = u.A[:, :, 0, :].reshape(B * T, I)[order]
                 flat.append((ids, sample, A, None, torch.searchsorted(ids, starts).tolist()))
+        return flat
+
+    def _lookup_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+        """Embedding tables (one-hot uses, possibly tied to dense ones of the same [V, d] view):
+        the float64 per-sample rows of a slab of table rows at a time, by index_add for lookups
+        and per-sample tiles for dense uses (formed in the factors' dtype and widened, like the
+        tile route: GPT-2 shape B = 32, project_ 109.6 -> 103.9 ms against float64 tiles); K and b
+        accumulated over slabs."""
+        _, O, I = self.uses[0].shape
+        B = self.B
+        dev = self.uses[0].A.device
+        K = torch.zeros(B, B, dtype=torch.float64, device=dev)
+        b = torch.zeros(B, dtype=torch.float64, device=dev)
+        Uv = self.uses[0].view(U)[0]  # [V, d]; every use has the same orientation here
+        rows = max(1, TILE_SLAB_BYTES // max(1, B * I * 8))
+        flat = self._lookup_parts(rows)
         n = min(rows, O) * I
         f64, u64 = _SlabBuffer(B * n, dev), _SlabBuffer(n, dev)
         t32 = {dt: _SlabBuffer(B * n, dev, dt) for dt in {A.dtype for ids, _, A, _, _ in flat if ids is None}}

@@ -46,12 +46,32 @@ class Convs(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+class TiedLM(nn.Module):
+    """An embedding table tied to the output head (lookup route: one-hot and dense uses)."""
+
+    def __init__(self, V=37, d=6, C=4):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.mix = nn.Linear(d, d)
+        self.out = nn.Linear(d, V, bias=False)
+        self.out.weight = self.emb.weight
+        self.head = nn.Linear(V, C)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids)))
+        return self.head(torch.tanh(self.out(h))).mean(1)
+
+
 def _data(name, g, B=7, Bu=3):
-    shape = (5, 13) if name == "tokens" else (3, 6, 5)
     classes = 4
+    if name == "tied":
+        x = (torch.randint(0, 37, (B, 5), generator=g), torch.randint(0, 37, (Bu, 5), generator=g))
+    else:
+        shape = (5, 13) if name == "tokens" else (3, 6, 5)
+        x = (torch.randn(B, *shape, generator=g), torch.randn(Bu, *shape, generator=g))
     return (
-        (torch.randn(B, *shape, generator=g), torch.randint(0, classes, (B,), generator=g)),
-        (torch.randn(Bu, *shape, generator=g), torch.randint(0, classes, (Bu,), generator=g)),
+        (x[0], torch.randint(0, classes, (B,), generator=g)),
+        (x[1], torch.randint(0, classes, (Bu,), generator=g)),
     )
 
 
@@ -62,17 +82,19 @@ def tile(monkeypatch):
     monkeypatch.setattr(gram, "choose_route", lambda *a: gram.TILE)
 
 
-@pytest.mark.parametrize("name", ["tokens", "convs"])
+@pytest.mark.parametrize("name", ["tokens", "convs", "tied"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_held_rows_match_the_oracle(tile, name, alpha):
-    g = torch.Generator().manual_seed(hash((name, alpha)) % 1000)
+    g = torch.Generator().manual_seed(sum(map(ord, name)) + int(10 * alpha))
     torch.manual_seed(int(torch.randint(0, 1000, (1,), generator=g)))
-    model = Tokens() if name == "tokens" else Convs()
+    model = {"tokens": Tokens, "convs": Convs, "tied": TiedLM}[name]()
     retain, unlearn = _data(name, g)
     err, orth, og = compare(model, ce, retain, unlearn, scope="tensor", alpha=alpha, backend="torch")
-    # three weights on the tile/conv routes (the biases are explicit rows); a small, badly
+    # three weights on the tile/conv/lookup routes (the biases are explicit rows); a small, badly
     # conditioned one (the 45-entry depthwise weight at B = 7) may go back to float64
     assert og.stats["held_rows"] >= 2, og.stats
+    if name == "tied":
+        assert og._terms[model.emb.weight].mode == "lookup" and og._terms[model.emb.weight].hold
     assert err <= REL, err
     assert orth <= ORTH, orth
 
