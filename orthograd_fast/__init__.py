@@ -13,10 +13,9 @@
 from .api import OrthoGrad, OrthoGradError
 from .errors import CaptureError, UnsupportedModule
 
-# The loop needs torch only (scikit-learn and friends are imported inside the functions that use
-# them). Imported eagerly: a lazy import would let the submodule orthograd_fast.unlearn shadow the
-# function of the same name.
-from .unlearn import unlearn
+# The unlearning loop needs torch only (scikit-learn and friends are imported inside the functions
+# that use them), so importing it eagerly costs no optional dependency.
+from .unlearning import unlearn
 
 __version__ = "0.1.0"
 

@@ -228,6 +228,8 @@ def test_graph_sees_known_edges():
     assert edges[("orthograd_fast.gram", "orthograd_fast.triton_ops")].local
     assert ("orthograd_fast.kernels.cgs_step", "orthograd_fast.kernels._common") in edges
     assert ("orthograd_fast.integrations.hf", "orthograd_fast.api") in edges  # from ..api
+    assert ("orthograd_fast.unlearning.loop", "orthograd_fast.api") in edges  # from ..api
+    assert ("orthograd_fast", "orthograd_fast.unlearning") in edges  # from .unlearning import unlearn
     assert ("orthograd_fast.triton_ops", "orthograd_fast.kernels.tile_gram") in edges
 
 

@@ -40,7 +40,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "orthograd_fast.integrations.hf needs transformers: pip install \"orthograd-fast[hf]\""
     ) from e
 
-from ..losses import uniform_cross_entropy
+from ..unlearning.losses import uniform_cross_entropy
 
 __all__ = ["OrthoGradTrainer", "uniform_forget_objective"]
 
@@ -50,9 +50,9 @@ def uniform_forget_objective(model: torch.nn.Module, inputs: Dict[str, Any]) -> 
 
     Ascending it (as the trainer does with every forget objective) drives the predictions at the
     labelled positions toward the uniform distribution: the bounded forget loss of
-    :mod:`orthograd_fast.losses`. Causal LMs predict position ``t+1`` from ``t``, so their logits
-    are shifted by one against the labels; encoder-decoder models (``config.is_encoder_decoder``,
-    e.g. Whisper) are not. Positions labelled ``-100`` are ignored.
+    :mod:`orthograd_fast.unlearning.losses`. Causal LMs predict position ``t+1`` from ``t``, so
+    their logits are shifted by one against the labels; encoder-decoder models
+    (``config.is_encoder_decoder``, e.g. Whisper) are not. Positions labelled ``-100`` are ignored.
     """
     outputs = model(**inputs)
     logits, labels = outputs.logits, inputs["labels"]

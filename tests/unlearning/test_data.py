@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthograd_fast.data import as_dataset, load_dataset, make_scenario
+from orthograd_fast.unlearning.data import as_dataset, load_dataset, make_scenario
 
 
 def small_data(n_per_class=20, k=4, d=5):

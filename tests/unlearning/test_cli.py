@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from orthograd_fast.cli import main
+from orthograd_fast.unlearning.cli import main
 
 pytest.importorskip("sklearn", reason="scikit-learn is not installed (extra [demo])")
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (extra [demo])")
@@ -37,7 +37,7 @@ def test_demo_end_to_end(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     # the trained models were cached: a second run loads them instead of training
     assert len(os.listdir(out / "cache")) == 2
-    from orthograd_fast.demo import DemoConfig, run_demo
+    from orthograd_fast.unlearning.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(seeds=1, steps=2, epochs=10, methods=("orthograd",))
     res2 = run_demo(cfg, cache_dir=str(out / "cache"), progress=False, log=lambda s: None)

@@ -1,11 +1,11 @@
 """The ``orthograd-fast demo`` experiment: original model, retrain oracle, OrthoGrad variants and
 baselines on a small shipped dataset, over several seeds.
 
-Per seed: build the scenario (:mod:`orthograd_fast.data`), train the original MLP on the training
-set and the oracle on the retain set only (both cached on disk, keyed by a hash of everything that
-determines them), then run every method from a copy of the original with the same step budget,
-the same retain budget (``retain_frac`` of the training set) and the same stopping rule, and score
-it with :mod:`orthograd_fast.metrics` against the oracle.
+Per seed: build the scenario (:mod:`orthograd_fast.unlearning.data`), train the original MLP on
+the training set and the oracle on the retain set only (both cached on disk, keyed by a hash of
+everything that determines them), then run every method from a copy of the original with the same
+step budget, the same retain budget (``retain_frac`` of the training set) and the same stopping
+rule, and score it with :mod:`orthograd_fast.unlearning.metrics` against the oracle.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from .baselines import train_model
 from .data import make_scenario
 from .metrics import METRIC_KEYS, accuracy, avg_gap, evaluate, uis
-from .unlearn import unlearn
+from .loop import unlearn
 
 __all__ = ["DemoConfig", "METHOD_SPECS", "make_mlp", "run_demo", "format_table", "write_plots"]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oracle import oracle_direction, oracle_grads, project_out
+from oracle import oracle_direction, oracle_grads, project_out  # tests/ is on sys.path, see conftest.py
 
 from orthograd_fast.optim_wrap import wrap
-from orthograd_fast.unlearn import unlearn
+from orthograd_fast.unlearning import unlearn
 
 
 def mlp(seed=0, d=6, h=8, k=3):
@@ -217,9 +217,9 @@ def test_bad_arguments_name_the_argument():
 
 def test_forget_accuracy_drops_on_digits(one_thread):
     pytest.importorskip("sklearn", reason="scikit-learn is not installed (extra [demo])")
-    from orthograd_fast.baselines import train_model
-    from orthograd_fast.data import make_scenario
-    from orthograd_fast.metrics import accuracy
+    from orthograd_fast.unlearning.baselines import train_model
+    from orthograd_fast.unlearning.data import make_scenario
+    from orthograd_fast.unlearning.metrics import accuracy
 
     sc = make_scenario("digits", "random", seed=0, retain_frac=0.01)
     torch.manual_seed(0)

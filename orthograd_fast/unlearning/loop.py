@@ -18,12 +18,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .api import OrthoGrad
+from ..api import OrthoGrad
+from ..optim_wrap import wrap
 from .baselines import BASELINE_STEPS, StepContext
 from .data import as_dataset
 from .losses import FORGET_LOSSES, forget_objective
 from .metrics import accuracy
-from .optim_wrap import wrap
 
 __all__ = ["unlearn", "UnlearnResult", "METHODS"]
 
@@ -161,7 +161,7 @@ def unlearn(
         forget, retain: torch Datasets yielding ``(x, y)`` or ``(X, y)`` tensor pairs. ``retain`` is
             the retain data the method may use (e.g. 1% of the training set).
         method: ``"orthograd"`` or a baseline: ``"neggrad"``, ``"neggrad+"``, ``"finetune"``,
-            ``"random_labels"`` (see :mod:`orthograd_fast.baselines`).
+            ``"random_labels"`` (see :mod:`orthograd_fast.unlearning.baselines`).
         steps: step budget: at most this many steps (one retain + one forget batch each).
         lr: learning rate for ``optimizer="sgd"|"adam"`` (required then).
         alpha: retain weight in ``alpha * gbar_r - (1 - alpha) * P_perp(u)`` (orthograd) and in
@@ -187,7 +187,7 @@ def unlearn(
             :mod:`orthograd_fast.optim_wrap`.
         forget_loss: ``"ascent"`` (gradient ascent on ``loss_fn`` over the forget batch, the paper)
             or ``"uniform"`` (descent on the cross-entropy toward the uniform distribution, a bounded
-            loss); see :mod:`orthograd_fast.losses`.
+            loss); see :mod:`orthograd_fast.unlearning.losses`.
         max_grad_norm: clip the global norm of the final ``.grad`` (after the projection) to this
             before each optimizer step, for every method. Gradient ascent on a fitted model starts
             on a plateau (the forget cross-entropy is saturated, its gradient tiny) and then

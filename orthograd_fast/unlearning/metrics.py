@@ -10,7 +10,7 @@ All accuracies are percentages in [0, 100]. For a model ``m`` and the sets of a 
 - ``Avg. Gap`` = mean over UA, RA, TA, MIA of ``|metric - metric of the retrained model|``
   (:func:`avg_gap`; lower is better).
 - ``RTE`` (run-time efficiency) = wall-clock seconds of the unlearning run itself (evaluation
-  excluded); :func:`orthograd_fast.unlearn` records it as ``result.seconds``.
+  excluded); :func:`orthograd_fast.unlearning.unlearn` records it as ``result.seconds``.
 - ``UIS`` (the paper's unlearning impact score, lower is better): :func:`uis`.
 """
 

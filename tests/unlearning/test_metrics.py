@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("sklearn", reason="scikit-learn is not installed (extra [demo])")
 
-from orthograd_fast import metrics
+from orthograd_fast.unlearning import metrics
 
 
 class FixedLogits(torch.nn.Module):

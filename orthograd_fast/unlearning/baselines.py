@@ -1,10 +1,10 @@
 """Baseline unlearning steps (run through the same loop and budget as OrthoGrad by
-:func:`orthograd_fast.unlearn`) and plain training for the original model and the
+:func:`orthograd_fast.unlearning.unlearn`) and plain training for the original model and the
 retrain-from-scratch oracle.
 
 Each step function gets a :class:`StepContext` and one retain batch ``(xr, yr)`` and one forget
 batch ``(xf, yf)``, leaves ``.grad`` set and calls ``ctx.step()``. ``f`` is the forget
-objective (:func:`orthograd_fast.losses.forget_objective`): something to *increase*.
+objective (:func:`orthograd_fast.unlearning.losses.forget_objective`): something to *increase*.
 
 - ``neggrad``: ascent on ``f`` over forget batches only (the retain batch is unused).
 - ``neggrad+``: descent on ``alpha * L_retain - (1 - alpha) * f`` -- the same weighted combination
