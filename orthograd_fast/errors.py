@@ -15,3 +15,7 @@ class ReplayMismatch(RuntimeError):
 
 class DistributedError(RuntimeError):
     """Ranks disagree (sizes, parameter lists) or the process group cannot do what a step needs."""
+
+
+class OrthoGradError(RuntimeError):
+    """Misuse of the OrthoGrad API (order of calls, changed model, bad values)."""

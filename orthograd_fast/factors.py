@@ -151,7 +151,7 @@ def merge_tokens(uses: "list[OuterUse]") -> OuterUse:
 def explicit_rows(uses: list) -> Tensor:
     """sum over the uses of their [B, numel] float64 per-sample rows (any use kind)."""
     if len(uses) == 1 and isinstance(uses[0], ExplicitUse) and uses[0].G.dtype == torch.float64:
-        return uses[0].G  # rows made by OrthoGrad._compact: as they are
+        return uses[0].G  # rows made by RetainSpan._compact: as they are
     G = uses[0].explicit()
     for u in uses[1:]:
         G = G + u.explicit()

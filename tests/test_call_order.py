@@ -15,7 +15,7 @@ from torch import nn
 from engine_helpers import compare
 from models import WideMLP, ce
 from models import wide_mlp_data as _data
-from orthograd_fast import OrthoGrad, OrthoGradError
+from orthograd_fast import OrthoGrad, OrthoGradError, unlearn_factors
 
 REL = 1e-4
 ORTH = 1e-5
@@ -78,7 +78,7 @@ def test_eval_forwards_record_nothing_and_steps_repeat(factored, cross_calls):
             ce(model(retain[0]), retain[1]).mean().backward()
         with torch.no_grad():
             model(torch.randn(7, 17, generator=gen))  # an eval forward: nothing kept
-        assert all(len(v) == 0 for v in og._window.calls.values())
+        assert all(len(v) == 0 for v in og._unlearn.window.calls.values())
         model(torch.randn(4, 17, generator=gen))  # a forward with grad but no backward: allowed
         ce(model(unlearn[0]), unlearn[1]).mean().backward()
         og.project_()
@@ -102,7 +102,7 @@ def test_armed_factors_follow_grad(case, factored, cross_calls, monkeypatch):
             for p in m.parameters():
                 p.grad = p.grad * 0.5
     elif case == "overflow":
-        monkeypatch.setattr(OrthoGrad, "FORGET_MAX_BYTES", 64)
+        monkeypatch.setattr(unlearn_factors, "MAX_BYTES", 64)
     og = OrthoGrad(model)
     model.zero_grad(set_to_none=True)
     with og.retain():
@@ -146,7 +146,7 @@ def test_loss_term_outside_modules_falls_back_with_warning(when, factored):
         got = {n: p.grad.clone() for n, p in model.named_parameters()}
         assert (len([x for x in w if "no longer armed" in str(x.message)]) == 1) == (step == when), [str(x.message) for x in w]
         assert _close(got, _reference(model, retain, unlearn, unlearn_loss=unlearn_loss)) <= 1e-5
-    assert og._arm_off is not None and og._window is None
+    assert og._unlearn.arm_off is not None and og._unlearn.window is None
 
 
 def test_explicit_forget_disarms_and_accumulates(factored, cross_calls):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import orthograd_fast.api as api
+import orthograd_fast.projection as projection
 import orthograd_fast.gram as gram
 from engine_helpers import compare
 from models import MODELS, ce, make
@@ -135,8 +135,8 @@ def test_batch_larger_than_tensor(scope, monkeypatch):
     xr, yr = torch.randn(11, 3, generator=g), torch.randint(0, 2, (11,), generator=g)
     xu, yu = torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)
     sizes = []  # which tensors took the column solve
-    real = api.solve_columns
-    monkeypatch.setattr(api, "solve_columns", lambda Gs, *a: sizes.extend(G.shape[1] for G in Gs) or real(Gs, *a))
+    real = projection.solve_columns
+    monkeypatch.setattr(projection, "solve_columns", lambda Gs, *a: sizes.extend(G.shape[1] for G in Gs) or real(Gs, *a))
     err, orth, _ = compare(model, ce, (xr, yr), (xu, yu), scope=scope, backend="torch")
     assert err <= REL and orth <= ORTH
     # tensor scope: the biases (4, 2) and the second weight (8) have fewer entries than the 11

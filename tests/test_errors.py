@@ -6,7 +6,7 @@ from torch import nn
 
 from models import ce, make
 from orthograd_fast import OrthoGrad
-from orthograd_fast.api import OrthoGradError
+from orthograd_fast.errors import OrthoGradError
 from orthograd_fast.capture import CaptureError
 from orthograd_fast.rules import UnsupportedModule
 

@@ -1,7 +1,7 @@
 """Two numerical safeguards of the projection, each on the case where it decides the result,
 against the float64 oracle:
 
-* the float64 update (api._needs_exact / gram.update_amplification): nearly collinear retain rows
+* the float64 update (projection.needs_exact / gram.update_amplification): nearly collinear retain rows
   give coefficients of opposite signs whose terms cancel in U - sum_i c_i g_i; formed in float32,
   the result would carry eps32 x the amplification (~1e4 here);
 * the re-projection after a Gram accumulated in float32 (the Triton kernels): at a singular-value

@@ -26,7 +26,7 @@ def test_forget_matches_oracle(scope, alpha, unlearn_first, factored, cross_call
     retain, unlearn = _data(gen)
     err, orth, og = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha, forget=True, unlearn_first=unlearn_first)
     assert sorted(set(calls)) == ["net.0.weight", "net.2.weight", "net.4.weight"], calls
-    assert og._cross_checked
+    assert og._unlearn.checked
     assert err <= REL, f"relative error {err:.2e}"
     assert orth <= ORTH
 

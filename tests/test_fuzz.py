@@ -33,7 +33,7 @@ from engine_helpers import compare, og_direction
 from models import TinyLM, ce, make
 from oracle import oracle_direction, oracle_grads, oracle_unlearn_grad, orthogonality, project_out
 from orthograd_fast import OrthoGrad
-from orthograd_fast.api import OrthoGradError
+from orthograd_fast.errors import OrthoGradError
 from orthograd_fast.capture import CaptureError
 
 REL = 1e-4

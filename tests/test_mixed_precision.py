@@ -25,7 +25,7 @@ ORTH_HALF = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 def _half_factor_dtypes(og):
     out = set()
-    for _, uses in og._blocks:
+    for _, uses in og._span.blocks:
         for us in uses.values():
             for u in us:
                 ts = [u.G] if isinstance(u, ExplicitUse) else [u.A, u.D]

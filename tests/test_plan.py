@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import orthograd_fast.gram as gram
+import orthograd_fast.projection as projection
 from benchmarks.host_overhead import Stack  # the many-small-tensors model, shared with the benchmark
 from engine_helpers import compare
 from models import ce
@@ -55,7 +56,7 @@ def group_calls(monkeypatch):
 @pytest.mark.parametrize("split", [False, True])
 def test_grouped_explicit_terms_match_oracle(B, scope, alpha, split, group_calls, monkeypatch):
     if split:  # groups capped at three 7-entry tensors' rows: several groups, 49-entry ones alone
-        monkeypatch.setattr(OrthoGrad, "GROUP_MAX_BYTES", 3 * 8 * B * 7)
+        monkeypatch.setattr(projection, "GROUP_MAX_BYTES", 3 * 8 * B * 7)
     torch.manual_seed(31)
     model = Stack()
     retain, unlearn = _data(torch.Generator().manual_seed(32 + B), B)
@@ -65,7 +66,7 @@ def test_grouped_explicit_terms_match_oracle(B, scope, alpha, split, group_calls
     assert group_calls["group"] >= n - (9 if split else 3), group_calls
     assert err <= REL, f"relative error {err:.2e}"
     assert orth is None or orth <= ORTH
-    sizes = [len(ks) for ks, _, _ in og._plan_cache[1][1]]
+    sizes = [len(ks) for ks, _, _ in og._plan_cache.plan.spec]
     assert (max(sizes) <= 3) == split, sizes
 
 
@@ -82,16 +83,17 @@ def test_plan_reused_while_shapes_hold_and_rebuilt_on_change(group_calls):
             ce(model(retain[0]), retain[1]).mean().backward()
         ce(model(unlearn[0]), unlearn[1]).mean().backward()
         og.project_()
-        plans.append(og._plan_cache[1])
+        plans.append(og._plan_cache.plan)
         got = {n: p.grad.clone() for n, p in model.named_parameters()}
         # the same step with grouping off (every explicit term its own job)
         ref = OrthoGrad(model, arm_forget=False)
-        ref.GROUP_MIN = 10**9
         model.zero_grad(set_to_none=True)
         with ref.retain():
             ce(model(retain[0]), retain[1]).mean().backward()
         ce(model(unlearn[0]), unlearn[1]).mean().backward()
-        ref.project_()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(projection, "GROUP_MIN", 10**9)
+            ref.project_()
         # over the whole model (a tensor almost inside the span cancels to rounding level: see
         # test_forget); the grouped update is formed in float64, the per-term one in float32
         num = sum(float((got[n] - p.grad).square().sum()) for n, p in model.named_parameters())
@@ -112,10 +114,11 @@ def test_project_vectors_through_groups():
     vecs = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
     got = og.project_vectors(vecs)
     ref = OrthoGrad(model, arm_forget=False)
-    ref.GROUP_MIN = 10**9
     with ref.retain():
         ce(model(retain[0]), retain[1]).mean().backward()
-    want = ref.project_vectors(vecs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(projection, "GROUP_MIN", 10**9)
+        want = ref.project_vectors(vecs)
     for n in vecs:
         assert float((got[n] - want[n]).norm()) <= 1e-5 * float(want[n].norm()) + 1e-12, n
     og.close()
@@ -146,8 +149,8 @@ def test_group_of_different_shapes_matches_oracle(scope, alpha, group_calls):
     err, orth, og = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha)
     assert err <= REL, f"relative error {err:.2e}"
     assert orth is None or orth <= ORTH
-    spec = og._plan_cache[1][1]
+    spec = og._plan_cache.plan.spec
     shapes = [shape for _, _, shape in spec]
     assert None in shapes, shapes  # the [6, 1] weight and the [6] tensors in one group
-    assert og._plan_cache[1][3]["inv"] is not None  # stacked out of the parameters' order
+    assert og._plan_cache.plan.inv is not None  # stacked out of the parameters' order
     assert group_calls["group"] >= 5

@@ -1,0 +1,226 @@
+"""The retain side of a step: the captured blocks of one span, the retain gradient kept aside, and
+the lean-retain plan (which parameters' retain gradients are never formed).
+
+A *span* is everything captured by ``og.retain()`` blocks since the last projection: per block its
+sample count and {param: uses} (factors, or float64 rows for small tensors), the sum of the blocks'
+retain gradients where they are kept (``alpha`` and the capture check need them), and each
+parameter's version at capture. :meth:`RetainSpan.terms` turns it into one
+:class:`orthograd_fast.gram.ParamTerm` per tensor, once per span.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import blocks as _blocks
+from . import distributed as _distributed
+from . import gram
+from .capture import op_parameters
+from .conv_factors import ConvUse
+from .errors import CaptureError, OrthoGradError
+from .factors import ExplicitUse, explicit_rows
+from .gram import ParamTerm
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def is_half(u) -> bool:
+    """Whether a captured use carries half-precision factors (autocast)."""
+    if type(u) is ExplicitUse:  # the common case (biases, norm weights, compacted rows): one dtype
+        return u.G.dtype in _HALF
+    return any(t is not None and t.dtype in _HALF for t in (getattr(u, "G", None), getattr(u, "A", None), getattr(u, "D", None)))
+
+
+class RetainSpan:
+    """Retain blocks captured since the last projection (see the module docstring)."""
+
+    def __init__(self, params: List[Tuple[str, Tensor]], group, max_retain: int):
+        self.params = params
+        self.group = group  # DDP process group (factors all-gathered), or None
+        self.max_retain = max_retain
+        self.blocks: List[Tuple[int, Dict[Tensor, list]]] = []
+        self.gsum: Dict[Tensor, Optional[Tensor]] = {}
+        self.versions: Dict[Tensor, int] = {}
+        self.half_seen = False  # a half-precision factor was folded into float64 rows (compact)
+        self.half = False  # any captured factor was half precision (set by terms())
+        self._terms: Optional[Dict[Tensor, ParamTerm]] = None
+
+    @property
+    def size(self) -> int:
+        """Retain samples captured in the span (B_total over its blocks)."""
+        return sum(B for B, _ in self.blocks)
+
+    def check_params(self, model) -> None:
+        """The model's trainable parameters must be the ones the span was made for."""
+        current = [p for p in model.parameters() if p.requires_grad]
+        if [id(p) for p in current] != [id(p) for _, p in self.params]:
+            raise OrthoGradError(
+                "the model's trainable parameters changed since OrthoGrad was created (parameters added/removed "
+                "or requires_grad toggled); create a new OrthoGrad for the new model"
+            )
+
+    def reset(self) -> None:
+        self.half_seen = False
+        self.blocks.clear()
+        self.gsum.clear()
+        self.versions.clear()
+        self._terms = None
+
+    def add_block(self, B: int, uses: Dict[Tensor, list]) -> None:
+        """A finished retain() block joins the span (refused past ``max_retain`` samples)."""
+        if self.size + B > self.max_retain:
+            raise OrthoGradError(
+                f"retain span of {self.size + B} samples exceeds max_retain={self.max_retain}: the "
+                f"factors are kept until project_() (roughly B x activations of memory) and the solve is "
+                f"B^3. Call project_() more often or raise OrthoGrad(max_retain=...)."
+            )
+        self.blocks.append((B, self._compact(uses, B)))
+
+    @contextlib.contextmanager
+    def block(self, cap, *, keep_gradients: bool, lean: set, exempt: set) -> Iterator[None]:
+        """One retain() block around the capture ``cap``: ``.grad`` set aside and put back exactly
+        (also on an exception), the block's factors and (``keep_gradients``) its retain gradients
+        added to the span. ``lean``: parameters whose retain gradient is never formed, except
+        those in ``exempt`` (they ran with their real tensors)."""
+        params = self.params
+        saved = {p: p.grad for _, p in params}
+        # DDP: with gradient_as_bucket_view=True the reducer writes the retain gradient
+        # into the bucket that a saved .grad is a view of; keep the values to put them back.
+        saved_vals = {p: g.clone() for p, g in saved.items() if g is not None} if self.group is not None else {}
+        for _, p in params:
+            p.grad = None
+        cap.attach()
+        try:
+            yield
+            cap.detach()
+            uses = cap.finish()
+            check_lean(lean, params, exempt=exempt)  # a refused block leaves no factors
+            self.add_block(cap.B, uses)
+            for _, p in params:
+                g = p.grad if keep_gradients and (p not in lean or p in exempt) else None
+                if g is not None:
+                    # p.grad is restored below, so the retain gradient tensor is ours: no copy
+                    # (DDP: with gradient_as_bucket_view the next backward reuses this storage)
+                    g = (g.clone() if self.group is not None else g).detach()
+                    prev = self.gsum.get(p)
+                    self.gsum[p] = g if prev is None else prev + g
+                self.versions[p] = p._version
+        finally:
+            cap.detach()
+            for _, p in params:
+                p.grad = saved[p]
+                if p in saved_vals:  # DDP bucket views: restore the values too (see above)
+                    p.grad.copy_(saved_vals[p])
+
+    def retain_gradient(self, terms: Dict[Tensor, ParamTerm], lean: set, alpha: float) -> Dict[str, Tensor]:
+        """gbar_r, {name: tensor}: the mean of the blocks' retain gradients, formed from the
+        factors for ``lean`` parameters, from the kept sums for the others."""
+        n = len(self.blocks)
+        out = {}
+        for name, p in self.params:
+            gs = self.gsum.get(p)
+            if p in lean:
+                g = torch.zeros_like(p)
+                if p in terms:
+                    terms[p].apply_(g, torch.full((terms[p].B,), -1.0 / n, dtype=torch.float64, device=g.device))
+            elif gs is not None:
+                g = gs.to(p.dtype) / n
+            elif alpha == 0:
+                raise OrthoGradError(
+                    f"retain_gradient(): the retain gradient of '{name}' was not kept (alpha == 0 and it is not "
+                    "formed from factors); create the OrthoGrad with alpha > 0, or lean_retain=True."
+                )
+            else:
+                g = torch.zeros_like(p)  # no retain gradient reached it
+            out[name] = g
+        return out
+
+    def _compact(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:
+        """Small tensors (B * numel <= gram.EXPLICIT_MAX, the ones ParamTerm materializes anyway)
+        become their float64 per-sample rows now, so the layer inputs and output gradients behind
+        them are freed before the unlearn pass (a first conv's output gradient is B x C x H x W,
+        its weight's rows only B x numel)."""
+        out = {}
+        for p, us in uses.items():
+            if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitUse) for u in us):
+                self.half_seen = self.half_seen or any(is_half(u) for u in us)
+                out[p] = [ExplicitUse(explicit_rows(us))]
+            else:
+                out[p] = us
+        return out
+
+    def terms(self, backend: str) -> Dict[Tensor, ParamTerm]:
+        """One ParamTerm per captured tensor (built once per span)."""
+        if self._terms is not None:
+            return self._terms
+        if not self.blocks:
+            raise OrthoGradError(
+                "og.project_(): no retain pass was captured. Run the retain loss backward inside "
+                "`with og.retain():` before project_()."
+            )
+        for name, p in self.params:
+            v = self.versions.get(p)
+            if v is not None and p._version != v:
+                raise OrthoGradError(
+                    f"parameter '{name}' was modified after the retain pass (optimizer.step() between "
+                    "og.retain() and og.project_()?): the captured factors describe the old weights. Run the "
+                    "retain pass again."
+                )
+        blocks = self.blocks
+        if len(blocks) > 1 or self.group is not None:
+            # several blocks / DDP ranks are concatenated along samples in the token form
+            blocks = [(B, {p: [u.outer() if isinstance(u, ConvUse) else u for u in us] for p, us in uses.items()}) for B, uses in blocks]
+        uses = _blocks.concat_blocks(blocks)
+        # autocast: whether any captured factor was half precision (the capture check's tolerance);
+        # _compact recorded it for the tensors it turned into float64 rows
+        self.half = self.half_seen or any(is_half(u) for us in uses.values() for u in us)
+        if self.group is not None:  # DDP: the union of every rank's retain samples
+            names = {p: n for n, p in self.params}
+            uses = _distributed.gather_uses(uses, [p for _, p in self.params], names, self.size, self.group)
+        terms = {p: ParamTerm(name, p, uses[p], backend) for name, p in self.params if uses.get(p)}
+        gram.link_twins(list(terms.values()))
+        self._terms = terms
+        return terms
+
+
+def lean_plan(units, params: List[Tuple[str, Tensor]], lean_retain: bool):
+    """(swap, lean, op_params) for lean retain: the (name, param) pairs each class-rule layer gets
+    detached during its calls, every parameter whose retain gradient is never formed (class-rule,
+    operation-captured and recurrent ones: their gbar_r comes from the factors), and the
+    operation-captured parameters. A parameter also owned by an operation-captured or recurrent
+    unit is not swapped (it keeps its retain gradient)."""
+    op_params = set(op_parameters(units))
+    if not lean_retain:
+        return {}, set(), op_params
+    shared = {id(p) for u in units if u.kind != "rule" for p in u.parameters()}
+    swap, lean = {}, set()
+    for u in units:
+        if u.kind == "recurrent":
+            lean.update(u.parameters())
+        if u.kind != "rule":
+            continue
+        own = [(n, p) for n, p in u.module.named_parameters(recurse=False) if n in ("weight", "bias") and p.requires_grad and id(p) not in shared]
+        if own:
+            swap[id(u.module)] = own
+            lean.update(p for _, p in own)
+    lean.update(op_params)
+    return swap, lean, op_params
+
+
+def check_lean(lean, params: List[Tuple[str, Tensor]], exempt=()) -> None:
+    """Lean retain: a parameter handed out detached to its owner that still got a retain
+    gradient was used outside its owner's forward (the hooks cannot see that use).
+    ``exempt``: parameters that ran with their real tensors in this block."""
+    names = {p: n for n, p in params}
+    for p in lean:
+        if p.grad is not None and p not in exempt:
+            raise CaptureError(
+                f"parameter '{names[p]}' received a retain gradient outside the forward of the module that "
+                "owns it (e.g. `h @ self.emb.weight.T` in a parent's forward, or a weight penalty in the "
+                "retain loss): the hooks cannot see that use, so its per-sample gradients would be wrong. "
+                "Route the use through a module (nn.Linear with the tied weight) or freeze the parameter."
+            )

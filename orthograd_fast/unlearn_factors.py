@@ -1,0 +1,179 @@
+"""The unlearn pass's factors of one retain span: ``og.forget()`` blocks and the armed capture.
+
+Each window (:class:`orthograd_fast.forget_window.ForgetWindow`) keeps, for one-token calls of
+dense layers, the layer input and output gradient of the unlearn backward; where they describe
+``.grad`` exactly and are cheaper, the coefficients <g_i, u> come from B x B_u products of factors
+instead of the coefficient GEMM (:meth:`ParamTerm.cross_coef`). This module holds that
+bookkeeping for the facade: which weights' factors are valid, the windows, and the check of the
+factors against ``.grad`` at each projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .errors import CaptureError
+from .forget_window import ForgetWindow
+
+# rows of .grad compared with the unlearn factors at every projection after the first
+CHECK_ROWS = 4
+# Layer inputs an armed unlearn capture may hold (one-token dense layers: B_u x I each); past it
+# the window gives up and those weights use the coefficient GEMM.
+MAX_BYTES = 256 << 20
+
+
+class UnlearnFactors:
+    """og.forget() factors of the current span, {param: [OuterUse]}, and the state around them.
+
+    ``explicit``: an og.forget() block ran in this span (no arming; a failed check raises).
+    ``arm_off``: why arming stopped for good (a parameter whose armed factors failed a check).
+    ``checked``: the first use (checked against the GEMM) has happened."""
+
+    def __init__(self, params: List[Tuple[str, Tensor]], arm: bool):
+        self.params = params
+        self.arm_enabled = arm
+        self.factors: Dict[Tensor, list] = {}
+        self.grad_seen: Dict[Tensor, tuple] = {}  # param -> (.grad object, its _version) at the window's exit
+        self.bad: set = set()
+        self.explicit = False
+        self.arm_off: Optional[str] = None
+        self.window: Optional[ForgetWindow] = None
+        self.checked = False
+        self._row_gen = torch.Generator().manual_seed(0)  # rows of the per-step check
+
+    def reset_span(self) -> None:
+        self.explicit = False
+        self.factors.clear()
+        self.grad_seen.clear()
+        self.bad.clear()
+
+    # --- windows ----------------------------------------------------------------------------------
+    def start(self, units) -> Optional[ForgetWindow]:
+        """Hooks of one unlearn window (an og.forget() block or the armed capture), attached."""
+        from . import rules
+
+        dense_units = [u for u in units if u.rule in (rules.linear_uses, rules.hf_conv1d_uses)]
+        # a parameter also owned by a module outside this set (tied to an embedding or a fallback
+        # module) would get unlearn gradient the captured factors do not hold
+        dense = {id(u) for u in dense_units}
+        elsewhere = {id(q) for u in units if id(u) not in dense for q in u.module.parameters(recurse=u.whole)}
+        self.bad.update(p for _, p in self.params if id(p) in elsewhere)
+        layers = [
+            (u.module, u.module.weight, u.rule is rules.hf_conv1d_uses)
+            for u in dense_units
+            if u.module.weight.requires_grad and id(u.module.weight) not in elsewhere
+        ]
+        if not layers:
+            return None
+        win = ForgetWindow(layers, dict(self.grad_seen), MAX_BYTES)
+        win.attach()
+        return win
+
+    def finish(self, win: ForgetWindow, ok: bool) -> None:
+        """Hooks off; the window's factors join the span for the weights whose .grad they describe."""
+        win.detach()
+        uses = win.uses() if ok and not win.overflow else {}
+        for p in win.weights:
+            us = uses.get(p, [])
+            if p not in win.seen and not us and p not in win.bad and p not in win.partial:
+                continue  # untouched by this window (what earlier windows left still holds)
+            if not ok or win.overflow or p in self.bad or p in win.partial or p in win.bad or p not in win.seen or not us:
+                self.bad.add(p)
+                self.factors.pop(p, None)
+                continue
+            self.factors.setdefault(p, []).extend(us)
+            self.grad_seen[p] = win.seen[p]
+
+    @contextlib.contextmanager
+    def block(self, units) -> Iterator[None]:
+        """One og.forget() block: a window for the unlearn backward inside it."""
+        self.explicit = True
+        win = self.start(units)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if win is not None:
+                self.finish(win, ok)
+
+    def arm(self, units) -> None:
+        """On leaving retain(): keep an unlearn capture attached until project_() (or reset(), the
+        next retain() or forget(), close()), unless an og.forget() block ran in this span."""
+        if not self.arm_enabled or self.arm_off or self.explicit or self.window is not None:
+            return
+        self.window = self.start(units)
+
+    def disarm(self, keep: bool = True) -> None:
+        """Detach the armed capture; ``keep``: its factors join the span (else dropped)."""
+        win, self.window = self.window, None
+        if win is None:
+            return
+        if keep:
+            self.finish(win, True)
+        else:
+            win.detach()
+
+    # --- use at a projection ----------------------------------------------------------------------
+    def usable(self, terms, active, vecs) -> Dict[Tensor, list]:
+        """{param: factors} where they are valid for .grad and b from them is cheaper (the
+        coefficients themselves are formed per tensor, next to its Gram)."""
+        out = {}
+        for p in active:
+            fu = self.factors.get(p)
+            if not fu or p in self.bad:
+                continue
+            g, ver = self.grad_seen[p]
+            if vecs[p] is not g or g._version != ver or not terms[p].cross_usable(fu):
+                continue
+            out[p] = fu
+        return out
+
+    def verify(self, cross, got, terms, vecs, *, half: bool) -> None:
+        """The unlearn factors must reproduce .grad: the first use compares the coefficients with
+        the GEMM, later ones a few random rows of .grad (a loss term that appears later, e.g. a
+        penalty switched on after some steps). A mismatch raises under og.forget(); factors of the
+        armed capture are replaced by the GEMM and arming stops for this object, with a warning."""
+        first = not self.checked
+        errs = []
+        for p in cross:
+            if first:
+                b_gemm = terms[p].coef(vecs[p])
+                errs.append(_coef_error(got[p][0], got[p][1], b_gemm, vecs[p]))
+            else:
+                errs.append(terms[p].cross_rows_error(cross[p], vecs[p], CHECK_ROWS, self._row_gen))
+        tol = 3e-2 if half else 1e-3
+        # one host sync; a NaN from a non-finite retain Gram is left to the finite check that follows
+        bad = [p for p, e in zip(cross, torch.stack(errs).tolist()) if e > tol or (e != e and bool(torch.isfinite(got[p][0]).all()))]
+        self.checked = True
+        if not bad:
+            return
+        names = {q: n for n, q in self.params}
+        if self.explicit:
+            raise CaptureError(
+                f"parameter '{names[bad[0]]}': the unlearn factors captured by og.forget() do not reproduce its "
+                "unlearn gradient (a use outside the owning module's forward, or a loss term such as a weight "
+                "penalty). Run the unlearn backward outside og.forget() for this model."
+            )
+        for p in bad:
+            got[p] = (got[p][0], terms[p].coef(vecs[p]))
+        self.arm_off = names[bad[0]]
+        warnings.warn(
+            f"OrthoGrad: the unlearn pass after retain() does not come from the modules' forwards alone for "
+            f"parameter '{names[bad[0]]}' (a loss term such as a weight penalty?); its coefficients use the GEMM "
+            "and the unlearn capture is no longer armed (OrthoGrad(arm_forget=False) skips it from the start).",
+            RuntimeWarning,
+            stacklevel=6,  # verify <- projection (2) <- the facade's _project <- project_() <- caller
+        )
+
+
+def _coef_error(K, b_cross, b_gemm, u) -> Tensor:
+    """max_i |b_cross - b_gemm| / (|g_i| |u|), a 0-d tensor (no host sync)."""
+    unorm = torch.linalg.vector_norm(u).double()  # in u's dtype: dtype=float64 would copy u
+    scale = K.diagonal().clamp_min(0).sqrt() * unorm + 1e-30
+    return ((b_cross - b_gemm).abs() / scale).max()
