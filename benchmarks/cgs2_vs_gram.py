@@ -8,7 +8,7 @@ Both compute P_perp(u) = u minus its component in the span of the rows of G [B, 
 explicit terms hold per-sample gradients this way, and ``project_vectors`` projects any vectors
 with the same span):
 
-* gram: what the engine does (orthograd_fast.gram explicit terms, orthograd_fast.solve): rows
+* gram: what the engine does (orthograd_fast.engine.gram explicit terms, orthograd_fast.engine.solve): rows
   widened to float64, K = G G^T and b = G u in float64, c = K^+ b by ``solve_psd`` (Cholesky
   where provably well conditioned, else eigh with the rank cutoff), update u - G^T c.
 * cgs2: ``orthograd_fast.gram_schmidt.project_out(G^T, u)``: an orthonormal basis of the rows by
@@ -39,7 +39,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from orthograd_fast import gram_schmidt as gs  # noqa: E402
-from orthograd_fast.solve import default_rtol, rank, solve_psd  # noqa: E402
+from orthograd_fast.engine.solve import default_rtol, rank, solve_psd  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # cells whose slowest warm-up call takes longer than LONG_S get LONG_REPS repetitions at most;

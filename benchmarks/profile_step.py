@@ -11,9 +11,9 @@ Phases are timed with ``time.perf_counter`` on alternating plain / OrthoGrad ste
 retain fwd+bwd (for OrthoGrad: inside ``og.retain()``, hooks and exit included), unlearn fwd+bwd (inside ``og.forget()``,
 run before the retain pass on the OrthoGrad side),
 ``project_()``, ``opt.step()``. The per-tensor table wraps ``ParamTerm.gram_coef`` / ``apply_``
-of ``orthograd_fast.gram`` at run time (the package is not modified) to attribute the projection
+of ``orthograd_fast.engine.gram`` at run time (the package is not modified) to attribute the projection
 to tensors and routes (explicit / tile / ghost / tokens / lookup / conv). On the CPU the terms run
-side by side on Python threads (``orthograd_fast.threads``): the per-tensor times are then each
+side by side on Python threads (``orthograd_fast.engine.threads``): the per-tensor times are then each
 term's own time on its thread, and their sum exceeds ``project_``'s wall time; cProfile sees the
 main thread only.
 """
@@ -53,7 +53,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from orthograd_fast import OrthoGrad
-    from orthograd_fast import gram as _gram
+    from orthograd_fast.engine import gram as _gram
 
     dev = torch.device(args.device)
     Z = real_zoo if args.model in real_zoo.MODEL_NAMES else zoo

@@ -4,7 +4,7 @@ Imported lazily by the engine: nothing here is imported unless a Triton backend 
 so the package works without triton installed. Import these modules only as
 ``orthograd_fast.kernels.<name>``.
 
-| module | kernel -> launcher | torch-facing function (orthograd_fast.triton_ops) |
+| module | kernel -> launcher | torch-facing function (orthograd_fast.engine.triton_ops) |
 |---|---|---|
 | tile_gram  | _tile_gram_kernel -> tile_gram   | tile_gram(A, D, U=None, *, deterministic=True) |
 | ghost_gram | _ghost_gram_kernel -> ghost_gram | ghost_gram(A, D, U=None) (b through coef) |

@@ -128,7 +128,7 @@ def tile_gram(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor | None = None, *
               block_i: int | None = None, block_t: int | None = None,
               num_programs: int | None = None, gram_precision: str = "ieee",
               num_warps: int | None = None, num_stages: int | None = None):
-    """Launch ``_tile_gram_kernel``. Inputs are trusted (orthograd_fast.triton_ops validates).
+    """Launch ``_tile_gram_kernel``. Inputs are trusted (orthograd_fast.engine.triton_ops validates).
 
     A [B, T, I], D [B, T, O] of one dtype (fp32/bf16/fp16), U [O, I] or None, all on one device.
     Returns (K fp32 [B, B], b fp32 [B] or None). ``gram_precision`` is the tl.dot input precision

@@ -23,17 +23,17 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import checks as _checks
-from . import distributed as _distributed
-from . import projection as _projection
-from . import triton_ops as _triton_ops
-from .capture import Capture, find_units
+from .engine import checks as _checks
+from .engine import distributed as _distributed
+from .engine import projection as _projection
+from .engine import triton_ops as _triton_ops
+from .engine.capture import Capture, find_units
+from .engine.fallback import FallbackLog
+from .engine.gram import ParamTerm
+from .engine.retain_span import RetainSpan, lean_plan
+from .engine.unlearn_factors import UnlearnFactors
 from .errors import OrthoGradError
-from .fallback import FallbackLog
-from .gram import ParamTerm
 from .options import MAX_RETAIN_SAMPLES, check_options
-from .retain_span import RetainSpan, lean_plan
-from .unlearn_factors import UnlearnFactors
 
 
 
@@ -48,7 +48,7 @@ class OrthoGrad:
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton imports, else torch),
             ``"torch"`` (factored pure-PyTorch path, any device) or ``"triton"``.
         rtol: rank tolerance on the per-sample gradients' singular values, relative to the
-            largest; None: :func:`orthograd_fast.solve.default_rtol` (1e-6 for float32 factors).
+            largest; None: :func:`orthograd_fast.engine.solve.default_rtol` (1e-6 for float32 factors).
         max_retain: cap on the retain samples accumulated over several ``retain()`` blocks.
         lean_retain: the retain backward skips the weight gradients of every factored layer (the
             factors replace them; ``alpha * gbar_r`` is formed from the factors): one B x O x I GEMM
@@ -161,7 +161,7 @@ class OrthoGrad:
         coefficients <g_i, u> come from B x B_u products of factors instead of a GEMM over u. The
         result is the same with or without the block; factors that do not describe ``.grad``
         (changed in between, an unlearn loss term outside the modules' forwards) are ignored or
-        raise CaptureError (:mod:`orthograd_fast.unlearn_factors`). Without the block, leaving
+        raise CaptureError (:mod:`orthograd_fast.engine.unlearn_factors`). Without the block, leaving
         ``retain()`` arms the same capture until ``project_()`` (README, "og.forget()").
         No-op under DistributedDataParallel.
         """
@@ -205,7 +205,7 @@ class OrthoGrad:
         return self._terms
 
     def _project(self, vectors: Dict[Tensor, Tensor], check_sum: bool, **kw) -> Dict[Tensor, Tensor]:
-        """scale * P_perp applied to {param: tensor} (:func:`orthograd_fast.projection.project`)."""
+        """scale * P_perp applied to {param: tensor} (:func:`orthograd_fast.engine.projection.project`)."""
         terms = self._build_terms()
         span = self._span
         world = _distributed.world_size(self._group)

@@ -6,7 +6,7 @@ the numerically independent columns of G; ``project_out(G, u)`` returns u minus 
 span(G) (applied twice: "twice is enough").
 
 Not used by the engine, which never imports this module: OrthoGrad solves the small B x B Gram in
-float64 instead (orthograd_fast.solve), which was faster in every case measured where per-sample
+float64 instead (orthograd_fast.engine.solve), which was faster in every case measured where per-sample
 rows exist (benchmarks/cgs2_vs_gram.py). Both give the same projector: the Cholesky factor of the
 Gram is Gram-Schmidt carried out in Gram coordinates (docs/math.md section 10). What CGS2 offers
 is precision, not speed: it never squares the condition number, so a direction at s = sigma /
@@ -29,7 +29,7 @@ pass-1 update; the original column norms come free as well (|x|^2 = |Q^T x|^2 + 
 reads Q three times (Q^T X; Y = X - QC with Q^T Y and Y^T Y; Z' = Y T - QC with Z'^T Z').
 The backend "triton" runs each of those passes as one kernel (orthograd_fast.kernels.cgs_step);
 "torch" does the same with torch matmuls; "auto" picks triton for CUDA tensors when importable
-(orthograd_fast.triton_ops.resolve_backend).
+(orthograd_fast.engine.triton_ops.resolve_backend).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import math
 import numpy as np
 import torch
 
-from . import triton_ops
-from .solve import default_rtol
+from .engine import triton_ops
+from .engine.solve import default_rtol
 
 __all__ = ["cgs2", "project_out", "cgs2_rtol", "MAX_BLOCK"]
 
@@ -56,7 +56,7 @@ def cgs2_rtol(dtype: torch.dtype) -> float:
     """Default rank tolerance of :func:`cgs2` for input of ``dtype``: a column is dropped when its
     norm after the two passes is <= this times its original norm.
 
-    Not :func:`orthograd_fast.solve.default_rtol`'s numbers, which cut sigma_k / sigma_max of the
+    Not :func:`orthograd_fast.engine.solve.default_rtol`'s numbers, which cut sigma_k / sigma_max of the
     rows through their Gram: K = G G^T squares the singular values, so float64 K resolves ratios
     only to ~1e-8, while CGS2 forms each residual explicitly and in float64 resolves ~1e-12. The
     rounding an input dtype carries limits both alike, so a reduced-precision input takes at least

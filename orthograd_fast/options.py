@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .triton_ops import BACKENDS
+from .engine.triton_ops import BACKENDS
 
 SCOPES = ("tensor", "global")
 # Retain spans beyond one batch: cap on the total number of retain samples before project_().

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .solve import default_rtol
+from .engine.solve import default_rtol
 
 
 def per_sample_grads(model: nn.Module, loss_fn: Callable, x: Tensor, y) -> Dict[str, Tensor]:

@@ -96,7 +96,7 @@ def one_thread_module():
 @pytest.fixture
 def factored(monkeypatch):
     """Small test weights take the factored routes (no float64 materialized rows)."""
-    import orthograd_fast.gram as gram
+    import orthograd_fast.engine.gram as gram
 
     monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
 
@@ -105,7 +105,7 @@ def factored(monkeypatch):
 def cross_calls(monkeypatch):
     """Names of the tensors whose coefficients came from the unlearn factors (og.forget() or the
     armed capture), one entry per projection."""
-    import orthograd_fast.gram as gram
+    import orthograd_fast.engine.gram as gram
 
     calls = []
     orig = gram.ParamTerm.cross_coef

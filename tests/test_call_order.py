@@ -15,7 +15,8 @@ from torch import nn
 from engine_helpers import compare
 from models import WideMLP, ce
 from models import wide_mlp_data as _data
-from orthograd_fast import OrthoGrad, OrthoGradError, unlearn_factors
+from orthograd_fast import OrthoGrad, OrthoGradError
+from orthograd_fast.engine import unlearn_factors
 
 REL = 1e-4
 ORTH = 1e-5

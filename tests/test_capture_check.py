@@ -9,7 +9,7 @@ from torch import nn
 from engine_helpers import og_direction
 from models import ce
 from oracle import oracle_direction, orthogonality
-from orthograd_fast.capture import CaptureError
+from orthograd_fast.engine.capture import CaptureError
 
 REL = 1e-4
 ORTH = 1e-5

@@ -9,7 +9,7 @@ the default selection.
 import pytest
 import torch
 
-import orthograd_fast.gram as gram
+import orthograd_fast.engine.gram as gram
 from models import ce, make
 from oracle import oracle_direction, orthogonality
 from orthograd_fast import OrthoGrad

@@ -1,11 +1,11 @@
-"""ConvUse (orthograd_fast.conv_factors) against a float64 per-sample loop: per-sample weight
+"""ConvUse (orthograd_fast.engine.conv_factors) against a float64 per-sample loop: per-sample weight
 gradients g_i = d/dW <conv(x_i, W), gy_i>, then U - sum c_i g_i, tiles and the token form."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from orthograd_fast.conv_factors import ConvUse
+from orthograd_fast.engine.conv_factors import ConvUse
 
 CASES = [  # nd, C, O, spatial, kernel, stride, padding, dilation
     (2, 3, 5, (7, 9), (3, 2), (1, 2), (1, 0), (1, 1)),

@@ -50,7 +50,7 @@ CASES = ["mlp_unequal", "mlp_global_alpha_bucketview", "lm_unequal_T_factored"]
 
 
 def _worker(rank, world, port, outdir):
-    import orthograd_fast.gram as gram
+    import orthograd_fast.engine.gram as gram
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -87,7 +87,7 @@ def _free_port():
 
 def _single_process(name):
     """One process, no DDP: one retain() block per rank chunk (blocks = union, T may differ)."""
-    import orthograd_fast.gram as gram
+    import orthograd_fast.engine.gram as gram
 
     model, retain, unlearn, scope, alpha, opt = _case(name)
     old = gram.EXPLICIT_MAX

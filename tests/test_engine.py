@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-import orthograd_fast.projection as projection
-import orthograd_fast.gram as gram
+import orthograd_fast.engine.projection as projection
+import orthograd_fast.engine.gram as gram
 from engine_helpers import compare
 from models import MODELS, ce, make
 from oracle import oracle_direction, oracle_grads

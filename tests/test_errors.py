@@ -7,8 +7,8 @@ from torch import nn
 from models import ce, make
 from orthograd_fast import OrthoGrad
 from orthograd_fast.errors import OrthoGradError
-from orthograd_fast.capture import CaptureError
-from orthograd_fast.rules import UnsupportedModule
+from orthograd_fast.engine.capture import CaptureError
+from orthograd_fast.engine.rules import UnsupportedModule
 
 
 def _hooks(model):
@@ -225,7 +225,7 @@ def test_max_retain_cap():
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
-    from orthograd_fast import triton_ops
+    from orthograd_fast.engine import triton_ops
 
     if not triton_ops.triton_available():
         pytest.skip("triton is not installed: the missing-triton error is covered instead")

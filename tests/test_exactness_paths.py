@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-import orthograd_fast.gram as gram
+import orthograd_fast.engine.gram as gram
 from engine_helpers import og_direction
 from oracle import oracle_direction, orthogonality
 

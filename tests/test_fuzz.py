@@ -28,13 +28,13 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import orthograd_fast.gram as gram
+import orthograd_fast.engine.gram as gram
 from engine_helpers import compare, og_direction
 from models import TinyLM, ce, make
 from oracle import oracle_direction, oracle_grads, oracle_unlearn_grad, orthogonality, project_out
 from orthograd_fast import OrthoGrad
 from orthograd_fast.errors import OrthoGradError
-from orthograd_fast.capture import CaptureError
+from orthograd_fast.engine.capture import CaptureError
 
 REL = 1e-4
 ORTH = 1e-5

@@ -1,4 +1,4 @@
-"""Held float32 rows (orthograd_fast.held_rows): tile and conv terms form their per-sample rows once
+"""Held float32 rows (orthograd_fast.engine.held_rows): tile and conv terms form their per-sample rows once
 in float32, take K from a float32 GEMM and re-project the residual; against the float64 oracle,
 with the orthogonality read directly, on the shapes and layouts that route serves."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-import orthograd_fast.gram as gram
-import orthograd_fast.held_rows as held_rows
+import orthograd_fast.engine.gram as gram
+import orthograd_fast.engine.held_rows as held_rows
 from engine_helpers import compare, og_direction
 from models import ce
 from oracle import oracle_direction, orthogonality
@@ -222,7 +222,7 @@ def test_project_vectors_twice_in_a_step(tile):
 
 def test_rows_alive_on_one_thread_do_not_share_its_scratch(tile):
     # the thread's scratch serves one live set of rows; a second term formed meanwhile gets its own
-    from orthograd_fast.factors import OuterUse
+    from orthograd_fast.engine.factors import OuterUse
 
     g = torch.Generator().manual_seed(8)
     terms, Us, refs = [], [], []

@@ -199,6 +199,21 @@ def find_cycles(edges: list[Edge]) -> list[list[Edge]]:
     return cycles
 
 
+def _reached_from(edges: list[Edge], source: str) -> dict[str, Edge]:
+    """{module reachable from ``source``: the edge it was first reached by} (source excluded)."""
+    fwd: dict[str, list[Edge]] = {}
+    for e in edges:
+        fwd.setdefault(e.src, []).append(e)
+    out: dict[str, Edge] = {}
+    todo = [source]
+    while todo:
+        for e in fwd.get(todo.pop(), ()):
+            if e.dst not in out and e.dst != source:
+                out[e.dst] = e
+                todo.append(e.dst)
+    return out
+
+
 def _reaches(edges: list[Edge], target: str) -> set[str]:
     """Modules from which ``target`` is reachable (target itself excluded)."""
     back: dict[str, set[str]] = {}
@@ -224,13 +239,15 @@ def test_graph_sees_known_edges():
     """Guards against a vacuous graph: module-level, function-local and relative-in-package
     imports are all found, and a name imported from a package resolves to its module."""
     edges = {(e.src, e.dst): e for e in import_graph()}
-    assert not edges[("orthograd_fast.api", "orthograd_fast.gram")].local  # from . import gram
-    assert edges[("orthograd_fast.gram", "orthograd_fast.triton_ops")].local
+    assert not edges[("orthograd_fast.api", "orthograd_fast.engine.gram")].local  # from .engine.gram import
+    assert not edges[("orthograd_fast.api", "orthograd_fast.engine.projection")].local  # from .engine import
+    assert ("orthograd_fast.engine.capture", "orthograd_fast.errors") in edges  # from ..errors
+    assert edges[("orthograd_fast.engine.gram", "orthograd_fast.engine.triton_ops")].local
     assert ("orthograd_fast.kernels.cgs_step", "orthograd_fast.kernels._common") in edges
     assert ("orthograd_fast.integrations.hf", "orthograd_fast.api") in edges  # from ..api
     assert ("orthograd_fast.unlearning.loop", "orthograd_fast.api") in edges  # from ..api
     assert ("orthograd_fast", "orthograd_fast.unlearning") in edges  # from .unlearning import unlearn
-    assert ("orthograd_fast.triton_ops", "orthograd_fast.kernels.tile_gram") in edges
+    assert ("orthograd_fast.engine.triton_ops", "orthograd_fast.kernels.tile_gram") in edges
 
 
 def test_find_cycles_reports_a_cycle():
@@ -254,3 +271,28 @@ def test_engine_never_imports_gram_schmidt():
     edges = import_graph()
     assert _reaches(edges, "orthograd_fast.gram_schmidt") == set()
     assert _reaches(edges, "orthograd_fast.kernels.cgs_step") == {"orthograd_fast.gram_schmidt"}
+
+
+ENGINE = "orthograd_fast.engine"
+# what the engine must never reach: the facade, the application on top of it, and blocked CGS2
+ABOVE_ENGINE = ("orthograd_fast.api", "orthograd_fast.unlearning", "orthograd_fast.gram_schmidt")
+
+
+def test_engine_data_flows_one_way():
+    """No module of orthograd_fast.engine imports (directly or through other modules) the facade,
+    orthograd_fast.unlearning or orthograd_fast.gram_schmidt: they sit on top of the engine."""
+    edges = import_graph()
+    engine = sorted(m for m in _modules() if m == ENGINE or m.startswith(ENGINE + "."))
+    assert len(engine) > 20 and f"{ENGINE}.gram" in engine  # the subpackage is really read
+    bad = []
+    for mod in engine:
+        for dst, e in sorted(_reached_from(edges, mod).items()):
+            if any(dst == a or dst.startswith(a + ".") for a in ABOVE_ENGINE):
+                bad.append(f"{mod} reaches {dst} (last edge: {e})")
+    assert not bad, "the engine imports what sits on top of it:\n" + "\n".join(bad)
+
+
+def test_engine_check_sees_an_upward_import():
+    """The check above is not vacuous: an engine module importing the facade is caught."""
+    edges = import_graph() + [Edge(f"{ENGINE}.gram", "orthograd_fast.api", 1, True)]
+    assert "orthograd_fast.api" in _reached_from(edges, f"{ENGINE}.projection")

@@ -5,12 +5,12 @@ oracle, and an fp16 overflow in the retain factors is a clear FloatingPointError
 import pytest
 import torch
 
-import orthograd_fast.gram as gram
+import orthograd_fast.engine.gram as gram
 from engine_helpers import autocast_ok
 from models import ce, make
 from oracle import oracle_direction, orthogonality
 from orthograd_fast import OrthoGrad
-from orthograd_fast.factors import ExplicitUse
+from orthograd_fast.engine.factors import ExplicitUse
 
 # Per tensor, relative to ||d*|| + ||u||. fp16 meets the 1e-2 with a wide margin. bf16 does
 # not everywhere, and not because of the engine (K and the solve are float64, asserted below): the

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-import orthograd_fast.gram as gram
-import orthograd_fast.projection as projection
+import orthograd_fast.engine.gram as gram
+import orthograd_fast.engine.projection as projection
 from benchmarks.host_overhead import Stack  # the many-small-tensors model, shared with the benchmark
 from engine_helpers import compare
 from models import ce

@@ -16,7 +16,7 @@ from torch import nn
 
 from engine_helpers import compare
 from models import ce
-from orthograd_fast.batch_layout import Provenance
+from orthograd_fast.engine.batch_layout import Provenance
 
 REL = 1e-4
 T = 5  # sequence length; the retain batch below is T samples

@@ -7,7 +7,7 @@ drop the kept one, and a cutoff 100x too large both."""
 import pytest
 import torch
 
-import orthograd_fast.gram as gram
+import orthograd_fast.engine.gram as gram
 from engine_helpers import og_direction
 from models import ce, spectrum
 from oracle import oracle_direction, orthogonality

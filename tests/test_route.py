@@ -1,12 +1,12 @@
-"""Route choice (orthograd_fast/route.py): ghost (token Grams) vs tile (per-sample tiles), for the
+"""Route choice (orthograd_fast/engine/route.py): ghost (token Grams) vs tile (per-sample tiles), for the
 torch path (opt_einsum's plan) and for the fused Triton kernels (their own flop counts)."""
 
 import pytest
 import torch
 
-from orthograd_fast.factors import OuterUse
-from orthograd_fast.gram import ParamTerm
-from orthograd_fast.route import GHOST, TILE, choose_route, choose_route_fused, route_costs
+from orthograd_fast.engine.factors import OuterUse
+from orthograd_fast.engine.gram import ParamTerm
+from orthograd_fast.engine.route import GHOST, TILE, choose_route, choose_route_fused, route_costs
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The small solve c = K^+ b (orthograd_fast.solve) against an independent float64 projector.
+"""The small solve c = K^+ b (orthograd_fast.engine.solve) against an independent float64 projector.
 
 Oracle: the SVD of the row matrix G (K = G G^T), keeping sigma_k > rtol * sigma_max; c is the
 minimum-norm solution restricted to those directions. Covers the Cholesky fast path (well
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import orthograd_fast.solve as solve
-from orthograd_fast.solve import solve_columns, solve_psd
+import orthograd_fast.engine.solve as solve
+from orthograd_fast.engine.solve import solve_columns, solve_psd
 
 
 def _oracle(G: np.ndarray, b: np.ndarray, rtol: float) -> np.ndarray:

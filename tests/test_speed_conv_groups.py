@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orthograd_fast import gram
-from orthograd_fast.conv_factors import ConvUse
-from orthograd_fast.gram import ParamTerm
+from orthograd_fast.engine import gram
+from orthograd_fast.engine.conv_factors import ConvUse
+from orthograd_fast.engine.gram import ParamTerm
 
 CASES = [  # nd, C, O, groups, spatial, kernel, stride, padding, dilation
     (2, 6, 6, 6, (7, 8), (3, 3), (1, 1), (1, 1), (1, 1)),  # depthwise

@@ -1,4 +1,4 @@
-"""orthograd_fast.threads: small projection terms side by side on Python threads.
+"""orthograd_fast.engine.threads: small projection terms side by side on Python threads.
 
 The helper must keep the items' order, really use several threads, stop every thread before it
 raises, run workers without autograd, and restore torch's thread count; the engine's result must
@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-import orthograd_fast.gram as gram
+import orthograd_fast.engine.gram as gram
 from engine_helpers import compare
 from models import ce
 from orthograd_fast import OrthoGrad
-from orthograd_fast import threads as og_threads
+from orthograd_fast.engine import threads as og_threads
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -29,8 +29,8 @@ HOW_IMPORTED = _bootstrap.ensure_importable()
 import torch  # noqa: E402
 
 from orthograd_fast import gram_schmidt as gs  # noqa: E402
-from orthograd_fast import ops_reference as ref  # noqa: E402
-from orthograd_fast import triton_ops  # noqa: E402
+from orthograd_fast.engine import ops_reference as ref  # noqa: E402
+from orthograd_fast.engine import triton_ops  # noqa: E402
 
 T0 = time.time()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -48,7 +48,7 @@ def _interpreter_broken():
 @pytest.fixture(scope="session")
 def kdev() -> str:
     """'cuda' (compiled kernels) or 'cpu' (interpreter); skips with the reason otherwise."""
-    from orthograd_fast import triton_ops
+    from orthograd_fast.engine import triton_ops
 
     if not triton_ops.triton_available():
         pytest.skip("triton is not installed (pip install 'orthograd-fast[triton]')")
@@ -76,7 +76,7 @@ def gpu() -> str:
     """For @pytest.mark.gpu tests: a CUDA device running compiled (not interpreted) kernels."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (GPU test)")
-    from orthograd_fast import triton_ops
+    from orthograd_fast.engine import triton_ops
 
     if not triton_ops.triton_available():
         pytest.skip("triton is not installed")

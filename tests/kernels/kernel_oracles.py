@@ -1,6 +1,6 @@
 """Float64 oracles written as explicit per-sample / per-token loops, and test inputs.
 
-Deliberately independent of orthograd_fast.ops_reference (no einsum, no shared code).
+Deliberately independent of orthograd_fast.engine.ops_reference (no einsum, no shared code).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import torch
 from tolerance import assert_close
 
 from orthograd_fast import gram_schmidt as gs
-from orthograd_fast import triton_ops
-from orthograd_fast.ops_reference import cgs2_ref, cgs_step_ref, project_out_ref
+from orthograd_fast.engine import triton_ops
+from orthograd_fast.engine.ops_reference import cgs2_ref, cgs_step_ref, project_out_ref
 
 
 def _rand(seed, *shape, dtype=torch.float32, device="cpu"):
@@ -207,7 +207,7 @@ def test_triton_backend_defaults(kdev):
 def test_cgs2_rtol_shares_the_input_rounding_with_solve():
     """float64: CGS2's own floor (explicit residuals, no squared condition number); reduced
     precision: at least the engine's tolerance for that dtype (the data's own rounding)."""
-    from orthograd_fast.solve import default_rtol
+    from orthograd_fast.engine.solve import default_rtol
 
     assert gs.cgs2_rtol(torch.float64) == 1e-12 < default_rtol(torch.float64)
     assert gs.cgs2_rtol(torch.float32) == 1e-5

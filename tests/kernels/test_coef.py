@@ -5,8 +5,8 @@ import torch
 from kernel_oracles import DTYPES, SHAPES, coef_oracle, coef_tol, rand_factors, shape_id, tiny_blocks
 from tolerance import assert_close
 
-from orthograd_fast import triton_ops
-from orthograd_fast.ops_reference import coef_ref
+from orthograd_fast.engine import triton_ops
+from orthograd_fast.engine.ops_reference import coef_ref
 
 ACC = torch.float32  # see test_tile_gram.py
 

@@ -6,8 +6,8 @@ from kernel_oracles import (DTYPES, SHAPES, coef_oracle, gram_oracle, rand_facto
                             tiny_blocks)
 from tolerance import assert_close
 
-from orthograd_fast import triton_ops
-from orthograd_fast.ops_reference import ghost_gram_ref, tile_gram_ref
+from orthograd_fast.engine import triton_ops
+from orthograd_fast.engine.ops_reference import ghost_gram_ref, tile_gram_ref
 
 ACC = torch.float32  # see test_tile_gram.py: same rounded inputs everywhere, fp32 accumulation
 

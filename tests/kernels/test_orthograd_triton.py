@@ -2,7 +2,7 @@
 
 import pytest
 
-import orthograd_fast.gram as gram
+import orthograd_fast.engine.gram as gram
 from engine_helpers import compare
 from models import ce, make
 

@@ -5,8 +5,8 @@ import torch
 from kernel_oracles import DTYPES, SHAPES, gram_oracle, rand_factors, shape_id, tiny_blocks
 from tolerance import assert_close
 
-from orthograd_fast import triton_ops
-from orthograd_fast.ops_reference import tile_gram_ref
+from orthograd_fast.engine import triton_ops
+from orthograd_fast.engine.ops_reference import tile_gram_ref
 
 
 def _lens(T, I, O):
@@ -199,7 +199,8 @@ def test_package_imports_without_triton():
         "            raise ImportError('triton blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import torch, orthograd_fast\n"
-        "from orthograd_fast import triton_ops, gram_schmidt, ops_reference\n"
+        "from orthograd_fast import gram_schmidt\n"
+        "from orthograd_fast.engine import ops_reference, triton_ops\n"
         "assert not triton_ops.triton_available()\n"
         "assert gram_schmidt.cgs2(torch.randn(20, 3)).shape == (20, 3)\n"
         "try:\n"

@@ -140,7 +140,7 @@ class HeldRows:
     def apply_(self, r: Tensor, c: Tensor, scale: float = 1.0, exact: bool = False, shift: float = 0.0) -> None:
         """r <- scale * (P_perp r - shift * sum_i g_i) in place (r: flat float32, n), from the first
         coefficients c = K^-1 b (float64 [B]). ``exact``: the first update in float64 (cancelling
-        coefficients, :func:`orthograd_fast.gram.update_amplification`)."""
+        coefficients, :func:`orthograd_fast.engine.gram.update_amplification`)."""
         ck = c  # the first update's coefficients, then each pass's
         for k in range(self.passes + 1):
             last = k == self.passes

@@ -12,7 +12,7 @@ argument); the launchers in orthograd_fast.kernels trust them.
 Triton is imported only inside these functions, so ``import orthograd_fast`` works without it.
 Tensors must be on CUDA, or on CPU with TRITON_INTERPRET=1 set before the kernel modules are first
 imported (Triton fixes interpreter vs compiler per kernel at import); otherwise use the torch path
-(orthograd_fast.ops_reference).
+(orthograd_fast.engine.ops_reference).
 
 The blocked Gram-Schmidt kernel (kernels.cgs_step) has its front end in orthograd_fast.gram_schmidt,
 which imports this module and is not imported back: the engine never reaches it.
@@ -47,8 +47,8 @@ def kernels_interpreted() -> bool:
     """True if the kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     if not triton_available():
         return False
-    from .kernels._common import is_interpreted
-    from .kernels.tile_gram import _tile_gram_kernel
+    from ..kernels._common import is_interpreted
+    from ..kernels.tile_gram import _tile_gram_kernel
 
     return is_interpreted(_tile_gram_kernel)
 
@@ -166,7 +166,7 @@ def tile_gram(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor | None = None, *
     empty = _empty_result(A, D, U)
     if empty is not None:
         return empty
-    from .kernels.tile_gram import tile_gram as launch
+    from ..kernels.tile_gram import tile_gram as launch
 
     return launch(A, D, U, deterministic=deterministic)
 
@@ -184,12 +184,12 @@ def ghost_gram(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor | None = None):
     empty = _empty_result(A, D, U)
     if empty is not None:
         return empty
-    from .kernels.ghost_gram import ghost_gram as launch_k
+    from ..kernels.ghost_gram import ghost_gram as launch_k
 
     K = launch_k(A, D)
     b = None
     if U is not None:
-        from .kernels.coef import coef as launch_b
+        from ..kernels.coef import coef as launch_b
 
         b = launch_b(A, D, U)
     return K, b
@@ -203,6 +203,6 @@ def coef(A: torch.Tensor, D: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     empty = _empty_result(A, D, U)
     if empty is not None:
         return empty[1]
-    from .kernels.coef import coef as launch
+    from ..kernels.coef import coef as launch
 
     return launch(A, D, U)

@@ -1,7 +1,7 @@
 """Per-sample gradients of a Conv1d/Conv2d weight (groups=1) kept as the layer's input and output
 gradient, evaluated with the convolution kernels themselves instead of im2col.
 
-The token form of a convolution (:class:`~orthograd_fast.factors.OuterUse` with A = the unfolded
+The token form of a convolution (:class:`~orthograd_fast.engine.factors.OuterUse` with A = the unfolded
 input patches) costs a B x L x C k copy of the input on every retain pass; on a CPU that copy and
 the GEMMs over it cost more than the convolution (measured on a 64 x 32 x 16 x 16 input: im2col
 17 ms, the conv 4 ms). Here:

@@ -25,7 +25,7 @@ from .gram import ParamTerm
 from .solve import COLUMN_MIN_RTOL, resolve_rtol, solve_columns, solve_psd
 
 # CPU: a term (its Gram and coefficients, or its update) of at most this many multiply-adds always
-# runs on one intra-op thread, beside other terms (orthograd_fast.threads.run_spread).
+# runs on one intra-op thread, beside other terms (orthograd_fast.engine.threads.run_spread).
 SMALL_TERM_WORK = 1 << 25
 # explicit terms of one size grouped from this many members on (below: per-term jobs), and at
 # most this many bytes of stacked float64 rows per group (a group's stack is a copy of its rows)
@@ -107,7 +107,7 @@ def needs_exact(K: Tensor, c: Tensor, vecs: List[Tensor]) -> List[bool]:
 
 @dataclass
 class Checks:
-    """What the facade checks between the Gram jobs and the solve (orthograd_fast.checks).
+    """What the facade checks between the Gram jobs and the solve (orthograd_fast.engine.checks).
 
     ``unlearn_factors(cross, got, terms, vecs)``: the og.forget() factors against .grad (may
     replace entries of ``got``); ``capture(active, K, b, vecs)`` (first projection only, else
@@ -148,7 +148,7 @@ def project(
     if not active:
         return out, {}
     # tile, conv and lookup terms that can hold their float32 rows project inside their own job
-    # (orthograd_fast.held_rows; per-tensor solves only: the passes use each term's own K)
+    # (orthograd_fast.engine.held_rows; per-tensor solves only: the passes use each term's own K)
     hold = [terms[p] for p in active if p not in cross] if scope == "tensor" and backend != "triton" else []
     for p in active:
         terms[p].hold = False
@@ -162,7 +162,7 @@ def project(
 
 def _project(terms, active, out, scope, rtol, backend, checks, plan_cache, inplace, shift, scale, cross):
     # On the CPU the terms run side by side on Python threads, one intra-op thread each
-    # (orthograd_fast.threads: a projection is many independent small GEMMs, and waking the
+    # (orthograd_fast.engine.threads: a projection is many independent small GEMMs, and waking the
     # OpenMP pool for each small op costs more than the op); a dominant term runs on all threads.
     # (Triton terms on the CPU run in its interpreter, which is not thread-safe: one at a time.)
     on_cpu = out[active[0]].device.type == "cpu" and backend != "triton"
@@ -233,7 +233,7 @@ def _project(terms, active, out, scope, rtol, backend, checks, plan_cache, inpla
         "backend": backend,
         "scope": scope,
         "tensors": len(active),
-        "held_rows": len(staged),  # tensors projected from float32 rows (orthograd_fast.held_rows)
+        "held_rows": len(staged),  # tensors projected from float32 rows (orthograd_fast.engine.held_rows)
     }
     return out, stats
 

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .errors import CaptureError
+from ..errors import CaptureError
 
 
 def raise_nonfinite(names: Dict[Tensor, str], active, Ks, bs, vecs) -> None:

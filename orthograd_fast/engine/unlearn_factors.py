@@ -1,6 +1,6 @@
 """The unlearn pass's factors of one retain span: ``og.forget()`` blocks and the armed capture.
 
-Each window (:class:`orthograd_fast.forget_window.ForgetWindow`) keeps, for one-token calls of
+Each window (:class:`orthograd_fast.engine.forget_window.ForgetWindow`) keeps, for one-token calls of
 dense layers, the layer input and output gradient of the unlearn backward; where they describe
 ``.grad`` exactly and are cheaper, the coefficients <g_i, u> come from B x B_u products of factors
 instead of the coefficient GEMM (:meth:`ParamTerm.cross_coef`). This module holds that
@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .errors import CaptureError
+from ..errors import CaptureError
 from .forget_window import ForgetWindow
 
 # rows of .grad compared with the unlearn factors at every projection after the first

@@ -1,11 +1,11 @@
 """Per-operation rules: one intercepted call that consumes a managed parameter -> per-sample uses.
 
-Each rule gets the call's context (:class:`orthograd_fast.op_capture.OpContext`), runs the
+Each rule gets the call's context (:class:`orthograd_fast.engine.op_capture.OpContext`), runs the
 operation with the parameters as the context hands them out (detached under lean retain) and
 records what it needs (the data input, detached); the output gradient arrives in the backward, and
 the uses are built on leaving ``retain()``. A rule returns ``NotImplemented`` when the call is not
 the batched form it knows (e.g. an embedding lookup with ids shared by all samples: then it is a
-computation on parameters only, see :mod:`orthograd_fast.batch_layout`).
+computation on parameters only, see :mod:`orthograd_fast.engine.batch_layout`).
 
 Math per rule: docs/math.md section 2 (Linear, Conv, Embedding, norms); a transposed
 convolution's weight gradient is the convolution weight gradient with input and output gradient
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import rules
 from .batch_layout import batch_major, same_view
-from .errors import UnsupportedModule
+from ..errors import UnsupportedModule
 from .factors import OuterUse
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch_layout import anchored
-from .errors import CaptureError, UnsupportedModule
+from ..errors import CaptureError, UnsupportedModule
 from .factors import ExplicitUse, OuterUse
 
 # relative / absolute tolerance of the first-call check against the fused module (float32 rounding)

@@ -1,6 +1,6 @@
 """Last-resort fallback: per-sample gradients of one module's own parameters by torch.func.
 
-Used for one call of a module captured by operation (:mod:`orthograd_fast.op_capture`) when that
+Used for one call of a module captured by operation (:mod:`orthograd_fast.engine.op_capture`) when that
 call fed one of its parameters to an operation with no per-op rule; every such use is listed in
 ``og.stats["fallback"]`` and warned about once (:class:`FallbackLog`). The captured call gives the
 module's inputs x and output gradients gy. The per-sample
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import CaptureError, ReplayMismatch
+from ..errors import CaptureError, ReplayMismatch
 from .factors import ExplicitUse
 
 

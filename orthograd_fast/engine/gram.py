@@ -8,7 +8,7 @@ evaluate them:
   kinds meet (a generic-fallback use of a tied parameter). Exact, and exactly the tensors whose
   Gram is worst conditioned (orthograd-math.md section 4).
 * **tile** / **ghost** - one dense factored use (several uses of one tied tensor are concatenated
-  along tokens); :func:`orthograd_fast.route.choose_route` picks the order.
+  along tokens); :func:`orthograd_fast.engine.route.choose_route` picks the order.
 * **tokens** - uses that include embedding lookups (one-hot rows): the ghost order with the
   one-hot side evaluated by gathers and id equality, so the vocabulary is never materialized.
 * **lookup** - the same uses when that is cheaper: per-sample rows of a slab of table rows at a
@@ -19,10 +19,10 @@ Precision: per-sample tiles are formed in the factors' dtype (fp32 for half fact
 to K in float64; token Grams (ghost) are formed in float64. So K is accurate to float64 rounding
 and the solve can resolve directions far weaker than a float32 Gram could. On the CPU, tile and
 conv terms whose float32 rows fit :data:`held_rows.MAX_BYTES` keep them instead: K from a float32
-GEMM, refined by re-projection passes to the same result (:mod:`orthograd_fast.held_rows`,
+GEMM, refined by re-projection passes to the same result (:mod:`orthograd_fast.engine.held_rows`,
 docs/math.md section 11); too ill-conditioned ones stay on float64. The Triton backend
 accumulates in float32 instead: its terms are marked ``approx`` and the engine adds one
-re-projection pass and a coarser rank tolerance (see :mod:`orthograd_fast.solve`).
+re-projection pass and a coarser rank tolerance (see :mod:`orthograd_fast.engine.solve`).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def link_twins(terms: List["ParamTerm"]) -> None:
 
 
 def hold_rows(terms: List["ParamTerm"], rtols: List[float]) -> None:
-    """Ask the terms that can hold their float32 rows (orthograd_fast.held_rows) to do so."""
+    """Ask the terms that can hold their float32 rows (orthograd_fast.engine.held_rows) to do so."""
     for t, rt in zip(terms, rtols):
         t.hold = 4 * t.B * t.numel <= held_rows.MAX_BYTES and t.can_hold()
         t.hold_rtol = rt
@@ -179,7 +179,7 @@ class ParamTerm:
         self.approx = False  # True when K was accumulated in float32 (Triton)
         self._K: Optional[Tensor] = None
         self._r64: Optional[Tuple[Tensor, Tensor]] = None  # float64 rows of a one-token use (_rows64)
-        # held float32 rows (orthograd_fast.held_rows): ``hold`` is asked by the projection's
+        # held float32 rows (orthograd_fast.engine.held_rows): ``hold`` is asked by the projection's
         # plan (hold_rows), ``rows`` is set by the Gram job and dropped by the update
         self.hold, self.hold_rtol = False, 0.0
         self.rows: Optional[held_rows.HeldRows] = None
@@ -225,7 +225,7 @@ class ParamTerm:
     @property
     def G(self) -> Optional[Tensor]:
         """[B, numel] float64 rows (explicit mode; None otherwise), formed on first use: inside the
-        term's own job, on its own thread (orthograd_fast.threads)."""
+        term's own job, on its own thread (orthograd_fast.engine.threads)."""
         if self._G is None and self.mode == "explicit":
             self._G = explicit_rows(self._G_uses)
             self._G_uses = None
@@ -233,7 +233,7 @@ class ParamTerm:
 
     def work(self, cross: bool = False) -> int:
         """Rough multiply-adds of gram_coef, float64 ones counted twice (how the CPU spreads the
-        terms over its threads: :func:`orthograd_fast.threads.run_spread`; nothing else)."""
+        terms over its threads: :func:`orthograd_fast.engine.threads.run_spread`; nothing else)."""
         B = self.B
         if self.mode == "explicit":
             return 2 * B * B * self.numel
@@ -436,7 +436,7 @@ class ParamTerm:
             scale += D.abs().t() @ torch.linalg.vector_norm(A, dim=1)
         return (torch.linalg.vector_norm(sub, dim=1) / (scale + 1e-30)).max()
 
-    # --- held float32 rows (orthograd_fast.held_rows) ---------------------------------------------
+    # --- held float32 rows (orthograd_fast.engine.held_rows) --------------------------------------
     def can_hold(self) -> bool:
         """Tile, conv and lookup terms of float32 factors on the CPU, off the Triton kernels."""
         if self.mode == TILE and self.use is not None and not self._on_triton():

@@ -5,7 +5,7 @@ A *span* is everything captured by ``og.retain()`` blocks since the last project
 sample count and {param: uses} (factors, or float64 rows for small tensors), the sum of the blocks'
 retain gradients where they are kept (``alpha`` and the capture check need them), and each
 parameter's version at capture. :meth:`RetainSpan.terms` turns it into one
-:class:`orthograd_fast.gram.ParamTerm` per tensor, once per span.
+:class:`orthograd_fast.engine.gram.ParamTerm` per tensor, once per span.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import blocks as _blocks
+from . import span_blocks as _span_blocks
 from . import distributed as _distributed
 from . import gram
 from .capture import op_parameters
 from .conv_factors import ConvUse
-from .errors import CaptureError, OrthoGradError
+from ..errors import CaptureError, OrthoGradError
 from .factors import ExplicitUse, explicit_rows
 from .gram import ParamTerm
 
@@ -174,7 +174,7 @@ class RetainSpan:
         if len(blocks) > 1 or self.group is not None:
             # several blocks / DDP ranks are concatenated along samples in the token form
             blocks = [(B, {p: [u.outer() if isinstance(u, ConvUse) else u for u in us] for p, us in uses.items()}) for B, uses in blocks]
-        uses = _blocks.concat_blocks(blocks)
+        uses = _span_blocks.concat_blocks(blocks)
         # autocast: whether any captured factor was half precision (the capture check's tolerance);
         # _compact recorded it for the tensors it turned into float64 rows
         self.half = self.half_seen or any(is_half(u) for us in uses.values() for u in us)

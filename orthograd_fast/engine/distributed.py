@@ -30,7 +30,7 @@ each g_i, so this is exact.
 Unequal per-rank batch sizes and sequence lengths: the sizes are all-gathered first, every tensor
 is zero-padded to the largest B_r (rows dropped again after the gather) and the largest token
 count T (zero tokens add nothing to any Gram, coefficient or update, the same argument as
-:mod:`orthograd_fast.blocks`). Half-precision factors travel as int16 bit patterns (gloo has no
+:mod:`orthograd_fast.engine.span_blocks`). Half-precision factors travel as int16 bit patterns (gloo has no
 bfloat16 all-gather).
 
 Contract
@@ -53,7 +53,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .errors import DistributedError
+from ..errors import DistributedError
 from .factors import ExplicitUse, OuterUse
 
 

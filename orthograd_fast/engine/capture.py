@@ -1,14 +1,14 @@
 """Hooks that capture each layer's input and output gradient during one retain backward.
 
-Three kinds of units (:func:`find_units`): a module with a class rule (:mod:`orthograd_fast.rules`:
+Three kinds of units (:func:`find_units`): a module with a class rule (:mod:`orthograd_fast.engine.rules`:
 nn.Linear, nn.Conv*, nn.Embedding, the stock norms) is captured by module hooks, described here; a
-recurrent module (:mod:`orthograd_fast.recurrent`) runs an unrolled forward; every other module that
+recurrent module (:mod:`orthograd_fast.engine.recurrent`) runs an unrolled forward; every other module that
 owns trainable parameters (a custom forward, raw parameters, nn.MultiheadAttention) is captured by
-operation (:mod:`orthograd_fast.op_capture`), with the torch.func replay
-(:mod:`orthograd_fast.fallback`) only for a call that hits an operation with no rule.
+operation (:mod:`orthograd_fast.engine.op_capture`), with the torch.func replay
+(:mod:`orthograd_fast.engine.fallback`) only for a call that hits an operation with no rule.
 
 Which tensors carry the batch is tracked by origin inside every block
-(:class:`~orthograd_fast.batch_layout.Provenance`): a class-rule layer called on a tensor that does
+(:class:`~orthograd_fast.engine.batch_layout.Provenance`): a class-rule layer called on a tensor that does
 not (a table of positions, ids shared by all samples) is a computation on parameters only, captured
 by operation where its output meets batched data.
 
@@ -23,7 +23,7 @@ for the call. The backward then computes input gradients only (the B x O x I wei
 of every layer and its retain ``.grad`` buffer are never formed), and a parameter that still
 receives a retain gradient was used outside its owner's forward: an error, found exactly. A layer
 whose input needs no gradient (the first one) would then produce an output that needs none; it is
-re-attached to the graph through :class:`~orthograd_fast.batch_layout.Anchor` (a no-op marked in
+re-attached to the graph through :class:`~orthograd_fast.engine.batch_layout.Anchor` (a no-op marked in
 place) so its output gradient is still computed.
 """
 
@@ -42,7 +42,7 @@ from . import fallback, op_capture, recurrent, rules
 from .batch_layout import Anchor, ParamSpace
 
 
-from .errors import CaptureError  # noqa: E402  (re-exported: orthograd_fast.capture.CaptureError)
+from ..errors import CaptureError  # noqa: E402  (re-exported: orthograd_fast.engine.capture.CaptureError)
 
 
 @dataclass

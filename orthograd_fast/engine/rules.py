@@ -3,7 +3,7 @@
 Every rule receives tensors whose dim 0 is the retain batch (batch-first layouts) and returns
 ``{param: use}`` for the trainable parameters the module owns. See docs/math.md section 2.
 Modules without a class rule that own trainable parameters are captured by operation
-(:mod:`orthograd_fast.op_capture`).
+(:mod:`orthograd_fast.engine.op_capture`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .conv_factors import ConvUse
 from .factors import ExplicitUse, OuterUse
 
 
-from .errors import UnsupportedModule  # noqa: E402  (re-exported)
+from ..errors import UnsupportedModule  # noqa: E402  (re-exported)
 
 
 def _tokens(t: Tensor, B: int, last: int) -> Tensor:

@@ -5,14 +5,14 @@ subclass with its own forward, a raw ``nn.Parameter`` such as a cls token or a l
 
 Per call, in order:
 
-* a rule for the operation (:mod:`orthograd_fast.op_rules`: linear, conv, norms, embedding, ...)
+* a rule for the operation (:mod:`orthograd_fast.engine.op_rules`: linear, conv, norms, embedding, ...)
   with its data input batched: the rule runs it and records the input; the output gradient comes
   in the backward;
 * a broadcasting operation with batched data (add, mul, where, cat along a feature dim, ...): each
   parameter operand is handed out expanded along the batch, so the backward delivers its
-  per-sample rows (:class:`orthograd_fast.batch_layout.PerSample`);
+  per-sample rows (:class:`orthograd_fast.engine.batch_layout.PerSample`);
 * no batched operand: a computation on parameters only (a view, ``.float()``, a lookup with shared
-  ids), remembered so its rows can be mapped back (:class:`~orthograd_fast.batch_layout.ParamSpace`);
+  ids), remembered so its rows can be mapped back (:class:`~orthograd_fast.engine.batch_layout.ParamSpace`);
 * otherwise no rule: the smallest enclosing module that owns the parameter is replayed by the
   torch.func fallback for that call (visible in ``og.stats["fallback"]``, warned once).
 
@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import op_rules
 from .batch_layout import ParamSpace, PerSample, Provenance, anchored, is_batched
-from .errors import CaptureError
+from ..errors import CaptureError
 from .factors import ExplicitUse
 
 
