@@ -256,9 +256,8 @@ class OrthoGrad:
         vecs = {p: p.grad for _, p in self._params}
         perp = self._project(vecs, check_sum=not self._capture_checked, inplace=True, shift=shift, scale=-(1.0 - a))
         self._capture_checked = True
-        for _, p in self._params:
-            gs = self._span.gsum.get(p)
-            if a > 0 and p not in self._lean and gs is not None:
+        for p, gs in self._span.gsum.items() if a > 0 else ():
+            if p not in self._lean:
                 perp[p].add_(gs.to(perp[p].dtype), alpha=a / nblocks)  # -(1 - a) P_perp(u) + a gbar_r
         self._projected = True
         return self.stats

@@ -35,16 +35,16 @@ GROUP_MAX_BYTES = 32 << 20
 
 @dataclass
 class Plan:
-    """How one projection's terms are evaluated: ``riders`` take their Gram from their host's job
-    (gram.link_twins); ``spec`` lists the explicit groups (positions in ``active``, the same as an
-    index tensor, the members' common shape or None); ``jobs`` are the other terms, one job each.
-    ``single_ks``: positions of the terms outside groups (``single_idx`` as a tensor); ``inv``: the
-    index that puts K and b, stacked as jobs, riders, then each group's members, in ``active``'s
-    order (None when that is already the order)."""
+    """How one projection's terms are evaluated, by position in the projection's tensor list:
+    ``riders`` take their Gram from their host's job (gram.link_twins); ``spec`` lists the explicit
+    groups (positions, the same as an index tensor, the members' common shape or None); ``jobs``
+    are the other terms, one job each. ``single_ks``: positions of the terms outside groups
+    (``single_idx`` as a tensor); ``inv``: the index that puts K and b, stacked as jobs, riders,
+    then each group's members, in position order (None when that is already the order)."""
 
-    riders: List[Tensor]
+    riders: List[int]
     spec: List[Tuple[List[int], Tensor, Optional[torch.Size]]]
-    jobs: List[Tensor]
+    jobs: List[int]
     single_ks: List[int]
     single_idx: Tensor
     inv: Optional[Tensor]
@@ -58,39 +58,39 @@ class PlanCache:
     plan: Optional[Plan] = field(default=None)
 
 
-def make_plan(terms: Dict[Tensor, ParamTerm], active: List[Tensor], triton: bool, cache: PlanCache) -> Plan:
-    key = tuple((id(p), t.mode, t.B, t.numel, t.host is not None) for p, t in zip(active, map(terms.__getitem__, active)))
+def make_plan(T: List[ParamTerm], triton: bool, cache: PlanCache) -> Plan:
+    """The plan for terms ``T`` (cached in ``cache`` while their kinds and shapes repeat)."""
+    key = tuple((id(t.param), t.mode, t.B, t.numel, t.host is not None) for t in T)
     if cache.plan is not None and cache.key == key:
         return cache.plan
-    active_set = set(active)
-    riders = [p for p in active if terms[p].host is not None and terms[p].host.param in active_set]
+    ids = {id(t.param) for t in T}
+    riders = [k for k, t in enumerate(T) if t.host is not None and id(t.host.param) in ids]
     riding = set(riders)
     by_key: Dict[tuple, list] = {}
     if not triton:
-        for k, p in enumerate(active):
-            gk = gram.ExplicitGroup.key(terms[p]) if p not in riding else None
+        for k, t in enumerate(T):
+            gk = gram.ExplicitGroup.key(t) if k not in riding else None
             if gk is not None:
                 by_key.setdefault(gk, []).append(k)
-    dev = terms[active[0]].param.device
+    dev = T[0].param.device
     spec = []
     for ks in by_key.values():
-        t = terms[active[ks[0]]]
+        t = T[ks[0]]
         per = max(1, GROUP_MAX_BYTES // (8 * t.B * t.numel))
         for i in range(0, len(ks), per):
             part = ks[i : i + per]
             if len(part) >= GROUP_MIN:
-                shapes = {active[k].shape for k in part}
+                shapes = {T[k].param.shape for k in part}
                 spec.append((part, torch.tensor(part, device=dev), shapes.pop() if len(shapes) == 1 else None))
-    grouped = {active[k] for ks, _, _ in spec for k in ks}
-    jobs = [p for p in active if p not in riding and p not in grouped]
-    pos = {id(p): k for k, p in enumerate(active)}
-    order = [pos[id(p)] for p in jobs + riders] + [k for ks, _, _ in spec for k in ks]
+    grouped = {k for ks, _, _ in spec for k in ks}
+    jobs = [k for k in range(len(T)) if k not in riding and k not in grouped]
+    order = jobs + riders + [k for ks, _, _ in spec for k in ks]
     inv = None
-    if order != list(range(len(active))):
+    if order != list(range(len(T))):
         inv = torch.empty(len(order), dtype=torch.long)
         inv[torch.tensor(order)] = torch.arange(len(order))
         inv = inv.to(dev)
-    single_ks = [k for k, p in enumerate(active) if p not in grouped]
+    single_ks = [k for k in range(len(T)) if k not in grouped]
     cache.key = key
     cache.plan = Plan(riders, spec, jobs, single_ks, torch.tensor(single_ks, dtype=torch.long, device=dev), inv)
     return cache.plan
@@ -137,115 +137,124 @@ def project(
     written through). ``shift`` {param: s}: also subtract s * sum_i g_i (the retain gradient from
     the factors, for alpha under lean retain) in the same update GEMM; ``scale`` rides in that GEMM
     too. ``cross`` {param: og.forget() factors}: coefficients from them instead of the GEMM."""
-    shift, cross = shift or {}, cross or {}
     active = [p for p in terms if p in vectors]
     # .grad needs no detached alias unless it is itself part of a graph (create_graph=True)
     out = {p: ((v.detach() if v.requires_grad else v) if inplace else v.detach().clone()) for p, v in vectors.items()}
-    if scale != 1.0:  # tensors the projection does not touch
+    if scale != 1.0 and len(out) > len(active):  # tensors the projection does not touch
         for p in out:
             if p not in terms:
                 out[p].mul_(scale)
     if not active:
         return out, {}
+    # from here on lists by position in ``active`` (a dict lookup keyed by a tensor goes through
+    # Tensor.__hash__ in Python: ~0.3 us each, ~30 per tensor and step before)
+    T = [terms[p] for p in active]
+    U = [out[p] for p in active]
+    S = [shift.get(p, 0.0) for p in active] if shift else None
+    X = {k: cross[p] for k, p in enumerate(active) if p in cross} if cross else {}
     # tile, conv and lookup terms that can hold their float32 rows project inside their own job
     # (orthograd_fast.engine.held_rows; per-tensor solves only: the passes use each term's own K)
-    hold = [terms[p] for p in active if p not in cross] if scope == "tensor" and backend != "triton" else []
-    for p in active:
-        terms[p].hold = False
+    hold = [t for k, t in enumerate(T) if k not in X] if scope == "tensor" and backend != "triton" else []
+    for t in T:
+        t.hold = False
     gram.hold_rows(hold, [resolve_rtol(rtol, t.factor_dtype, False) for t in hold])
     try:
-        return _project(terms, active, out, scope, rtol, backend, checks, plan_cache, inplace, shift, scale, cross)
+        stats = _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, inplace, S, scale, X)
     finally:
-        for p in active:
-            terms[p].drop_rows()  # held rows live for one projection at most
+        for t in T:
+            t.drop_rows()  # held rows live for one projection at most
+    return out, stats
 
 
-def _project(terms, active, out, scope, rtol, backend, checks, plan_cache, inplace, shift, scale, cross):
+def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, inplace, S, scale, X):
+    """The projection over terms T and vectors U (lists by position); S: shifts or None; X:
+    {position: og.forget() factors}. Returns the stats."""
     # On the CPU the terms run side by side on Python threads, one intra-op thread each
     # (orthograd_fast.engine.threads: a projection is many independent small GEMMs, and waking the
     # OpenMP pool for each small op costs more than the op); a dominant term runs on all threads.
     # (Triton terms on the CPU run in its interpreter, which is not thread-safe: one at a time.)
-    on_cpu = out[active[0]].device.type == "cpu" and backend != "triton"
+    on_cpu = U[0].device.type == "cpu" and backend != "triton"
     nthreads = torch.get_num_threads() if on_cpu else 1
 
     # terms projected in their own job (held rows): into a copy when writing through, so that
     # .grad stays as it was until every check below has passed
     staged = {}
 
-    def gram_coef(p):
-        t = terms[p]
-        K, b = t.gram_coef(out[p], t.cross_coef(cross[p]) if p in cross else None)
+    def gram_coef(k):
+        t = T[k]
+        K, b = t.gram_coef(U[k], t.cross_coef(X[k]) if k in X else None)
         if t.rows is not None:
-            staged[p] = out[p].clone() if inplace else out[p]
-            t.project_held_(staged[p], b, scale, shift.get(p, 0.0))
+            staged[k] = U[k].clone() if inplace else U[k]
+            t.project_held_(staged[k], b, scale, S[k] if S else 0.0)
         return K, b
 
     # a one-token layer's bias takes its Gram from its weight's job (gram.link_twins): after it
-    plan = make_plan(terms, active, backend == "triton", plan_cache)
-    groups = [gram.ExplicitGroup([terms[active[k]] for k in ks], ks, rows, shape) for ks, rows, shape in plan.spec]
+    plan = make_plan(T, backend == "triton", plan_cache)
+    groups = [gram.ExplicitGroup([T[k] for k in ks], ks, rows, shape) for ks, rows, shape in plan.spec]
     jobs = plan.jobs
 
     def gram_job(item):
         if isinstance(item, gram.ExplicitGroup):
-            return item.gram_coef([out[t.param] for t in item.terms])
+            return item.gram_coef([U[k] for k in item.ks])
         return gram_coef(item)
 
     res = _threads.run_spread(
         gram_job,
         jobs + groups,
-        [terms[p].work(p in cross) for p in jobs] + [g.work() for g in groups],
+        [T[k].work(k in X) for k in jobs] + [g.work() for g in groups],
         nthreads,
         small=SMALL_TERM_WORK,
-        alone=[not terms[p].spreadable() for p in jobs] + [False] * len(groups),
+        alone=[not T[k].spreadable() for k in jobs] + [False] * len(groups),
     )
     got = dict(zip(jobs, res))
-    for p in plan.riders:
-        got[p] = gram_coef(p)
-    if cross:
-        checks.unlearn_factors(cross, got, terms, out)
+    for k in plan.riders:
+        got[k] = gram_coef(k)
+    if X:  # the og.forget() factors against .grad (by parameter: the facade's bookkeeping)
+        by_param = {active[k]: got[k] for k in X}
+        checks.unlearn_factors({active[k]: X[k] for k in X}, by_param, {active[k]: T[k] for k in X}, {active[k]: U[k] for k in X})
+        for k in X:
+            got[k] = by_param[active[k]]
     # K, b stacked in the plan's order (single terms, then each group's [m, B, B] as it came),
-    # then put in the order of ``active`` by one index (no per-member unbind and restack)
+    # then put in position order by one index (no per-member unbind and restack)
     single = jobs + plan.riders
-    parts = [(torch.stack([got[p][0] for p in single]), torch.stack([got[p][1] for p in single]))] if single else []
+    parts = [(torch.stack([got[k][0] for k in single]), torch.stack([got[k][1] for k in single]))] if single else []
     parts += res[len(jobs) :]
     K = torch.cat([q[0] for q in parts]) if len(parts) > 1 else parts[0][0]
     b = torch.cat([q[1] for q in parts]) if len(parts) > 1 else parts[0][1]
     if plan.inv is not None:
         K, b = K[plan.inv], b[plan.inv]
     del got, parts, res
-    rtols = [resolve_rtol(rtol, t.factor_dtype, t.approx) for t in map(terms.__getitem__, active)]
-    for t, Kk in zip(map(terms.__getitem__, active), K.unbind(0)):  # views of the stack, not a second copy of every K
+    rtols = [resolve_rtol(rtol, t.factor_dtype, t.approx) for t in T]
+    for t, Kk in zip(T, K.unbind(0)):  # views of the stack, not a second copy of every K
         t._K = Kk
     finite = torch.isfinite(K.sum() + b.sum())  # NaN and inf propagate: one small reduction, one sync
     if not bool(finite):
         checks.nonfinite(active, list(K), list(b), out)
     if checks.capture is not None:
         checks.capture(active, K, b, out)
-    c, rt, Kg = _solve(terms, active, out, scope, K, b, rtols, groups)
-    approx = any(terms[p].approx for p in active)
-    if approx:
-        _update_twice(terms, active, out, scope, K, Kg, c, rt, shift, scale)
+    c, rt, Kg = _solve(T, U, scope, K, b, rtols, groups)
+    if any(t.approx for t in T):
+        _update_twice(T, U, scope, K, Kg, c, rt, S, scale)
     else:
-        _update(terms, active, out, K, c, plan, groups, staged, shift, scale, nthreads)
-    # terms[...].B: under DDP the union of every rank's retain samples (retain_size is local)
-    stats = {
-        "B": terms[active[0]].B,
+        _update(T, U, K, c, plan, groups, staged, S, scale, nthreads)
+    # T[0].B: under DDP the union of every rank's retain samples (retain_size is local)
+    return {
+        "B": T[0].B,
         "backend": backend,
         "scope": scope,
-        "tensors": len(active),
+        "tensors": len(T),
         "held_rows": len(staged),  # tensors projected from float32 rows (orthograd_fast.engine.held_rows)
     }
-    return out, stats
 
 
-def _solve(terms, active, out, scope, K, b, rtols, groups):
+def _solve(T, U, scope, K, b, rtols, groups):
     """(c [m, B], rt, the global K or None): the batched solve, one thread on the CPU (B x B)."""
     Kg = None
     with _threads.one_thread(K.device.type == "cpu"):
         if scope == "global":
             rt = max(rtols)
             Kg = K.sum(0)
-            c = solve_psd(Kg, b.sum(0), rt).unsqueeze(0).expand(len(active), -1)
+            c = solve_psd(Kg, b.sum(0), rt).unsqueeze(0).expand(len(T), -1)
             return c, rt, Kg
         rt = torch.tensor(rtols, dtype=torch.float64, device=K.device).unsqueeze(-1)
         # materialized tensors with fewer entries than samples: the same c from their n x n
@@ -253,19 +262,15 @@ def _solve(terms, active, out, scope, K, b, rtols, groups):
         # (groups of explicit terms: one batched column solve per group)
         col_groups = [g for g in groups if g.numel < g.B and rtols[g.ks[0]] >= COLUMN_MIN_RTOL]
         in_groups = {k for g in col_groups for k in g.ks}
-        col = [
-            k
-            for k, p in enumerate(active)
-            if terms[p].mode == "explicit" and terms[p].numel < terms[p].B and rtols[k] >= COLUMN_MIN_RTOL and k not in in_groups
-        ]
+        col = [k for k, t in enumerate(T) if t.mode == "explicit" and t.numel < t.B and rtols[k] >= COLUMN_MIN_RTOL and k not in in_groups]
         if not (col or col_groups):
             return solve_psd(K, b, rt), rt, Kg
-        rest = sorted(set(range(len(active))) - set(col) - in_groups)
+        rest = sorted(set(range(len(T))) - set(col) - in_groups)
         c = torch.empty_like(b)
         if rest:
             c[rest] = solve_psd(K[rest], b[rest], rt[rest])
         if col:
-            got_c = solve_columns([terms[active[k]].G for k in col], [out[active[k]] for k in col], [rtols[k] for k in col])
+            got_c = solve_columns([T[k].G for k in col], [U[k] for k in col], [rtols[k] for k in col])
             for k, ck in zip(col, got_c):
                 c[k] = ck
         for g in col_groups:
@@ -273,39 +278,37 @@ def _solve(terms, active, out, scope, K, b, rtols, groups):
     return c, rt, Kg
 
 
-def _update(terms, active, out, K, c, plan, groups, staged, shift, scale, nthreads):
+def _update(T, U, K, c, plan, groups, staged, S, scale, nthreads):
     """U <- scale * (U - sum_i (c_i + shift) g_i) for every term not done in its job."""
     # fold the retain-gradient term into the coefficients of the same update GEMM
-    if shift:
-        c = c + torch.tensor([shift.get(p, 0.0) for p in active], dtype=c.dtype, device=c.device).unsqueeze(-1)
+    if S:
+        c = c + torch.tensor(S, dtype=c.dtype, device=c.device).unsqueeze(-1)
     # groups always form their update in float64: only the single terms are checked
-    exact = [False] * len(active)
+    exact = [False] * len(T)
     ks = plan.single_ks
     if ks:
-        for k, e in zip(ks, needs_exact(K[plan.single_idx], c[plan.single_idx], [out[active[k]] for k in ks])):
+        for k, e in zip(ks, needs_exact(K[plan.single_idx], c[plan.single_idx], [U[k] for k in ks])):
             exact[k] = e
 
     def update(item):
         if isinstance(item, gram.ExplicitGroup):
-            item.apply_([out[t.param] for t in item.terms], c[item.rows], scale)
-            return
-        p = active[item]
-        if p in staged:
-            if staged[p] is not out[p]:
-                out[p].copy_(staged[p])
+            item.apply_([U[k] for k in item.ks], c[item.rows], scale)
+        elif item in staged:
+            if staged[item] is not U[item]:
+                U[item].copy_(staged[item])
         else:
-            terms[p].apply_(out[p], c[item], scale, exact=exact[item])
+            T[item].apply_(U[item], c[item], scale, exact=exact[item])
 
-    work = [terms[active[k]].update_work() for k in ks] + [g.update_work() for g in groups]
+    work = [T[k].update_work() for k in ks] + [g.update_work() for g in groups]
     _threads.run_spread(update, ks + groups, work, nthreads, small=SMALL_TERM_WORK)
 
 
-def _update_twice(terms, active, out, scope, K, Kg, c, rt, shift, scale):
+def _update_twice(T, U, scope, K, Kg, c, rt, S, scale):
     """Float32-accumulated Gram (Triton): the update, then the residual projected once more
     ("twice is enough"); the shift and the scale ride in the second pass."""
-    for k, p in enumerate(active):
-        terms[p].apply_(out[p], c[k])
-    b2 = torch.stack([terms[p].coef(out[p]) for p in active])
-    c2 = solve_psd(Kg, b2.sum(0), rt).unsqueeze(0).expand(len(active), -1) if scope == "global" else solve_psd(K, b2, rt)
-    for k, p in enumerate(active):
-        terms[p].apply_(out[p], c2[k] + shift[p] if p in shift else c2[k], scale)
+    for t, u, ck in zip(T, U, c):
+        t.apply_(u, ck)
+    b2 = torch.stack([t.coef(u) for t, u in zip(T, U)])
+    c2 = solve_psd(Kg, b2.sum(0), rt).unsqueeze(0).expand(len(T), -1) if scope == "global" else solve_psd(K, b2, rt)
+    for k, (t, u) in enumerate(zip(T, U)):
+        t.apply_(u, c2[k] + S[k] if S else c2[k], scale)

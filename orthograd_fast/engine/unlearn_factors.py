@@ -124,7 +124,7 @@ class UnlearnFactors:
         """{param: factors} where they are valid for .grad and b from them is cheaper (the
         coefficients themselves are formed per tensor, next to its Gram)."""
         out = {}
-        for p in active:
+        for p in active if self.factors else ():
             fu = self.factors.get(p)
             if not fu or p in self.bad:
                 continue
