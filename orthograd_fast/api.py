@@ -216,9 +216,9 @@ class OrthoGrad:
             capture=capture if check_sum else None,
         )
         active = [p for p in terms if p in vectors]
-        cross = self._unlearn.usable(terms, active, vectors) if kw.get("inplace") else {}
+        unlearn = self._unlearn.usable(terms, active, vectors) if kw.get("inplace") else {}
         out, stats = _projection.project(
-            terms, vectors, scope=self.scope, rtol=self.rtol, backend=self._backend_used, checks=checks, plan_cache=self._plan_cache, cross=cross, **kw
+            terms, vectors, scope=self.scope, rtol=self.rtol, backend=self._backend_used, checks=checks, plan_cache=self._plan_cache, unlearn=unlearn, **kw
         )
         if stats:
             self.stats = stats

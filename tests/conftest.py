@@ -102,17 +102,17 @@ def factored(monkeypatch):
 
 
 @pytest.fixture
-def cross_calls(monkeypatch):
+def unlearn_coef_calls(monkeypatch):
     """Names of the tensors whose coefficients came from the unlearn factors (og.forget() or the
     armed capture), one entry per projection."""
     import orthograd_fast.engine.gram as gram
 
     calls = []
-    orig = gram.ParamTerm.cross_coef
+    orig = gram.ParamTerm.unlearn_coef
 
     def spy(self, fuses):
         calls.append(self.name)
         return orig(self, fuses)
 
-    monkeypatch.setattr(gram.ParamTerm, "cross_coef", spy)
+    monkeypatch.setattr(gram.ParamTerm, "unlearn_coef", spy)
     return calls

@@ -49,26 +49,26 @@ def _close(a, b):
 
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
-def test_contract_order_uses_factors_and_matches_oracle(scope, alpha, factored, cross_calls):
+def test_contract_order_uses_factors_and_matches_oracle(scope, alpha, factored, unlearn_coef_calls):
     gen = torch.Generator().manual_seed(21)
     model = WideMLP()
     retain, unlearn = _data(gen)
     err, orth, og = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha)  # no og.forget()
-    assert sorted(set(cross_calls)) == ["net.0.weight", "net.2.weight", "net.4.weight"], cross_calls
+    assert sorted(set(unlearn_coef_calls)) == ["net.0.weight", "net.2.weight", "net.4.weight"], unlearn_coef_calls
     assert err <= REL, f"relative error {err:.2e}"
     assert orth <= ORTH
     assert not _hooks_left(model)
 
 
-def test_arm_forget_off_uses_gemm(factored, cross_calls):
+def test_arm_forget_off_uses_gemm(factored, unlearn_coef_calls):
     gen = torch.Generator().manual_seed(22)
     model = WideMLP()
     retain, unlearn = _data(gen)
     err, orth, _ = compare(model, ce, retain, unlearn, arm_forget=False)
-    assert cross_calls == [] and err <= REL and orth <= ORTH
+    assert unlearn_coef_calls == [] and err <= REL and orth <= ORTH
 
 
-def test_eval_forwards_record_nothing_and_steps_repeat(factored, cross_calls):
+def test_eval_forwards_record_nothing_and_steps_repeat(factored, unlearn_coef_calls):
     gen = torch.Generator().manual_seed(23)
     model = WideMLP()
     og = OrthoGrad(model)
@@ -86,11 +86,11 @@ def test_eval_forwards_record_nothing_and_steps_repeat(factored, cross_calls):
         got = {n: p.grad.clone() for n, p in model.named_parameters()}
         assert not _hooks_left(model)
         assert _close(got, _reference(model, retain, unlearn)) <= 1e-5
-    assert len(cross_calls) == 9  # three weights, every step
+    assert len(unlearn_coef_calls) == 9  # three weights, every step
 
 
 @pytest.mark.parametrize("case", ["clip", "replace", "not_none", "two_backwards", "overflow"])
-def test_armed_factors_follow_grad(case, factored, cross_calls, monkeypatch):
+def test_armed_factors_follow_grad(case, factored, unlearn_coef_calls, monkeypatch):
     gen = torch.Generator().manual_seed(24)
     model = WideMLP()
     retain, unlearn = _data(gen, Bu=4)
@@ -120,7 +120,7 @@ def test_armed_factors_follow_grad(case, factored, cross_calls, monkeypatch):
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert not _hooks_left(model)
     assert _close(got, _reference(model, retain, unlearn, between)) <= 1e-5
-    assert (len(cross_calls) > 0) == (case == "two_backwards"), cross_calls
+    assert (len(unlearn_coef_calls) > 0) == (case == "two_backwards"), unlearn_coef_calls
 
 
 @pytest.mark.parametrize("when", [0, 1])
@@ -150,7 +150,7 @@ def test_loss_term_outside_modules_falls_back_with_warning(when, factored):
     assert og._unlearn.arm_off is not None and og._unlearn.window is None
 
 
-def test_explicit_forget_disarms_and_accumulates(factored, cross_calls):
+def test_explicit_forget_disarms_and_accumulates(factored, unlearn_coef_calls):
     gen = torch.Generator().manual_seed(26)
     model = WideMLP()
     retain, unlearn = _data(gen, Bu=4)
@@ -163,7 +163,7 @@ def test_explicit_forget_disarms_and_accumulates(factored, cross_calls):
         (ce(model(unlearn[0][2:]), unlearn[1][2:]).sum() / 4).backward()
     og.project_()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert len(cross_calls) == 3
+    assert len(unlearn_coef_calls) == 3
     assert _close(got, _reference(model, retain, unlearn)) <= 1e-5
     assert not _hooks_left(model)
 
@@ -196,7 +196,7 @@ def test_hooks_removed_after_errors_reset_close_and_deletion():
     assert not _hooks_left(model)
 
 
-def test_deepcopy_while_armed_carries_no_hooks(factored, cross_calls):
+def test_deepcopy_while_armed_carries_no_hooks(factored, unlearn_coef_calls):
     # an armed window must not leak into a copy of the model (an EMA or evaluation copy)
     import copy
 
@@ -213,11 +213,11 @@ def test_deepcopy_while_armed_carries_no_hooks(factored, cross_calls):
     og.project_()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert not _hooks_left(model) and not _hooks_left(twin)
-    assert len(cross_calls) == 3
+    assert len(unlearn_coef_calls) == 3
     assert _close(got, _reference(model, retain, unlearn)) <= 1e-5
 
 
-def test_next_retain_block_ends_the_window(factored, cross_calls):
+def test_next_retain_block_ends_the_window(factored, unlearn_coef_calls):
     # two retain blocks with the unlearn pass between them: the span accumulates both blocks, the
     # factors of the unlearn pass are kept
     gen = torch.Generator().manual_seed(28)
@@ -240,5 +240,5 @@ def test_next_retain_block_ends_the_window(factored, cross_calls):
     ce(model(unlearn[0]), unlearn[1]).mean().backward()
     ref_og.project_()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert len(cross_calls) == 3
+    assert len(unlearn_coef_calls) == 3
     assert _close(got, want) <= 1e-5

@@ -332,7 +332,7 @@ def test_one_token_bias_rides_on_its_weight_gram(forget, scope, monkeypatch):
     unlearn = (torch.randn(6, 11, generator=gen), torch.randint(0, 5, (6,), generator=gen))
     err, orth, og = compare(model, ce, retain, unlearn, scope=scope, forget=forget, unlearn_first=True, backend="torch")
     terms = {t.name: t for t in og._terms.values()}
-    assert terms["a.bias"].host is terms["a.weight"] and terms["c.bias"].host is terms["c.weight"]
-    assert terms["d.bias"].host is None  # its weight is frozen: no Gram to share
+    assert terms["a.bias"].gram_source is terms["a.weight"] and terms["c.bias"].gram_source is terms["c.weight"]
+    assert terms["d.bias"].gram_source is None  # its weight is frozen: no Gram to share
     assert err <= REL, f"relative error {err:.2e}"
     assert orth <= ORTH, f"orthogonality {orth:.2e}"

@@ -19,8 +19,8 @@ ORTH = 1e-5
 @pytest.mark.parametrize("unlearn_first", [False, True])
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
-def test_forget_matches_oracle(scope, alpha, unlearn_first, factored, cross_calls):
-    calls = cross_calls
+def test_forget_matches_oracle(scope, alpha, unlearn_first, factored, unlearn_coef_calls):
+    calls = unlearn_coef_calls
     gen = torch.Generator().manual_seed(7)
     model = WideMLP()
     retain, unlearn = _data(gen)
@@ -91,8 +91,8 @@ ORACLE_REL = 1e-5
 @pytest.mark.parametrize(
     "case", ["clip", "replace", "two_blocks"]
 )
-def test_forget_factors_follow_grad(case, factored, cross_calls):
-    calls = cross_calls
+def test_forget_factors_follow_grad(case, factored, unlearn_coef_calls):
+    calls = unlearn_coef_calls
     gen = torch.Generator().manual_seed(11)
     model = WideMLP()
     retain, unlearn = _data(gen, Bu=4)
@@ -118,8 +118,8 @@ def test_forget_factors_follow_grad(case, factored, cross_calls):
     assert _close(got, want) <= ORACLE_REL, _close(got, want)
 
 
-def test_forget_ignored_when_grad_was_not_none(factored, cross_calls):
-    calls = cross_calls
+def test_forget_ignored_when_grad_was_not_none(factored, unlearn_coef_calls):
+    calls = unlearn_coef_calls
     gen = torch.Generator().manual_seed(12)
     model = WideMLP()
     retain, unlearn = _data(gen)
@@ -180,10 +180,10 @@ def test_forget_order_and_hooks():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_forget_first_starts_next_step(factored, cross_calls):
+def test_forget_first_starts_next_step(factored, unlearn_coef_calls):
     # after a projection, an unlearn pass under forget() starts the next step's span: its factors
     # (not the previous step's) give the coefficients of the next projection
-    calls = cross_calls
+    calls = unlearn_coef_calls
     gen = torch.Generator().manual_seed(14)
     model = WideMLP()
     og = OrthoGrad(model)

@@ -151,7 +151,7 @@ def merge_tokens(uses: "list[OuterUse]") -> OuterUse:
 def explicit_rows(uses: list) -> Tensor:
     """sum over the uses of their [B, numel] float64 per-sample rows (any use kind)."""
     if len(uses) == 1 and isinstance(uses[0], ExplicitUse) and uses[0].G.dtype == torch.float64:
-        return uses[0].G  # rows made by RetainSpan._compact: as they are
+        return uses[0].G  # rows made by RetainSpan._small_as_rows: as they are
     G = uses[0].explicit()
     for u in uses[1:]:
         G = G + u.explicit()
@@ -162,11 +162,11 @@ def explicit_rows(uses: list) -> Tensor:
 class ExplicitUse:
     """g_i given as rows of G [B, numel] (any float dtype).
 
-    ``twin``: the output gradient D [B, 1, 1, O] of a one-token layer whose bias this is (then
+    ``weight_D``: the output gradient D [B, 1, 1, O] of a one-token layer whose bias this is (then
     G = D's rows): the engine computes the Gram D D^T once for the weight and the bias."""
 
     G: Tensor
-    twin: Optional[Tensor] = None
+    weight_D: Optional[Tensor] = None
 
     @property
     def B(self) -> int:

@@ -84,19 +84,19 @@ def update_amplification(K: Tensor, c: Tensor) -> Tensor:
 EXACT_UPDATE_TOL = 1e-5
 
 
-def link_twins(terms: List["ParamTerm"]) -> None:
+def share_bias_grams(terms: List["ParamTerm"]) -> None:
     """Pair each one-token weight (ghost route, T = G = 1, on the torch path) with its bias, whose
     per-sample rows are the weight's D: the weight's job computes D D^T once for both and reads D
     from the bias's float64 rows (MLP, B = 64: 3 of 15 float64 B x B x 1024 products per step)."""
-    hosts = {}
+    weights = {}
     for t in terms:
         u = t.use
         if t.mode == GHOST and u is not None and u.D is not None and u.A.shape[1] == 1 and u.A.shape[2] == 1 and not t._on_triton():
-            hosts[id(u.D)] = t
+            weights[id(u.D)] = t
     for t in terms:
-        h = hosts.get(id(t.twin)) if t.twin is not None else None
-        if h is not None and t.mode == "explicit" and t.twin.shape[-1] == t.numel and t.B == h.B and h.passenger is None:
-            h.passenger, t.host = t, h
+        h = weights.get(id(t.weight_D)) if t.weight_D is not None else None
+        if h is not None and t.mode == "explicit" and t.weight_D.shape[-1] == t.numel and t.B == h.B and h.shared_bias is None:
+            h.shared_bias, t.gram_source = t, h
 
 
 def hold_rows(terms: List["ParamTerm"], rtols: List[float]) -> None:
@@ -125,7 +125,7 @@ class ExplicitGroup:
     @staticmethod
     def key(t: "ParamTerm") -> Optional[tuple]:
         """Terms with equal keys may share a group (None: not groupable)."""
-        if t.mode != "explicit" or t.host is not None:
+        if t.mode != "explicit" or t.gram_source is not None:
             return None
         return (t.B, t.numel, t.param.dtype, t.param.device)
 
@@ -184,10 +184,11 @@ class ParamTerm:
         self.hold, self.hold_rtol = False, 0.0
         self.rows: Optional[held_rows.HeldRows] = None
         self._k32 = False  # K came from float32 rows
-        # link_twins: a one-token weight's bias (same rows as its D) rides on the weight's Gram
-        self.passenger: Optional["ParamTerm"] = None
-        self.host: Optional["ParamTerm"] = None
-        self.twin = uses[0].twin if len(uses) == 1 and isinstance(uses[0], ExplicitUse) else None
+        # share_bias_grams: a one-token weight's bias (its rows are the weight's D) takes its Gram
+        # D D^T from the weight's job: shared_bias on the weight, gram_source on the bias
+        self.shared_bias: Optional["ParamTerm"] = None
+        self.gram_source: Optional["ParamTerm"] = None
+        self.weight_D = uses[0].weight_D if len(uses) == 1 and isinstance(uses[0], ExplicitUse) else None
         if len(uses) == 1 and type(uses[0]) is ExplicitUse:  # rows given (biases, norms, compacted): explicit
             self.mode, self._G, self._G_uses, self.use = "explicit", None, uses, None
             return
@@ -231,7 +232,7 @@ class ParamTerm:
             self._G_uses = None
         return self._G
 
-    def work(self, cross: bool = False) -> int:
+    def work(self, unlearn_coef: bool = False) -> int:
         """Rough multiply-adds of gram_coef, float64 ones counted twice (how the CPU spreads the
         terms over its threads: :func:`orthograd_fast.engine.threads.run_spread`; nothing else)."""
         B = self.B
@@ -240,7 +241,7 @@ class ParamTerm:
         if self.mode == GHOST:
             _, T, G, I = self.use.A.shape
             O = self.use.shape[1]
-            return 2 * B * B * T * T * G * (I + O) + (0 if cross else 2 * B * T * G * O * I)
+            return 2 * B * B * T * T * G * (I + O) + (0 if unlearn_coef else 2 * B * T * G * O * I)
         gram = (1 if self.hold else 2) * B * B * self.numel  # float32 Gram when the rows are held
         if self.mode == TILE:
             T = self.use.A.shape[1]
@@ -303,7 +304,7 @@ class ParamTerm:
     def gram_coef(self, U: Tensor, b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(K [B, B] fp64, b [B] fp64) for the tensor U (shaped like the parameter).
 
-        ``b``: coefficients already known (:meth:`cross_coef`); only K is formed then."""
+        ``b``: coefficients already known (:meth:`unlearn_coef`); only K is formed then."""
         if self._k32 and self.rows is None:  # a float32 K whose rows the update dropped: form again
             self._K, self._k32 = None, False
         if b is not None and self.mode == GHOST and not self._on_triton():
@@ -377,7 +378,7 @@ class ParamTerm:
             U.mul_(scale)
 
     # --- coefficients from the unlearn pass's factors (og.forget()) ------------------------------
-    def cross_usable(self, fuses: List[OuterUse]) -> bool:
+    def unlearn_coef_cheaper(self, fuses: List[OuterUse]) -> bool:
         """Whether b_i = <g_i, u> is cheaper from the unlearn factors (u = sum_k D_uk^T A_uk) than
         from the GEMM D U: B T Bu Tu G (I + O) against B T G O I multiply-adds (T = 1 layers of an
         MLP or a classifier head: B_u (I + O) against O I)."""
@@ -391,7 +392,7 @@ class ParamTerm:
         tu = sum(f.A.shape[0] * f.A.shape[1] for f in fuses)
         return tu * (I + O) < O * I
 
-    def cross_coef(self, fuses: List[OuterUse]) -> Tensor:
+    def unlearn_coef(self, fuses: List[OuterUse]) -> Tensor:
         """b_i = sum_k sum_{t,s} (a_it . a_ks)(d_it . d_ks) over the unlearn factors, fp64 [B]."""
         use = self.use
         B, T, G, I = use.A.shape
@@ -419,7 +420,7 @@ class ParamTerm:
                 b[b0:b1] += prod.sum(dim=(0, 2)).double().reshape(b1 - b0, T).sum(1)
         return b
 
-    def cross_rows_error(self, fuses: List[OuterUse], U: Tensor, rows: int, gen: torch.Generator) -> Tensor:
+    def unlearn_rows_error(self, fuses: List[OuterUse], U: Tensor, rows: int, gen: torch.Generator) -> Tensor:
         """How far ``rows`` random rows of U (the [O, I] view) are from the same rows of
         sum_k D_uk^T A_uk, relative to sum_k |d_kj| |a_k| (the rounding scale of the backward's
         sum): a 0-d float64 tensor, small when the unlearn factors describe U (no host sync)."""
@@ -689,7 +690,7 @@ class ParamTerm:
         Gram and the og.forget() coefficients (D: the bias's float64 rows when it rides along)."""
         if self._r64 is None:
             B = self.B
-            D = self.passenger.G if self.passenger is not None else self.use.D.reshape(B, -1).double()
+            D = self.shared_bias.G if self.shared_bias is not None else self.use.D.reshape(B, -1).double()
             self._r64 = (self.use.A.reshape(B, -1).double(), D)
         return self._r64
 
@@ -700,8 +701,8 @@ class ParamTerm:
         if T == 1 and G == 1:  # one token per sample (an MLP layer): two B x B products
             A, D = self._rows64()
             DD = D @ D.t()
-            if self.passenger is not None:  # the bias's Gram: the same D D^T
-                self.passenger._K = DD
+            if self.shared_bias is not None:  # the bias's Gram: the same D D^T
+                self.shared_bias._K = DD
             return (A @ A.t()) * DD
         A = use.A.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
         D = use.D.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()

@@ -2,7 +2,7 @@
 
 Data flows one way (docs/math.md sections 3 to 6, 9 and 11):
 
-    terms (one ParamTerm per tensor) -> plan (riders, explicit groups, jobs; cached while shapes
+    terms (one ParamTerm per tensor) -> plan (shared_biases, explicit groups, jobs; cached while shapes
     repeat) -> Gram and coefficients per job (threads on the CPU; held-row terms finish their
     whole projection there) -> checks (finite, capture, unlearn factors) -> batched solve ->
     update (threads)
@@ -36,13 +36,13 @@ GROUP_MAX_BYTES = 32 << 20
 @dataclass
 class Plan:
     """How one projection's terms are evaluated, by position in the projection's tensor list:
-    ``riders`` take their Gram from their host's job (gram.link_twins); ``spec`` lists the explicit
-    groups (positions, the same as an index tensor, the members' common shape or None); ``jobs``
+    ``shared_biases`` take their Gram from their weight's job (gram.share_bias_grams); ``spec``
+    lists the explicit groups (positions, the same as an index tensor, the members' common shape or None); ``jobs``
     are the other terms, one job each. ``single_ks``: positions of the terms outside groups
-    (``single_idx`` as a tensor); ``inv``: the index that puts K and b, stacked as jobs, riders,
+    (``single_idx`` as a tensor); ``inv``: the index that puts K and b, stacked as jobs, shared_biases,
     then each group's members, in position order (None when that is already the order)."""
 
-    riders: List[int]
+    shared_biases: List[int]
     spec: List[Tuple[List[int], Tensor, Optional[torch.Size]]]
     jobs: List[int]
     single_ks: List[int]
@@ -60,16 +60,16 @@ class PlanCache:
 
 def make_plan(T: List[ParamTerm], triton: bool, cache: PlanCache) -> Plan:
     """The plan for terms ``T`` (cached in ``cache`` while their kinds and shapes repeat)."""
-    key = tuple((id(t.param), t.mode, t.B, t.numel, t.host is not None) for t in T)
+    key = tuple((id(t.param), t.mode, t.B, t.numel, t.gram_source is not None) for t in T)
     if cache.plan is not None and cache.key == key:
         return cache.plan
     ids = {id(t.param) for t in T}
-    riders = [k for k, t in enumerate(T) if t.host is not None and id(t.host.param) in ids]
-    riding = set(riders)
+    shared_biases = [k for k, t in enumerate(T) if t.gram_source is not None and id(t.gram_source.param) in ids]
+    sharing = set(shared_biases)
     by_key: Dict[tuple, list] = {}
     if not triton:
         for k, t in enumerate(T):
-            gk = gram.ExplicitGroup.key(t) if k not in riding else None
+            gk = gram.ExplicitGroup.key(t) if k not in sharing else None
             if gk is not None:
                 by_key.setdefault(gk, []).append(k)
     dev = T[0].param.device
@@ -83,8 +83,8 @@ def make_plan(T: List[ParamTerm], triton: bool, cache: PlanCache) -> Plan:
                 shapes = {T[k].param.shape for k in part}
                 spec.append((part, torch.tensor(part, device=dev), shapes.pop() if len(shapes) == 1 else None))
     grouped = {k for ks, _, _ in spec for k in ks}
-    jobs = [k for k in range(len(T)) if k not in riding and k not in grouped]
-    order = jobs + riders + [k for ks, _, _ in spec for k in ks]
+    jobs = [k for k in range(len(T)) if k not in sharing and k not in grouped]
+    order = jobs + shared_biases + [k for ks, _, _ in spec for k in ks]
     inv = None
     if order != list(range(len(T))):
         inv = torch.empty(len(order), dtype=torch.long)
@@ -92,7 +92,7 @@ def make_plan(T: List[ParamTerm], triton: bool, cache: PlanCache) -> Plan:
         inv = inv.to(dev)
     single_ks = [k for k in range(len(T)) if k not in grouped]
     cache.key = key
-    cache.plan = Plan(riders, spec, jobs, single_ks, torch.tensor(single_ks, dtype=torch.long, device=dev), inv)
+    cache.plan = Plan(shared_biases, spec, jobs, single_ks, torch.tensor(single_ks, dtype=torch.long, device=dev), inv)
     return cache.plan
 
 
@@ -109,7 +109,7 @@ def needs_exact(K: Tensor, c: Tensor, vecs: List[Tensor]) -> List[bool]:
 class Checks:
     """What the facade checks between the Gram jobs and the solve (orthograd_fast.engine.checks).
 
-    ``unlearn_factors(cross, got, terms, vecs)``: the og.forget() factors against .grad (may
+    ``unlearn_factors(factors, got, terms, vecs)``: the og.forget() factors against .grad (may
     replace entries of ``got``); ``capture(active, K, b, vecs)`` (first projection only, else
     None): the per-sample gradients against the retain gradient; ``nonfinite(active, Ks, bs,
     vecs)``: raises the error that names the tensor."""
@@ -131,12 +131,12 @@ def project(
     inplace: bool = False,
     shift: Optional[Dict[Tensor, float]] = None,
     scale: float = 1.0,
-    cross: Optional[Dict[Tensor, list]] = None,
+    unlearn: Optional[Dict[Tensor, list]] = None,
 ) -> Tuple[Dict[Tensor, Tensor], dict]:
     """(scale * P_perp applied to {param: tensor}, stats). New tensors unless ``inplace`` (then
     written through). ``shift`` {param: s}: also subtract s * sum_i g_i (the retain gradient from
     the factors, for alpha under lean retain) in the same update GEMM; ``scale`` rides in that GEMM
-    too. ``cross`` {param: og.forget() factors}: coefficients from them instead of the GEMM."""
+    too. ``unlearn`` {param: og.forget() factors}: coefficients from them instead of the GEMM."""
     active = [p for p in terms if p in vectors]
     # .grad needs no detached alias unless it is itself part of a graph (create_graph=True)
     out = {p: ((v.detach() if v.requires_grad else v) if inplace else v.detach().clone()) for p, v in vectors.items()}
@@ -151,7 +151,7 @@ def project(
     T = [terms[p] for p in active]
     U = [out[p] for p in active]
     S = [shift.get(p, 0.0) for p in active] if shift else None
-    X = {k: cross[p] for k, p in enumerate(active) if p in cross} if cross else {}
+    X = {k: unlearn[p] for k, p in enumerate(active) if p in unlearn} if unlearn else {}
     # tile, conv and lookup terms that can hold their float32 rows project inside their own job
     # (orthograd_fast.engine.held_rows; per-tensor solves only: the passes use each term's own K)
     hold = [t for k, t in enumerate(T) if k not in X] if scope == "tensor" and backend != "triton" else []
@@ -182,13 +182,13 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, inplac
 
     def gram_coef(k):
         t = T[k]
-        K, b = t.gram_coef(U[k], t.cross_coef(X[k]) if k in X else None)
+        K, b = t.gram_coef(U[k], t.unlearn_coef(X[k]) if k in X else None)
         if t.rows is not None:
             staged[k] = U[k].clone() if inplace else U[k]
             t.project_held_(staged[k], b, scale, S[k] if S else 0.0)
         return K, b
 
-    # a one-token layer's bias takes its Gram from its weight's job (gram.link_twins): after it
+    # a one-token layer's bias takes its Gram from its weight's job (gram.share_bias_grams): after it
     plan = make_plan(T, backend == "triton", plan_cache)
     groups = [gram.ExplicitGroup([T[k] for k in ks], ks, rows, shape) for ks, rows, shape in plan.spec]
     jobs = plan.jobs
@@ -207,7 +207,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, inplac
         alone=[not T[k].spreadable() for k in jobs] + [False] * len(groups),
     )
     got = dict(zip(jobs, res))
-    for k in plan.riders:
+    for k in plan.shared_biases:
         got[k] = gram_coef(k)
     if X:  # the og.forget() factors against .grad (by parameter: the facade's bookkeeping)
         by_param = {active[k]: got[k] for k in X}
@@ -216,7 +216,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, inplac
             got[k] = by_param[active[k]]
     # K, b stacked in the plan's order (single terms, then each group's [m, B, B] as it came),
     # then put in position order by one index (no per-member unbind and restack)
-    single = jobs + plan.riders
+    single = jobs + plan.shared_biases
     parts = [(torch.stack([got[k][0] for k in single]), torch.stack([got[k][1] for k in single]))] if single else []
     parts += res[len(jobs) :]
     K = torch.cat([q[0] for q in parts]) if len(parts) > 1 else parts[0][0]

@@ -78,7 +78,7 @@ class RetainSpan:
                 f"factors are kept until project_() (roughly B x activations of memory) and the solve is "
                 f"B^3. Call project_() more often or raise OrthoGrad(max_retain=...)."
             )
-        self.blocks.append((B, self._compact(uses, B)))
+        self.blocks.append((B, self._small_as_rows(uses, B)))
 
     @contextlib.contextmanager
     def block(self, cap, *, keep_gradients: bool, lean: set, exempt: set) -> Iterator[None]:
@@ -139,7 +139,7 @@ class RetainSpan:
             out[name] = g
         return out
 
-    def _compact(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:
+    def _small_as_rows(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:
         """Small tensors (B * numel <= gram.EXPLICIT_MAX, the ones ParamTerm materializes anyway)
         become their float64 per-sample rows now, so the layer inputs and output gradients behind
         them are freed before the unlearn pass (a first conv's output gradient is B x C x H x W,
@@ -176,13 +176,13 @@ class RetainSpan:
             blocks = [(B, {p: [u.outer() if isinstance(u, ConvUse) else u for u in us] for p, us in uses.items()}) for B, uses in blocks]
         uses = _span_blocks.concat_blocks(blocks)
         # autocast: whether any captured factor was half precision (the capture check's tolerance);
-        # _compact recorded it for the tensors it turned into float64 rows
+        # _small_as_rows recorded it for the tensors it turned into float64 rows
         self.half = self.half_seen or any(is_half(u) for us in uses.values() for u in us)
         if self.group is not None:  # DDP: the union of every rank's retain samples
             names = {p: n for n, p in self.params}
             uses = _distributed.gather_uses(uses, [p for _, p in self.params], names, self.size, self.group)
         terms = {p: ParamTerm(name, p, uses[p], backend) for name, p in self.params if uses.get(p)}
-        gram.link_twins(list(terms.values()))
+        gram.share_bias_grams(list(terms.values()))
         self._terms = terms
         return terms
 

@@ -39,8 +39,8 @@ def _dense_uses(weight, bias, x: Tensor, gy: Tensor, B: int, out: int, inp: int,
     if _trainable(weight):
         uses[weight] = OuterUse(A[:, :, None, :], D4, None, (1, out, inp), transposed=transposed)
     if _trainable(bias):
-        # one token per sample: the bias's rows are the weight's D (gram.link_twins shares D D^T)
-        uses[bias] = ExplicitUse(_token_sum(D), twin=D4 if D.shape[1] == 1 and _trainable(weight) else None)
+        # one token per sample: the bias's rows are the weight's D (gram.share_bias_grams shares D D^T)
+        uses[bias] = ExplicitUse(_token_sum(D), weight_D=D4 if D.shape[1] == 1 and _trainable(weight) else None)
     return uses
 
 

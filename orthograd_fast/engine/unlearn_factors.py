@@ -3,7 +3,7 @@
 Each window (:class:`orthograd_fast.engine.forget_window.ForgetWindow`) keeps, for one-token calls of
 dense layers, the layer input and output gradient of the unlearn backward; where they describe
 ``.grad`` exactly and are cheaper, the coefficients <g_i, u> come from B x B_u products of factors
-instead of the coefficient GEMM (:meth:`ParamTerm.cross_coef`). This module holds that
+instead of the coefficient GEMM (:meth:`ParamTerm.unlearn_coef`). This module holds that
 bookkeeping for the facade: which weights' factors are valid, the windows, and the check of the
 factors against ``.grad`` at each projection.
 """
@@ -129,27 +129,27 @@ class UnlearnFactors:
             if not fu or p in self.bad:
                 continue
             g, ver = self.grad_seen[p]
-            if vecs[p] is not g or g._version != ver or not terms[p].cross_usable(fu):
+            if vecs[p] is not g or g._version != ver or not terms[p].unlearn_coef_cheaper(fu):
                 continue
             out[p] = fu
         return out
 
-    def verify(self, cross, got, terms, vecs, *, half: bool) -> None:
+    def verify(self, factors, got, terms, vecs, *, half: bool) -> None:
         """The unlearn factors must reproduce .grad: the first use compares the coefficients with
         the GEMM, later ones a few random rows of .grad (a loss term that appears later, e.g. a
         penalty switched on after some steps). A mismatch raises under og.forget(); factors of the
         armed capture are replaced by the GEMM and arming stops for this object, with a warning."""
         first = not self.checked
         errs = []
-        for p in cross:
+        for p in factors:
             if first:
                 b_gemm = terms[p].coef(vecs[p])
                 errs.append(_coef_error(got[p][0], got[p][1], b_gemm, vecs[p]))
             else:
-                errs.append(terms[p].cross_rows_error(cross[p], vecs[p], CHECK_ROWS, self._row_gen))
+                errs.append(terms[p].unlearn_rows_error(factors[p], vecs[p], CHECK_ROWS, self._row_gen))
         tol = 3e-2 if half else 1e-3
         # one host sync; a NaN from a non-finite retain Gram is left to the finite check that follows
-        bad = [p for p, e in zip(cross, torch.stack(errs).tolist()) if e > tol or (e != e and bool(torch.isfinite(got[p][0]).all()))]
+        bad = [p for p, e in zip(factors, torch.stack(errs).tolist()) if e > tol or (e != e and bool(torch.isfinite(got[p][0]).all()))]
         self.checked = True
         if not bad:
             return
@@ -172,8 +172,8 @@ class UnlearnFactors:
         )
 
 
-def _coef_error(K, b_cross, b_gemm, u) -> Tensor:
-    """max_i |b_cross - b_gemm| / (|g_i| |u|), a 0-d tensor (no host sync)."""
+def _coef_error(K, b_factors, b_gemm, u) -> Tensor:
+    """max_i |b_factors - b_gemm| / (|g_i| |u|), a 0-d tensor (no host sync)."""
     unorm = torch.linalg.vector_norm(u).double()  # in u's dtype: dtype=float64 would copy u
     scale = K.diagonal().clamp_min(0).sqrt() * unorm + 1e-30
-    return ((b_cross - b_gemm).abs() / scale).max()
+    return ((b_factors - b_gemm).abs() / scale).max()
