@@ -525,18 +525,23 @@ class ParamTerm:
         self.rows, self._k32 = rows, True
         return K, rows.coef(self._flat(U)[0])
 
-    def project_held_(self, U: Tensor, b: Tensor, scale: float = 1.0, shift: float = 0.0) -> None:
+    def project_held_(self, U: Tensor, b: Tensor, scale: float = 1.0, shift: float = 0.0) -> bool:
         """U <- scale * (P_perp U - shift * sum_i g_i) in place from the held rows (in the term's own
         job, right after :meth:`gram_coef`: c = K^-1 b, every direction above the rank cutoff);
-        the rows are dropped."""
+        the rows are dropped. False when the re-projection passes did not converge: U is then
+        partly updated (the caller works on a copy) and the term is set back to the float64 route
+        (the next :meth:`gram_coef` forms its Gram again)."""
         rows = self.rows
         c = rows.Kinv @ b
         exact = bool(update_amplification(rows.K, c + shift) * torch.finfo(torch.float32).eps > EXACT_UPDATE_TOL)
         r, back = self._flat(U)
-        rows.apply_(r, c, scale, exact, shift)
-        if back is not None:
+        ok = rows.apply_(r, c, scale, exact, shift)
+        if ok and back is not None:
             back.copy_(r.view(back.shape))
         self.drop_rows()
+        if not ok:
+            self.hold = False
+        return ok
 
     def drop_rows(self) -> None:
         """Forget the held rows (their scratch goes back to the thread)."""

@@ -1,14 +1,15 @@
 """Float32 per-sample rows kept from the Gram to the update, refined by re-projection passes.
 
-A tile or conv term on the CPU whose rows fit the projection's budget forms them once, in float32,
-as Y [B, n]: K = Y Y^T is a float32 GEMM (on the CPU about a third of the float64 one's time, and
-no float64 widening), b = Y u and the update u - Y^T c are GEMVs instead of factor GEMMs.
+A tile, conv or lookup term on the CPU whose rows fit MAX_BYTES forms them once, in float32, as
+Y [B, n]: K = Y Y^T is a float32 GEMM (on the CPU about a third of the float64 one's time, and no
+float64 widening), b = Y u and the update u - Y^T c are GEMVs instead of factor GEMMs.
 
 K's float32 rounding (||K32 - K||_2 about 0.02 eps32 sqrt(n) lambda_max, measured) leaves a
 residual in the span of relative size rho = ||K32 - K||_2 / lambda_min after the update; every
-pass r <- r - Y^T K^-1 (Y r) multiplies it by rho again. The term takes as many passes (at most
-MAX_PASSES) as bring rho^(passes + 1) under TARGET; a Gram too ill-conditioned for that goes back
-to the float64 route (docs/math.md section 11).
+pass r <- r - Y^T K^-1 (Y r) multiplies it by rho again. The passes measure what they remove
+(the energy b^T K^-1 b of the span component, b = Y r) and stop when it is under TARGET of the
+first update's, or at float32 resolution; a Gram whose estimated rho is above RHO_MAX, or passes
+that converge slowly, send the term back to the float64 route (docs/math.md section 11).
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ import torch
 from torch import Tensor
 
 EPS32 = torch.finfo(torch.float32).eps
-# bound on ||K32 - K||_2 / (eps32 sqrt(n) lambda_max): five times the largest measured (0.013 to
-# 0.023 on random, correlated and real-model tiles, n = 1.6e4 to 1e6)
-DELTA = 0.1
-# the span component left after the passes, relative to the projected part of u
-TARGET = 1e-7
-MAX_PASSES = 3
+# estimate of ||K32 - K||_2 / (eps32 sqrt(n) lambda_max): about twice the largest measured (0.013
+# to 0.023 on random, correlated and real-model tiles, n = 1.6e4 to 1e6); the passes measure the
+# real contraction, this only screens out Grams no pass could fix
+DELTA = 0.05
+RHO_MAX = 0.5
+# the span component left after the passes, relative to the one the first update removed (float32
+# resolution: on the real-model zoo the passes stall at 1e-7 to 3e-7 of it)
+TARGET = 3e-7
+# passes at most, and the slowest contraction per pass accepted (else: the float64 route)
+MAX_PASSES = 8
+SLOW = 0.5
 # float32 rows one term may hold (0: the float64 route only); a term holds them inside its own
 # job, so a projection holds at most one term's rows per thread
 MAX_BYTES = 64 << 20
@@ -67,17 +73,13 @@ def release() -> None:
     _scratch.slot = None
 
 
-def passes_needed(n: int, lam_min: float, lam_max: float, rtol: float) -> Optional[int]:
-    """Re-projection passes that bring a float32 Gram's residual under TARGET; None when more than
-    MAX_PASSES would be needed, or when the rank tolerance ``rtol`` (on singular values) could drop
-    a direction (within a factor 10 of its cutoff): the float64 route decides those."""
+def usable(n: int, lam_min: float, lam_max: float, rtol: float) -> bool:
+    """Whether a float32 Gram of n columns with these extreme eigenvalues can be refined: the
+    estimated contraction per pass at most RHO_MAX, and no eigenvalue within a factor 100 of the
+    rank cutoff ``rtol^2 lambda_max`` (the float64 route makes that decision)."""
     if not (lam_min > 0 and math.isfinite(lam_max)) or lam_min <= 100 * rtol * rtol * lam_max:
-        return None
-    rho = DELTA * EPS32 * math.sqrt(n) * lam_max / lam_min
-    for k in range(MAX_PASSES + 1):
-        if rho ** (k + 1) <= TARGET:
-            return k
-    return None
+        return False
+    return DELTA * EPS32 * math.sqrt(n) * lam_max / lam_min <= RHO_MAX
 
 
 class HeldRows:
@@ -105,19 +107,18 @@ class HeldRows:
 
     @classmethod
     def make(cls, blocks: List[Tuple[int, Tensor]], K: Tensor, rtol: float, slot: Optional[_Slot]) -> Optional["HeldRows"]:
-        """Rows held with K (:meth:`gram`), or None when K is too ill-conditioned for the passes
-        (the caller then takes the float64 route; the scratch is given back)."""
+        """Rows held with K (:meth:`gram`), or None when K is not :func:`usable` (the caller then
+        takes the float64 route; the scratch is given back)."""
         rows = cls(blocks, K, K, 0, slot)
         if not bool(torch.isfinite(K).all()):
             rows.close()
             return None  # the float64 route reports it by name
         lam, V = torch.linalg.eigh(K)
         n = sum(Y.shape[1] for _, Y in blocks)
-        passes = passes_needed(n, float(lam[0]), float(lam[-1]), rtol)  # CPU only: no device sync
-        if passes is None:
+        if not usable(n, float(lam[0]), float(lam[-1]), rtol):  # CPU only: no device sync
             rows.close()
             return None
-        rows.Kinv, rows.passes = (V / lam) @ V.t(), passes
+        rows.Kinv = (V / lam) @ V.t()
         return rows
 
     def coef(self, r: Tensor) -> Tensor:
@@ -137,15 +138,35 @@ class HeldRows:
             else:
                 rj.addmv_(Y.t(), c.to(Y.dtype), beta=beta, alpha=alpha)
 
-    def apply_(self, r: Tensor, c: Tensor, scale: float = 1.0, exact: bool = False, shift: float = 0.0) -> None:
+    def apply_(self, r: Tensor, c: Tensor, scale: float = 1.0, exact: bool = False, shift: float = 0.0) -> bool:
         """r <- scale * (P_perp r - shift * sum_i g_i) in place (r: flat float32, n), from the first
         coefficients c = K^-1 b (float64 [B]). ``exact``: the first update in float64 (cancelling
-        coefficients, :func:`orthograd_fast.engine.gram.update_amplification`)."""
-        ck = c  # the first update's coefficients, then each pass's
-        for k in range(self.passes + 1):
-            last = k == self.passes
-            if last:  # the shift and the scale ride in the last GEMV
-                ck = ck + shift
-            self._sub(r, ck, scale if last else 1.0, -scale if last else -1.0, exact and k == 0)
-            if not last:
-                ck = self.Kinv @ self.coef(r)
+        coefficients, :func:`orthograd_fast.engine.gram.update_amplification`). False when the
+        passes did not converge (r is then partly updated: the caller works on a copy)."""
+        self._sub(r, c, 1.0, -1.0, exact)
+        first = float(c @ (self.K @ c))  # energy of the span component the first update removed
+        floor = self.noise_floor(r)
+        prev = first
+        pending = torch.zeros_like(c)
+        for k in range(MAX_PASSES):
+            ck = self.Kinv @ self.coef(r)
+            energy = float(ck @ (self.K @ ck))
+            if energy <= max(TARGET * TARGET * first, floor):
+                pending = ck  # small: rides in the last GEMV
+                break
+            if energy > SLOW * SLOW * prev:
+                return False
+            self._sub(r, ck, 1.0, -1.0, False)
+            prev = energy
+            self.passes = k + 1
+        else:
+            return False
+        self._sub(r, pending + shift, scale, -scale, False)  # the shift and the scale ride in the last GEMV
+        return True
+
+    def noise_floor(self, r: Tensor) -> float:
+        """The energy b^T K^-1 b that float32 rounding of b = Y r alone gives: about (2 eps32)^2
+        |r|^2 times how much K^-1 magnifies it (max K_ii max (K^-1)_ii, at least the condition
+        number). Measured: the passes stall at 0.3 to 2 times eps32^2 |r|^2 max K_ii max (K^-1)_ii
+        on real-model tiles, 50 times below it on nearly collinear float32-exact rows."""
+        return 4 * EPS32 * EPS32 * float(r @ r) * float(self.K.diagonal().max()) * float(self.Kinv.diagonal().max())

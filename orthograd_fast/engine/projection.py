@@ -159,14 +159,14 @@ def project(
         t.hold = False
     gram.hold_rows(hold, [resolve_rtol(rtol, t.factor_dtype, False) for t in hold])
     try:
-        stats = _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, inplace, S, scale, X)
+        stats = _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X)
     finally:
         for t in T:
             t.drop_rows()  # held rows live for one projection at most
     return out, stats
 
 
-def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, inplace, S, scale, X):
+def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X):
     """The projection over terms T and vectors U (lists by position); S: shifts or None; X:
     {position: og.forget() factors}. Returns the stats."""
     # On the CPU the terms run side by side on Python threads, one intra-op thread each
@@ -176,16 +176,19 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, inplac
     on_cpu = U[0].device.type == "cpu" and backend != "triton"
     nthreads = torch.get_num_threads() if on_cpu else 1
 
-    # terms projected in their own job (held rows): into a copy when writing through, so that
-    # .grad stays as it was until every check below has passed
+    # terms projected in their own job (held rows), into copies: .grad stays as it was until every
+    # check below has passed; they are copied back with the updates
     staged = {}
 
     def gram_coef(k):
         t = T[k]
         K, b = t.gram_coef(U[k], t.unlearn_coef(X[k]) if k in X else None)
         if t.rows is not None:
-            staged[k] = U[k].clone() if inplace else U[k]
-            t.project_held_(staged[k], b, scale, S[k] if S else 0.0)
+            Uk = U[k].clone()  # passes that do not converge leave the vector as it was
+            if t.project_held_(Uk, b, scale, S[k] if S else 0.0):
+                staged[k] = Uk
+            else:  # the float64 route, then the batched solve and update like any term
+                K, b = t.gram_coef(U[k])
         return K, b
 
     # a one-token layer's bias takes its Gram from its weight's job (gram.share_bias_grams): after it
@@ -294,8 +297,7 @@ def _update(T, U, K, c, plan, groups, staged, S, scale, nthreads):
         if isinstance(item, gram.ExplicitGroup):
             item.apply_([U[k] for k in item.ks], c[item.rows], scale)
         elif item in staged:
-            if staged[item] is not U[item]:
-                U[item].copy_(staged[item])
+            U[item].copy_(staged[item])
         else:
             T[item].apply_(U[item], c[item], scale, exact=exact[item])
 
