@@ -10,7 +10,7 @@ import orthograd_fast.engine.gram as gram
 import orthograd_fast.engine.held_rows as held_rows
 from engine_helpers import compare, og_direction
 from models import ce
-from oracle import oracle_direction, orthogonality
+from oracle import oracle_direction, oracle_grads, orthogonality, project_out
 from orthograd_fast import OrthoGrad
 
 REL = 1e-4
@@ -186,13 +186,18 @@ def test_usable():
     assert not held_rows.usable(n, 1.0, float("nan"), 1e-6)
 
 
-def test_grad_untouched_when_the_projection_raises(tile):
-    # a held term projects inside its job; .grad must not change when another tensor's check raises
-    g = torch.Generator().manual_seed(5)
-    torch.manual_seed(5)
+def _tokens(seed):
+    """(model, retain, unlearn, a fresh OrthoGrad, the data generator) of the Tokens model."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     model = Tokens()
     retain, unlearn = _data("tokens", g)
-    og = OrthoGrad(model, backend="torch")
+    return model, retain, unlearn, OrthoGrad(model, backend="torch"), g
+
+
+def test_grad_untouched_when_the_projection_raises(tile):
+    # a held term projects inside its job; .grad must not change when another tensor's check raises
+    model, retain, unlearn, og, _ = _tokens(5)
     for step in range(2):
         model.zero_grad(set_to_none=True)
         with og.retain():
@@ -211,16 +216,9 @@ def test_grad_untouched_when_the_projection_raises(tile):
 
 def test_project_vectors_twice_in_a_step(tile):
     # a second projection in the same step forms the rows again (the first dropped them)
-    g = torch.Generator().manual_seed(6)
-    torch.manual_seed(6)
-    model = Tokens()
-    retain, unlearn = _data("tokens", g)
-    og = OrthoGrad(model, backend="torch")
+    model, retain, unlearn, og, g = _tokens(6)
     with og.retain():
         ce(model(retain[0]), retain[1]).mean().backward()
-    G = {}
-    from oracle import oracle_grads, project_out
-
     G = oracle_grads(model, ce, *retain)
     for _ in range(2):
         vecs = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
