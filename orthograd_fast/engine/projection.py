@@ -146,8 +146,8 @@ def project(
                 out[p].mul_(scale)
     if not active:
         return out, {}
-    # from here on lists by position in ``active`` (a dict lookup keyed by a tensor goes through
-    # Tensor.__hash__ in Python: ~0.3 us each, ~30 per tensor and step before)
+    # from here on lists by position in ``active``: a dict lookup keyed by a tensor runs
+    # Tensor.__hash__ in Python (~0.3 us), many times per tensor and step
     T = [terms[p] for p in active]
     U = [out[p] for p in active]
     S = [shift.get(p, 0.0) for p in active] if shift else None
