@@ -251,3 +251,29 @@ def test_rows_alive_on_one_thread_do_not_share_its_scratch(tile):
         t.project_held_(U, b)
         assert float((U.reshape(-1).double() - ref).norm() / ref.norm()) < 1e-5
     held_rows.release()
+
+
+def test_half_factors_hold_rows_like_the_float64_route(tile, monkeypatch):
+    # autocast: bf16 factors, float32 tiles; the held route must give the float64 route's direction
+    # from the same factors (their rank cutoff, 1e-3, is far below every kept eigenvalue here)
+    from engine_helpers import autocast_ok
+
+    if not autocast_ok(torch.bfloat16):
+        pytest.skip("this torch build's CPU autocast does not produce bfloat16")
+    model, retain, unlearn, _, _ = _tokens(9)
+
+    def direction():
+        og = OrthoGrad(model, backend="torch")
+        model.zero_grad(set_to_none=True)
+        with og.retain(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ce(model(retain[0]), retain[1]).mean().backward()
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        og.project_()
+        return og.stats["held_rows"], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    held, d_held = direction()
+    monkeypatch.setattr(held_rows, "MAX_BYTES", 0)
+    none, d_f64 = direction()
+    assert held >= 3 and none == 0, (held, none)
+    for n in d_f64:  # (a tensor with fewer entries than samples projects to exactly 0 in both)
+        assert float((d_held[n] - d_f64[n]).norm()) <= 1e-4 * float(d_f64[n].norm()), n
