@@ -6,7 +6,7 @@ evaluate them:
 * **explicit** - every use materialized as [B, numel] in float64. Taken when the tensor is small
   (B * numel <= ``EXPLICIT_MAX``: biases, norm weights, small heads) or when uses of different
   kinds meet (a generic-fallback use of a tied parameter). Exact, and exactly the tensors whose
-  Gram is worst conditioned (orthograd-math.md section 4).
+  Gram is worst conditioned (docs/math.md section 8).
 * **tile** / **ghost** - one dense factored use (several uses of one tied tensor are concatenated
   along tokens); :func:`orthograd_fast.engine.route.choose_route` picks the order.
 * **tokens** - uses that include embedding lookups (one-hot rows): the ghost order with the
@@ -17,8 +17,8 @@ evaluate them:
 
 Precision: per-sample tiles are formed in the factors' dtype (fp32 for half factors) and reduced
 to K in float64; token Grams (ghost) are formed in float64. So K is accurate to float64 rounding
-and the solve can resolve directions far weaker than a float32 Gram could. On the CPU, tile and
-conv terms whose float32 rows fit :data:`held_rows.MAX_BYTES` keep them instead: K from a float32
+and the solve can resolve directions far weaker than a float32 Gram could. On the CPU, tile, conv
+and lookup terms whose float32 rows fit :data:`held_rows.MAX_BYTES` keep them instead: K from a float32
 GEMM, refined by re-projection passes to the same result (:mod:`orthograd_fast.engine.held_rows`,
 docs/math.md section 11); too ill-conditioned ones stay on float64. The Triton backend
 accumulates in float32 instead: its terms are marked ``approx`` and the engine adds one

@@ -137,16 +137,27 @@ def _conv_padding(x, padding, kernel, dilation, nd):
     return x, _tuple(padding, nd)
 
 
-def conv(ctx, func, args, kwargs):
+def _conv_call(ctx, func, args, kwargs):
+    """(x, w, b, out) of a convolution or transposed convolution run with its weight and bias in
+    use, or None where x is not batch-first data with one image per sample (folded images:
+    per-sample sums over k images are not factored)."""
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if not ctx.is_data(x) or ctx.fold(x) != 1 or ctx.seq_first:
-        return NotImplemented  # folded images: per-sample sums over k images are not factored
+        return None
+    rest = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
+    return x, w, b, func(x, ctx.use(w), ctx.use(b), *args[3:], **rest)
+
+
+def conv(ctx, func, args, kwargs):
+    got = _conv_call(ctx, func, args, kwargs)
+    if got is None:
+        return NotImplemented
+    x, w, b, out = got
     nd = x.dim() - 2
     stride = _tuple(_arg(args, kwargs, 3, "stride", 1), nd)
     padding = _arg(args, kwargs, 4, "padding", 0)
     dilation = _tuple(_arg(args, kwargs, 5, "dilation", 1), nd)
     groups = _arg(args, kwargs, 6, "groups", 1)
-    out = func(x, ctx.use(w), ctx.use(b), *args[3:], **{k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")})
     B, xd, space = ctx.B, x.detach(), ctx.space
     kernel = tuple(w.shape[2:])
 
@@ -162,15 +173,15 @@ def conv(ctx, func, args, kwargs):
 
 
 def conv_transpose(ctx, func, args, kwargs):
-    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-    if not ctx.is_data(x) or ctx.fold(x) != 1 or ctx.seq_first:
+    got = _conv_call(ctx, func, args, kwargs)
+    if got is None:
         return NotImplemented
+    x, w, b, out = got
     nd = x.dim() - 2
     stride = _tuple(_arg(args, kwargs, 3, "stride", 1), nd)
     padding = _tuple(_arg(args, kwargs, 4, "padding", 0), nd)
     groups = _arg(args, kwargs, 6, "groups", 1)
     dilation = _tuple(_arg(args, kwargs, 7, "dilation", 1), nd)
-    out = func(x, ctx.use(w), ctx.use(b), *args[3:], **{k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")})
     B, xd, space = ctx.B, x.detach(), ctx.space
     kernel = tuple(w.shape[2:])
 

@@ -4,7 +4,7 @@ For a factored use with A [B, T, G, I] and D [B, T, G, O] the Gram is
 
     K[b, c] = sum_{g, t, s} (A_bt . A_cs)_g (D_bt . D_cs)_g       'btgi,btgo,csgi,csgo->bc'
 
-Two orders matter (orthograd-math.md section 3):
+Two orders matter (docs/math.md section 3):
 
 * ghost: token Grams A A^T and D D^T first, ~ (B T)^2 (I + O) G flops, (B T)^2 memory;
 * tile:  per-sample gradient tiles D_b^T A_b first, ~ B T I O G + B^2 I O G flops, B G O I memory.
