@@ -314,10 +314,11 @@ class ParamTerm:
             return self._K, b
         if self._K is not None:
             return self._K, self.coef(U)
+        held = self._held_gram_coef(U) if self.hold else None  # None: the float64 routes below
         if self.mode == "explicit":
             K, b = self.G @ self.G.t(), self.G @ U.reshape(-1).double()
-        elif self.hold:
-            K, b = self._held_gram_coef(U)
+        elif held is not None:
+            K, b = held
         elif self.mode == "conv":
             K, b = self._conv_gram_coef(U)
         elif self.mode == "lookup":
@@ -510,18 +511,16 @@ class ParamTerm:
             blocks.append((c0 * I, Y))
         return blocks
 
-    def _held_gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
-        """K from the float32 rows, kept for the update; the float64 route where K is too
-        ill-conditioned for the re-projection passes (or the rank tolerance could act)."""
+    def _held_gram_coef(self, U: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """K from the float32 rows, kept for the update; None (and ``hold`` off) where K is too
+        ill-conditioned for the re-projection passes or the rank tolerance could act."""
         buf, slot = held_rows.scratch(self.B * self.numel, self.param.device)
         blocks = self._held_rows(buf)
         K = held_rows.HeldRows.gram(blocks)
         rows = held_rows.HeldRows.make(blocks, K, self.hold_rtol, slot)
         if rows is None:
-            del blocks, buf
             self.hold = False
-            route = {"conv": self._conv_gram_coef, "lookup": self._lookup_gram_coef}.get(self.mode, self._tile_gram_coef)
-            return route(U)
+            return None
         self.rows, self._k32 = rows, True
         return K, rows.coef(self._flat(U)[0])
 
@@ -533,7 +532,7 @@ class ParamTerm:
         (the next :meth:`gram_coef` forms its Gram again)."""
         rows = self.rows
         c = rows.Kinv @ b
-        exact = bool(update_amplification(rows.K, c + shift) * torch.finfo(torch.float32).eps > EXACT_UPDATE_TOL)
+        exact = bool(update_amplification(rows.K, c + shift) * held_rows.EPS32 > EXACT_UPDATE_TOL)
         r, back = self._flat(U)
         ok = rows.apply_(r, c, scale, exact, shift)
         if ok and back is not None:

@@ -87,8 +87,9 @@ class HeldRows:
     tensor; views of the thread's :func:`scratch`, at most BLOCK_BYTES each: a GEMM's working set),
     with K^-1 (float64, from K's eigendecomposition) and the pass count."""
 
-    def __init__(self, blocks: List[Tuple[int, Tensor]], K: Tensor, Kinv: Tensor, passes: int, slot: Optional[_Slot]):
-        self.blocks, self.K, self.Kinv, self.passes, self._slot = blocks, K, Kinv, passes, slot
+    def __init__(self, blocks: List[Tuple[int, Tensor]], K: Tensor, Kinv: Tensor, slot: Optional[_Slot]):
+        self.blocks, self.K, self.Kinv, self._slot = blocks, K, Kinv, slot
+        self.passes = 0  # re-projection passes the last apply_ made
 
     def close(self) -> None:
         """Give the scratch back (the blocks are not used again)."""
@@ -109,17 +110,15 @@ class HeldRows:
     def make(cls, blocks: List[Tuple[int, Tensor]], K: Tensor, rtol: float, slot: Optional[_Slot]) -> Optional["HeldRows"]:
         """Rows held with K (:meth:`gram`), or None when K is not :func:`usable` (the caller then
         takes the float64 route; the scratch is given back)."""
-        rows = cls(blocks, K, K, 0, slot)
-        if not bool(torch.isfinite(K).all()):
-            rows.close()
-            return None  # the float64 route reports it by name
-        lam, V = torch.linalg.eigh(K)
-        n = sum(Y.shape[1] for _, Y in blocks)
-        if not usable(n, float(lam[0]), float(lam[-1]), rtol):  # CPU only: no device sync
-            rows.close()
-            return None
-        rows.Kinv = (V / lam) @ V.t()
-        return rows
+        # a non-finite K: the float64 route reports it by name
+        if bool(torch.isfinite(K).all()):
+            lam, V = torch.linalg.eigh(K)
+            n = sum(Y.shape[1] for _, Y in blocks)
+            if usable(n, float(lam[0]), float(lam[-1]), rtol):  # CPU only: no device sync
+                return cls(blocks, K, (V / lam) @ V.t(), slot)
+        if slot is not None:
+            slot.busy = False
+        return None
 
     def coef(self, r: Tensor) -> Tensor:
         """b = Y r, float64 [B]."""
