@@ -30,7 +30,7 @@ from .engine import triton_ops as _triton_ops
 from .engine.capture import Capture, find_units
 from .engine.fallback import FallbackLog
 from .engine.gram import ParamTerm
-from .engine.retain_span import RetainSpan, lean_plan
+from .engine.retain_span import RetainSpan, lean_params
 from .engine.unlearn_factors import UnlearnFactors
 from .errors import OrthoGradError
 from .options import MAX_RETAIN_SAMPLES, check_options
@@ -81,9 +81,7 @@ class OrthoGrad:
         self._span = RetainSpan(self._params, self._group, int(max_retain))
         self._unlearn = UnlearnFactors(self._params, bool(arm_forget) and self._group is None)
         self._units = None  # capture units, found on the first block
-        self._swap: Optional[Dict[int, list]] = None  # id(module) -> [(name, param)] (lean retain)
         self._lean: set = set()  # parameters whose retain gradient is never formed (gbar from factors)
-        self._op_params: set = set()  # parameters captured by operation (capture.op_parameters)
         self._plan_cache = _projection.PlanCache()
         self._fallback_log = FallbackLog()  # torch.func fallback scopes seen (og.stats["fallback"])
         # the capture check (checks.check_capture) runs on the first projection only (the model's
@@ -127,17 +125,18 @@ class OrthoGrad:
         unlearn backward may come before (lighter on memory) or after the block(s).
         """
         self._begin_block("og.retain() blocks cannot be nested")
-        # Until the first projection has checked the capture, operation-captured parameters run with
-        # their real tensors: their retain gradient then shows any use the operations did not see
-        # (e.g. inside a custom autograd.Function), which the capture check turns into an error.
-        op_real = self._op_params if self.lean_retain and not self._capture_checked else set()
-        cap = Capture(self.model, self._units, self._swap, lean_ops=self.lean_retain and not op_real, fallback_log=self._fallback_log)
+        # Until the first projection has checked the capture, the parameters run with their real
+        # tensors: their retain gradient then shows any use the operations did not see (e.g. inside
+        # a custom autograd.Function), which the capture check turns into an error.
+        real = self._lean if not self._capture_checked else set()
+        cap = Capture(self.model, self._units, lean_ops=bool(self._lean) and not real, fallback_log=self._fallback_log)
         self._in_retain = True
         try:
-            with self._span.block(cap, keep_gradients=self.alpha > 0 or not self._capture_checked, lean=self._lean, exempt=op_real):
+            with self._span.block(cap, keep_gradients=self.alpha > 0 or not self._capture_checked, lean=self._lean, exempt=real):
                 yield self
         finally:
             self._in_retain = False
+        self._unlearn.observe(*cap.ctx.dense_verdict())
         self._unlearn.arm(self._units)  # the unlearn backward that follows keeps its factors
 
     def _begin_block(self, nested: str) -> None:
@@ -150,7 +149,7 @@ class OrthoGrad:
         self._span.check_params(self.model)
         if self._units is None:
             self._units = find_units(self.model)
-            self._swap, self._lean, self._op_params = lean_plan(self._units, self._params, self.lean_retain)
+            self._lean = lean_params(self._units, self.lean_retain)
 
     @contextlib.contextmanager
     def forget(self) -> Iterator["OrthoGrad"]:

@@ -32,7 +32,7 @@ class ChannelsLastNorm(nn.LayerNorm):
 
 class Windows(nn.Module):
     """Windows of W tokens folded into dim 0, attention inside each window with a learned relative
-    bias (a raw parameter [W, W] broadcast into the folded scores), a class-rule Linear, a norm
+    bias (a raw parameter [W, W] broadcast into the folded scores), a stock Linear, a norm
     subclass, a raw-parameter einsum and a raw bias, then the windows merged back."""
 
     def __init__(self, W=2):
@@ -74,7 +74,7 @@ class HeadsFold(nn.Module):
 
 
 class FoldedConv(nn.Module):
-    """Two halves of each image folded into dim 0 in front of a class-rule Conv2d."""
+    """Two halves of each image folded into dim 0 in front of a stock Conv2d."""
 
     def __init__(self):
         super().__init__()

@@ -74,8 +74,22 @@ def test_poolformer_mixer_is_not_refused(scope, alpha, lean):
     assert orthogonality({n: G[n] for n in rest}, perp, {n: u[n] for n in rest}, scope) <= ORTH
 
 
+class _MatmulT(torch.autograd.Function):
+    """h @ w.T inside a custom autograd.Function: the operation capture does not see inside."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return h @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        return g @ w, g.t() @ h
+
+
 class MissedUse(nn.Module):
-    """b.weight is also used outside b's forward (``h @ b.weight.T`` in the parent's forward)."""
+    """b.weight is also used where the capture cannot see it (inside a custom autograd.Function)."""
 
     def __init__(self):
         super().__init__()
@@ -85,7 +99,7 @@ class MissedUse(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
-        h = torch.tanh(self.b(h)) + 0.5 * torch.tanh(h @ self.b.weight.T)
+        h = torch.tanh(self.b(h)) + 0.5 * torch.tanh(_MatmulT.apply(h, self.b.weight))
         return self.head(h)
 
 

@@ -246,10 +246,18 @@ def test_hf_gpt2_shared_position_ids(route_, monkeypatch):
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "speech"])
 def test_lean_retain_forms_no_weight_gradients(name):
-    """Under lean retain the retain backward never accumulates into a rule layer's parameters
-    (their weight-gradient GEMMs are not run), and the direction still matches the oracle."""
+    """Under lean retain the retain backward never accumulates into a captured parameter (the
+    weight-gradient GEMMs are not run) once the first projection has checked the capture (that
+    span runs the real tensors: its retain gradient is compared with the per-sample sums), and
+    the direction still matches the oracle."""
     model, retain, unlearn = make(name, torch.Generator().manual_seed(5))
     og = OrthoGrad(model)
+    with og.retain():  # the checked first span
+        ce(model(retain[0]), retain[1]).mean().backward()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    assert og._capture_checked
+    model.zero_grad(set_to_none=True)
     hits = []
     # (the first layer's parameters anchor its output to the graph: autograd visits their
     # accumulators with an undefined gradient, so count only accumulations that left a gradient)
@@ -291,8 +299,8 @@ def test_retain_gradient_matches_oracle(name, lean, monkeypatch):
 
 
 class Conv1D(nn.Module):
-    """transformers' Conv1D layout (y = x @ W + b, W stored [in, out]) without the dependency: the
-    rules recognize it by name and ``nf``."""
+    """transformers' Conv1D (y = x @ W + b, W stored [in, out]) without the dependency, with its
+    forward: one addmm, which the capture reads as a transposed dense layer."""
 
     def __init__(self, nf, nx):
         super().__init__()
@@ -301,7 +309,8 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.randn(nf) * 0.1)
 
     def forward(self, x):
-        return x @ self.weight + self.bias
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.nf,))
 
 
 class _Biased(nn.Module):

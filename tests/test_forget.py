@@ -201,3 +201,44 @@ def test_forget_first_starts_next_step(factored, unlearn_coef_calls):
         assert _close(got[-1], want) <= 1e-5
         assert _close(got[-1], _oracle_grad(model, retain, unlearn)) <= ORACLE_REL
     assert len(calls) >= 6  # three weights, both steps
+
+
+class _LinearF(nn.Linear):
+    """An nn.Linear subclass whose forward is still one F.linear: its unlearn factors count."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class _Scaled(nn.Linear):
+    """Not one dense op from input to output: the module output is the linear output times 2."""
+
+    def forward(self, x):
+        return 2.0 * nn.functional.linear(x, self.weight, self.bias)
+
+
+class _Judged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = _LinearF(17, 29), _Scaled(29, 23), nn.Linear(23, 5)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+# (forget, unlearn_first): og.forget() either side of retain(), or the armed capture after it
+@pytest.mark.parametrize("forget,unlearn_first", [(True, True), (True, False), (False, False)])
+def test_dense_layers_judged_by_their_call(forget, unlearn_first, factored, unlearn_coef_calls):
+    # the unlearn factors are used for a module whose calls the retain capture saw to be one dense
+    # op from its input to its output, whatever its class; a module whose output is not the dense
+    # op's output keeps the GEMM coefficients; both stay exact against the float64 oracle
+    calls = unlearn_coef_calls
+    gen = torch.Generator().manual_seed(31)
+    torch.manual_seed(31)
+    model = _Judged()
+    retain = (torch.randn(7, 17, generator=gen), torch.randint(0, 5, (7,), generator=gen))
+    unlearn = (torch.randn(5, 17, generator=gen), torch.randint(0, 5, (5,), generator=gen))
+    err, orth, og = compare(model, ce, retain, unlearn, forget=forget, unlearn_first=unlearn_first)
+    assert "a.weight" in calls and "b.weight" not in calls, calls
+    assert id(model.b.weight) in og._unlearn.not_dense and id(model.a.weight) in og._unlearn.dense
+    assert err <= REL and orth <= ORTH, (err, orth)

@@ -14,7 +14,7 @@ reproducibly, set ORTHOGRAD_FUZZ_SEED to an integer (the same value draws the sa
 
 Planted bugs each fail several cases (measured when the op cases were added): cross-use terms
 dropped on the token route 11 op cases; height/width zero padding swapped in conv_factors 11 op
-cases + 8 hypothesis examples; padding_idx ignored for class-rule nn.Embedding 9, for F.embedding
+cases + 8 hypothesis examples; padding_idx ignored for nn.Embedding 9, for F.embedding
 with batched ids 4, for lookups with shared ids (batch_layout) 11 + 2.
 """
 

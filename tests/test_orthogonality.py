@@ -99,7 +99,7 @@ def test_per_row_and_max_row_agree_on_rows_of_one_size():
     assert orthogonality(G, d, {"w": torch.zeros(12, dtype=torch.float64)}) == 0.0
 
 
-# Hugging Face vision models (class-rule layers only; slow like tests/test_real_models.py's selection
+# Hugging Face vision models (stock conv / norm / Linear layers only; slow like tests/test_real_models.py's selection
 # for them). MobileNetV2 (seed 0): retain sample 1 has |g_1| = 2.9e-41 next to 2.4e3 to 3.0e4; the
 # per-row scale read 0.57 (tensor) and 0.04 (global) for the engine and for the float64 oracle's own
 # direction alike; the max-row scale reads 2.5e-6 / 6e-9 (engine), 3e-15 (oracle).

@@ -43,7 +43,7 @@ class RelTable(nn.Module):
 
 
 class CoordMLP(nn.Module):
-    """A continuous position bias (Swin-v2 style): a small MLP of class-rule layers applied to a
+    """A continuous position bias (Swin-v2 style): a small MLP of stock nn.Linear layers applied to a
     coordinates table [T, 2] (a buffer), broadcast into batched features."""
 
     def __init__(self, d=6):
@@ -57,7 +57,7 @@ class CoordMLP(nn.Module):
 
 
 class SharedPositions(nn.Module):
-    """GPT-2 style position ids [1, T] looked up by a class-rule nn.Embedding and a tied head."""
+    """GPT-2 style position ids [1, T] looked up by an nn.Embedding and a tied head."""
 
     def __init__(self, V=9, d=6):
         super().__init__()

@@ -7,25 +7,18 @@ Two questions an intercepted operation asks about its tensors:
 * where is the retain batch?  Batch-first tensors carry it on dim 0; inside
   ``F.multi_head_attention_forward`` tensors are sequence-first ``(T, B, E)`` or folded ``(T * B, E)``
   (sequence-major), and :func:`batch_major` turns both into ``(B, T, E)``.
-* which parameter does a tensor come from?  A managed parameter itself, a view of it (a slice,
-  ``expand``, ``split``; found by its storage), or a tensor computed from parameters only (``.float()``,
-  an embedding lookup with ids shared by all samples): :class:`ParamSpace` records how to recompute
-  those, and maps per-sample rows of such a tensor back to rows of its parameters.
 
-A parameter (or a tensor of parameters only) meets the batch in a broadcasting operation: there
-:class:`PerSample` hands the operation a copy expanded along the batch, so the backward delivers
-one gradient row per sample.
+Which parameter a tensor comes from, and how its rows map back: :mod:`.param_space`.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 
 def _storage_key(t: Tensor) -> Optional[int]:
@@ -277,208 +270,9 @@ def is_batched(t, B: int, seq_first: bool = False) -> bool:
     return t.shape[0] == B
 
 
-class PerSample(torch.autograd.Function):
-    """``src`` (leading dim 1) expanded to ``B`` along dim 0; the backward sums the rows for
-    ``src`` (when it needs a gradient) while a hook on the output keeps the rows themselves.
-    ``anchors`` (the real parameters, under lean retain) attach the output to the graph."""
-
-    @staticmethod
-    def forward(ctx, src, B, *anchors):
-        return src.expand(B, *src.shape[1:])
-
-    @staticmethod
-    def backward(ctx, g):
-        gs = g.sum(0, keepdim=True) if ctx.needs_input_grad[0] else None
-        return (gs, None) + (None,) * (len(ctx.needs_input_grad) - 2)
-
-
-class ParamSpace:
-    """The managed parameters of one retain block and the tensors made from them alone."""
-
-    def __init__(self, params: List[Tensor], lean: bool):
-        self.params = list(params)
-        self.lean = lean
-        self._by_id = {id(p): p for p in self.params}
-        self._alias: Dict[int, Tensor] = {}  # id(p) -> the detached alias handed out (lean)
-        self._by_storage: Dict[int, Tuple[str, object]] = {}
-        for p in self.params:
-            k = _storage_key(p)
-            if k is not None and p.numel():
-                self._by_storage[k] = ("param", p)
-        # storage of an embedding lookup's output -> (weight, ids, padding_idx)
-        self._lookups: Dict[int, tuple] = {}
-
-    # --- what a tensor is ---------------------------------------------------------------------
-    def base(self, t) -> Optional[Tuple[str, object]]:
-        """("param", p) for a parameter or a view of one, ("derived", entry) for a tensor computed
-        from parameters only (or a view of one), else None."""
-        if not isinstance(t, Tensor):
-            return None
-        p = self._by_id.get(id(t))
-        if p is not None:
-            return ("param", p)
-        if not self._by_storage:
-            return None
-        k = _storage_key(t)
-        return self._by_storage.get(k) if k is not None else None
-
-    def owners(self, t) -> List[Tensor]:
-        """The managed parameters ``t`` is made of."""
-        b = self.base(t)
-        if b is None:
-            return []
-        if b[0] == "param":
-            return [b[1]]
-        out = []
-        for leaf in _leaves(b[1][2], b[1][3]):
-            for q in self.owners(leaf):
-                if all(q is not r for r in out):
-                    out.append(q)
-        return out
-
-    def use(self, t):
-        """What an operation receives in place of ``t``: under lean retain a detached alias of a
-        parameter (the retain backward then forms no weight gradient for it)."""
-        if self.lean and id(t) in self._by_id:
-            a = self._alias.get(id(t))
-            if a is None:
-                a = self._alias[id(t)] = t.detach()
-            return a
-        return t
-
-    def add_param(self, p: Tensor) -> None:
-        """A parameter of a class-rule layer met outside the batch (see :meth:`add_lookup`)."""
-        if id(p) not in self._by_id:
-            self.params.append(p)
-            self._by_id[id(p)] = p
-            k = _storage_key(p)
-            if k is not None and p.numel():
-                self._by_storage[k] = ("param", p)
-
-    def add_lookup(self, out: Tensor, weight: Tensor, ids: Tensor, padding_idx: Optional[int]) -> None:
-        """``out`` = rows ``ids`` of the parameter ``weight`` (an embedding lookup with ids shared by
-        all samples): per-sample rows of ``out`` map back as an embedding use (no dense rows)."""
-        self.add_param(weight)
-        k = _storage_key(out)
-        if k is not None:
-            self._by_storage[k] = ("derived", (out, F.embedding, (ids, weight, padding_idx), {}, 0))
-            self._lookups[k] = (weight, ids.detach(), padding_idx)
-
-    def add_computed(self, out, fn, args) -> None:
-        """``out`` = ``fn(*args)`` computed from parameters only by a class-rule layer."""
-        for o in _tensors(out):
-            if o.is_floating_point():
-                k = _storage_key(o)
-                if k is not None and k not in self._by_storage:
-                    self._by_storage[k] = ("derived", (o, fn, tuple(args), {}, _tensors(out).index(o)))
-
-    def add_derived(self, out, func, args, kwargs) -> None:
-        for o in _tensors(out):
-            if not o.is_floating_point():
-                continue
-            k = _storage_key(o)
-            if k is None or k in self._by_storage:
-                continue  # a view of a parameter (or of a derived tensor): found by its storage
-            entry = (o, func, args, kwargs, _tensors(out).index(o))
-            self._by_storage[k] = ("derived", entry)
-
-    # --- per-sample rows of a tensor -> rows of its parameters --------------------------------
-    def rows_to_uses(self, t: Tensor, rows: Tensor) -> Dict[Tensor, list]:
-        """``rows`` [B, t.numel()] -> {param: [use]}: an embedding use for a view of a lookup's
-        output, else explicit rows (:meth:`rows_to_params`)."""
-        from .factors import ExplicitUse, OuterUse
-
-        k = _storage_key(t)
-        look = self._lookups.get(k) if k is not None else None
-        if look is not None:
-            weight, ids, pad = look
-            root = self.base(t)[1][0]
-            B = rows.shape[0]
-            rows = _rows_of_root(t, root, rows)
-            V, d = weight.shape
-            flat = ids.reshape(1, -1).expand(B, -1)
-            r = rows.reshape(B, -1, d)
-            if pad is not None:
-                r = r * (flat != (pad if pad >= 0 else V + pad)).unsqueeze(-1).to(r.dtype)
-            return {weight: [OuterUse(r[:, :, None, :], None, flat, (1, V, d))]}
-        return {p: [ExplicitUse(r)] for p, r in self.rows_to_params(t, rows).items()}
-
-    def rows_to_params(self, t: Tensor, rows: Tensor) -> Dict[Tensor, Tensor]:
-        """``rows`` [B, t.numel()] (per-sample gradients with respect to ``t``) -> {param: [B, numel]}."""
-        kind, obj = self.base(t)
-        B = rows.shape[0]
-        if kind == "param":
-            if not same_view(t, obj) and not obj.is_contiguous():
-                raise NotImplementedError("a view of a non-contiguous parameter")
-            return {obj: _rows_of_root(t, obj, rows)}
-        # computed from parameters: the per-sample vector-Jacobian product of the recomputation
-        params = self.owners(t)
-        env = {id(p): p.detach().to(rows.dtype).requires_grad_(True) for p in params}
-        with torch.enable_grad():
-            val = self._value(t, env)
-            gs = torch.autograd.grad(
-                val, [env[id(p)] for p in params], rows.reshape(B, *t.shape).to(val.dtype),
-                is_grads_batched=True, allow_unused=True,
-            )
-        return {p: (g.reshape(B, -1) if g is not None else torch.zeros(B, p.numel(), dtype=rows.dtype)) for p, g in zip(params, gs)}
-
-    def _value(self, t, env):
-        b = self.base(t)
-        if b is None:
-            return t
-        kind, obj = b
-        if kind == "param":
-            root, v = obj, env[id(obj)]
-        else:
-            root, func, args, kwargs, index = obj
-            a, kw = tree_map(lambda x: self._value(x, env) if isinstance(x, Tensor) else x, (args, kwargs))
-            v = _tensors(func(*a, **kw))[index]
-        if t is root or same_view(t, root):
-            return v
-        return v.as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset() + v.storage_offset())
-
-
-class Anchor(torch.autograd.Function):
-    """Identity on an output that does not require grad (its parameters were handed out detached
-    and its input needs no gradient), attached to the graph through the real parameters so the
-    retain backward still reaches it; returns no gradient. Marked dirty (no copy) unless the
-    output is a view, which is copied (in-place ops on views made inside a custom Function are
-    refused by autograd), or torch.compile is tracing (the traced dirty output loses
-    requires_grad under inductor)."""
-
-    @staticmethod
-    def forward(ctx, out, *params):
-        if out._base is not None or _compiling():
-            return out.clone()
-        ctx.mark_dirty(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None,) * len(ctx.needs_input_grad)
-
-
-def anchored(out, params):
-    """``out`` re-attached to the graph (see :class:`Anchor`) when it needs it."""
-    if isinstance(out, Tensor) and not out.requires_grad and out.is_floating_point() and torch.is_grad_enabled() and params:
-        return Anchor.apply(out, *params)
-    return out
-
-
 def same_view(t: Tensor, root: Tensor) -> bool:
     """``t`` is ``root`` seen whole: the same shape, strides and offset into the storage."""
     return t.shape == root.shape and t.stride() == root.stride() and t.storage_offset() == root.storage_offset()
-
-
-def _rows_of_root(t: Tensor, root: Tensor, rows: Tensor) -> Tensor:
-    """Per-sample rows [B, t.numel()] of a view ``t`` of the contiguous ``root`` -> rows
-    [B, root.numel()] (entries outside the view: zero; entries the view repeats: summed)."""
-    if same_view(t, root):
-        return rows
-    B = rows.shape[0]
-    idx = torch.arange(root.numel(), device=rows.device).as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset())
-    full = torch.zeros(B, root.numel(), dtype=rows.dtype, device=rows.device)
-    return full.index_add_(1, idx.reshape(-1), rows.reshape(B, -1))
 
 
 def _compiling() -> bool:

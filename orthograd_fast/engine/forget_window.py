@@ -1,8 +1,9 @@
 """The hooks behind ``og.forget()`` and the armed unlearn capture: one *window* of unlearn passes.
 
-A window keeps, for one-token calls of dense layers (nn.Linear, transformers' Conv1D: a call whose
-input has one row per sample, as in an MLP or a classifier head), the layer input and output
-gradient: the unlearn gradient of the weight is then ``sum_k d_k a_k^T`` over those calls. It also
+A window keeps, for one-token calls of dense layers (a module whose call is one F.linear / addmm
+from its input to its output, as the retain capture confirms: nn.Linear, transformers' Conv1D; a
+call whose input has one row per sample, as in an MLP or a classifier head), the layer input and
+output gradient: the unlearn gradient of the weight is then ``sum_k d_k a_k^T`` over those calls. It also
 follows every tracked weight's ``.grad`` through the backward:
 
 * a pre-hook sees ``.grad`` just before each accumulation: it must be None (first pass of the
@@ -43,7 +44,7 @@ class ForgetWindow:
     """One ``og.forget()`` block, or the capture armed between ``retain()`` and ``project_()``.
 
     ``layers``: (module, weight, transposed) of the dense layers (transposed: the weight is stored
-    [in, out]). ``expected``: per weight, the (.grad, version) an earlier window left (the first
+    [in, out]; None: not known yet, read from the shapes where the weight is not square). ``expected``: per weight, the (.grad, version) an earlier window left (the first
     accumulation here must start from it; a weight without one must start from None)."""
 
     def __init__(self, layers: List[Tuple[nn.Module, Tensor, bool]], expected: Dict[Tensor, tuple], max_bytes: int):
@@ -78,7 +79,13 @@ class ForgetWindow:
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
         x = args[0] if args and isinstance(args[0], Tensor) else None
-        if x is None or x.dim() < 2 or x[0].numel() != x.shape[-1] or output.shape[0] != x.shape[0]:
+        if (
+            x is None
+            or not x.is_floating_point()
+            or x.dim() < 2
+            or x[0].numel() != x.shape[-1]
+            or output.shape[0] != x.shape[0]
+        ):
             self.partial.add(layer[1])
             return None
         call = _Call(x.detach())
@@ -116,6 +123,13 @@ class ForgetWindow:
         out: Dict[Tensor, List[OuterUse]] = {}
         for key, calls in self.calls.items():
             _, w, transposed = self.layers[key]
+            if transposed is None and calls:  # orientation from the shapes (x [B, I], gy [B, O])
+                x0, g0 = calls[0].x, calls[0].gy
+                I0, O0 = x0[0].numel(), (g0[0].numel() if g0 is not None else -1)
+                transposed = True if (I0 != O0 and tuple(w.shape) == (I0, O0)) else (False if (I0 != O0 and tuple(w.shape) == (O0, I0)) else None)
+                if transposed is None:
+                    self.partial.add(w)
+                    continue
             I, O = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
             for c in calls:
                 if c.gy is None:

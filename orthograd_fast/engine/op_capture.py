@@ -1,18 +1,18 @@
 """Operation-level capture: a ``TorchFunctionMode`` active inside ``retain()`` sees every functional
-call that consumes a managed parameter (one owned by a module without a class rule: a norm
+call that consumes a trainable parameter, whatever module made it: a stock nn.Linear, a norm
 subclass with its own forward, a raw ``nn.Parameter`` such as a cls token or a layer scale,
-``nn.MultiheadAttention``), whatever module made it.
+``nn.MultiheadAttention``.
 
 Per call, in order:
 
-* a rule for the operation (:mod:`orthograd_fast.engine.op_rules`: linear, conv, norms, embedding, ...)
+* a rule for the operation (:mod:`orthograd_fast.engine.rules`: linear, conv, norms, embedding, ...)
   with its data input batched: the rule runs it and records the input; the output gradient comes
   in the backward;
 * a broadcasting operation with batched data (add, mul, where, cat along a feature dim, ...): each
   parameter operand is handed out expanded along the batch, so the backward delivers its
-  per-sample rows (:class:`orthograd_fast.engine.batch_layout.PerSample`);
+  per-sample rows (:class:`orthograd_fast.engine.param_space.PerSample`);
 * no batched operand: a computation on parameters only (a view, ``.float()``, a lookup with shared
-  ids), remembered so its rows can be mapped back (:class:`~orthograd_fast.engine.batch_layout.ParamSpace`);
+  ids), remembered so its rows can be mapped back (:class:`~orthograd_fast.engine.param_space.ParamSpace`);
 * otherwise no rule: the smallest enclosing module that owns the parameter is replayed by the
   torch.func fallback for that call (visible in ``og.stats["fallback"]``, warned once).
 
@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import op_rules
-from .batch_layout import ParamSpace, PerSample, Provenance, anchored, is_batched
+from . import rules
+from .batch_layout import Provenance, is_batched
+from .param_space import ParamSpace, PerSample, anchored
 from ..errors import CaptureError
 from .factors import ExplicitUse
 
@@ -43,6 +44,9 @@ class Frame:
     unit: object  # capture.Unit
     params: set  # id() of the parameters the unit owns
     unknown: List[str] = field(default_factory=list)  # ops without a rule seen in this call
+    # (memory of x, memory of out, id(w), transposed) of its dense ops (judge_dense); no tensor is
+    # held: records keep their frames, and a tensor here would tie an output to its own hook
+    dense: list = field(default_factory=list)
 
 
 class OpRecord:
@@ -67,9 +71,13 @@ class OpContext:
         self.space = space
         self.seq_first = False  # inside multi-head attention: (T, B, E) / (T * B, E)
         self.prov = Provenance()  # which tensors carry the batch (not judged by shape)
-        self.in_rule = 0  # inside the forward of a class-rule layer: its module hooks capture it
         self.records: List[OpRecord] = []
         self.frames: List[Frame] = []
+        # dense layers seen in this block: id(weight) -> (module, weight, transposed, calls), and
+        # id(weight) of those refuted (a call that was not one dense op from input to output)
+        self.dense: Dict[int, list] = {}
+        self.not_dense: set = set()
+        self.uses_of: Dict[int, int] = {}  # id(param) -> intercepted calls that consumed it
 
     @property
     def B(self) -> int:
@@ -100,7 +108,54 @@ class OpContext:
         return self.space.use(t) if isinstance(t, Tensor) else t
 
     def where(self) -> str:
-        return f"module '{self.frames[-1].unit.name}'" if self.frames else "the model"
+        if not self.frames:
+            return "the model"
+        u = self.frames[-1].unit
+        return f"module '{u.name}' ({type(u.module).__name__})"
+
+    def note_dense(self, x: Tensor, out: Tensor, w: Tensor, transposed: bool) -> None:
+        """A dense op (linear, addmm, matmul) inside a module call: kept on the frame, judged on
+        the module's exit (:func:`frame_hooks`)."""
+        if self.frames and not self.seq_first:
+            self.frames[-1].dense.append((_memory(x), _memory(out), id(w), transposed))
+
+    def judge_dense(self, fr: Frame, args, output) -> None:
+        """Whether this call of a module owning ``weight`` (and maybe ``bias``) was exactly one dense
+        op from its input to its output, up to reshapes: then og.forget() may factor its unlearn
+        gradient from the module's input and output gradient (forget_window)."""
+        m = fr.unit.module
+        w = m._parameters.get("weight") if isinstance(m._parameters, dict) else None
+        if not isinstance(w, Tensor) or not w.requires_grad or w.dim() != 2:
+            return
+        x = args[0] if args else None
+        ok = (
+            len(fr.dense) == 1
+            and not fr.unknown
+            and fr.dense[0][2] == id(w)
+            and all(n in ("weight", "bias") for n, q in m._parameters.items() if q is not None)
+            and None not in fr.dense[0][:2]
+            and _memory(x) == fr.dense[0][0]
+            and _memory(output) == fr.dense[0][1]
+        )
+        if not ok:
+            self.not_dense.add(id(w))
+            return
+        entry = self.dense.setdefault(id(w), [m, w, fr.dense[0][3], 0])
+        if entry[0] is not m or entry[2] != fr.dense[0][3]:
+            self.not_dense.add(id(w))
+        entry[3] += 1
+
+    def dense_verdict(self) -> tuple:
+        """({id(weight): (module, weight, transposed)}, refuted ids): confirmed are the modules
+        whose every call in this block was one dense op and whose weight no other intercepted call
+        consumed."""
+        ok, bad = {}, set(self.not_dense)
+        for k, (m, w, tr, n) in self.dense.items():
+            if k in bad or self.uses_of.get(k, 0) != n:
+                bad.add(k)
+            else:
+                ok[k] = (m, w, tr)
+        return ok, bad
 
     def record(self, func, out, operands, build):
         """Register the output gradient hook of a rule's call and keep its record."""
@@ -109,9 +164,11 @@ class OpContext:
             for p in self.space.owners(t) if isinstance(t, Tensor) else ():
                 if all(p is not q for q in owners):
                     owners.append(p)
+        for p in owners:
+            self.uses_of[id(p)] = self.uses_of.get(id(p), 0) + 1
         out = anchored(out, owners if self.space.lean else [])
         if isinstance(out, Tensor) and out.requires_grad:
-            rec = OpRecord(build, owners, tuple(self.frames), op_rules.op_name(func))
+            rec = OpRecord(build, owners, tuple(self.frames), rules.op_name(func))
             out.register_hook(rec.hook)
             self.records.append(rec)
         return out
@@ -121,8 +178,10 @@ class OpContext:
         ``k * B`` rows for data folded ``k`` rows per sample); its per-sample gradient rows are
         recorded and mapped back to the parameters on finish."""
         owners = self.space.owners(t)
-        # anchored to the real parameters when ``src`` has no gradient of its own (lean retain, or
-        # computed by a class-rule layer from its detached parameters)
+        for p in owners:
+            self.uses_of[id(p)] = self.uses_of.get(id(p), 0) + 1
+        # anchored to the real parameters when ``src`` has no gradient of its own (lean retain:
+        # computed from detached aliases)
         anchors = owners if (self.space.lean or not src.requires_grad) else []
         B = self.B
         rows = PerSample.apply(src, k * B, *anchors)
@@ -132,7 +191,7 @@ class OpContext:
             g = g.reshape(B, k, -1).sum(1) if k > 1 else g.reshape(B, -1)
             return space.rows_to_uses(src, g)
 
-        rec = OpRecord(build, owners, tuple(self.frames), op_rules.op_name(func))
+        rec = OpRecord(build, owners, tuple(self.frames), rules.op_name(func))
         rows.register_hook(rec.hook)
         self.records.append(rec)
         return rows
@@ -150,7 +209,7 @@ class OpContext:
         if len(folds) != 1:
             return NotImplemented
         k = folds.pop()
-        if func in op_rules.CONCAT:
+        if func in rules.CONCAT:
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if dim % n == 0:
                 return NotImplemented
@@ -181,7 +240,7 @@ class OpContext:
         """No rule: flag the innermost running module that owns the parameters (torch.func
         fallback for this call), run the op on the handed-out parameters."""
         owners = [p for t in leaves if isinstance(t, Tensor) for p in self.space.owners(t)]
-        name = op_rules.op_name(func)
+        name = rules.op_name(func)
         for fr in reversed(self.frames):
             if all(id(p) in fr.params for p in owners):
                 fr.unknown.append(name)
@@ -221,7 +280,7 @@ class OpMode(TorchFunctionMode):
     def _handle(self, func, args, kwargs, leaves):
         ctx = self.ctx
         space = ctx.space
-        if not torch.is_grad_enabled() or ctx.capture.B is None or ctx.in_rule:
+        if not torch.is_grad_enabled() or ctx.capture.B is None:
             return func(*args, **kwargs)
         if not any(isinstance(t, Tensor) and space.base(t) is not None for t in leaves):
             return func(*args, **kwargs)
@@ -231,15 +290,15 @@ class OpMode(TorchFunctionMode):
             if isinstance(out, Tensor) and space.lean:
                 out = func(*[space.use(t) for t in args], **kwargs)
             return out
-        if func in op_rules.MHA_FUNCS:
+        if func in rules.MHA_FUNCS:
             return self._attention(func, args, kwargs, leaves, spec)
-        rule = op_rules.RULES.get(func)
+        rule = rules.RULES.get(func)
         if rule is not None:
             out = rule(ctx, func, args, kwargs)
             if out is not NotImplemented:
                 return out
         has_data = any(ctx.is_data(t) for t in leaves)
-        if has_data and not ctx.seq_first and (func in op_rules.BROADCAST or func in op_rules.CONCAT):
+        if has_data and not ctx.seq_first and (func in rules.BROADCAST or func in rules.CONCAT):
             out = ctx.broadcast(func, args, kwargs, leaves, spec)
             if out is not NotImplemented:
                 return out
@@ -260,7 +319,7 @@ class OpMode(TorchFunctionMode):
         ctx.seq_first = True
         try:
             with self:  # the mode is popped while it handles a call: see the projections inside
-                return op_rules.MHA_FORWARD(*args, **kwargs)
+                return rules.MHA_FORWARD(*args, **kwargs)
         finally:
             ctx.seq_first = prev
 
@@ -287,11 +346,23 @@ def frame_hooks(ctx: OpContext, unit, module: nn.Module, params: set, on_exit: C
 
     def post(mod, args, kwargs, output):
         fr = ctx.frames.pop() if ctx.frames and ctx.frames[-1].unit is unit else None
-        if fr is not None and fr.unknown:
+        if fr is None:
+            return None
+        if torch.is_grad_enabled():
+            ctx.judge_dense(fr, args, output)
+        if fr.unknown:
             return on_exit(fr, args, kwargs, output)
         return None
 
     return [module.register_forward_pre_hook(pre), module.register_forward_hook(post, with_kwargs=True)]
+
+
+def _memory(t) -> Optional[tuple]:
+    """(address, numel) of a contiguous tensor, else None: two tensors with equal (not None) values
+    are one another up to a reshape, the same elements in the same order."""
+    if not isinstance(t, Tensor) or not t.is_contiguous():
+        return None
+    return (t.data_ptr(), t.numel(), t.dtype)
 
 
 def build_uses(ctx: OpContext, flagged: List[Frame]) -> Dict[Tensor, list]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batch_layout import anchored
+from .param_space import anchored
 from ..errors import CaptureError, UnsupportedModule
 from .factors import ExplicitUse, OuterUse
 

@@ -19,7 +19,6 @@ from torch import Tensor
 from . import span_blocks as _span_blocks
 from . import distributed as _distributed
 from . import gram
-from .capture import op_parameters
 from .conv_factors import ConvUse
 from ..errors import CaptureError, OrthoGradError
 from .factors import ExplicitUse, explicit_rows
@@ -187,33 +186,18 @@ class RetainSpan:
         return terms
 
 
-def lean_plan(units, params: List[Tuple[str, Tensor]], lean_retain: bool):
-    """(swap, lean, op_params) for lean retain: the (name, param) pairs each class-rule layer gets
-    detached during its calls, every parameter whose retain gradient is never formed (class-rule,
-    operation-captured and recurrent ones: their gbar_r comes from the factors), and the
-    operation-captured parameters. A parameter also owned by an operation-captured or recurrent
-    unit is not swapped (it keeps its retain gradient)."""
-    op_params = set(op_parameters(units))
+def lean_params(units, lean_retain: bool) -> set:
+    """The parameters whose retain gradient is never formed under lean retain (their gbar_r comes
+    from the factors): every parameter a unit captures, by operation or by an unrolled recurrent
+    forward; empty without lean retain."""
     if not lean_retain:
-        return {}, set(), op_params
-    shared = {id(p) for u in units if u.kind != "rule" for p in u.parameters()}
-    swap, lean = {}, set()
-    for u in units:
-        if u.kind == "recurrent":
-            lean.update(u.parameters())
-        if u.kind != "rule":
-            continue
-        own = [(n, p) for n, p in u.module.named_parameters(recurse=False) if n in ("weight", "bias") and p.requires_grad and id(p) not in shared]
-        if own:
-            swap[id(u.module)] = own
-            lean.update(p for _, p in own)
-    lean.update(op_params)
-    return swap, lean, op_params
+        return set()
+    return {p for u in units for p in u.parameters()}
 
 
 def check_lean(lean, params: List[Tuple[str, Tensor]], exempt=()) -> None:
-    """Lean retain: a parameter handed out detached to its owner that still got a retain
-    gradient was used outside its owner's forward (the hooks cannot see that use).
+    """Lean retain: a parameter handed out detached that still got a retain gradient was used
+    where the capture cannot see it (inside a custom autograd.Function, a weight penalty).
     ``exempt``: parameters that ran with their real tensors in this block."""
     names = {p: n for n, p in params}
     for p in lean:

@@ -45,6 +45,10 @@ class UnlearnFactors:
         self.window: Optional[ForgetWindow] = None
         self.checked = False
         self._row_gen = torch.Generator().manual_seed(0)  # rows of the per-step check
+        # dense layers confirmed by retain blocks, id(weight) -> (module, weight, transposed), and
+        # id(weight) of refuted ones (observe)
+        self.dense: Dict[int, tuple] = {}
+        self.not_dense: set = set()
 
     def reset_span(self) -> None:
         self.explicit = False
@@ -53,21 +57,42 @@ class UnlearnFactors:
         self.bad.clear()
 
     # --- windows ----------------------------------------------------------------------------------
-    def start(self, units) -> Optional[ForgetWindow]:
-        """Hooks of one unlearn window (an og.forget() block or the armed capture), attached."""
-        from . import rules
+    def observe(self, confirmed: Dict[int, tuple], refuted: set) -> None:
+        """What a retain block saw of the dense layers (op_capture.OpContext.dense_verdict): a
+        layer whose every call is one dense op from its input to its output, and whose weight
+        nothing else consumes, may have its unlearn gradient factored; a refuted one never is."""
+        self.not_dense |= refuted
+        for k in refuted:
+            self.dense.pop(k, None)
+        for k, v in confirmed.items():
+            if k not in self.not_dense:
+                self.dense[k] = v
 
-        dense_units = [u for u in units if u.rule in (rules.linear_uses, rules.hf_conv1d_uses)]
-        # a parameter also owned by a module outside this set (tied to an embedding or a fallback
-        # module) would get unlearn gradient the captured factors do not hold
-        dense = {id(u) for u in dense_units}
-        elsewhere = {id(q) for u in units if id(u) not in dense for q in u.module.parameters(recurse=u.whole)}
-        self.bad.update(p for _, p in self.params if id(p) in elsewhere)
-        layers = [
-            (u.module, u.module.weight, u.rule is rules.hf_conv1d_uses)
-            for u in dense_units
-            if u.module.weight.requires_grad and id(u.module.weight) not in elsewhere
-        ]
+    def start(self, units) -> Optional[ForgetWindow]:
+        """Hooks of one unlearn window (an og.forget() block or the armed capture), attached, on the
+        dense layers retain blocks have confirmed; before any retain block, on every module owning
+        just a 2-D weight (and a bias): factors of one that is not confirmed by the projection are
+        not used (:meth:`usable`)."""
+        owners: Dict[int, int] = {}
+        for u in units:
+            for q in u.module.parameters(recurse=u.whole):
+                owners[id(q)] = owners.get(id(q), 0) + 1
+        layers = []
+        for u in units:
+            m = u.module
+            w = m._parameters.get("weight") if u.kind == "ops" and not u.whole else None
+            if not isinstance(w, Tensor) or not w.requires_grad or w.dim() != 2 or id(w) in self.not_dense:
+                continue
+            if self.dense and id(w) not in self.dense:
+                continue
+            if not all(n in ("weight", "bias") for n, q in m._parameters.items() if q is not None):
+                continue
+            if owners[id(w)] > 1:
+                # also owned by another module (tied to an embedding): it would get unlearn gradient
+                # the captured factors do not hold
+                self.bad.add(w)
+                continue
+            layers.append((m, w, self.dense[id(w)][2] if id(w) in self.dense else None))
         if not layers:
             return None
         win = ForgetWindow(layers, dict(self.grad_seen), MAX_BYTES)
@@ -128,6 +153,9 @@ class UnlearnFactors:
             fu = self.factors.get(p)
             if not fu or p in self.bad:
                 continue
+            layer = self.dense.get(id(p))
+            if layer is None or layer[1] is not p or any(u.transposed != layer[2] for u in fu):
+                continue  # not confirmed as one dense op by the retain capture
             g, ver = self.grad_seen[p]
             if vecs[p] is not g or g._version != ver or not terms[p].unlearn_coef_cheaper(fu):
                 continue

@@ -1,0 +1,115 @@
+"""Rules for convolutions and transposed convolutions (docs/math.md section 2).
+
+A transposed convolution's weight gradient is the convolution weight gradient with the input and
+the output gradient swapped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..conv_factors import ConvUse
+from ..factors import OuterUse
+from .common import arg, as_tuple, bias_uses, merge, weight_use
+
+def _unfold_nd(x: Tensor, kernel, stride, dilation) -> Tensor:
+    """Patches of x (already padded) as [B, C, *L, *k] for any conv dimensionality."""
+    nd = x.dim() - 2
+    for d in range(nd):
+        k, s, dil = kernel[d], stride[d], dilation[d]
+        span = dil * (k - 1) + 1
+        x = x.unfold(2 + d, span, s)[..., ::dil]
+    return x
+
+
+def conv_weight_use(x: Tensor, gy: Tensor, B: int, kernel, stride, padding, dilation, groups: int, out_channels: int):
+    """The per-sample use of a convolution weight [O, C / groups, *kernel]; ``padding``: zeros
+    on both sides of each spatial dim (other padding is applied to x by the caller)."""
+    nd = x.dim() - 2
+    G, C, O = groups, x.shape[1], out_channels
+    if nd in (1, 2):
+        # kept as (input, output gradient), evaluated by (grouped) convolutions (conv_factors.py):
+        # a depthwise k x k conv is never unfolded (that is k^2 copies of its input)
+        return ConvUse(x, gy, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), G)
+    pad = [q for p in reversed(tuple(padding)) for q in (p, p)]
+    patches = _unfold_nd(F.pad(x, pad) if any(pad) else x, kernel, stride, dilation)  # [B, C, L..., k...]
+    Lprod = math.prod(patches.shape[2 : 2 + nd])
+    kprod = math.prod(kernel)
+    # -> [B, L, G, Cg * kprod], columns ordered (c_in_g, k1, ..., knd) like the weight
+    A = patches.reshape(B, G, C // G, Lprod, kprod).permute(0, 3, 1, 2, 4).reshape(B, Lprod, G, (C // G) * kprod)
+    D = gy.reshape(B, G, O // G, Lprod).permute(0, 3, 1, 2)
+    return OuterUse(A, D, None, (G, O // G, (C // G) * kprod))
+
+
+def _conv_padding(x, padding, kernel, dilation, nd):
+    if isinstance(padding, str):
+        if padding == "valid":
+            return x, (0,) * nd
+        pad = []
+        for d in reversed(range(nd)):  # "same": total d (k - 1), the extra one on the right
+            total = dilation[d] * (kernel[d] - 1)
+            pad += [total // 2, total - total // 2]
+        return F.pad(x, pad), (0,) * nd
+    return x, as_tuple(padding, nd)
+
+
+def _conv_call(ctx, func, args, kwargs):
+    """(x, w, b, out) of a convolution or transposed convolution run with its weight and bias in
+    use, or None where x is not batch-first data with one image per sample (folded images:
+    per-sample sums over k images are not factored)."""
+    x, w, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if not ctx.is_data(x) or ctx.fold(x) != 1 or ctx.seq_first:
+        return None
+    rest = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
+    return x, w, b, func(x, ctx.use(w), ctx.use(b), *args[3:], **rest)
+
+
+def conv(ctx, func, args, kwargs):
+    got = _conv_call(ctx, func, args, kwargs)
+    if got is None:
+        return NotImplemented
+    x, w, b, out = got
+    nd = x.dim() - 2
+    stride = as_tuple(arg(args, kwargs, 3, "stride", 1), nd)
+    padding = arg(args, kwargs, 4, "padding", 0)
+    dilation = as_tuple(arg(args, kwargs, 5, "dilation", 1), nd)
+    groups = arg(args, kwargs, 6, "groups", 1)
+    B, xd, space = ctx.B, x.detach(), ctx.space
+    kernel = tuple(w.shape[2:])
+
+    def build(gy):
+        uses = {}
+        if space.base(w) is not None:
+            xp, pad = _conv_padding(xd, padding, kernel, dilation, nd)
+            use = conv_weight_use(xp, gy, B, kernel, stride, pad, dilation, groups, w.shape[0])
+            uses = weight_use(space, w, use)
+        return merge(uses, bias_uses(space, b, gy.reshape(B, gy.shape[1], -1).transpose(1, 2)))
+
+    return ctx.record(func, out, [w, b], build)
+
+
+def conv_transpose(ctx, func, args, kwargs):
+    got = _conv_call(ctx, func, args, kwargs)
+    if got is None:
+        return NotImplemented
+    x, w, b, out = got
+    nd = x.dim() - 2
+    stride = as_tuple(arg(args, kwargs, 3, "stride", 1), nd)
+    padding = as_tuple(arg(args, kwargs, 4, "padding", 0), nd)
+    groups = arg(args, kwargs, 6, "groups", 1)
+    dilation = as_tuple(arg(args, kwargs, 7, "dilation", 1), nd)
+    B, xd, space = ctx.B, x.detach(), ctx.space
+    kernel = tuple(w.shape[2:])
+
+    def build(gy):
+        uses = {}
+        if space.base(w) is not None:
+            # y = C^T x for the convolution C with this weight: dW = conv weight gradient of (gy, x)
+            use = conv_weight_use(gy, xd, B, kernel, stride, padding, dilation, groups, w.shape[0])
+            uses = weight_use(space, w, use)
+        return merge(uses, bias_uses(space, b, gy.reshape(B, gy.shape[1], -1).transpose(1, 2)))
+
+    return ctx.record(func, out, [w, b], build)

@@ -1,0 +1,183 @@
+"""Rules for dense layers and table lookups: F.linear, matmul / addmm with a weight, F.bilinear,
+F.embedding and ``weight[ids]`` (docs/math.md section 2).
+
+A bilinear weight [O, I1, I2] is a Linear over the outer products x1 (x) x2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..batch_layout import batch_major, same_view
+from ...errors import UnsupportedModule
+from ..factors import OuterUse
+from ..factors import ExplicitUse
+from .common import arg, bias_uses, explicit, merge
+
+
+def dense_weight_uses(space, w: Tensor, A: Tensor, D: Tensor, transposed: bool, D4=None) -> dict:
+    """y = A w^T (w [O, I]) or y = A w (``transposed``: w [I, O]) over tokens A [B, T, I], D [B, T, O].
+    ``D4``: D as [B, T, 1, O] when the caller already holds it (shared with a one-token bias)."""
+    B, T, I = A.shape
+    O = D.shape[-1]
+    kind, p = space.base(w)
+    if kind == "param" and p.dim() == 2:
+        if same_view(w, p):
+            D4 = D[:, :, None, :] if D4 is None else D4
+            return {p: [OuterUse(A[:, :, None, :], D4, None, (1, O, I), transposed=transposed)]}
+        if w.dim() == 2 and w.shape == p.shape[::-1] and w.stride() == p.stride()[::-1] and w.storage_offset() == p.storage_offset():
+            # w is p.t() (a tied head written `h @ emb.weight.t()`)
+            return {p: [OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, O, I), transposed=not transposed)]}
+        off = w.storage_offset() - p.storage_offset()
+        if (
+            not transposed
+            and p.is_contiguous()
+            and w.dim() == 2
+            and w.shape[1] == p.shape[1]
+            and w.stride() == p.stride()
+            and off % p.stride(0) == 0
+        ):
+            # a block of rows (the q / k / v part of a packed attention projection): zero rows of D
+            r0 = off // p.stride(0)
+            Dfull = D.new_zeros(B, T, 1, p.shape[0])
+            Dfull[:, :, 0, r0 : r0 + O] = D
+            return {p: [OuterUse(A[:, :, None, :], Dfull, None, (1, p.shape[0], I))]}
+    eq = "bti,bto->bio" if transposed else "bto,bti->boi"
+    return explicit(space, w, torch.einsum(eq, D.double(), A.double()).reshape(B, -1))
+
+
+def _dense(ctx, func, out, x: Tensor, w: Tensor, b, transposed: bool):
+    """Record the call of a dense layer over tokens, ``out = x w^T + b`` (w [O, I]) or, when
+    ``transposed``, ``out = x w + b`` (w [I, O]): the weight's factors and the bias's token sums."""
+    B, seq_first, xd, space = ctx.B, ctx.seq_first, x.detach(), ctx.space
+
+    def build(gy):
+        A = batch_major(xd, B, seq_first).reshape(B, -1, xd.shape[-1])
+        D = batch_major(gy, B, seq_first).reshape(B, -1, gy.shape[-1])
+        D4 = D[:, :, None, :]
+        uses = dense_weight_uses(space, w, A, D, transposed, D4) if space.base(w) is not None else {}
+        if D.shape[1] == 1 and _own(space, w) and _own(space, b) and b.dim() == 1:
+            # one token per sample: the bias's rows are the weight's D (gram.share_bias_grams
+            # computes D D^T once for both)
+            return merge(uses, {b: [ExplicitUse(D[:, 0], weight_D=D4)]})
+        return merge(uses, bias_uses(space, b, D))
+
+    out = ctx.record(func, out, [w, b], build)
+    ctx.note_dense(x, out, w, transposed)
+    return out
+
+
+def _own(space, t) -> bool:
+    """``t`` is a managed parameter itself (not a view or a computation on one)."""
+    if not isinstance(t, Tensor) or space.base(t) is None:
+        return False
+    kind, p = space.base(t)
+    return kind == "param" and p is t
+
+
+# --- rules ---------------------------------------------------------------------------------------
+def linear(ctx, func, args, kwargs):
+    x, w, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if not ctx.is_data(x):
+        return NotImplemented
+    return _dense(ctx, func, func(x, ctx.use(w), ctx.use(b)), x, w, b, transposed=False)
+
+
+def matmul(ctx, func, args, kwargs):
+    x, w = args[0], args[1]
+    if not ctx.is_data(x) or ctx.space.base(w) is None or w.dim() != 2 or x.dim() < 2:
+        return NotImplemented
+    return _dense(ctx, func, func(x, ctx.use(w)), x, w, None, transposed=True)
+
+
+def addmm(ctx, func, args, kwargs):
+    """``torch.addmm(b, x, w)``: a Linear with the weight stored [I, O] (transformers' Conv1D
+    written by hand); ``x`` [N, I] holds the batch folded over tokens."""
+    b, x, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "mat1"), arg(args, kwargs, 2, "mat2")
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
+        return NotImplemented
+    if not ctx.is_data(x) or ctx.seq_first or not isinstance(w, Tensor) or w.dim() != 2:
+        return NotImplemented
+    if isinstance(b, Tensor) and ctx.space.base(b) is not None and b.dim() != 1:
+        return NotImplemented  # a parameter bias per row: not one bias shared by the tokens
+    return _dense(ctx, func, func(ctx.use(b), x, ctx.use(w), **kwargs), x, w, b, transposed=True)
+
+
+def embedding(ctx, func, args, kwargs):
+    ids, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
+    if ctx.seq_first:
+        return NotImplemented
+    padding_idx = arg(args, kwargs, 2, "padding_idx")
+    if arg(args, kwargs, 3, "max_norm") is not None or arg(args, kwargs, 5, "scale_grad_by_freq", False):
+        raise UnsupportedModule(
+            f"{ctx.where()}: embedding with max_norm or scale_grad_by_freq: the table is renormalized in place / its "
+            "gradient depends on the token counts of the whole batch, so per-sample gradients are not defined. "
+            "Use max_norm=None and scale_grad_by_freq=False."
+        )
+    kind, p = ctx.space.base(w)
+    if kind != "param" or not same_view(w, p):
+        return NotImplemented
+    a = list(args)
+    a[1] = ctx.use(w)
+    if not ctx.is_data(ids):
+        # ids shared by all samples (positions, relative-position buckets): a lookup of parameters
+        # only, mapped back as an embedding use where it meets the batch
+        out = func(*a, **kwargs)
+        ctx.space.add_lookup(out, p, ids, padding_idx)
+        return out
+    out = func(*a, **kwargs)
+    B, idsd = ctx.B, ids.detach()
+
+    def build(gy):
+        V, d = p.shape
+        flat = idsd.reshape(B, -1)
+        rows = gy.reshape(B, -1, d)
+        if padding_idx is not None:
+            pad = padding_idx if padding_idx >= 0 else V + padding_idx
+            rows = rows * (flat != pad).unsqueeze(-1).to(rows.dtype)
+        return {p: [OuterUse(rows[:, :, None, :], None, flat, (1, V, d))]}
+
+    return ctx.record(func, out, [w], build)
+
+
+def getitem(ctx, func, args, kwargs):
+    """``weight[ids]`` with batched ids: an embedding lookup."""
+    w, ids = args[0], args[1]
+    if not (isinstance(ids, Tensor) and ids.dtype in (torch.long, torch.int) and ctx.is_data(ids)) or ctx.seq_first:
+        return NotImplemented
+    kind, p = ctx.space.base(w)
+    if kind != "param" or not same_view(w, p) or p.dim() != 2:
+        return NotImplemented
+    out = func(ctx.use(w), ids)
+    B, idsd = ctx.B, ids.detach()
+
+    def build(gy):
+        V, d = p.shape
+        return {p: [OuterUse(gy.reshape(B, -1, d)[:, :, None, :], None, idsd.reshape(B, -1), (1, V, d))]}
+
+    return ctx.record(func, out, [w], build)
+
+
+def bilinear(ctx, func, args, kwargs):
+    x1, x2 = arg(args, kwargs, 0, "input1"), arg(args, kwargs, 1, "input2")
+    w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+    if not (ctx.is_data(x1) and ctx.is_data(x2)) or ctx.seq_first:
+        return NotImplemented
+    out = func(x1, x2, ctx.use(w), ctx.use(b))
+    B, a1, a2, space = ctx.B, x1.detach(), x2.detach(), ctx.space
+
+    def build(gy):
+        O, I1, I2 = w.shape
+        A = (a1.reshape(B, -1, I1, 1) * a2.reshape(B, -1, 1, I2)).reshape(B, -1, I1 * I2)
+        D = gy.reshape(B, -1, O)
+        uses = {}
+        if space.base(w) is not None:
+            kind, p = space.base(w)
+            if kind == "param" and same_view(w, p):
+                uses = {p: [OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, O, I1 * I2))]}
+            else:
+                uses = explicit(space, w, torch.einsum("bto,bti->boi", D.double(), A.double()).reshape(B, -1))
+        return merge(uses, bias_uses(space, b, D))
+
+    return ctx.record(func, out, [w, b], build)
