@@ -242,7 +242,7 @@ def test_graph_sees_known_edges():
     assert not edges[("orthograd_fast.api", "orthograd_fast.engine.gram")].local  # from .engine.gram import
     assert not edges[("orthograd_fast.api", "orthograd_fast.engine.projection")].local  # from .engine import
     assert ("orthograd_fast.engine.capture", "orthograd_fast.errors") in edges  # from ..errors
-    assert edges[("orthograd_fast.engine.gram", "orthograd_fast.engine.triton_ops")].local
+    assert edges[("orthograd_fast.engine.routes.triton", "orthograd_fast.engine.triton_ops")].local
     assert ("orthograd_fast.kernels.cgs_step", "orthograd_fast.kernels._common") in edges
     assert ("orthograd_fast.integrations.hf", "orthograd_fast.api") in edges  # from ..api
     assert ("orthograd_fast.unlearning.loop", "orthograd_fast.api") in edges  # from ..api

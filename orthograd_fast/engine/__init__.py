@@ -5,7 +5,7 @@ One step's data flows one way through these stages:
 capture          op_capture, op_rules, rules, batch_layout, recurrent, fallback (under capture)
   -> factors     factors, conv_factors: per-sample uses (A, D factors, conv inputs, rows)
   -> span        retain_span, span_blocks, unlearn_factors, forget_window
-  -> terms       gram, route, held_rows: Gram K and <g_i, u> per tensor, ghost / tile / explicit
+  -> terms       gram, route, routes, held_rows: Gram K and <g_i, u> per tensor, one class per route
   -> projection  projection, checks, solve, threads: float64 K^+ b, u - sum_i c_i g_i into .grad
   -> kernels     triton_ops (front end of orthograd_fast.kernels), ops_reference (plain torch)
 

@@ -8,7 +8,7 @@ the GEMMs over it cost more than the convolution (measured on a 64 x 32 x 16 x 1
 
 * per-sample tiles: the weight gradient of a grouped convolution with the samples folded into
   channels (groups = samples x the layer's groups), in slabs of output channels; the Gram and the coefficients
-  ``<g_i, U>`` both come from them (:meth:`ParamTerm._conv_gram_coef`), so they match exactly
+  ``<g_i, U>`` both come from them (:class:`orthograd_fast.engine.routes.conv.ConvRoute`), so they match exactly
 * ``U -= sum c_i g_i`` = weight gradient of (x, c * gy)                  one weight-gradient conv
 
 The ghost route and the Triton kernels need the token form: :meth:`ConvUse.outer` builds it.

@@ -12,7 +12,7 @@ Two orders matter (docs/math.md section 3):
 opt_einsum is asked for the cheapest path under a memory limit (in elements of the largest
 intermediate) and its first pairwise step tells the route: pairing A with A (or D with D) across
 samples is the ghost order; pairing A with D of the same sample is the tile order. Both routes are
-executed in chunks by :mod:`orthograd_fast.engine.gram`, so the memory limit only steers the choice.
+executed in chunks by :mod:`orthograd_fast.engine.routes`, so the memory limit only steers the choice.
 """
 
 from __future__ import annotations

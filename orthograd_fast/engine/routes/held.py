@@ -1,0 +1,108 @@
+"""Routes that can keep their per-sample rows in float32 from the Gram to the update (tile, conv
+and lookup on the CPU): K from a float32 GEMM, refined by re-projection passes
+(:mod:`orthograd_fast.engine.held_rows`, docs/math.md section 11)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import held_rows
+from .base import EXACT_UPDATE_TOL, Route, update_amplification
+
+
+class HeldRoute(Route):
+    """A route whose float32 rows fit in blocks. ``hold`` is asked by the projection's plan
+    (gram.hold_rows), ``rows`` is set by the Gram and dropped by the update; without them the
+    subclass's float64 route runs (:meth:`_gram_coef`, :meth:`_coef`)."""
+
+    def __init__(self, param: Tensor, B: int):
+        super().__init__(param, B)
+        self.hold, self.hold_rtol = False, 0.0
+        self.rows: Optional[held_rows.HeldRows] = None
+        self._k32 = False  # K came from float32 rows
+
+    def _gram_work(self) -> int:
+        """The Gram's multiply-adds: a float32 GEMM when the rows are held, float64 otherwise."""
+        return (1 if self.hold else 2) * self.B * self.B * self.numel
+
+    def update_work(self) -> int:
+        if self.hold:  # GEMVs: the update and the passes
+            return 2 * (held_rows.MAX_PASSES + 1) * self.B * self.numel
+        return self._update_work()
+
+    def _update_work(self) -> int:
+        return self.B * self.numel
+
+    def gram_coef(self, U: Tensor, b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if self._k32 and self.rows is None:  # a float32 K whose rows the update dropped: form again
+            self.K, self._k32 = None, False
+        if self.K is None and self.hold:
+            held = self._held_gram_coef(U)
+            if held is not None:
+                self.K = held[0]
+                return held
+        return super().gram_coef(U, b)
+
+    def coef(self, U: Tensor) -> Tensor:
+        if self.rows is not None:
+            return self.rows.coef(self._flat(U)[0])
+        return self._coef(U)
+
+    def _coef(self, U: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _held_view(self, U: Tensor) -> Tensor:
+        """U in the layout of the held rows' columns."""
+        return U
+
+    def _held_blocks(self, buf: Tensor) -> List[Tuple[int, Tensor]]:
+        """Every per-sample row, float32, as column blocks (offset, [B, n_j]) in the order of
+        :meth:`_held_view`, each at most held_rows.BLOCK_BYTES, in ``buf`` (B * numel: block j
+        from B * offset)."""
+        raise NotImplementedError
+
+    def _flat(self, U: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """U as the flat float32 vector the held rows' columns index, and the view to copy it back
+        into (None when the vector is that view itself)."""
+        V = self._held_view(U)
+        if V.dtype == torch.float32 and V.is_contiguous():
+            return V.view(-1), None
+        return V.reshape(-1).to(torch.float32, copy=True), V
+
+    def _held_gram_coef(self, U: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """K from the float32 rows, kept for the update; None (and ``hold`` off) where K is too
+        ill-conditioned for the re-projection passes or the rank tolerance could act."""
+        buf, slot = held_rows.scratch(self.B * self.numel, self.param.device)
+        blocks = self._held_blocks(buf)
+        K = held_rows.HeldRows.gram(blocks)
+        rows = held_rows.HeldRows.make(blocks, K, self.hold_rtol, slot)
+        if rows is None:
+            self.hold = False
+            return None
+        self.rows, self._k32 = rows, True
+        return K, rows.coef(self._flat(U)[0])
+
+    def project_held_(self, U: Tensor, b: Tensor, scale: float = 1.0, shift: float = 0.0) -> bool:
+        """U <- scale * (P_perp U - shift * sum_i g_i) in place from the held rows (c = K^-1 b);
+        the rows are dropped. False when the passes did not converge: U is then partly updated
+        and the route is set back to float64 (the next gram_coef forms its Gram again)."""
+        rows = self.rows
+        c = rows.Kinv @ b
+        exact = bool(update_amplification(rows.K, c + shift) * held_rows.EPS32 > EXACT_UPDATE_TOL)
+        r, back = self._flat(U)
+        ok = rows.apply_(r, c, scale, exact, shift)
+        if ok and back is not None:
+            back.copy_(r.view(back.shape))
+        self.drop_rows()
+        if not ok:
+            self.hold = False
+        return ok
+
+    def drop_rows(self) -> None:
+        """Forget the held rows (their scratch goes back to the thread)."""
+        if self.rows is not None:
+            self.rows.close()
+            self.rows = None
