@@ -35,7 +35,7 @@ DEFAULT_RTOL = 1e-6
 # rounding noise in every provider, which is no error of the projection.
 SCALE_FLOOR = 1e-6
 
-__all__ = ["OracleResult", "CheckResult", "oracle_direction", "compare", "grads_as_dict"]
+__all__ = ["OracleResult", "CheckResult", "oracle_direction", "compare", "grads_as_dict", "per_sample_grads", "svd_project_out"]
 
 
 @dataclass
@@ -91,10 +91,15 @@ def _trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _per_sample_grads(m64, loss_fn, x, y, params, B):
+def per_sample_grads(m, loss_fn, x, y, params, B):
+    """{id(p): [B, numel] float64}: one forward and one ``torch.autograd.grad`` per retain sample
+    (no vmap, no hooks); a parameter a sample does not reach gets a zero row. ``y`` may be a
+    tensor (sliced with the sample) or anything else (passed as is). The one per-sample loop of the
+    project: tests/oracle.py uses it too."""
     G = {id(p): torch.zeros(B, p.numel(), dtype=torch.float64, device=p.device) for p in params}
     for i in range(B):
-        loss = loss_fn(m64(x[i : i + 1]), y[i : i + 1]).sum()
+        yi = y[i : i + 1] if torch.is_tensor(y) else y
+        loss = loss_fn(m(x[i : i + 1]), yi).sum()
         gs = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, gs):
             if g is not None:
@@ -117,25 +122,32 @@ def _per_sample_grads_batched(m, loss_fn, x, y, params, B):
     return G
 
 
-def _project(G: torch.Tensor, u: torch.Tensor, rtol: Optional[float]) -> Tuple[torch.Tensor, int]:
-    """P_perp(u) for the rows of G (float64) by the SVD G = U S V^T, rank r = #{s > rtol s_max}.
+def svd_project_out(G: torch.Tensor, u: torch.Tensor, rtol: float) -> Tuple[torch.Tensor, int]:
+    """(P_perp(u), rank) for the rows of G (float64) by the SVD G^T = V S W^T, rank r = #{s > rtol
+    s_max}, P = I - V_r V_r^T applied twice (the second pass removes what roundoff left). The
+    projector of the project's oracle: tests/oracle.py uses it too."""
+    V, S, _ = torch.linalg.svd(G.T, full_matrices=False)
+    if S.numel() == 0 or S[0] == 0:
+        return u.clone(), 0
+    r = int((S > rtol * S[0]).sum())
+    V = V[:, :r]
+    pu = u - V @ (V.T @ u)
+    return pu - V @ (V.T @ pu), r
 
-    Small tensors (numel <= 16 B): ``torch.linalg.svd`` of G^T directly, P = I - V_r V_r^T.
-    Large ones: the same projector from the Gram matrix's eigendecomposition K = G G^T = U S^2 U^T,
-    V_r V_r^T = G^T U_r S_r^-2 U_r^T G, applied twice (LAPACK's SVD/QR of a tall 1M x 128 matrix
-    takes minutes on 2 cores; the Gram is one GEMM). In float64 this resolves singular values down
-    to ~1e-7 s_max, below the default cutoff.
+
+def _project(G: torch.Tensor, u: torch.Tensor, rtol: Optional[float]) -> Tuple[torch.Tensor, int]:
+    """P_perp(u) for the rows of G (float64), rank r = #{s > rtol s_max}.
+
+    Small tensors (numel <= 16 B): :func:`svd_project_out`. Large ones: the same projector from the
+    Gram matrix's eigendecomposition K = G G^T = U S^2 U^T, V_r V_r^T = G^T U_r S_r^-2 U_r^T G,
+    applied twice (LAPACK's SVD/QR of a tall 1M x 128 matrix takes minutes on 2 cores; the Gram is
+    one GEMM). In float64 this resolves singular values down to ~1e-7 s_max, below the default
+    cutoff.
     """
     rtol = DEFAULT_RTOL if rtol is None else rtol
     B, n = G.shape
     if n <= 16 * B:
-        V, S, _ = torch.linalg.svd(G.T, full_matrices=False)
-        if S.numel() == 0 or S[0] == 0:
-            return u.clone(), 0
-        r = int((S > rtol * S[0]).sum())
-        V = V[:, :r]
-        pu = u - V @ (V.T @ u)
-        return pu - V @ (V.T @ pu), r
+        return svd_project_out(G, u, rtol)
     lam, U = torch.linalg.eigh(G @ G.T)
     lam, U = lam.flip(0), U.flip(1)  # descending
     if lam[0] <= 0:
@@ -208,7 +220,7 @@ def oracle_direction(
     with torch.enable_grad():
         lu = loss_fn(m64(x_u), y_u).mean()
         ug = torch.autograd.grad(lu, params, allow_unused=True)
-        G = (_per_sample_grads_batched if batched else _per_sample_grads)(m64, loss_fn, x_r, y_r, params, B)
+        G = (_per_sample_grads_batched if batched else per_sample_grads)(m64, loss_fn, x_r, y_r, params, B)
 
     u = {n: (torch.zeros_like(p) if g is None else g).reshape(-1).double() for n, p, g in zip(pnames, params, ug)}
     gbar = {n: G[id(p)].mean(0) for n, p in zip(pnames, params)}

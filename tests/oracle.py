@@ -1,6 +1,8 @@
 """Independent float64 oracle: an explicit per-sample autograd loop and an SVD projector.
 
-Nothing here uses orthograd_fast: every test compares the package against these functions.
+Nothing here uses orthograd_fast: every test compares the package against these functions. The
+loop and the projector are the benchmarks' oracle's (benchmarks/oracle.py: one copy for both);
+this module keeps the small dict-of-rows interface the tests use.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import copy
 
 import torch
+
+from benchmarks.oracle import per_sample_grads, svd_project_out
 
 
 def _to64(x, dtype=torch.float64):
@@ -18,18 +22,10 @@ def oracle_grads(model, loss_fn, x, y, dtype=torch.float64):
     """Per-sample G {name: [B, numel]}, one sample at a time, computed in ``dtype`` (a copy of the
     model) and returned in float64."""
     m = copy.deepcopy(model).to(dtype)
-    names = [n for n, p in m.named_parameters() if p.requires_grad]
-    params = [p for n, p in m.named_parameters() if p.requires_grad]
-    rows = {n: [] for n in names}
-    for i in range(x.shape[0]):
-        xi = _to64(x[i : i + 1], dtype)
-        yi = y[i : i + 1] if isinstance(y, torch.Tensor) else y
-        loss = loss_fn(m(xi), _to64(yi, dtype)).sum()
-        gs = torch.autograd.grad(loss, params, allow_unused=True)
-        for n, g, p in zip(names, gs, params):
-            rows[n].append((g if g is not None else torch.zeros_like(p)).reshape(-1).double())
-    G = {n: torch.stack(rows[n]) for n in names}
-    return G
+    named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    G = per_sample_grads(m, loss_fn, _to64(x, dtype), _to64(y, dtype), params, x.shape[0])
+    return {n: G[id(p)] for n, p in named}
 
 
 def oracle_unlearn_grad(model, loss_fn, x, y, dtype=torch.float64):
@@ -43,11 +39,7 @@ def oracle_unlearn_grad(model, loss_fn, x, y, dtype=torch.float64):
 
 def project_out(G, u, rtol=1e-7):
     """u minus its component in the row span of G (exact SVD projector, float64)."""
-    if G.numel() == 0 or G.abs().max() == 0:
-        return u.clone()
-    _, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    V = Vh[S > rtol * S.max()]
-    return u - V.t() @ (V @ u)
+    return svd_project_out(G, u, rtol)[0]
 
 
 def oracle_direction(model, loss_fn, retain, unlearn, scope="tensor", alpha=0.0, rtol=1e-7, dtype=torch.float64):
