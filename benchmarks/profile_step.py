@@ -10,7 +10,7 @@ API contract's order (retain block first, then the unlearn backward, no ``og.for
 Phases are timed with ``time.perf_counter`` on alternating plain / OrthoGrad steps (medians, ms):
 retain fwd+bwd (for OrthoGrad: inside ``og.retain()``, hooks and exit included), unlearn fwd+bwd (inside ``og.forget()``,
 run before the retain pass on the OrthoGrad side),
-``project_()``, ``opt.step()``. The per-tensor table wraps ``ParamTerm.gram_coef`` / ``apply_``
+``project_()``, ``opt.step()``. The per-tensor table wraps ``PerSampleGrads.gram_coef`` / ``apply_``
 of ``orthograd_fast.engine.gram`` at run time (the package is not modified) to attribute the projection
 to tensors and routes (explicit / tile / ghost / tokens / lookup / conv). On the CPU the terms run
 side by side on Python threads (``orthograd_fast.engine.threads``): the per-tensor times are then each
@@ -119,7 +119,7 @@ def main(argv=None):
 
     # per-tensor attribution of the projection
     per = defaultdict(lambda: [0.0, 0.0, 0, ""])
-    orig_gc, orig_ap = _gram.ParamTerm.gram_coef, _gram.ParamTerm.apply_
+    orig_gc, orig_ap = _gram.PerSampleGrads.gram_coef, _gram.PerSampleGrads.apply_
 
     # pass every argument through: the wrappers must not pin the core's signatures
     def gc_w(self, *a, **kw):
@@ -139,7 +139,7 @@ def main(argv=None):
         per[self.name][1] += time.perf_counter() - t
         return r
 
-    _gram.ParamTerm.gram_coef, _gram.ParamTerm.apply_ = gc_w, ap_w
+    _gram.PerSampleGrads.gram_coef, _gram.PerSampleGrads.apply_ = gc_w, ap_w
     try:
         pr = cProfile.Profile()
         pr.enable()
@@ -147,7 +147,7 @@ def main(argv=None):
             og_step(defaultdict(list))
         pr.disable()
     finally:
-        _gram.ParamTerm.gram_coef, _gram.ParamTerm.apply_ = orig_gc, orig_ap
+        _gram.PerSampleGrads.gram_coef, _gram.PerSampleGrads.apply_ = orig_gc, orig_ap
     n = args.steps
     print("| tensor | route | gram_coef ms/step | apply_ ms/step |\n|---|---|---|---|")
     for name, (tg, ta, _, desc) in sorted(per.items(), key=lambda kv: -(kv[1][0] + kv[1][1])):

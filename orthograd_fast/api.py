@@ -29,7 +29,7 @@ from .engine import projection as _projection
 from .engine import triton_ops as _triton_ops
 from .engine.capture import Capture, find_units
 from .engine.fallback import FallbackLog
-from .engine.gram import ParamTerm
+from .engine.gram import PerSampleGrads
 from .engine.retain_span import RetainSpan, lean_params
 from .engine.unlearn_factors import UnlearnFactors
 from .errors import OrthoGradError
@@ -87,7 +87,7 @@ class OrthoGrad:
         # the capture check (checks.check_capture) runs on the first projection only (the model's
         # structure does not change); with alpha == 0 the retain gradient is not kept afterwards
         self._capture_checked = False
-        self._terms: Optional[Dict[Tensor, ParamTerm]] = None  # of the current span, once built
+        self._terms: Optional[Dict[Tensor, PerSampleGrads]] = None  # of the current span, once built
         self._backend_used: Optional[str] = None
         self._projected = False
         self._in_retain = False
@@ -196,7 +196,7 @@ class OrthoGrad:
             pass
 
     # --- projecting ---------------------------------------------------------------------------------
-    def _build_terms(self) -> Dict[Tensor, ParamTerm]:
+    def _build_terms(self) -> Dict[Tensor, PerSampleGrads]:
         if self._terms is None:
             on_cuda = any(p.is_cuda for _, p in self._params)
             backend = _triton_ops.resolve_backend(self.backend, on_cuda, f"OrthoGrad(backend={self.backend!r})", error=OrthoGradError)

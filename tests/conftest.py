@@ -108,11 +108,11 @@ def unlearn_coef_calls(monkeypatch):
     import orthograd_fast.engine.gram as gram
 
     calls = []
-    orig = gram.ParamTerm.unlearn_coef
+    orig = gram.PerSampleGrads.unlearn_coef
 
     def spy(self, fuses):
         calls.append(self.name)
         return orig(self, fuses)
 
-    monkeypatch.setattr(gram.ParamTerm, "unlearn_coef", spy)
+    monkeypatch.setattr(gram.PerSampleGrads, "unlearn_coef", spy)
     return calls

@@ -232,7 +232,7 @@ def test_order_memory_unlearn_first_is_lighter():
 
 
 def test_profile_step_runs_and_attributes_every_route(capsys):
-    # benchmarks/profile_step.py wraps the core's ParamTerm methods at run time; a signature change
+    # benchmarks/profile_step.py wraps the core's PerSampleGrads methods at run time; a signature change
     # in the core must not break it (it did once: results carried a TypeError traceback)
     from benchmarks import profile_step
 

@@ -1,11 +1,11 @@
-"""ConvUse (orthograd_fast.engine.conv_factors) against a float64 per-sample loop: per-sample weight
+"""ConvFactors (orthograd_fast.engine.conv_factors) against a float64 per-sample loop: per-sample weight
 gradients g_i = d/dW <conv(x_i, W), gy_i>, then U - sum c_i g_i, tiles and the token form."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from orthograd_fast.engine.conv_factors import ConvUse
+from orthograd_fast.engine.conv_factors import ConvFactors
 
 CASES = [  # nd, C, O, spatial, kernel, stride, padding, dilation
     (2, 3, 5, (7, 9), (3, 2), (1, 2), (1, 0), (1, 1)),
@@ -36,7 +36,7 @@ def test_conv_use_matches_per_sample_loop(case):
     conv = F.conv2d if nd == 2 else F.conv1d
     L = conv(x, W, stride=s, padding=p, dilation=d).shape[2:]
     gy = torch.randn(B, O, *L, generator=g)
-    use = ConvUse(x, gy, k, s, p, d)
+    use = ConvFactors(x, gy, k, s, p, d)
     G = _oracle_rows(x, gy, W, s, p, d)  # [B, numel] float64
     U = torch.randn(O, C, *k, generator=g)
     c = torch.randn(B, generator=g, dtype=torch.float64)

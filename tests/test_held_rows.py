@@ -231,13 +231,13 @@ def test_project_vectors_twice_in_a_step(tile):
 
 def test_rows_alive_on_one_thread_do_not_share_its_scratch(tile):
     # the thread's scratch serves one live set of rows; a second term formed meanwhile gets its own
-    from orthograd_fast.engine.factors import OuterUse
+    from orthograd_fast.engine.factors import OuterFactors
 
     g = torch.Generator().manual_seed(8)
     terms, Us, refs = [], [], []
     for B, T, I, O in [(6, 5, 17, 9), (6, 3, 11, 13)]:
         A, D = torch.randn(B, T, 1, I, generator=g), torch.randn(B, T, 1, O, generator=g)
-        t = gram.ParamTerm("w", nn.Parameter(torch.randn(O, I)), [OuterUse(A, D, None, (1, O, I))])
+        t = gram.PerSampleGrads("w", nn.Parameter(torch.randn(O, I)), [OuterFactors(A, D, None, (1, O, I))])
         assert t.mode == gram.TILE
         t.hold, t.hold_rtol = True, 1e-6
         U = torch.randn(O, I, generator=g)

@@ -17,7 +17,7 @@ from orthograd_fast import OrthoGrad
 
 @pytest.fixture(autouse=True)
 def no_held_rows(monkeypatch):
-    # held float32 rows (orthograd_fast.engine.held_rows) are a CPU-only route (ParamTerm.can_hold) that
+    # held float32 rows (orthograd_fast.engine.held_rows) are a CPU-only route (PerSampleGrads.can_hold) that
     # reads K's eigenvalues per term; on the CPU such reads wait for nothing. The device path is off.
     from orthograd_fast.engine import held_rows
 

@@ -10,7 +10,7 @@ from engine_helpers import autocast_ok
 from models import ce, make
 from oracle import oracle_direction, orthogonality
 from orthograd_fast import OrthoGrad
-from orthograd_fast.engine.factors import ExplicitUse
+from orthograd_fast.engine.factors import ExplicitRows
 
 # Per tensor, relative to ||d*|| + ||u||. fp16 meets the 1e-2 with a wide margin. bf16 does
 # not everywhere, and not because of the engine (K and the solve are float64, asserted below): the
@@ -28,7 +28,7 @@ def _half_factor_dtypes(og):
     for _, uses in og._span.blocks:
         for us in uses.values():
             for u in us:
-                ts = [u.G] if isinstance(u, ExplicitUse) else [u.A, u.D]
+                ts = [u.G] if isinstance(u, ExplicitRows) else [u.A, u.D]
                 out |= {t.dtype for t in ts if t is not None}
     return out
 

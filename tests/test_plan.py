@@ -34,7 +34,7 @@ def default_routes(monkeypatch):
 @pytest.fixture
 def group_calls(monkeypatch):
     calls = {"group": 0, "single_explicit": 0}
-    orig_g, orig_t = gram.ExplicitGroup.gram_coef, gram.ParamTerm.gram_coef
+    orig_g, orig_t = gram.ExplicitGroup.gram_coef, gram.PerSampleGrads.gram_coef
 
     def spy_g(self, Us):
         calls["group"] += len(self.terms)
@@ -46,7 +46,7 @@ def group_calls(monkeypatch):
         return orig_t(self, U, b)
 
     monkeypatch.setattr(gram.ExplicitGroup, "gram_coef", spy_g)
-    monkeypatch.setattr(gram.ParamTerm, "gram_coef", spy_t)
+    monkeypatch.setattr(gram.PerSampleGrads, "gram_coef", spy_t)
     return calls
 
 

@@ -4,8 +4,8 @@ torch path (opt_einsum's plan) and for the fused Triton kernels (their own flop 
 import pytest
 import torch
 
-from orthograd_fast.engine.factors import OuterUse
-from orthograd_fast.engine.gram import ParamTerm
+from orthograd_fast.engine.factors import OuterFactors
+from orthograd_fast.engine.gram import PerSampleGrads
 from orthograd_fast.engine.route import GHOST, TILE, choose_route, choose_route_fused, route_costs
 
 
@@ -45,23 +45,23 @@ def test_param_term_takes_the_fused_route_only_on_the_kernels():
     w = torch.nn.Parameter(torch.randn(O, I))
 
     def use(dtype):
-        return OuterUse(torch.randn(B, T, 1, I, dtype=dtype), torch.randn(B, T, 1, O, dtype=dtype), None, (1, O, I))
+        return OuterFactors(torch.randn(B, T, 1, I, dtype=dtype), torch.randn(B, T, 1, O, dtype=dtype), None, (1, O, I))
 
     assert choose_route(B, T, 1, I, O) == TILE and choose_route_fused(B, T, 1, I, O) == GHOST
-    assert ParamTerm("w", w, [use(torch.float32)], backend="torch").mode == TILE
-    assert ParamTerm("w", w, [use(torch.float32)], backend="triton").mode == GHOST
+    assert PerSampleGrads("w", w, [use(torch.float32)], backend="torch").mode == TILE
+    assert PerSampleGrads("w", w, [use(torch.float32)], backend="triton").mode == GHOST
     # float64 factors stay on the torch path, and so on its route
-    assert ParamTerm("w", w, [use(torch.float64)], backend="triton").mode == TILE
+    assert PerSampleGrads("w", w, [use(torch.float64)], backend="triton").mode == TILE
 
 
 def _embedding_term(B, T, V, d, tied):
     # shapes only: zero-stride views, nothing of B x T x V is allocated
     emb = torch.nn.Parameter(torch.empty(V, d))
     ids = torch.zeros(1, 1, dtype=torch.long).expand(B, T)
-    uses = [OuterUse(torch.empty(1, 1, 1, d).expand(B, T, 1, d), None, ids, (1, V, d))]
+    uses = [OuterFactors(torch.empty(1, 1, 1, d).expand(B, T, 1, d), None, ids, (1, V, d))]
     if tied:  # the head: h [B, T, d] against logits gradients [B, T, V]
-        uses.append(OuterUse(torch.empty(1, 1, 1, d).expand(B, T, 1, d), torch.empty(1, 1, 1, V).expand(B, T, 1, V), None, (1, V, d)))
-    return ParamTerm("emb", emb, uses)
+        uses.append(OuterFactors(torch.empty(1, 1, 1, d).expand(B, T, 1, d), torch.empty(1, 1, 1, V).expand(B, T, 1, V), None, (1, V, d)))
+    return PerSampleGrads("emb", emb, uses)
 
 
 @pytest.mark.parametrize(

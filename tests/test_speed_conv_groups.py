@@ -1,4 +1,4 @@
-"""Grouped and depthwise convolutions kept as ConvUse (input, output gradient, groups) against a
+"""Grouped and depthwise convolutions kept as ConvFactors (input, output gradient, groups) against a
 float64 per-sample loop: rows, tiles of whole groups, the token form, the update, and the conv
 route's Gram and coefficients in slabs of several groups per call."""
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from orthograd_fast.engine import gram
-from orthograd_fast.engine.conv_factors import ConvUse
-from orthograd_fast.engine.gram import ParamTerm
+from orthograd_fast.engine.conv_factors import ConvFactors
+from orthograd_fast.engine.gram import PerSampleGrads
 
 CASES = [  # nd, C, O, groups, spatial, kernel, stride, padding, dilation
     (2, 6, 6, 6, (7, 8), (3, 3), (1, 1), (1, 1), (1, 1)),  # depthwise
@@ -38,7 +38,7 @@ def _case(case, B, dtype=torch.float32):
     conv = F.conv2d if nd == 2 else F.conv1d
     L = conv(x, W, stride=s, padding=p, dilation=d, groups=G).shape[2:]
     gy = torch.randn(B, O, *L, generator=g, dtype=dtype)
-    return ConvUse(x, gy, k, s, p, d, G), _oracle_rows(x, gy, W, s, p, d, G), W, g
+    return ConvFactors(x, gy, k, s, p, d, G), _oracle_rows(x, gy, W, s, p, d, G), W, g
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -71,7 +71,7 @@ def test_grouped_conv_use_matches_per_sample_loop(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_grouped_conv_route_gram_coef_update(case, monkeypatch):
-    """The conv route (ParamTerm mode "conv") in float64: one convolution call per group (tiny
+    """The conv route (PerSampleGrads mode "conv") in float64: one convolution call per group (tiny
     CONV_TILE_BYTES) and float64 widening of one channel at a time, against the loop's rows."""
     monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
     monkeypatch.setattr(gram, "CONV_TILE_BYTES", 1)
@@ -79,7 +79,7 @@ def test_grouped_conv_route_gram_coef_update(case, monkeypatch):
     B = 7
     use, G, W, g = _case(case, B, torch.float64)
     p = torch.nn.Parameter(W.clone())
-    t = ParamTerm("w", p, [use])
+    t = PerSampleGrads("w", p, [use])
     if t.mode != "conv":  # the cost model picked the ghost route: the token form is tested above
         pytest.skip(f"route {t.mode}")
     U = torch.randn(W.shape, generator=g, dtype=torch.float64)

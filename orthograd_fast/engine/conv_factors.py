@@ -1,7 +1,7 @@
 """Per-sample gradients of a Conv1d/Conv2d weight (groups=1) kept as the layer's input and output
 gradient, evaluated with the convolution kernels themselves instead of im2col.
 
-The token form of a convolution (:class:`~orthograd_fast.engine.factors.OuterUse` with A = the unfolded
+The token form of a convolution (:class:`~orthograd_fast.engine.factors.OuterFactors` with A = the unfolded
 input patches) costs a B x L x C k copy of the input on every retain pass; on a CPU that copy and
 the GEMMs over it cost more than the convolution (measured on a 64 x 32 x 16 x 16 input: im2col
 17 ms, the conv 4 ms). Here:
@@ -11,7 +11,7 @@ the GEMMs over it cost more than the convolution (measured on a 64 x 32 x 16 x 1
   ``<g_i, U>`` both come from them (:class:`orthograd_fast.engine.routes.conv.ConvRoute`), so they match exactly
 * ``U -= sum c_i g_i`` = weight gradient of (x, c * gy)                  one weight-gradient conv
 
-The ghost route and the Triton kernels need the token form: :meth:`ConvUse.outer` builds it.
+The ghost route and the Triton kernels need the token form: :meth:`ConvFactors.outer` builds it.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .factors import OuterUse, _compute_dtype
+from .factors import OuterFactors, _compute_dtype
 
 
 @dataclass
-class ConvUse:
+class ConvFactors:
     """x: the input [B, C, *S]; gy: the output gradient [B, O, *L]; the weight [O, C / groups, *k]
     with ``stride``, ``padding`` (zeros; other modes and asymmetric padding are applied to x by the
     rule, then padding is 0), ``dilation`` and ``groups``; nd in 1, 2.
@@ -59,7 +59,7 @@ class ConvUse:
         return self.x.dim() - 2
 
     @property
-    def shape(self) -> tuple:  # (G, O, I) like OuterUse: per group
+    def shape(self) -> tuple:  # (G, O, I) like OuterFactors: per group
         G = self.groups
         return (G, self.gy.shape[1] // G, self.x.shape[1] // G * math.prod(self.kernel))
 
@@ -124,7 +124,7 @@ class ConvUse:
     def explicit(self) -> Tensor:
         return self.tiles(0, self.gy.shape[1]).double()
 
-    def outer(self) -> OuterUse:
+    def outer(self) -> OuterFactors:
         """The token form (im2col), for the ghost route, the Triton kernels and DDP gathering."""
         xp = self.x if self.nd == 2 else self.x.unsqueeze(2)
 
@@ -137,4 +137,4 @@ class ConvUse:
         G, B = self.groups, self.B
         A = cols.reshape(B, G, self.row, -1).permute(0, 3, 1, 2)  # [B, L, G, C / G k]
         D = self.gy.reshape(B, G, self.channel_step, -1).permute(0, 3, 1, 2)
-        return OuterUse(A, D, None, self.shape)
+        return OuterFactors(A, D, None, self.shape)

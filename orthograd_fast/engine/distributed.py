@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistributedError
-from .factors import ExplicitUse, OuterUse
+from .factors import ExplicitRows, OuterFactors
 
 
 def _dist():
@@ -128,7 +128,7 @@ def world_size(group) -> int:
 
 # ------------------------------------------------------------------------------------------------
 def _tensors_of(u) -> List[Optional[Tensor]]:
-    if isinstance(u, ExplicitUse):
+    if isinstance(u, ExplicitRows):
         return [u.G]
     return [u.A, u.D, u.ids]
 
@@ -139,7 +139,7 @@ def _signature(uses: Dict[Tensor, list], order: List[Tensor]) -> list:
     for p in order:
         row = []
         for u in uses.get(p, []):
-            if isinstance(u, ExplicitUse):
+            if isinstance(u, ExplicitRows):
                 row.append(("explicit", None, None, [(tuple(u.G.shape), str(u.G.dtype))]))
             else:
                 row.append(
@@ -217,9 +217,9 @@ def gather_uses(uses: Dict[Tensor, list], order: List[Tensor], names: Dict[Tenso
             continue
         new = []
         for j, u in enumerate(uses[p]):
-            if isinstance(u, ExplicitUse):
+            if isinstance(u, ExplicitRows):
                 parts = _all_gather(_pad(u.G, Bmax, None), group)
-                new.append(ExplicitUse(torch.cat([x[:b] for x, b in zip(parts, Bs)], 0)))
+                new.append(ExplicitRows(torch.cat([x[:b] for x, b in zip(parts, Bs)], 0)))
                 continue
             Tmax = max(s[k][j][3][0][0][1] for _, s in allsig)
             got = []
@@ -229,6 +229,6 @@ def gather_uses(uses: Dict[Tensor, list], order: List[Tensor], names: Dict[Tenso
                     continue
                 parts = _all_gather(_pad(t, Bmax, Tmax), group)
                 got.append(torch.cat([x[:b] for x, b in zip(parts, Bs)], 0))
-            new.append(OuterUse(got[0], got[1], got[2], u.shape, u.transposed))
+            new.append(OuterFactors(got[0], got[1], got[2], u.shape, u.transposed))
         out[p] = new
     return out

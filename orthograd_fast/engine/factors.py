@@ -1,13 +1,15 @@
 """Per-sample gradients held as factors, and what the engine needs from them.
 
-A trainable parameter's per-sample gradient g_i is the sum over its *uses* (a module call that
-touched it; several for a tied or re-used parameter) of one of:
+A trainable parameter's per-sample gradient g_i is the sum over its *uses* (an operation call
+that consumed it; several for a tied or re-used parameter) of one of:
 
-* :class:`OuterUse`  g_i = sum_t D_it (x) A_it, grouped: the parameter viewed as [G, O, I].
+* :class:`OuterFactors`  g_i = sum_t D_it (x) A_it, grouped: the parameter viewed as [G, O, I].
   ``ids`` replaces a dense D by one-hot rows (an embedding: D_it = e_{id_it}, never formed).
-* :class:`ExplicitUse` g_i given as a [B, numel] matrix (biases, norm weights, generic fallback).
+* :class:`ExplicitRows` g_i given as a [B, numel] matrix (biases, norm weights, generic fallback).
+* :class:`~orthograd_fast.engine.conv_factors.ConvFactors` a convolution's input and output
+  gradient.
 
-Every use answers three questions without a loop over samples:
+:class:`~orthograd_fast.engine.gram.PerSampleGrads` gathers a tensor's uses. Every use answers three questions without a loop over samples:
 ``<g_i, g_j>`` (its share of the Gram), ``<g_i, U>`` (coefficients) and ``U -= sum_i c_i g_i``.
 """
 
@@ -34,7 +36,7 @@ def _compute_dtype(*ts: Tensor) -> torch.dtype:
 
 
 @dataclass
-class OuterUse:
+class OuterFactors:
     """g_i = sum_t sum_g  D[i, t, g, :] (x) A[i, t, g, :]   (parameter viewed as [G, O, I]).
 
     A: [B, T, G, I]; D: [B, T, G, O] or None when ``ids`` [B, T] (long) gives one-hot rows of an
@@ -131,7 +133,7 @@ class OuterUse:
             U.mul_(scale)
 
 
-def merge_tokens(uses: "list[OuterUse]") -> OuterUse:
+def merge_tokens(uses: "list[OuterFactors]") -> OuterFactors:
     """Uses of one parameter of the same kind (all dense, or all one-hot) -> one use with their
     tokens concatenated: the per-sample gradient sums over tokens, so this is exact."""
     if len(uses) == 1:
@@ -145,12 +147,12 @@ def merge_tokens(uses: "list[OuterUse]") -> OuterUse:
         D = torch.cat([u.D.to(dt) for u in uses], dim=1)
     else:
         ids = torch.cat([u.ids for u in uses], dim=1)
-    return OuterUse(A, D, ids, uses[0].shape, uses[0].transposed)
+    return OuterFactors(A, D, ids, uses[0].shape, uses[0].transposed)
 
 
 def explicit_rows(uses: list) -> Tensor:
     """sum over the uses of their [B, numel] float64 per-sample rows (any use kind)."""
-    if len(uses) == 1 and isinstance(uses[0], ExplicitUse) and uses[0].G.dtype == torch.float64:
+    if len(uses) == 1 and isinstance(uses[0], ExplicitRows) and uses[0].G.dtype == torch.float64:
         return uses[0].G  # rows made by RetainSpan._small_as_rows: as they are
     G = uses[0].explicit()
     for u in uses[1:]:
@@ -159,7 +161,7 @@ def explicit_rows(uses: list) -> Tensor:
 
 
 @dataclass
-class ExplicitUse:
+class ExplicitRows:
     """g_i given as rows of G [B, numel] (any float dtype).
 
     ``weight_D``: the output gradient D [B, 1, 1, O] of a one-token layer whose bias this is (then

@@ -25,7 +25,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import CaptureError, ReplayMismatch
-from .factors import ExplicitUse
+from .factors import ExplicitRows
 
 
 class FallbackLog:
@@ -89,7 +89,7 @@ def _is_batched(t, B: int) -> bool:
     return isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == B
 
 
-def fallback_uses(module: nn.Module, names: Dict[str, Tensor], call, B: int, module_name: str) -> Dict[Tensor, ExplicitUse]:
+def fallback_uses(module: nn.Module, names: Dict[str, Tensor], call, B: int, module_name: str) -> Dict[Tensor, ExplicitRows]:
     """Per-sample gradients of ``names`` (attribute path in ``module`` -> parameter) for one call.
 
     ``call`` holds ``args``, ``kwargs``, ``output`` (detached) and ``grads`` (one per flattened
@@ -145,7 +145,7 @@ def fallback_uses(module: nn.Module, names: Dict[str, Tensor], call, B: int, mod
         return total
 
     per_sample = vmap(grad(inner), in_dims=(None, 0, 0))(params, b_leaves, grads)
-    return {names[k]: ExplicitUse(v.reshape(B, -1)) for k, v in per_sample.items()}
+    return {names[k]: ExplicitRows(v.reshape(B, -1)) for k, v in per_sample.items()}
 
 
 def unit_parameters(module: nn.Module, whole: bool) -> Dict[str, Tensor]:

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .factors import OuterUse
+from .factors import OuterFactors
 
 
 class _Call:
@@ -118,9 +118,9 @@ class ForgetWindow:
             self.seen[p] = (p.grad, p.grad._version)
 
     # --- factors -----------------------------------------------------------------------------
-    def uses(self) -> Dict[Tensor, List[OuterUse]]:
-        """{weight: [one OuterUse per call whose output gradient arrived]} (g = sum_k d_k a_k^T)."""
-        out: Dict[Tensor, List[OuterUse]] = {}
+    def uses(self) -> Dict[Tensor, List[OuterFactors]]:
+        """{weight: [one OuterFactors per call whose output gradient arrived]} (g = sum_k d_k a_k^T)."""
+        out: Dict[Tensor, List[OuterFactors]] = {}
         for key, calls in self.calls.items():
             _, w, transposed = self.layers[key]
             if transposed is None and calls:  # orientation from the shapes (x [B, I], gy [B, O])
@@ -138,5 +138,5 @@ class ForgetWindow:
                 if c.gy.shape[0] != B or c.x.numel() != B * I or c.gy.numel() != B * O:
                     self.partial.add(w)
                     continue
-                out.setdefault(w, []).append(OuterUse(c.x.reshape(B, 1, 1, I), c.gy.reshape(B, 1, 1, O), None, (1, O, I), transposed))
+                out.setdefault(w, []).append(OuterFactors(c.x.reshape(B, 1, 1, I), c.gy.reshape(B, 1, 1, O), None, (1, O, I), transposed))
         return out

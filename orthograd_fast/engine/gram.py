@@ -1,6 +1,6 @@
 """Per-parameter Gram K = G G^T, coefficients b = G u and the update u - G^T c, from factors.
 
-One :class:`ParamTerm` per trainable tensor gathers the uses captured for it, picks the route
+One :class:`PerSampleGrads` per trainable tensor gathers the uses captured for it, picks the route
 that evaluates them and delegates to it (one class each, :mod:`orthograd_fast.engine.routes`):
 
 * **explicit** - every use materialized as [B, numel] in float64. Taken when the tensor is small
@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from . import held_rows
-from .conv_factors import ConvUse
-from .factors import ExplicitUse, OuterUse, merge_tokens
+from .conv_factors import ConvFactors
+from .factors import ExplicitRows, OuterFactors, merge_tokens
 from .route import GHOST, TILE, choose_route, choose_route_fused
 from .routes.base import EXACT_UPDATE_TOL, Route, update_amplification
 from .routes.conv import ConvRoute
@@ -48,7 +48,7 @@ from .routes.triton import TritonGhostRoute, TritonTileRoute, kernels_take
 
 __all__ = [
     "CONV_TILE_BYTES", "EXACT_UPDATE_TOL", "EXPLICIT_MAX", "GHOST", "LOOKUP_ROUTE", "TILE",
-    "TILE_SLAB_BYTES", "ExplicitGroup", "ParamTerm", "hold_rows", "share_bias_grams",
+    "TILE_SLAB_BYTES", "ExplicitGroup", "PerSampleGrads", "hold_rows", "share_bias_grams",
     "update_amplification",
 ]
 
@@ -63,7 +63,7 @@ TILE_SLAB_BYTES = 4 << 20
 CONV_TILE_BYTES = 8 << 20
 
 
-def share_bias_grams(terms: List["ParamTerm"]) -> None:
+def share_bias_grams(terms: List["PerSampleGrads"]) -> None:
     """Pair each one-token weight (ghost route, T = G = 1, on the torch path) with its bias, whose
     per-sample rows are the weight's D: the weight's job computes D D^T once for both and reads D
     from the bias's float64 rows (MLP, B = 64: 3 of 15 float64 B x B x 1024 products per step)."""
@@ -78,7 +78,7 @@ def share_bias_grams(terms: List["ParamTerm"]) -> None:
             h.shared_bias, t.gram_source = t, h
 
 
-def hold_rows(terms: List["ParamTerm"], rtols: List[float]) -> None:
+def hold_rows(terms: List["PerSampleGrads"], rtols: List[float]) -> None:
     """Ask the terms that can hold their float32 rows (orthograd_fast.engine.held_rows) to do so."""
     for t, rt in zip(terms, rtols):
         t.hold = 4 * t.B * t.numel <= held_rows.MAX_BYTES and t.can_hold()
@@ -86,7 +86,7 @@ def hold_rows(terms: List["ParamTerm"], rtols: List[float]) -> None:
 
 
 def _on_route(attr: str, doc: str, settable: bool = False) -> property:
-    """A ParamTerm attribute kept by its route."""
+    """A PerSampleGrads attribute kept by its route."""
 
     def get(self):
         return getattr(self.route, attr)
@@ -97,7 +97,7 @@ def _on_route(attr: str, doc: str, settable: bool = False) -> property:
     return property(get, put if settable else None, doc=doc)
 
 
-class ParamTerm:
+class PerSampleGrads:
     """Everything the solve needs about one trainable tensor's per-sample gradients: the route
     (``route``) chosen for its uses, which forms K, b and the update and answers for its cost."""
 
@@ -123,22 +123,22 @@ class ParamTerm:
         self.numel = param.numel()
         self.B = uses[0].B
         self.backend = backend
-        self.gram_source: Optional["ParamTerm"] = None
-        self.weight_D = uses[0].weight_D if len(uses) == 1 and isinstance(uses[0], ExplicitUse) else None
+        self.gram_source: Optional["PerSampleGrads"] = None
+        self.weight_D = uses[0].weight_D if len(uses) == 1 and isinstance(uses[0], ExplicitRows) else None
         self.route: Route = self._choose(uses)
 
     def _choose(self, uses: list) -> Route:
         p, B = self.param, self.B
-        if len(uses) == 1 and type(uses[0]) is ExplicitUse:  # rows given (biases, norms, compacted)
+        if len(uses) == 1 and type(uses[0]) is ExplicitRows:  # rows given (biases, norms, compacted)
             return ExplicitRoute(p, B, uses)
-        convs = [u for u in uses if isinstance(u, ConvUse)]
+        convs = [u for u in uses if isinstance(u, ConvFactors)]
         if convs and B * self.numel > EXPLICIT_MAX:
             same = len({(u.shape, u.groups) for u in convs}) == 1
             if len(convs) == len(uses) and same and self.backend != "triton" and self._conv_route(convs) == TILE:
                 return ConvRoute(p, B, convs, TILE_SLAB_BYTES, CONV_TILE_BYTES)
             # ghost route, Triton kernels, uses of other kinds: the token form
-            uses = [u.outer() if isinstance(u, ConvUse) else u for u in uses]
-        outer = [u for u in uses if isinstance(u, OuterUse)]
+            uses = [u.outer() if isinstance(u, ConvFactors) else u for u in uses]
+        outer = [u for u in uses if isinstance(u, OuterFactors)]
         if len(outer) < len(uses) or B * self.numel <= EXPLICIT_MAX or self._mixed_orientation(outer):
             return ExplicitRoute(p, B, uses)  # float64 rows, formed on first use (in its job)
         if self._lookup_route_cheaper(outer):
@@ -157,11 +157,11 @@ class ParamTerm:
             return GhostRoute(p, B, use)
         return TokensRoute(p, B, outer)
 
-    def _conv_route(self, convs: List[ConvUse]) -> str:
+    def _conv_route(self, convs: List[ConvFactors]) -> str:
         G, O, I = convs[0].shape
         return choose_route(self.B, sum(u.tokens for u in convs), G, I, O)
 
-    def _lookup_route_cheaper(self, outer: List[OuterUse]) -> bool:
+    def _lookup_route_cheaper(self, outer: List[OuterFactors]) -> bool:
         """Embedding lookups: per-sample rows B x V x d (index_add, then a B^2 V d Gram, formed in
         slabs of table rows, so memory stays at a slab) against the token route, which pairs every
         token with every token: (B T)^2 d for the A products plus, for dense uses of the table (a
@@ -176,7 +176,7 @@ class ParamTerm:
         return self.B * self.B * self.numel <= tokens * tokens * I + dense * dense * O
 
     @staticmethod
-    def _mixed_orientation(outer: List[OuterUse]) -> bool:
+    def _mixed_orientation(outer: List[OuterFactors]) -> bool:
         return len({(u.shape, u.transposed) for u in outer}) > 1
 
     def _on_triton(self) -> bool:
@@ -225,15 +225,15 @@ class ParamTerm:
         self.route.apply_(U, c, scale)
 
     # --- coefficients from the unlearn pass's factors (og.forget(); ghost route) -----------------
-    def unlearn_coef_cheaper(self, fuses: List[OuterUse]) -> bool:
+    def unlearn_coef_cheaper(self, fuses: List[OuterFactors]) -> bool:
         """Whether b_i = <g_i, u> is cheaper from the unlearn factors than from the GEMM D U."""
         return self.route.unlearn_coef_cheaper(fuses)
 
-    def unlearn_coef(self, fuses: List[OuterUse]) -> Tensor:
+    def unlearn_coef(self, fuses: List[OuterFactors]) -> Tensor:
         """b_i = <g_i, u> from the unlearn factors, fp64 [B] (only where unlearn_coef_cheaper)."""
         return self.route.unlearn_coef(fuses)
 
-    def unlearn_rows_error(self, fuses: List[OuterUse], U: Tensor, rows: int, gen: torch.Generator) -> Tensor:
+    def unlearn_rows_error(self, fuses: List[OuterFactors], U: Tensor, rows: int, gen: torch.Generator) -> Tensor:
         """How far random rows of U are from the unlearn factors' (0-d float64, no host sync)."""
         return self.route.unlearn_rows_error(fuses, U, rows, gen)
 

@@ -34,7 +34,7 @@ from . import rules
 from .batch_layout import Provenance, is_batched
 from .param_space import ParamSpace, PerSample, anchored
 from ..errors import CaptureError
-from .factors import ExplicitUse
+from .factors import ExplicitRows
 
 
 @dataclass
@@ -380,12 +380,12 @@ def build_uses(ctx: OpContext, flagged: List[Frame]) -> Dict[Tensor, list]:
             uses.setdefault(p, []).extend(us)
     # one parameter's explicit rows from several calls: summed (exact, one use)
     for p, us in uses.items():
-        ex = [u for u in us if isinstance(u, ExplicitUse)]
+        ex = [u for u in us if isinstance(u, ExplicitRows)]
         if len(ex) > 1:
             G = ex[0].G.double()
             for u in ex[1:]:
                 G = G + u.G.double()
-            uses[p] = [u for u in us if not isinstance(u, ExplicitUse)] + [ExplicitUse(G)]
+            uses[p] = [u for u in us if not isinstance(u, ExplicitRows)] + [ExplicitRows(G)]
     return uses
 
 

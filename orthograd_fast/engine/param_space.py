@@ -122,7 +122,7 @@ class ParamSpace:
     def rows_to_uses(self, t: Tensor, rows: Tensor) -> Dict[Tensor, list]:
         """``rows`` [B, t.numel()] -> {param: [use]}: an embedding use for a view of a lookup's
         output, else explicit rows (:meth:`rows_to_params`)."""
-        from .factors import ExplicitUse, OuterUse
+        from .factors import ExplicitRows, OuterFactors
 
         k = _storage_key(t)
         look = self._lookups.get(k) if k is not None else None
@@ -136,8 +136,8 @@ class ParamSpace:
             r = rows.reshape(B, -1, d)
             if pad is not None:
                 r = r * (flat != (pad if pad >= 0 else V + pad)).unsqueeze(-1).to(r.dtype)
-            return {weight: [OuterUse(r[:, :, None, :], None, flat, (1, V, d))]}
-        return {p: [ExplicitUse(r)] for p, r in self.rows_to_params(t, rows).items()}
+            return {weight: [OuterFactors(r[:, :, None, :], None, flat, (1, V, d))]}
+        return {p: [ExplicitRows(r)] for p, r in self.rows_to_params(t, rows).items()}
 
     def rows_to_params(self, t: Tensor, rows: Tensor) -> Dict[Tensor, Tensor]:
         """``rows`` [B, t.numel()] (per-sample gradients with respect to ``t``) -> {param: [B, numel]}."""

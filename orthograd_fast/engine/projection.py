@@ -2,7 +2,7 @@
 
 Data flows one way (docs/math.md sections 3 to 6, 9 and 11):
 
-    terms (one ParamTerm per tensor) -> plan (shared_biases, explicit groups, jobs; cached while shapes
+    terms (one PerSampleGrads per tensor) -> plan (shared_biases, explicit groups, jobs; cached while shapes
     repeat) -> Gram and coefficients per job (threads on the CPU; held-row terms finish their
     whole projection there) -> checks (finite, capture, unlearn factors) -> batched solve ->
     update (threads)
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import gram
 from . import threads as _threads
-from .gram import ParamTerm
+from .gram import PerSampleGrads
 from .solve import COLUMN_MIN_RTOL, resolve_rtol, solve_columns, solve_psd
 
 # CPU: a term (its Gram and coefficients, or its update) of at most this many multiply-adds always
@@ -58,7 +58,7 @@ class PlanCache:
     plan: Optional[Plan] = field(default=None)
 
 
-def make_plan(T: List[ParamTerm], triton: bool, cache: PlanCache) -> Plan:
+def make_plan(T: List[PerSampleGrads], triton: bool, cache: PlanCache) -> Plan:
     """The plan for terms ``T`` (cached in ``cache`` while their kinds and shapes repeat)."""
     key = tuple((id(t.param), t.mode, t.B, t.numel, t.gram_source is not None) for t in T)
     if cache.plan is not None and cache.key == key:
@@ -120,7 +120,7 @@ class Checks:
 
 
 def project(
-    terms: Dict[Tensor, ParamTerm],
+    terms: Dict[Tensor, PerSampleGrads],
     vectors: Dict[Tensor, Tensor],
     *,
     scope: str,

@@ -4,9 +4,9 @@ The fused recurrent kernel hides its per-step products, so inside ``retain()`` t
 unrolled copy of its recurrence (checked against the module's own output on the first call). Per
 layer and direction:
 
-* input-to-hidden: one linear over all time steps, x [B, T, I] -> gates [B, T, G]: an OuterUse with
+* input-to-hidden: one linear over all time steps, x [B, T, I] -> gates [B, T, G]: an OuterFactors with
   A = x and D = the gates' gradient (its bias: the token sum of D);
-* hidden-to-hidden: per step h_{t-1} [B, H] -> [B, G]; stacked over steps it is one OuterUse with
+* hidden-to-hidden: per step h_{t-1} [B, H] -> [B, G]; stacked over steps it is one OuterFactors with
   A = [h_{t-1}]_t [B, T, H] and D = the per-step gradients [B, T, G]. For LSTM and RNN the step's
   pre-activation is gates_x[:, t] + W_hh h_{t-1} (+ both biases, folded into gates_x), so that
   gradient is the input-to-hidden one's token t: one gradient hook per layer and direction, and
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .param_space import anchored
 from ..errors import CaptureError, UnsupportedModule
-from .factors import ExplicitUse, OuterUse
+from .factors import ExplicitRows, OuterFactors
 
 # relative / absolute tolerance of the first-call check against the fused module (float32 rounding)
 CHECK_RTOL, CHECK_ATOL = 1e-4, 1e-5
@@ -165,10 +165,10 @@ class RecurrentCall:
             w = getattr(m, wn)
             G, I = w.shape
             if w.requires_grad:
-                uses.setdefault(w, []).append(OuterUse(A[:, :, None, :], D[:, :, None, :].to(A.dtype), None, (1, G, I)))
+                uses.setdefault(w, []).append(OuterFactors(A[:, :, None, :], D[:, :, None, :].to(A.dtype), None, (1, G, I)))
             b = getattr(m, bn) if bn else None
             if b is not None and b.requires_grad:
-                uses.setdefault(b, []).append(ExplicitUse(D.sum(1)))
+                uses.setdefault(b, []).append(ExplicitRows(D.sum(1)))
         return uses
 
 

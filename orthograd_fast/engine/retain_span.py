@@ -5,7 +5,7 @@ A *span* is everything captured by ``og.retain()`` blocks since the last project
 sample count and {param: uses} (factors, or float64 rows for small tensors), the sum of the blocks'
 retain gradients where they are kept (``alpha`` and the capture check need them), and each
 parameter's version at capture. :meth:`RetainSpan.terms` turns it into one
-:class:`orthograd_fast.engine.gram.ParamTerm` per tensor, once per span.
+:class:`orthograd_fast.engine.gram.PerSampleGrads` per tensor, once per span.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from torch import Tensor
 from . import span_blocks as _span_blocks
 from . import distributed as _distributed
 from . import gram
-from .conv_factors import ConvUse
+from .conv_factors import ConvFactors
 from ..errors import CaptureError, OrthoGradError
-from .factors import ExplicitUse, explicit_rows
-from .gram import ParamTerm
+from .factors import ExplicitRows, explicit_rows
+from .gram import PerSampleGrads
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
 def is_half(u) -> bool:
     """Whether a captured use carries half-precision factors (autocast)."""
-    if type(u) is ExplicitUse:  # the common case (biases, norm weights, compacted rows): one dtype
+    if type(u) is ExplicitRows:  # the common case (biases, norm weights, compacted rows): one dtype
         return u.G.dtype in _HALF
     return any(t is not None and t.dtype in _HALF for t in (getattr(u, "G", None), getattr(u, "A", None), getattr(u, "D", None)))
 
@@ -46,7 +46,7 @@ class RetainSpan:
         self.versions: Dict[Tensor, int] = {}
         self.half_seen = False  # a half-precision factor was folded into float64 rows (compact)
         self.half = False  # any captured factor was half precision (set by terms())
-        self._terms: Optional[Dict[Tensor, ParamTerm]] = None
+        self._terms: Optional[Dict[Tensor, PerSampleGrads]] = None
 
     @property
     def size(self) -> int:
@@ -115,7 +115,7 @@ class RetainSpan:
                 if p in saved_vals:  # DDP bucket views: restore the values too (see above)
                     p.grad.copy_(saved_vals[p])
 
-    def retain_gradient(self, terms: Dict[Tensor, ParamTerm], lean: set, alpha: float) -> Dict[str, Tensor]:
+    def retain_gradient(self, terms: Dict[Tensor, PerSampleGrads], lean: set, alpha: float) -> Dict[str, Tensor]:
         """gbar_r, {name: tensor}: the mean of the blocks' retain gradients, formed from the
         factors for ``lean`` parameters, from the kept sums for the others."""
         n = len(self.blocks)
@@ -139,21 +139,21 @@ class RetainSpan:
         return out
 
     def _small_as_rows(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:
-        """Small tensors (B * numel <= gram.EXPLICIT_MAX, the ones ParamTerm materializes anyway)
+        """Small tensors (B * numel <= gram.EXPLICIT_MAX, the ones PerSampleGrads materializes anyway)
         become their float64 per-sample rows now, so the layer inputs and output gradients behind
         them are freed before the unlearn pass (a first conv's output gradient is B x C x H x W,
         its weight's rows only B x numel)."""
         out = {}
         for p, us in uses.items():
-            if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitUse) for u in us):
+            if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitRows) for u in us):
                 self.half_seen = self.half_seen or any(is_half(u) for u in us)
-                out[p] = [ExplicitUse(explicit_rows(us))]
+                out[p] = [ExplicitRows(explicit_rows(us))]
             else:
                 out[p] = us
         return out
 
-    def terms(self, backend: str) -> Dict[Tensor, ParamTerm]:
-        """One ParamTerm per captured tensor (built once per span)."""
+    def terms(self, backend: str) -> Dict[Tensor, PerSampleGrads]:
+        """One PerSampleGrads per captured tensor (built once per span)."""
         if self._terms is not None:
             return self._terms
         if not self.blocks:
@@ -172,7 +172,7 @@ class RetainSpan:
         blocks = self.blocks
         if len(blocks) > 1 or self.group is not None:
             # several blocks / DDP ranks are concatenated along samples in the token form
-            blocks = [(B, {p: [u.outer() if isinstance(u, ConvUse) else u for u in us] for p, us in uses.items()}) for B, uses in blocks]
+            blocks = [(B, {p: [u.outer() if isinstance(u, ConvFactors) else u for u in us] for p, us in uses.items()}) for B, uses in blocks]
         uses = _span_blocks.concat_blocks(blocks)
         # autocast: whether any captured factor was half precision (the capture check's tolerance);
         # _small_as_rows recorded it for the tensors it turned into float64 rows
@@ -180,7 +180,7 @@ class RetainSpan:
         if self.group is not None:  # DDP: the union of every rank's retain samples
             names = {p: n for n, p in self.params}
             uses = _distributed.gather_uses(uses, [p for _, p in self.params], names, self.size, self.group)
-        terms = {p: ParamTerm(name, p, uses[p], backend) for name, p in self.params if uses.get(p)}
+        terms = {p: PerSampleGrads(name, p, uses[p], backend) for name, p in self.params if uses.get(p)}
         gram.share_bias_grams(list(terms.values()))
         self._terms = terms
         return terms

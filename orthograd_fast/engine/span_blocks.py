@@ -13,11 +13,11 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from .factors import ExplicitUse, OuterUse, merge_tokens
+from .factors import ExplicitRows, OuterFactors, merge_tokens
 
 
 def _key(u) -> tuple:
-    if isinstance(u, ExplicitUse):
+    if isinstance(u, ExplicitRows):
         return ("explicit",)
     return ("ids" if u.ids is not None else "dense", u.shape, u.transposed)
 
@@ -30,12 +30,12 @@ def _pad_T(t: Tensor, T: int) -> Tensor:
 
 
 def _zeros_like_use(u, B: int):
-    if isinstance(u, ExplicitUse):
-        return ExplicitUse(u.G.new_zeros(B, u.G.shape[1]))
+    if isinstance(u, ExplicitRows):
+        return ExplicitRows(u.G.new_zeros(B, u.G.shape[1]))
     A = u.A.new_zeros((B, 1) + tuple(u.A.shape[2:]))
     D = None if u.D is None else u.D.new_zeros((B, 1) + tuple(u.D.shape[2:]))
     ids = None if u.ids is None else u.ids.new_zeros(B, 1)
-    return OuterUse(A, D, ids, u.shape, u.transposed)
+    return OuterFactors(A, D, ids, u.shape, u.transposed)
 
 
 def concat_blocks(blocks: List[Tuple[int, Dict[Tensor, list]]]) -> Dict[Tensor, list]:
@@ -66,7 +66,7 @@ def concat_blocks(blocks: List[Tuple[int, Dict[Tensor, list]]]) -> Dict[Tensor, 
                     G = us[0].G
                     for u in us[1:]:
                         G = G + u.G
-                    merged[k] = ExplicitUse(G)
+                    merged[k] = ExplicitRows(G)
                 else:
                     merged[k] = merge_tokens(us)
             per_block.append((Bk, merged))
@@ -75,12 +75,12 @@ def concat_blocks(blocks: List[Tuple[int, Dict[Tensor, list]]]) -> Dict[Tensor, 
             proto = next(m[k] for _, m in per_block if k in m)
             parts = [m[k] if k in m else _zeros_like_use(proto, Bk) for Bk, m in per_block]
             if k[0] == "explicit":
-                uses.append(ExplicitUse(torch.cat([q.G for q in parts], dim=0)))
+                uses.append(ExplicitRows(torch.cat([q.G for q in parts], dim=0)))
                 continue
             T = max(q.A.shape[1] for q in parts)
             A = torch.cat([_pad_T(q.A, T) for q in parts], dim=0)
             D = None if proto.D is None else torch.cat([_pad_T(q.D, T) for q in parts], dim=0)
             ids = None if proto.ids is None else torch.cat([_pad_T(q.ids, T) for q in parts], dim=0)
-            uses.append(OuterUse(A, D, ids, proto.shape, proto.transposed))
+            uses.append(OuterFactors(A, D, ids, proto.shape, proto.transposed))
         out[p] = uses
     return out

@@ -3,7 +3,7 @@
 Each window (:class:`orthograd_fast.engine.forget_window.ForgetWindow`) keeps, for one-token calls of
 dense layers, the layer input and output gradient of the unlearn backward; where they describe
 ``.grad`` exactly and are cheaper, the coefficients <g_i, u> come from B x B_u products of factors
-instead of the coefficient GEMM (:meth:`ParamTerm.unlearn_coef`). This module holds that
+instead of the coefficient GEMM (:meth:`PerSampleGrads.unlearn_coef`). This module holds that
 bookkeeping for the facade: which weights' factors are valid, the windows, and the check of the
 factors against ``.grad`` at each projection.
 """
@@ -28,7 +28,7 @@ MAX_BYTES = 256 << 20
 
 
 class UnlearnFactors:
-    """og.forget() factors of the current span, {param: [OuterUse]}, and the state around them.
+    """og.forget() factors of the current span, {param: [OuterFactors]}, and the state around them.
 
     ``explicit``: an og.forget() block ran in this span (no arming; a failed check raises).
     ``arm_off``: why arming stopped for good (a parameter whose armed factors failed a check).

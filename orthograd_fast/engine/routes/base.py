@@ -46,7 +46,7 @@ class Route:
     """How one tensor's K, b and update are evaluated. The route keeps K once formed (``K``; the
     projection may replace it by its own view of the stacked Grams) and answers for its own cost.
 
-    Subclasses set ``name`` (ParamTerm.mode) and implement :meth:`_gram_coef`, :meth:`coef`,
+    Subclasses set ``name`` (PerSampleGrads.mode) and implement :meth:`_gram_coef`, :meth:`coef`,
     :meth:`apply_` and :meth:`work`."""
 
     name = ""

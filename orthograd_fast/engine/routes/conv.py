@@ -1,4 +1,4 @@
-"""The conv route: the tile order for convolutions (ConvUse), per-sample tiles from grouped
+"""The conv route: the tile order for convolutions (ConvFactors), per-sample tiles from grouped
 weight-gradient convolutions in slabs of output channels, widened to float64 for K and b."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import held_rows
-from ..conv_factors import ConvUse
+from ..conv_factors import ConvFactors
 from ..factors import CHUNK_BYTES, _compute_dtype
 from .base import _SlabBuffer, apply_uses_
 from .held import HeldRoute
@@ -22,7 +22,7 @@ class ConvRoute(HeldRoute):
 
     name = "conv"
 
-    def __init__(self, param: Tensor, B: int, uses: List[ConvUse], slab_bytes: int, call_bytes: int):
+    def __init__(self, param: Tensor, B: int, uses: List[ConvFactors], slab_bytes: int, call_bytes: int):
         super().__init__(param, B)
         self.uses = uses
         self.slab_bytes, self.call_bytes = slab_bytes, call_bytes

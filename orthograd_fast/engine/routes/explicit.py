@@ -53,7 +53,7 @@ class ExplicitGroup:
     dominate). The same numbers as the per-term path, the update formed in float64."""
 
     def __init__(self, terms: list, ks: List[int], rows: Tensor, shape: Optional[torch.Size] = None):
-        self.terms = terms  # orthograd_fast.engine.gram.ParamTerm, all on the explicit route
+        self.terms = terms  # orthograd_fast.engine.gram.PerSampleGrads, all on the explicit route
         self.ks = ks  # the members' positions in the projection's list of active tensors
         self.rows = rows  # the same as an index tensor
         self.shape = shape  # the members' common shape (None: shapes differ): stacked without reshapes
@@ -69,7 +69,7 @@ class ExplicitGroup:
             return None
         return (t.B, t.numel, t.param.dtype, t.param.device)
 
-    def work(self) -> int:  # the members' ParamTerm.work(), summed
+    def work(self) -> int:  # the members' PerSampleGrads.work(), summed
         return 2 * self.B * self.B * self.numel * len(self.terms)
 
     def update_work(self) -> int:

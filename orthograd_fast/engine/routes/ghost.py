@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..factors import CHUNK_BYTES, OuterUse
+from ..factors import CHUNK_BYTES, OuterFactors
 from ..route import GHOST
 from .base import Route
 
@@ -19,7 +19,7 @@ class GhostRoute(Route):
 
     name = GHOST
 
-    def __init__(self, param: Tensor, B: int, use: OuterUse):
+    def __init__(self, param: Tensor, B: int, use: OuterFactors):
         super().__init__(param, B)
         self.use = use
         self._r64: Optional[Tuple[Tensor, Tensor]] = None  # float64 rows of a one-token use
@@ -89,7 +89,7 @@ class GhostRoute(Route):
         return K
 
     # --- coefficients from the unlearn pass's factors (og.forget()) ------------------------------
-    def unlearn_coef_cheaper(self, fuses: List[OuterUse]) -> bool:
+    def unlearn_coef_cheaper(self, fuses: List[OuterFactors]) -> bool:
         """Whether b_i = <g_i, u> is cheaper from the unlearn factors (u = sum_k D_uk^T A_uk) than
         from the GEMM D U: B T Bu Tu G (I + O) against B T G O I multiply-adds (T = 1 layers of an
         MLP or a classifier head: B_u (I + O) against O I)."""
@@ -103,11 +103,11 @@ class GhostRoute(Route):
         tu = sum(f.A.shape[0] * f.A.shape[1] for f in fuses)
         return tu * (I + O) < O * I
 
-    def unlearn_coef(self, fuses: List[OuterUse]) -> Tensor:
+    def unlearn_coef(self, fuses: List[OuterFactors]) -> Tensor:
         """b_i = sum_k sum_{t,s} (a_it . a_ks)(d_it . d_ks) over the unlearn factors, fp64 [B]."""
         use = self.use
         B, T, G, I = use.A.shape
-        dt = torch.float64  # like OuterUse.coef: b must be as exact as K (B x B_u products: cheap)
+        dt = torch.float64  # like OuterFactors.coef: b must be as exact as K (B x B_u products: cheap)
         if T == 1 and G == 1 and all(f.A.shape[1] == 1 for f in fuses):  # plain B x B_u products
             A, D = self._rows64()
             b = torch.zeros(B, dtype=torch.float64, device=A.device)
@@ -131,7 +131,7 @@ class GhostRoute(Route):
                 b[b0:b1] += prod.sum(dim=(0, 2)).double().reshape(b1 - b0, T).sum(1)
         return b
 
-    def unlearn_rows_error(self, fuses: List[OuterUse], U: Tensor, rows: int, gen: torch.Generator) -> Tensor:
+    def unlearn_rows_error(self, fuses: List[OuterFactors], U: Tensor, rows: int, gen: torch.Generator) -> Tensor:
         """How far ``rows`` random rows of U (the [O, I] view) are from the same rows of
         sum_k D_uk^T A_uk, relative to sum_k |d_kj| |a_k| (the rounding scale of the backward's
         sum): a 0-d float64 tensor, small when the unlearn factors describe U (no host sync)."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import held_rows
-from ..factors import OuterUse, _compute_dtype
+from ..factors import OuterFactors, _compute_dtype
 from .base import _SlabBuffer, apply_uses_
 from .held import HeldRoute
 
@@ -21,7 +21,7 @@ class LookupRoute(HeldRoute):
 
     name = "lookup"
 
-    def __init__(self, param: Tensor, B: int, uses: List[OuterUse], slab_bytes: int):
+    def __init__(self, param: Tensor, B: int, uses: List[OuterFactors], slab_bytes: int):
         super().__init__(param, B)
         self.uses = uses
         self.slab_bytes = slab_bytes

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import held_rows
-from ..factors import CHUNK_BYTES, OuterUse, _compute_dtype
+from ..factors import CHUNK_BYTES, OuterFactors, _compute_dtype
 from ..route import TILE
 from .base import _SlabBuffer
 from .held import HeldRoute
@@ -21,7 +21,7 @@ class TileRoute(HeldRoute):
 
     name = TILE
 
-    def __init__(self, param: Tensor, B: int, use: OuterUse, slab_bytes: int):
+    def __init__(self, param: Tensor, B: int, use: OuterFactors, slab_bytes: int):
         super().__init__(param, B)
         self.use = use
         self.slab_bytes = slab_bytes

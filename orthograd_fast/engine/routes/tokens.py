@@ -8,7 +8,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from ..factors import CHUNK_BYTES, OuterUse
+from ..factors import CHUNK_BYTES, OuterFactors
 from .base import Route, apply_uses_
 
 
@@ -17,7 +17,7 @@ class TokensRoute(Route):
 
     name = "tokens"
 
-    def __init__(self, param: Tensor, B: int, uses: List[OuterUse]):
+    def __init__(self, param: Tensor, B: int, uses: List[OuterFactors]):
         super().__init__(param, B)
         self.uses = uses
 

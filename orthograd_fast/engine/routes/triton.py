@@ -9,13 +9,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..factors import OuterUse, _compute_dtype
+from ..factors import OuterFactors, _compute_dtype
 from .base import Route
 from .ghost import GhostRoute
 from .tile import TileRoute
 
 
-def kernels_take(use: OuterUse, backend: str) -> bool:
+def kernels_take(use: OuterFactors, backend: str) -> bool:
     """The kernels take one group of dense fp32/bf16/fp16 factors; grouped uses, embeddings and
     float64 models stay on the torch path."""
     return (
@@ -59,7 +59,7 @@ class _Kernels:
     def can_hold(self) -> bool:
         return False
 
-    def unlearn_coef_cheaper(self, fuses: List[OuterUse]) -> bool:
+    def unlearn_coef_cheaper(self, fuses: List[OuterFactors]) -> bool:
         return False
 
 

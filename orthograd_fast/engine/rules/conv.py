@@ -11,8 +11,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..conv_factors import ConvUse
-from ..factors import OuterUse
+from ..conv_factors import ConvFactors
+from ..factors import OuterFactors
 from .common import arg, as_tuple, bias_uses, merge, weight_use
 
 def _unfold_nd(x: Tensor, kernel, stride, dilation) -> Tensor:
@@ -33,7 +33,7 @@ def conv_weight_use(x: Tensor, gy: Tensor, B: int, kernel, stride, padding, dila
     if nd in (1, 2):
         # kept as (input, output gradient), evaluated by (grouped) convolutions (conv_factors.py):
         # a depthwise k x k conv is never unfolded (that is k^2 copies of its input)
-        return ConvUse(x, gy, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), G)
+        return ConvFactors(x, gy, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), G)
     pad = [q for p in reversed(tuple(padding)) for q in (p, p)]
     patches = _unfold_nd(F.pad(x, pad) if any(pad) else x, kernel, stride, dilation)  # [B, C, L..., k...]
     Lprod = math.prod(patches.shape[2 : 2 + nd])
@@ -41,7 +41,7 @@ def conv_weight_use(x: Tensor, gy: Tensor, B: int, kernel, stride, padding, dila
     # -> [B, L, G, Cg * kprod], columns ordered (c_in_g, k1, ..., knd) like the weight
     A = patches.reshape(B, G, C // G, Lprod, kprod).permute(0, 3, 1, 2, 4).reshape(B, Lprod, G, (C // G) * kprod)
     D = gy.reshape(B, G, O // G, Lprod).permute(0, 3, 1, 2)
-    return OuterUse(A, D, None, (G, O // G, (C // G) * kprod))
+    return OuterFactors(A, D, None, (G, O // G, (C // G) * kprod))
 
 
 def _conv_padding(x, padding, kernel, dilation, nd):

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from ..batch_layout import batch_major, same_view
 from ...errors import UnsupportedModule
-from ..factors import OuterUse
-from ..factors import ExplicitUse
+from ..factors import OuterFactors
+from ..factors import ExplicitRows
 from .common import arg, bias_uses, explicit, merge
 
 
@@ -25,10 +25,10 @@ def dense_weight_uses(space, w: Tensor, A: Tensor, D: Tensor, transposed: bool, 
     if kind == "param" and p.dim() == 2:
         if same_view(w, p):
             D4 = D[:, :, None, :] if D4 is None else D4
-            return {p: [OuterUse(A[:, :, None, :], D4, None, (1, O, I), transposed=transposed)]}
+            return {p: [OuterFactors(A[:, :, None, :], D4, None, (1, O, I), transposed=transposed)]}
         if w.dim() == 2 and w.shape == p.shape[::-1] and w.stride() == p.stride()[::-1] and w.storage_offset() == p.storage_offset():
             # w is p.t() (a tied head written `h @ emb.weight.t()`)
-            return {p: [OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, O, I), transposed=not transposed)]}
+            return {p: [OuterFactors(A[:, :, None, :], D[:, :, None, :], None, (1, O, I), transposed=not transposed)]}
         off = w.storage_offset() - p.storage_offset()
         if (
             not transposed
@@ -42,7 +42,7 @@ def dense_weight_uses(space, w: Tensor, A: Tensor, D: Tensor, transposed: bool, 
             r0 = off // p.stride(0)
             Dfull = D.new_zeros(B, T, 1, p.shape[0])
             Dfull[:, :, 0, r0 : r0 + O] = D
-            return {p: [OuterUse(A[:, :, None, :], Dfull, None, (1, p.shape[0], I))]}
+            return {p: [OuterFactors(A[:, :, None, :], Dfull, None, (1, p.shape[0], I))]}
     eq = "bti,bto->bio" if transposed else "bto,bti->boi"
     return explicit(space, w, torch.einsum(eq, D.double(), A.double()).reshape(B, -1))
 
@@ -60,7 +60,7 @@ def _dense(ctx, func, out, x: Tensor, w: Tensor, b, transposed: bool):
         if D.shape[1] == 1 and _own(space, w) and _own(space, b) and b.dim() == 1:
             # one token per sample: the bias's rows are the weight's D (gram.share_bias_grams
             # computes D D^T once for both)
-            return merge(uses, {b: [ExplicitUse(D[:, 0], weight_D=D4)]})
+            return merge(uses, {b: [ExplicitRows(D[:, 0], weight_D=D4)]})
         return merge(uses, bias_uses(space, b, D))
 
     out = ctx.record(func, out, [w, b], build)
@@ -136,7 +136,7 @@ def embedding(ctx, func, args, kwargs):
         if padding_idx is not None:
             pad = padding_idx if padding_idx >= 0 else V + padding_idx
             rows = rows * (flat != pad).unsqueeze(-1).to(rows.dtype)
-        return {p: [OuterUse(rows[:, :, None, :], None, flat, (1, V, d))]}
+        return {p: [OuterFactors(rows[:, :, None, :], None, flat, (1, V, d))]}
 
     return ctx.record(func, out, [w], build)
 
@@ -154,7 +154,7 @@ def getitem(ctx, func, args, kwargs):
 
     def build(gy):
         V, d = p.shape
-        return {p: [OuterUse(gy.reshape(B, -1, d)[:, :, None, :], None, idsd.reshape(B, -1), (1, V, d))]}
+        return {p: [OuterFactors(gy.reshape(B, -1, d)[:, :, None, :], None, idsd.reshape(B, -1), (1, V, d))]}
 
     return ctx.record(func, out, [w], build)
 
@@ -175,7 +175,7 @@ def bilinear(ctx, func, args, kwargs):
         if space.base(w) is not None:
             kind, p = space.base(w)
             if kind == "param" and same_view(w, p):
-                uses = {p: [OuterUse(A[:, :, None, :], D[:, :, None, :], None, (1, O, I1 * I2))]}
+                uses = {p: [OuterFactors(A[:, :, None, :], D[:, :, None, :], None, (1, O, I1 * I2))]}
             else:
                 uses = explicit(space, w, torch.einsum("bto,bti->boi", D.double(), A.double()).reshape(B, -1))
         return merge(uses, bias_uses(space, b, D))
