@@ -7,20 +7,26 @@ import torch.nn.functional as F
 
 from orthograd_fast.engine.conv_factors import ConvFactors
 
-CASES = [  # nd, C, O, spatial, kernel, stride, padding, dilation
-    (2, 3, 5, (7, 9), (3, 2), (1, 2), (1, 0), (1, 1)),
-    (2, 4, 6, (8, 5), (2, 3), (2, 1), (0, 2), (2, 1)),
-    (1, 3, 7, (11,), (3,), (2,), (1,), (1,)),
-    (1, 2, 4, (13,), (4,), (1,), (0,), (3,)),
+CASES = [  # nd, C, O, spatial, kernel, stride, padding, dilation, groups
+    (2, 3, 5, (7, 9), (3, 2), (1, 2), (1, 0), (1, 1), 1),
+    (2, 4, 6, (8, 5), (2, 3), (2, 1), (0, 2), (2, 1), 1),
+    (1, 3, 7, (11,), (3,), (2,), (1,), (1,), 1),
+    (1, 2, 4, (13,), (4,), (1,), (0,), (3,), 1),
+    # depthwise (one input channel per group: the forward-conv tiles), with a channel multiplier,
+    # and grouped with several input channels per group
+    (2, 5, 5, (9, 7), (3, 3), (1, 1), (1, 1), (1, 1), 5),
+    (2, 3, 6, (10, 7), (3, 2), (2, 1), (2, 1), (1, 2), 3),
+    (1, 4, 8, (12,), (5,), (2,), (2,), (2,), 4),
+    (2, 6, 4, (7, 8), (2, 3), (1, 2), (0, 1), (2, 1), 2),
 ]
 
 
-def _oracle_rows(x, gy, W, stride, padding, dilation):
+def _oracle_rows(x, gy, W, stride, padding, dilation, groups=1):
     conv = F.conv2d if x.dim() == 4 else F.conv1d
     rows = []
     for i in range(x.shape[0]):
         w = W.detach().double().clone().requires_grad_()
-        y = conv(x[i : i + 1].double(), w, stride=stride, padding=padding, dilation=dilation)
+        y = conv(x[i : i + 1].double(), w, stride=stride, padding=padding, dilation=dilation, groups=groups)
         (g,) = torch.autograd.grad((y * gy[i : i + 1].double()).sum(), w)
         rows.append(g.reshape(-1))
     return torch.stack(rows)
@@ -28,20 +34,21 @@ def _oracle_rows(x, gy, W, stride, padding, dilation):
 
 @pytest.mark.parametrize("case", CASES)
 def test_conv_use_matches_per_sample_loop(case):
-    nd, C, O, S, k, s, p, d = case
-    g = torch.Generator().manual_seed(sum(S) + O)
+    nd, C, O, S, k, s, p, d, groups = case
+    g = torch.Generator().manual_seed(sum(S) + O + groups)
     B = 5
     x = torch.randn(B, C, *S, generator=g)
-    W = torch.randn(O, C, *k, generator=g)
+    W = torch.randn(O, C // groups, *k, generator=g)
     conv = F.conv2d if nd == 2 else F.conv1d
-    L = conv(x, W, stride=s, padding=p, dilation=d).shape[2:]
+    L = conv(x, W, stride=s, padding=p, dilation=d, groups=groups).shape[2:]
     gy = torch.randn(B, O, *L, generator=g)
-    use = ConvFactors(x, gy, k, s, p, d)
-    G = _oracle_rows(x, gy, W, s, p, d)  # [B, numel] float64
-    U = torch.randn(O, C, *k, generator=g)
+    use = ConvFactors(x, gy, k, s, p, d, groups)
+    G = _oracle_rows(x, gy, W, s, p, d, groups)  # [B, numel] float64
+    U = torch.randn(O, C // groups, *k, generator=g)
     c = torch.randn(B, generator=g, dtype=torch.float64)
     assert (use.explicit() - G).abs().max() <= 1e-5 * G.abs().max()
-    o0, o1 = 1, O - 1
+    step = O // groups  # slabs of output channels are whole groups
+    o0, o1 = (1, O - 1) if groups == 1 else (step, O - step if O > 2 * step else O)
     tiles = use.tiles(o0, o1).double().reshape(B, o1 - o0, -1)
     assert (tiles - G.reshape(B, O, -1)[:, o0:o1]).abs().max() <= 1e-5 * G.abs().max()
     b0, b1 = 1, B - 1  # a chunk of samples (the engine's sample chunks)
@@ -53,5 +60,5 @@ def test_conv_use_matches_per_sample_loop(case):
         tol = (1e-5 if V.dtype == torch.float32 else 1e-12) * ref.abs().max()
         assert (V.double().reshape(-1) - ref).abs().max() <= tol
     out = use.outer()  # token form: sum_t D_t (x) A_t
-    tok = torch.einsum("btgo,btgi->boi", out.D.double(), out.A.double()).reshape(B, -1)
+    tok = torch.einsum("btgo,btgi->bgoi", out.D.double(), out.A.double()).reshape(B, -1)
     assert (tok - G).abs().max() <= 1e-5 * G.abs().max()

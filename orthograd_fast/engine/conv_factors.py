@@ -110,10 +110,29 @@ class ConvFactors:
         og = self.channel_step
         g0, g1 = o0 // og, -(-o1 // og)
         cg = self.x.shape[1] // self.groups
+        if cg == 1 and self.groups > 1:
+            return self._depthwise_tiles(o0, o1, b0, b1)
         x = self.x[b0:b1, g0 * cg : g1 * cg].reshape(1, B * (g1 - g0) * cg, *self.x.shape[2:])
         gy = self.gy[b0:b1, o0:o1].reshape(1, B * (o1 - o0), *self.gy.shape[2:])
         g = self._wgrad(gy, x, (B * (o1 - o0), cg, *self.kernel), groups=B * (g1 - g0))
         return g.reshape(B, -1)
+
+    def _depthwise_tiles(self, o0: int, o1: int, b0: int, b1: int) -> Tensor:
+        """tiles() for one input channel per group (depthwise, with or without a channel
+        multiplier): a forward depthwise convolution of each (sample, channel) input with its
+        output gradients as the kernel, stride and dilation swapped (out[k] = sum_h x[k d + h s]
+        gy[h]), cropped to the kernel size. The weight-gradient form runs one group per (sample,
+        channel) pair, which CPU kernels handle slowly (7 x 7 depthwise, 32 x 32 x 16 x 16: 12 ms
+        against 1 ms here)."""
+        dt = self._dt()
+        B, og = b1 - b0, self.channel_step
+        g0, g1 = o0 // og, -(-o1 // og)  # o0, o1 are multiples of og here (whole groups)
+        x = self.x[b0:b1, g0:g1].to(dt).reshape(1, B * (g1 - g0), *self.x.shape[2:])
+        gy = self.gy[b0:b1, o0:o1].to(dt).reshape(B * (o1 - o0), 1, *self.gy.shape[2:])
+        conv = F.conv2d if self.nd == 2 else F.conv1d
+        out = conv(x, gy, padding=self.padding, stride=self.dilation, dilation=self.stride, groups=B * (g1 - g0))
+        out = out[(0, slice(None)) + tuple(slice(0, k) for k in self.kernel)]
+        return out.reshape(B, -1)
 
     def sample_chunk(self, budget: int) -> int:
         """Samples per tiles() call that keep the convolution's own unfolded copy of the input
