@@ -136,7 +136,7 @@ class OrthoGrad:
                 yield self
         finally:
             self._in_retain = False
-        self._unlearn.observe(*cap.ctx.dense_verdict())
+        self._unlearn.observe(*cap.dense_verdict)
         self._unlearn.arm(self._units)  # the unlearn backward that follows keeps its factors
 
     def _begin_block(self, nested: str) -> None:

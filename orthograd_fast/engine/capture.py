@@ -160,6 +160,7 @@ class Capture:
         self.root_calls = 0
         self.handles = []
         self.error: Optional[BaseException] = None
+        self.dense_verdict: tuple = ({}, set())  # OpContext.dense_verdict(), kept by finish()
 
     # --- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -184,6 +185,16 @@ class Capture:
             if u.kind == "recurrent" and "forward" in u.module.__dict__:
                 del u.module.forward
         self.ctx.frames.clear()
+
+    def release(self) -> None:
+        """Drop what the block recorded (after :meth:`finish`, or after an error): the capture and
+        its context refer to each other, and the records hold layer inputs and closures; without
+        this they wait for the garbage collector instead of going when the block ends."""
+        self.detach()
+        self.ctx.records = []
+        self.ctx.capture = None
+        self._flagged = []
+        self.rnn_calls = []
 
     def param_names(self, params) -> List[str]:
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -290,6 +301,7 @@ class Capture:
                     stack.enter_context(torch.autocast(dev, dtype=dt))
                 fallback.merge(uses, fallback.fallback_uses(u.module, names, call, B, u.name))
         op_uses = op_capture.build_uses(self.ctx, [f for f, _ in self._flagged])
+        self.dense_verdict = self.ctx.dense_verdict()
         any_grad = any_grad or bool(op_uses)
         for p, us in op_uses.items():
             uses.setdefault(p, []).extend(us)

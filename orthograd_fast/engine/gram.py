@@ -28,6 +28,8 @@ re-projection pass and a coarser rank tolerance (see :mod:`orthograd_fast.engine
 
 from __future__ import annotations
 
+import weakref
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -123,9 +125,20 @@ class PerSampleGrads:
         self.numel = param.numel()
         self.B = uses[0].B
         self.backend = backend
-        self.gram_source: Optional["PerSampleGrads"] = None
+        self._gram_source = None  # weakref: the weight term refers to this one (shared_bias)
         self.weight_D = uses[0].weight_D if len(uses) == 1 and isinstance(uses[0], ExplicitRows) else None
         self.route: Route = self._choose(uses)
+
+    @property
+    def gram_source(self) -> Optional["PerSampleGrads"]:
+        """The weight term whose job forms this bias's Gram (share_bias_grams), or None. Held
+        weakly: the weight holds this term as its ``shared_bias``, and a cycle of terms would keep
+        their factors until the garbage collector runs."""
+        return self._gram_source() if self._gram_source is not None else None
+
+    @gram_source.setter
+    def gram_source(self, t: Optional["PerSampleGrads"]) -> None:
+        self._gram_source = weakref.ref(t) if t is not None else None
 
     def _choose(self, uses: list) -> Route:
         p, B = self.param, self.B

@@ -28,7 +28,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import rules
 from .batch_layout import Provenance, is_batched
@@ -233,7 +232,7 @@ class OpContext:
                 new.append(rows)
             else:
                 new.append(t)
-        a, kw = tree_unflatten(new, spec)
+        a, kw = _unflatten(new, spec)
         return func(*a, **kw)
 
     def unknown(self, func, args, kwargs, leaves, spec):
@@ -261,7 +260,7 @@ class OpContext:
                 "rule, and runs outside the forward of the module that owns them, so no module can be replayed for "
                 "it. Move the computation into the owning module's forward, or freeze the parameters."
             )
-        a, kw = tree_unflatten([self.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
+        a, kw = _unflatten([self.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
         return anchored(func(*a, **kw), owners if self.space.lean else [])
 
 
@@ -284,7 +283,7 @@ class OpMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if not any(isinstance(t, Tensor) and space.base(t) is not None for t in leaves):
             return func(*args, **kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves, spec = _flatten(args, kwargs)
         if getattr(func, "__name__", "") == "__get__":  # attribute of a parameter (requires_grad, .T, ...)
             out = func(*args, **kwargs)
             if isinstance(out, Tensor) and space.lean:
@@ -304,7 +303,7 @@ class OpMode(TorchFunctionMode):
                 return out
         if not has_data and not any(ctx.is_activation(t) for t in leaves):
             # parameters only (and constants): a view or a derived tensor, mapped back later
-            a, kw = tree_unflatten([space.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
+            a, kw = _unflatten([space.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
             out = func(*a, **kw)
             space.add_derived(out, func, args, kwargs)
             return out
@@ -322,6 +321,44 @@ class OpMode(TorchFunctionMode):
                 return rules.MHA_FORWARD(*args, **kwargs)
         finally:
             ctx.seq_first = prev
+
+
+# Leaves of a call's arguments with their structure, and the reverse. torch's pytree helpers
+# build a recursive closure per call (a reference cycle left to the garbage collector: hundreds per
+# retain pass, and the collections they trigger scan the whole heap); these walk the structure.
+def _flatten(args, kwargs) -> tuple:
+    out: list = []
+    _collect(args, out)
+    _collect(kwargs, out)
+    return out, (args, kwargs)
+
+
+def _collect(x, out: list) -> None:
+    if isinstance(x, (list, tuple)):
+        for y in x:
+            _collect(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _collect(y, out)
+    else:
+        out.append(x)
+
+
+def _unflatten(leaves, spec) -> tuple:
+    """(args, kwargs) of ``spec`` (from :func:`_flatten`) with ``leaves`` in place of its leaves."""
+    it = iter(leaves)
+    return _fill(spec[0], it), _fill(spec[1], it)
+
+
+def _fill(x, it):
+    if isinstance(x, (list, tuple)):
+        items = [_fill(y, it) for y in x]
+        if isinstance(x, list):
+            return items
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    if isinstance(x, dict):
+        return {k: _fill(v, it) for k, v in x.items()}
+    return next(it)
 
 
 def _flat(args, kwargs) -> list:

@@ -109,7 +109,7 @@ class RetainSpan:
                     self.gsum[p] = g if prev is None else prev + g
                 self.versions[p] = p._version
         finally:
-            cap.detach()
+            cap.release()
             for _, p in params:
                 p.grad = saved[p]
                 if p in saved_vals:  # DDP bucket views: restore the values too (see above)
