@@ -200,7 +200,8 @@ class OrthoGrad:
         if self._terms is None:
             on_cuda = any(p.is_cuda for _, p in self._params)
             backend = _triton_ops.resolve_backend(self.backend, on_cuda, f"OrthoGrad(backend={self.backend!r})", error=OrthoGradError)
-            self._terms, self._backend_used = self._span.terms(backend), backend
+            hold_ok = self.scope == "tensor" and backend != "triton"  # as projection.project decides
+            self._terms, self._backend_used = self._span.terms(backend, hold_ok), backend
         return self._terms
 
     def _project(self, vectors: Dict[Tensor, Tensor], check_sum: bool, **kw) -> Dict[Tensor, Tensor]:

@@ -77,3 +77,19 @@ def _embedding_term(B, T, V, d, tied):
 )
 def test_embedding_route_counts_the_tied_heads_products(B, T, V, d, tied, want):
     assert _embedding_term(B, T, V, d, tied).mode == want
+
+
+@pytest.mark.parametrize("hold_ok,want", [(False, "tokens"), (True, "lookup")])
+def test_embedding_route_counts_held_float32_rows(hold_ok, want):
+    # the CPU zoo's BERT table (B = 32, T = 32, V = 2048, d = 128, untied): lookup 32^2 x 2048 x 128
+    # = 2.7e8 multiply-adds against the token route's 1024^2 x 128 = 1.3e8 in float64; rows the
+    # projection lets the term hold (33.5 MB, float32, per-tensor scope) halve the lookup's cost
+    B, T, V, d = 32, 32, 2048, 128
+    emb = torch.nn.Parameter(torch.empty(V, d))
+    ids = torch.zeros(1, 1, dtype=torch.long).expand(B, T)
+    uses = [OuterFactors(torch.empty(1, 1, 1, d).expand(B, T, 1, d), None, ids, (1, V, d))]
+    assert PerSampleGrads("emb", emb, uses, hold_ok=hold_ok).mode == want
+    # float64 factors cannot hold float32 rows: the token route stays
+    uses64 = [OuterFactors(torch.empty(1, 1, 1, d, dtype=torch.float64).expand(B, T, 1, d), None, ids, (1, V, d))]
+    emb64 = torch.nn.Parameter(torch.empty(V, d, dtype=torch.float64))
+    assert PerSampleGrads("emb", emb64, uses64, hold_ok=True).mode == "tokens"

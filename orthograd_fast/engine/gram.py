@@ -119,7 +119,10 @@ class PerSampleGrads:
     # D D^T from the weight's job: shared_bias on the weight, gram_source on the bias
     shared_bias = _on_route("shared_bias", "The bias term whose Gram this weight's job forms.", True)
 
-    def __init__(self, name: str, param: Tensor, uses: list, backend: str = "torch"):
+    def __init__(self, name: str, param: Tensor, uses: list, backend: str = "torch", hold_ok: bool = False):
+        # hold_ok: the projection will let a tile, conv or lookup term hold float32 rows (CPU,
+        # per-tensor scope, torch backend): the route choice then counts that Gram as float32
+        self.hold_ok = hold_ok
         self.name = name
         self.param = param
         self.numel = param.numel()
@@ -186,7 +189,9 @@ class PerSampleGrads:
         _, O, I = outer[0].shape
         tokens = self.B * sum(u.A.shape[1] for u in outer)
         dense = self.B * sum(u.A.shape[1] for u in outer if u.ids is None)
-        return self.B * self.B * self.numel <= tokens * tokens * I + dense * dense * O
+        # float64 multiply-adds count twice (as in work()); held rows make the lookup's Gram float32
+        held = self.hold_ok and 4 * self.B * self.numel <= held_rows.MAX_BYTES and LookupRoute.holdable(outer)
+        return (1 if held else 2) * self.B * self.B * self.numel <= 2 * (tokens * tokens * I + dense * dense * O)
 
     @staticmethod
     def _mixed_orientation(outer: List[OuterFactors]) -> bool:

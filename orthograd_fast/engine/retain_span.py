@@ -152,8 +152,9 @@ class RetainSpan:
                 out[p] = us
         return out
 
-    def terms(self, backend: str) -> Dict[Tensor, PerSampleGrads]:
-        """One PerSampleGrads per captured tensor (built once per span)."""
+    def terms(self, backend: str, hold_ok: bool = False) -> Dict[Tensor, PerSampleGrads]:
+        """One PerSampleGrads per captured tensor (built once per span); ``hold_ok``: the projection
+        lets terms hold float32 rows (per-tensor scope, torch backend; it weighs the route choice)."""
         if self._terms is not None:
             return self._terms
         if not self.blocks:
@@ -180,7 +181,7 @@ class RetainSpan:
         if self.group is not None:  # DDP: the union of every rank's retain samples
             names = {p: n for n, p in self.params}
             uses = _distributed.gather_uses(uses, [p for _, p in self.params], names, self.size, self.group)
-        terms = {p: PerSampleGrads(name, p, uses[p], backend) for name, p in self.params if uses.get(p)}
+        terms = {p: PerSampleGrads(name, p, uses[p], backend, hold_ok) for name, p in self.params if uses.get(p)}
         gram.share_bias_grams(list(terms.values()))
         self._terms = terms
         return terms

@@ -87,8 +87,11 @@ class LookupRoute(HeldRoute):
 
     # --- held float32 rows ---------------------------------------------------------------------
     def can_hold(self) -> bool:
+        return self.holdable(self.uses)
+
+    @staticmethod
+    def holdable(us) -> bool:
         """Float32 lookups and tiles on the CPU."""
-        us = self.uses
         dense = all(u.D is None or _compute_dtype(u.A, u.D) == torch.float32 for u in us)
         return us[0].A.device.type == "cpu" and dense and all(u.A.dtype == torch.float32 for u in us)
 
