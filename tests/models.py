@@ -14,6 +14,21 @@ def ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
 
 
+class HiddenMatmulT(torch.autograd.Function):
+    """``h @ w.T`` inside a custom autograd.Function: the operation capture does not see the
+    operations inside, so a parameter used here is a use the capture misses."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return h @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        return g @ w, g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+
+
 class RawParam(nn.Module):
     """A custom module with raw nn.Parameters used in its own forward (generic fallback)."""
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_helpers import og_direction
-from models import ce
+from models import HiddenMatmulT, ce
 from oracle import oracle_direction, orthogonality
 from orthograd_fast.engine.capture import CaptureError
 
@@ -74,20 +74,6 @@ def test_poolformer_mixer_is_not_refused(scope, alpha, lean):
     assert orthogonality({n: G[n] for n in rest}, perp, {n: u[n] for n in rest}, scope) <= ORTH
 
 
-class _MatmulT(torch.autograd.Function):
-    """h @ w.T inside a custom autograd.Function: the operation capture does not see inside."""
-
-    @staticmethod
-    def forward(ctx, h, w):
-        ctx.save_for_backward(h, w)
-        return h @ w.t()
-
-    @staticmethod
-    def backward(ctx, g):
-        h, w = ctx.saved_tensors
-        return g @ w, g.t() @ h
-
-
 class MissedUse(nn.Module):
     """b.weight is also used where the capture cannot see it (inside a custom autograd.Function)."""
 
@@ -99,7 +85,7 @@ class MissedUse(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
-        h = torch.tanh(self.b(h)) + 0.5 * torch.tanh(_MatmulT.apply(h, self.b.weight))
+        h = torch.tanh(self.b(h)) + 0.5 * torch.tanh(HiddenMatmulT.apply(h, self.b.weight))
         return self.head(h)
 
 

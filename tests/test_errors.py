@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import ce, make
+from models import HiddenMatmulT, ce, make
 from orthograd_fast import OrthoGrad
 from orthograd_fast.errors import OrthoGradError
 from orthograd_fast.engine.capture import CaptureError
@@ -129,20 +129,6 @@ def test_model_called_twice_in_one_block():
     assert _hooks(model) == 0
 
 
-class _MatmulT(torch.autograd.Function):
-    """h @ w.T inside a custom autograd.Function: the capture does not see the ops inside."""
-
-    @staticmethod
-    def forward(ctx, h, w):
-        ctx.save_for_backward(h, w)
-        return h @ w.t()
-
-    @staticmethod
-    def backward(ctx, g):
-        h, w = ctx.saved_tensors
-        return g @ w, g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
-
-
 class FunctionalTie(nn.Module):
     """A tied head written in the parent's forward (``h @ emb.weight.t()``), or (``hidden``)
     inside a custom autograd.Function."""
@@ -154,7 +140,7 @@ class FunctionalTie(nn.Module):
 
     def forward(self, ids):
         h = self.emb(ids)
-        return _MatmulT.apply(h, self.emb.weight) if self.hidden else h @ self.emb.weight.t()
+        return HiddenMatmulT.apply(h, self.emb.weight) if self.hidden else h @ self.emb.weight.t()
 
 
 @pytest.mark.parametrize("lean", [True, False])
