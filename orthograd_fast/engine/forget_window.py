@@ -44,8 +44,9 @@ class ForgetWindow:
     """One ``og.forget()`` block, or the capture armed between ``retain()`` and ``project_()``.
 
     ``layers``: (module, weight, transposed) of the dense layers (transposed: the weight is stored
-    [in, out]; None: not known yet, read from the shapes where the weight is not square). ``expected``: per weight, the (.grad, version) an earlier window left (the first
-    accumulation here must start from it; a weight without one must start from None)."""
+    [in, out]; None: not known yet, read from the shapes where the weight is not square).
+    ``expected``: per weight, the (.grad, version) an earlier window left (the first accumulation
+    here must start from it; a weight without one must start from None)."""
 
     def __init__(self, layers: List[Tuple[nn.Module, Tensor, bool]], expected: Dict[Tensor, tuple], max_bytes: int):
         self.layers = {id(m): (m, w, tr) for m, w, tr in layers}
@@ -123,10 +124,8 @@ class ForgetWindow:
         out: Dict[Tensor, List[OuterFactors]] = {}
         for key, calls in self.calls.items():
             _, w, transposed = self.layers[key]
-            if transposed is None and calls:  # orientation from the shapes (x [B, I], gy [B, O])
-                x0, g0 = calls[0].x, calls[0].gy
-                I0, O0 = x0[0].numel(), (g0[0].numel() if g0 is not None else -1)
-                transposed = True if (I0 != O0 and tuple(w.shape) == (I0, O0)) else (False if (I0 != O0 and tuple(w.shape) == (O0, I0)) else None)
+            if transposed is None and calls:
+                transposed = _orientation(w, calls[0])
                 if transposed is None:
                     self.partial.add(w)
                     continue
@@ -140,3 +139,16 @@ class ForgetWindow:
                     continue
                 out.setdefault(w, []).append(OuterFactors(c.x.reshape(B, 1, 1, I), c.gy.reshape(B, 1, 1, O), None, (1, O, I), transposed))
         return out
+
+
+def _orientation(w: Tensor, call: _Call) -> Optional[bool]:
+    """Whether ``w`` is stored [in, out] (True) or [out, in] (False), read from one call's input
+    [B, I] and output gradient [B, O]; None where the shapes cannot tell (I == O)."""
+    if call.gy is None:
+        return None
+    I, O = call.x[0].numel(), call.gy[0].numel()
+    if I == O:
+        return None
+    if tuple(w.shape) == (I, O):
+        return True
+    return False if tuple(w.shape) == (O, I) else None
