@@ -2,8 +2,8 @@
 
 One step's data flows one way through these stages:
 
-capture          op_capture, rules (one module per op family), batch_layout, param_space,
-                 recurrent, fallback
+capture          op_capture (call_args), rules (one module per op family), batch_layout,
+                 param_space, recurrent, fallback
   -> factors     factors, conv_factors: per-sample uses (A, D factors, conv inputs, rows)
   -> span        retain_span, span_blocks, unlearn_factors, forget_window
   -> terms       gram, route, routes, held_rows: Gram K and <g_i, u> per tensor, one class per route

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import rules
 from .batch_layout import Provenance, is_batched
+from .call_args import flat as _flat, flatten as _flatten, unflatten as _unflatten
 from .param_space import ParamSpace, PerSample, anchored
 from ..errors import CaptureError
 from .factors import ExplicitRows
@@ -321,57 +322,6 @@ class OpMode(TorchFunctionMode):
                 return rules.MHA_FORWARD(*args, **kwargs)
         finally:
             ctx.seq_first = prev
-
-
-# Leaves of a call's arguments with their structure, and the reverse. torch's pytree helpers
-# build a recursive closure per call (a reference cycle left to the garbage collector: hundreds per
-# retain pass, and the collections they trigger scan the whole heap); these walk the structure.
-def _flatten(args, kwargs) -> tuple:
-    out: list = []
-    _collect(args, out)
-    _collect(kwargs, out)
-    return out, (args, kwargs)
-
-
-def _collect(x, out: list) -> None:
-    if isinstance(x, (list, tuple)):
-        for y in x:
-            _collect(y, out)
-    elif isinstance(x, dict):
-        for y in x.values():
-            _collect(y, out)
-    else:
-        out.append(x)
-
-
-def _unflatten(leaves, spec) -> tuple:
-    """(args, kwargs) of ``spec`` (from :func:`_flatten`) with ``leaves`` in place of its leaves."""
-    it = iter(leaves)
-    return _fill(spec[0], it), _fill(spec[1], it)
-
-
-def _fill(x, it):
-    if isinstance(x, (list, tuple)):
-        items = [_fill(y, it) for y in x]
-        if isinstance(x, list):
-            return items
-        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
-    if isinstance(x, dict):
-        return {k: _fill(v, it) for k, v in x.items()}
-    return next(it)
-
-
-def _flat(args, kwargs) -> list:
-    """The leaves of a call's arguments (tensors inside lists and tuples too), without a spec."""
-    out = []
-    stack = [kwargs.values(), args] if kwargs else [args]
-    while stack:
-        for a in stack.pop():
-            if isinstance(a, (list, tuple)):
-                stack.append(a)
-            else:
-                out.append(a)
-    return out
 
 
 def frame_hooks(ctx: OpContext, unit, module: nn.Module, params: set, on_exit: Callable):
