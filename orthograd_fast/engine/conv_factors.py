@@ -112,6 +112,8 @@ class ConvFactors:
         cg = self.x.shape[1] // self.groups
         if cg == 1 and self.groups > 1:
             return self._depthwise_tiles(o0, o1, b0, b1)
+        if self.groups == 1 and all(k == 1 for k in self.kernel) and not any(self.padding):
+            return self._pointwise_tiles(o0, o1, b0, b1)
         x = self.x[b0:b1, g0 * cg : g1 * cg].reshape(1, B * (g1 - g0) * cg, *self.x.shape[2:])
         gy = self.gy[b0:b1, o0:o1].reshape(1, B * (o1 - o0), *self.gy.shape[2:])
         g = self._wgrad(gy, x, (B * (o1 - o0), cg, *self.kernel), groups=B * (g1 - g0))
@@ -133,6 +135,18 @@ class ConvFactors:
         out = conv(x, gy, padding=self.padding, stride=self.dilation, dilation=self.stride, groups=B * (g1 - g0))
         out = out[(0, slice(None)) + tuple(slice(0, k) for k in self.kernel)]
         return out.reshape(B, -1)
+
+    def _pointwise_tiles(self, o0: int, o1: int, b0: int, b1: int) -> Tensor:
+        """tiles() for a 1 x 1 convolution without padding: per sample, gy [O, L] times the input
+        at the strided positions [C, L] transposed, one batched GEMM (the weight-gradient form
+        runs a convolution with a group per sample)."""
+        dt = self._dt()
+        L = self.gy.shape[2:]
+        x = self.x[b0:b1]
+        x = x[(slice(None), slice(None)) + tuple(slice(0, s * (n - 1) + 1, s) for s, n in zip(self.stride, L))]
+        B, C = x.shape[0], x.shape[1]
+        gy = self.gy[b0:b1, o0:o1].to(dt).reshape(B, o1 - o0, -1)
+        return torch.bmm(gy, x.to(dt).reshape(B, C, -1).transpose(1, 2)).reshape(B, -1)
 
     def sample_chunk(self, budget: int) -> int:
         """Samples per tiles() call that keep the convolution's own unfolded copy of the input
