@@ -9,7 +9,11 @@ import torch.nn.functional as F
 from ...errors import UnsupportedModule
 from .common import arg, as_tuple, explicit, merge
 
-def _norm(ctx, func, args, kwargs, x, weight, bias, xhat_fn, channel_first):
+
+def _norm(ctx, func, args, kwargs, x, weight, bias, xhat_fn, channel_first, stats=None):
+    """``stats``: (mean, 1 / std) per channel, float64, of an eval-mode batch norm: x-hat is then
+    affine in x, and the weight's rows are (sum x g - mean sum g) / std without forming x-hat
+    (one product over the input instead of three full-size passes)."""
     if not ctx.is_data(x) or ctx.seq_first or (channel_first and ctx.fold(x) != 1):
         return NotImplemented  # channels-first statistics are per image: batch-first only
     a = list(args)
@@ -31,13 +35,17 @@ def _norm(ctx, func, args, kwargs, x, weight, bias, xhat_fn, channel_first):
         ref = weight if weight is not None else bias
         n = ref.numel()
         uses = {}
+        gsum = g.reshape(B, n, -1).sum(-1) if channel_first else g.reshape(B, -1, n).sum(1)
         if weight is not None and space.base(weight) is not None:
-            prod = xhat_fn(xf) * g
-            rows = prod.reshape(B, n, -1).sum(-1) if channel_first else prod.reshape(B, -1, n).sum(1)
+            if stats is not None:
+                mean, inv = stats
+                rows = ((xf * g).reshape(B, n, -1).sum(-1).double() - mean * gsum.double()) * inv
+            else:
+                prod = xhat_fn(xf) * g
+                rows = prod.reshape(B, n, -1).sum(-1) if channel_first else prod.reshape(B, -1, n).sum(1)
             uses = explicit(space, weight, rows)
         if bias is not None and space.base(bias) is not None:
-            rows = g.reshape(B, n, -1).sum(-1) if channel_first else g.reshape(B, -1, n).sum(1)
-            merge(uses, explicit(space, bias, rows))
+            merge(uses, explicit(space, bias, gsum))
         return uses
 
     return ctx.record(func, out, [weight, bias], build)
@@ -65,13 +73,8 @@ def batch_norm(ctx, func, args, kwargs):
             "share the batch mean and variance, so per-sample gradients do not exist. Put the module in eval mode "
             "(module.eval()) for the retain pass, or use GroupNorm/LayerNorm."
         )
-    rm, rv = rm.detach().clone(), rv.detach().clone()
-
-    def xhat(xf):
-        shape = (1, -1) + (1,) * (xf.dim() - 2)
-        return (xf - rm.reshape(shape).to(xf.dtype)) * torch.rsqrt(rv.reshape(shape).to(xf.dtype) + eps)
-
-    return _norm(ctx, func, args, kwargs, x, w, b, xhat, True)
+    stats = (rm.detach().double().clone(), torch.rsqrt(rv.detach().double() + eps))
+    return _norm(ctx, func, args, kwargs, x, w, b, None, True, stats)
 
 
 def rms_norm(ctx, func, args, kwargs):
