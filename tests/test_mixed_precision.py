@@ -63,7 +63,7 @@ def test_autocast_direction_close_to_oracle(dtype, name, scope, factored, monkey
     assert dtype in _half_factor_dtypes(og)
     # ...and the Gram handed to the solve is float64
     for t in og._terms.values():
-        assert t._K is not None and t._K.dtype == torch.float64
+        assert t.K is not None and t.K.dtype == torch.float64
     ref, G, u = oracle_direction(model, ce, retain, unlearn, scope=scope)
     # per tensor, relative to ||d*|| + ||u|| (as engine_helpers.compare): the half-precision rounding
     # of u and of the factors is relative to u, and d* can be much smaller than u

@@ -109,7 +109,7 @@ class PerSampleGrads:
     use = _on_route("use", "The one dense factored use (tile and ghost routes; None otherwise).")
     uses = _on_route("uses", "The uses evaluated one by one (tokens, lookup and conv routes).")
     G = _on_route("G", "[B, numel] float64 rows (explicit route; None otherwise), formed on first use.")
-    _K = _on_route("K", "K once formed (the projection puts its view of the stacked Grams here).", True)
+    K = _on_route("K", "K once formed (the projection puts its view of the stacked Grams here).", True)
     # held float32 rows (orthograd_fast.engine.held_rows): ``hold`` is asked by the projection's
     # plan (hold_rows), ``rows`` is set by the Gram job and dropped by the update
     hold = _on_route("hold", "Whether the term keeps its float32 rows this projection.", True)

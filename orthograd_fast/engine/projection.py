@@ -229,7 +229,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     del got, parts, res
     rtols = [resolve_rtol(rtol, t.factor_dtype, t.approx) for t in T]
     for t, Kk in zip(T, K.unbind(0)):  # views of the stack, not a second copy of every K
-        t._K = Kk
+        t.K = Kk
     finite = torch.isfinite(K.sum() + b.sum())  # NaN and inf propagate: one small reduction, one sync
     if not bool(finite):
         checks.nonfinite(active, list(K), list(b), out)

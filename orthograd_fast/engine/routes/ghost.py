@@ -75,7 +75,7 @@ class GhostRoute(Route):
             A, D = self._rows64()
             DD = D @ D.t()
             if self.shared_bias is not None:  # the bias's Gram: the same D D^T
-                self.shared_bias._K = DD
+                self.shared_bias.K = DD
             return (A @ A.t()) * DD
         A = use.A.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
         D = use.D.permute(2, 0, 1, 3).reshape(G, B * T, -1).double()
