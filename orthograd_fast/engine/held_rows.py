@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -98,13 +98,18 @@ class HeldRows:
         self.blocks = []
 
     @staticmethod
-    def gram(blocks: List[Tuple[int, Tensor]]) -> Tensor:
-        """K = sum_j Y_j Y_j^T: float32 products, summed in float64."""
-        K = None
-        for _, Y in blocks:
+    def gram_coef(blocks: Iterable[Tuple[int, Tensor]], r: Tensor) -> Tuple[list, Tensor, Tensor]:
+        """(the blocks as a list, K = sum_j Y_j Y_j^T, b = Y r): float32 products summed in
+        float64, both taken as soon as the iterable yields a block, so each block is read from
+        memory once while it is still in cache."""
+        out, K, b = [], None, None
+        for off, Y in blocks:
+            out.append((off, Y))
             Kj = (Y @ Y.t()).double()
+            bj = torch.mv(Y, r[off : off + Y.shape[1]]).double()
             K = Kj if K is None else K.add_(Kj)
-        return K
+            b = bj if b is None else b.add_(bj)
+        return out, K, b
 
     @classmethod
     def make(cls, blocks: List[Tuple[int, Tensor]], K: Tensor, rtol: float, slot: Optional[_Slot]) -> Optional["HeldRows"]:

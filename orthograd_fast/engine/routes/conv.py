@@ -3,7 +3,7 @@ weight-gradient convolutions in slabs of output channels, widened to float64 for
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -90,8 +90,8 @@ class ConvRoute(HeldRoute):
         x, gy = self.uses[0].x, self.uses[0].gy
         return x.device.type == "cpu" and _compute_dtype(x, gy) == torch.float32
 
-    def _held_blocks(self, buf: Tensor) -> List[Tuple[int, Tensor]]:
-        B, blocks = self.B, []
+    def _held_blocks(self, buf: Tensor) -> Iterator[Tuple[int, Tensor]]:
+        B = self.B
         u0 = self.uses[0]
         O, I = u0.out_channels, u0.row
         per_call = max(1, min(self.call_bytes, held_rows.BLOCK_BYTES) // max(1, B * I * 4))  # channels per block
@@ -104,5 +104,4 @@ class ConvRoute(HeldRoute):
             for b0 in range(0, B, step):
                 b1 = min(B, b0 + step)
                 Y[b0:b1] = sum(u.tiles(c0, c1, b0, b1) for u in self.uses)
-            blocks.append((c0 * I, Y))
-        return blocks
+            yield (c0 * I, Y)

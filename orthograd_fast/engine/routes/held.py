@@ -4,7 +4,7 @@ and lookup on the CPU): K from a float32 GEMM, refined by re-projection passes
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -58,10 +58,10 @@ class HeldRoute(Route):
         """U in the layout of the held rows' columns."""
         return U
 
-    def _held_blocks(self, buf: Tensor) -> List[Tuple[int, Tensor]]:
+    def _held_blocks(self, buf: Tensor) -> Iterator[Tuple[int, Tensor]]:
         """Every per-sample row, float32, as column blocks (offset, [B, n_j]) in the order of
         :meth:`_held_view`, each at most held_rows.BLOCK_BYTES, in ``buf`` (B * numel: block j
-        from B * offset)."""
+        from B * offset), yielded as each is formed."""
         raise NotImplementedError
 
     def _flat(self, U: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
@@ -76,14 +76,14 @@ class HeldRoute(Route):
         """K from the float32 rows, kept for the update; None (and ``hold`` off) where K is too
         ill-conditioned for the re-projection passes or the rank tolerance could act."""
         buf, slot = held_rows.scratch(self.B * self.numel, self.param.device)
-        blocks = self._held_blocks(buf)
-        K = held_rows.HeldRows.gram(blocks)
+        # K and b block by block, each block's products right after it is formed (still in cache)
+        blocks, K, b = held_rows.HeldRows.gram_coef(self._held_blocks(buf), self._flat(U)[0])
         rows = held_rows.HeldRows.make(blocks, K, self.hold_rtol, slot)
         if rows is None:
             self.hold = False
             return None
         self.rows, self._k32 = rows, True
-        return K, rows.coef(self._flat(U)[0])
+        return K, b
 
     def project_held_(self, U: Tensor, b: Tensor, scale: float = 1.0, shift: float = 0.0) -> bool:
         """U <- scale * (P_perp U - shift * sum_i g_i) in place from the held rows (c = K^-1 b);

@@ -4,7 +4,7 @@ token route's (B T)^2 d, and never B x V x d at once."""
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 from torch import Tensor
@@ -98,9 +98,9 @@ class LookupRoute(HeldRoute):
     def _held_view(self, U: Tensor) -> Tensor:
         return self.uses[0].view(U)[0]
 
-    def _held_blocks(self, buf: Tensor) -> List[Tuple[int, Tensor]]:
+    def _held_blocks(self, buf: Tensor) -> Iterator[Tuple[int, Tensor]]:
         """Slabs of table rows: index_add for lookups, tiles for dense uses."""
-        B, blocks = self.B, []
+        B = self.B
         _, O, I = self.uses[0].shape
         rows = max(1, held_rows.BLOCK_BYTES // (4 * B * I))
         flat = self._parts(rows)
@@ -114,5 +114,4 @@ class LookupRoute(HeldRoute):
                 else:
                     lo, hi = bounds[k], bounds[k + 1]
                     Y.view(B * r, I).index_add_(0, sample[lo:hi] * r + (ids[lo:hi] - o0), A[lo:hi])
-            blocks.append((o0 * I, Y))
-        return blocks
+            yield (o0 * I, Y)

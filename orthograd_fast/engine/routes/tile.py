@@ -3,7 +3,7 @@ section 3), formed in slabs in the factors' dtype and reduced to K and b in floa
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -83,8 +83,8 @@ class TileRoute(HeldRoute):
     def _held_view(self, U: Tensor) -> Tensor:
         return self.use.view(U)
 
-    def _held_blocks(self, buf: Tensor) -> List[Tuple[int, Tensor]]:
-        B, blocks = self.B, []
+    def _held_blocks(self, buf: Tensor) -> Iterator[Tuple[int, Tensor]]:
+        B = self.B
         A, D = self.use.A.float(), self.use.D.float()
         _, T, G, I = A.shape
         O = D.shape[-1]
@@ -96,5 +96,4 @@ class TileRoute(HeldRoute):
                 off = (g * O + o0) * I
                 Y = buf[B * off : B * (off + (o1 - o0) * I)].view(B, (o1 - o0) * I)
                 torch.bmm(Dt[:, o0:o1], A[:, :, g, :], out=Y.view(B, o1 - o0, I))
-                blocks.append((off, Y))
-        return blocks
+                yield (off, Y)
