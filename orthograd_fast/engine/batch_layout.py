@@ -120,7 +120,7 @@ class Provenance:
                 if e is None or e[0]() is not t:
                     continue
                 lay = _checked(e[1], t, B)
-                outs = (out,) if isinstance(out, Tensor) else _tensors(out)
+                outs = (out,) if isinstance(out, Tensor) else tensors_in(out)
                 general = func not in _MOVES and type(func) is not _METHOD_WRAPPER
                 for o in outs:
                     eo = tags.get(id(o))
@@ -135,7 +135,7 @@ class Provenance:
                         lo = _out_layout(func, args, kwargs, t, lay, o, B)
                     tags[id(o)] = (weakref.ref(o), lo)
                 return
-        outs = _tensors(out)
+        outs = tensors_in(out)
         if not outs:
             return
         o = outs[0]
@@ -282,11 +282,12 @@ def _compiling() -> bool:
         return False
 
 
-def _tensors(x):
+def tensors_in(x) -> list:
+    """The tensors of ``x`` (a tensor, or nested lists and tuples of them), in order."""
     if isinstance(x, Tensor):
         return [x]
     if isinstance(x, (list, tuple)):
-        return [o for y in x for o in _tensors(y)]
+        return [o for y in x for o in tensors_in(y)]
     return []
 
 

@@ -83,7 +83,7 @@ def share_bias_grams(terms: List["PerSampleGrads"]) -> None:
 def hold_rows(terms: List["PerSampleGrads"], rtols: List[float]) -> None:
     """Ask the terms that can hold their float32 rows (orthograd_fast.engine.held_rows) to do so."""
     for t, rt in zip(terms, rtols):
-        t.hold = 4 * t.B * t.numel <= held_rows.MAX_BYTES and t.can_hold()
+        t.hold = held_rows.fits(t.B, t.numel) and t.can_hold()
         t.hold_rtol = rt
 
 
@@ -190,7 +190,7 @@ class PerSampleGrads:
         tokens = self.B * sum(u.A.shape[1] for u in outer)
         dense = self.B * sum(u.A.shape[1] for u in outer if u.ids is None)
         # float64 multiply-adds count twice (as in work()); held rows make the lookup's Gram float32
-        held = self.hold_ok and 4 * self.B * self.numel <= held_rows.MAX_BYTES and LookupRoute.holdable(outer)
+        held = self.hold_ok and held_rows.fits(self.B, self.numel) and LookupRoute.holdable(outer)
         return (1 if held else 2) * self.B * self.B * self.numel <= 2 * (tokens * tokens * I + dense * dense * O)
 
     @staticmethod

@@ -36,6 +36,14 @@ SLOW = 0.5
 # float32 rows one term may hold (0: the float64 route only); a term holds them inside its own
 # job, so a projection holds at most one term's rows per thread
 MAX_BYTES = 64 << 20
+
+
+def fits(B: int, numel: int) -> bool:
+    """Whether B float32 rows of ``numel`` fit :data:`MAX_BYTES`."""
+    return 4 * B * numel <= MAX_BYTES
+
+
+# held rows are formed, multiplied and updated in column blocks of at most this many bytes
 BLOCK_BYTES = 8 << 20
 
 # One float32 scratch per thread, reused by every held term the thread runs, across steps: a fresh

@@ -124,7 +124,7 @@ class OpContext:
         op from its input to its output, up to reshapes: then og.forget() may factor its unlearn
         gradient from the module's input and output gradient (forget_window)."""
         m = fr.unit.module
-        w = m._parameters.get("weight") if isinstance(m._parameters, dict) else None
+        w = m._parameters.get("weight")
         if not isinstance(w, Tensor) or not w.requires_grad or w.dim() != 2:
             return
         x = args[0] if args else None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from .batch_layout import _compiling, _leaves, _storage_key, _tensors, same_view
+from .batch_layout import _compiling, _leaves, _storage_key, same_view, tensors_in
 
 
 class PerSample(torch.autograd.Function):
@@ -109,13 +109,13 @@ class ParamSpace:
             self._lookups[k] = (weight, ids.detach(), padding_idx)
 
     def add_derived(self, out, func, args, kwargs) -> None:
-        for o in _tensors(out):
+        for o in tensors_in(out):
             if not o.is_floating_point():
                 continue
             k = _storage_key(o)
             if k is None or k in self._by_storage:
                 continue  # a view of a parameter (or of a derived tensor): found by its storage
-            entry = (o, func, args, kwargs, _tensors(out).index(o))
+            entry = (o, func, args, kwargs, tensors_in(out).index(o))
             self._by_storage[k] = ("derived", entry)
 
     # --- per-sample rows of a tensor -> rows of its parameters --------------------------------
@@ -168,7 +168,7 @@ class ParamSpace:
         else:
             root, func, args, kwargs, index = obj
             a, kw = tree_map(lambda x: self._value(x, env) if isinstance(x, Tensor) else x, (args, kwargs))
-            v = _tensors(func(*a, **kw))[index]
+            v = tensors_in(func(*a, **kw))[index]
         if t is root or same_view(t, root):
             return v
         return v.as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset() + v.storage_offset())

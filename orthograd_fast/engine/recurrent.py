@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batch_layout import tensors_in
 from .param_space import anchored
 from ..errors import CaptureError, UnsupportedModule
 from .factors import ExplicitRows, OuterFactors
@@ -196,8 +197,8 @@ def check_against_module(module: nn.RNNBase, name: str, got, args, kwargs) -> No
     """The unrolled forward must reproduce the fused module (first call of each module)."""
     with torch.no_grad():
         ref = type(module).forward(module, *args, **kwargs)
-    flat_got = [t for t in _flat(got)]
-    flat_ref = [t for t in _flat(ref)]
+    flat_got = tensors_in(got)
+    flat_ref = tensors_in(ref)
     ok = len(flat_got) == len(flat_ref) and all(
         a.shape == b.shape and torch.allclose(a.detach().float(), b.float(), rtol=CHECK_RTOL, atol=CHECK_ATOL)
         for a, b in zip(flat_got, flat_ref)
@@ -209,10 +210,3 @@ def check_against_module(module: nn.RNNBase, name: str, got, args, kwargs) -> No
             "(requires_grad_(False)) or use the stock class in eval mode."
         )
 
-
-def _flat(x):
-    if isinstance(x, Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for y in x for t in _flat(y)]
-    return []

@@ -67,7 +67,10 @@ def _conv_call(ctx, func, args, kwargs):
     return x, w, b, func(x, ctx.use(w), ctx.use(b), *args[3:], **rest)
 
 
-def conv(ctx, func, args, kwargs):
+def _conv_rule(ctx, func, args, kwargs, transposed: bool):
+    """conv1d/2d/3d, or (``transposed``) conv_transpose1d/2d/3d, whose dilation comes after
+    output_padding; a transposed convolution y = C^T x has the weight gradient of the convolution C
+    with input and output gradient swapped."""
     got = _conv_call(ctx, func, args, kwargs)
     if got is None:
         return NotImplemented
@@ -75,41 +78,28 @@ def conv(ctx, func, args, kwargs):
     nd = x.dim() - 2
     stride = as_tuple(arg(args, kwargs, 3, "stride", 1), nd)
     padding = arg(args, kwargs, 4, "padding", 0)
-    dilation = as_tuple(arg(args, kwargs, 5, "dilation", 1), nd)
     groups = arg(args, kwargs, 6, "groups", 1)
+    dilation = as_tuple(arg(args, kwargs, 7 if transposed else 5, "dilation", 1), nd)
     B, xd, space = ctx.B, x.detach(), ctx.space
     kernel = tuple(w.shape[2:])
 
     def build(gy):
         uses = {}
         if space.base(w) is not None:
-            xp, pad = _conv_padding(xd, padding, kernel, dilation, nd)
-            use = conv_weight_use(xp, gy, B, kernel, stride, pad, dilation, groups, w.shape[0])
+            if transposed:
+                use = conv_weight_use(gy, xd, B, kernel, stride, as_tuple(padding, nd), dilation, groups, w.shape[0])
+            else:
+                xp, pad = _conv_padding(xd, padding, kernel, dilation, nd)
+                use = conv_weight_use(xp, gy, B, kernel, stride, pad, dilation, groups, w.shape[0])
             uses = weight_use(space, w, use)
         return merge(uses, bias_uses(space, b, gy.reshape(B, gy.shape[1], -1).transpose(1, 2)))
 
     return ctx.record(func, out, [w, b], build)
+
+
+def conv(ctx, func, args, kwargs):
+    return _conv_rule(ctx, func, args, kwargs, transposed=False)
 
 
 def conv_transpose(ctx, func, args, kwargs):
-    got = _conv_call(ctx, func, args, kwargs)
-    if got is None:
-        return NotImplemented
-    x, w, b, out = got
-    nd = x.dim() - 2
-    stride = as_tuple(arg(args, kwargs, 3, "stride", 1), nd)
-    padding = as_tuple(arg(args, kwargs, 4, "padding", 0), nd)
-    groups = arg(args, kwargs, 6, "groups", 1)
-    dilation = as_tuple(arg(args, kwargs, 7, "dilation", 1), nd)
-    B, xd, space = ctx.B, x.detach(), ctx.space
-    kernel = tuple(w.shape[2:])
-
-    def build(gy):
-        uses = {}
-        if space.base(w) is not None:
-            # y = C^T x for the convolution C with this weight: dW = conv weight gradient of (gy, x)
-            use = conv_weight_use(gy, xd, B, kernel, stride, padding, dilation, groups, w.shape[0])
-            uses = weight_use(space, w, use)
-        return merge(uses, bias_uses(space, b, gy.reshape(B, gy.shape[1], -1).transpose(1, 2)))
-
-    return ctx.record(func, out, [w, b], build)
+    return _conv_rule(ctx, func, args, kwargs, transposed=True)

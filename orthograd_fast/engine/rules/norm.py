@@ -35,7 +35,8 @@ def _norm(ctx, func, args, kwargs, x, weight, bias, xhat_fn, channel_first, stat
         ref = weight if weight is not None else bias
         n = ref.numel()
         uses = {}
-        gsum = g.reshape(B, n, -1).sum(-1) if channel_first else g.reshape(B, -1, n).sum(1)
+        need_sum = stats is not None or (bias is not None and space.base(bias) is not None)
+        gsum = (g.reshape(B, n, -1).sum(-1) if channel_first else g.reshape(B, -1, n).sum(1)) if need_sum else None
         if weight is not None and space.base(weight) is not None:
             if stats is not None:
                 mean, inv = stats
