@@ -62,20 +62,26 @@ class OuterFactors:
         return U.reshape(G, O, I)
 
     def explicit(self) -> Tensor:
-        """Materialize [B, numel] in fp64 (small tensors only)."""
+        """Materialize [B, numel] in fp64 (small tensors only): the rows are formed in the
+        factors' compute dtype, like the tile route's, then widened (K, b and the update are then
+        exact for those rows; a float64 GEMM over the tokens ran at a third of the float32 rate)."""
         G, O, I = self.shape
         if self.ids is None:
-            # float64 copies of a few samples' factors at a time, (sample, group)-major: the batched
-            # GEMM reads them contiguously and they stay in cache (a depthwise conv's unfolded A is
-            # 49x its input; a float64 copy of all of it cost more than the rest of the step)
+            # a few samples at a time, (sample, group)-major: the batched GEMM reads them
+            # contiguously and they stay in cache (a depthwise conv's unfolded A is 49x its input)
             B, T = self.A.shape[:2]
+            dt = _compute_dtype(self.A, self.D)
             g = torch.empty(B, G, O, I, dtype=torch.float64, device=self.A.device)
             step = max(1, 4 * F64_SLAB_BYTES // max(1, 8 * T * G * (I + O)))
             for b0 in range(0, B, step):
                 b1 = min(B, b0 + step)
-                A = self.A[b0:b1].permute(0, 2, 1, 3).to(torch.float64, memory_format=torch.contiguous_format)
-                D = self.D[b0:b1].permute(0, 2, 3, 1).to(torch.float64, memory_format=torch.contiguous_format)
-                torch.matmul(D, A, out=g[b0:b1])
+                if G == 1:  # transposed views: the GEMM reads them without a copy
+                    part = torch.bmm(self.D[b0:b1, :, 0, :].to(dt).transpose(1, 2), self.A[b0:b1, :, 0, :].to(dt))
+                    g[b0:b1, 0].copy_(part)
+                else:
+                    A = self.A[b0:b1].permute(0, 2, 1, 3).to(dt, memory_format=torch.contiguous_format)
+                    D = self.D[b0:b1].permute(0, 2, 3, 1).to(dt, memory_format=torch.contiguous_format)
+                    g[b0:b1].copy_(torch.matmul(D, A))
         else:
             A = self.A.double()
             B = self.ids.shape[0]

@@ -141,39 +141,55 @@ class HeldRows:
             b = bj if b is None else b.add_(bj)
         return b
 
-    def _sub(self, r: Tensor, c: Tensor, beta: float, alpha: float, exact: bool) -> None:
-        """r <- beta * r + alpha * Y^T c (float64 where ``exact``)."""
+    def _sub(self, r: Tensor, c: Tensor, beta: float, alpha: float) -> None:
+        """r <- beta * r + alpha * Y^T c."""
+        for off, Y in self.blocks:
+            r[off : off + Y.shape[1]].addmv_(Y.t(), c.to(Y.dtype), beta=beta, alpha=alpha)
+
+    def _sweep(self, r: Tensor, c: Tensor, exact: bool = False) -> Tensor:
+        """r <- r - Y^T c, then b = Y r of the result (float64 [B]), block by block: each block is
+        read from memory once and multiplied again while it is in cache (the update's first
+        GEMV in float64 where ``exact``)."""
+        b = None
         for off, Y in self.blocks:
             rj = r[off : off + Y.shape[1]]
             if exact:
-                rj.copy_(torch.addmv(rj.double(), Y.t().double(), c, beta=beta, alpha=alpha))
+                rj.copy_(torch.addmv(rj.double(), Y.t().double(), c, alpha=-1.0))
             else:
-                rj.addmv_(Y.t(), c.to(Y.dtype), beta=beta, alpha=alpha)
+                rj.addmv_(Y.t(), c.to(Y.dtype), alpha=-1.0)
+            bj = torch.mv(Y, rj).double()
+            b = bj if b is None else b.add_(bj)
+        return b
 
     def apply_(self, r: Tensor, c: Tensor, scale: float = 1.0, exact: bool = False, shift: float = 0.0) -> bool:
         """r <- scale * (P_perp r - shift * sum_i g_i) in place (r: flat float32, n), from the first
         coefficients c = K^-1 b (float64 [B]). ``exact``: the first update in float64 (cancelling
         coefficients, :func:`orthograd_fast.engine.gram.update_amplification`). False when the
-        passes did not converge (r is then partly updated: the caller works on a copy)."""
-        self._sub(r, c, 1.0, -1.0, exact)
+        passes did not converge (r is then partly updated: the caller works on a copy).
+
+        Each sweep updates r and measures what the span still holds in one read of the rows (the
+        update and the next b used to be separate reads, and a last GEMV applied the final
+        correction); the last correction, under TARGET, is dropped unless a shift needs a GEMV."""
+        b = self._sweep(r, c, exact)
         first = float(c @ (self.K @ c))  # energy of the span component the first update removed
         floor = self.noise_floor(r)
         prev = first
-        pending = torch.zeros_like(c)
         for k in range(MAX_PASSES):
-            ck = self.Kinv @ self.coef(r)
+            ck = self.Kinv @ b
             energy = float(ck @ (self.K @ ck))
             if energy <= max(TARGET * TARGET * first, floor):
-                pending = ck  # small: rides in the last GEMV
                 break
             if energy > SLOW * SLOW * prev:
                 return False
-            self._sub(r, ck, 1.0, -1.0, False)
+            b = self._sweep(r, ck)
             prev = energy
             self.passes = k + 1
         else:
             return False
-        self._sub(r, pending + shift, scale, -scale, False)  # the shift and the scale ride in the last GEMV
+        if shift:
+            self._sub(r, ck + shift, scale, -scale)  # the shift and the scale ride in one GEMV
+        elif scale != 1.0:
+            r.mul_(scale)
         return True
 
     def noise_floor(self, r: Tensor) -> float:
