@@ -10,8 +10,10 @@ layer and direction:
   A = [h_{t-1}]_t [B, T, H] and D = the per-step gradients [B, T, G]. For LSTM and RNN the step's
   pre-activation is gates_x[:, t] + W_hh h_{t-1} (+ both biases, folded into gates_x), so that
   gradient is the input-to-hidden one's token t: one gradient hook per layer and direction, and
-  per step only the recurrence's own operations. (The capture runs the unrolled forward outside
-  its operation mode and tags only the outputs.)
+  per step only the recurrence's own operations. An LSTM layer and direction is one autograd
+  node with its own backward through time that writes D directly
+  (:mod:`orthograd_fast.engine.lstm_layer`). (The capture runs the unrolled forward outside its
+  operation mode and tags only the outputs.)
 
 Gate order and formulas are PyTorch's (LSTM i, f, g, o; GRU r, z, n with the hidden bias inside
 r * (W_hn h + b_hn)).
@@ -29,6 +31,7 @@ from .batch_layout import tensors_in
 from .param_space import anchored
 from ..errors import CaptureError, UnsupportedModule
 from .factors import ExplicitRows, OuterFactors
+from .lstm_layer import GateGrads, LSTMLayer
 
 # relative / absolute tolerance of the first-call check against the fused module (float32 rounding)
 CHECK_RTOL, CHECK_ATOL = 1e-4, 1e-5
@@ -129,6 +132,12 @@ class RecurrentCall:
                         hs[t] = h
                     self.parts.append((wih, bih, A_ih, g_ih, False))
                     self.parts.append((whh, bhh, A_hh, g_hh, True))
+                elif lstm:  # one autograd node per layer and direction (lstm_layer)
+                    both = self._w(bih) + self._w(bhh) if m.bias else None
+                    sink = GateGrads()
+                    hs, h, c = LSTMLayer.apply(layer_in, h, c, self._w(wih), self._w(whh), both, sink, bool(d), *self._real())
+                    self.parts.append((wih, bih, [layer_in.detach()], [sink], False))
+                    self.parts.append((whh, bhh, [sink], [sink], False))
                 else:
                     both = self._w(bih) + self._w(bhh) if m.bias else None
                     gx = self._linear(layer_in, wih, bih, A_ih, g_ih, bias=both).unbind(1)
@@ -142,7 +151,7 @@ class RecurrentCall:
                         prev.reverse()
                     self.parts.append((wih, bih, A_ih, g_ih, False))
                     self.parts.append((whh, bhh, [torch.stack(prev, 1).detach()], g_ih, False))
-                outs.append(torch.stack(hs, 1))
+                outs.append(hs if lstm else torch.stack(hs, 1))
                 hn.append(h)
                 cn.append(c)
             layer_in = torch.cat(outs, -1) if nd == 2 else outs[0]
@@ -161,8 +170,9 @@ class RecurrentCall:
             if per_step:  # one token per step: stack the steps as tokens
                 A = torch.stack(A_rows, 1)
                 D = torch.stack([h.g if h.g is not None else A_rows[0].new_zeros(B, getattr(m, wn).shape[0]) for h in holders], 1)
-            else:
-                A, D = A_rows[0], holders[0].g
+            else:  # A_rows[0]: the input, or the LSTM layer's GateGrads (the h each step started from)
+                A = A_rows[0].h_prev if isinstance(A_rows[0], GateGrads) else A_rows[0]
+                D = holders[0].g
             w = getattr(m, wn)
             G, I = w.shape
             if w.requires_grad:
@@ -174,12 +184,7 @@ class RecurrentCall:
 
 
 def _step(mode, pre, h, c):
-    """One LSTM / RNN step from its pre-activation (both products and biases): few operations."""
-    if mode == "LSTM":
-        H = h.shape[-1]
-        s = torch.sigmoid(pre)  # i, f, o (the g quarter unused)
-        c = torch.addcmul(s[:, H : 2 * H] * c, s[:, :H], torch.tanh(pre[:, 2 * H : 3 * H]))
-        return s[:, 3 * H :] * torch.tanh(c), c
+    """One RNN step from its pre-activation (both products and biases)."""
     return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
 

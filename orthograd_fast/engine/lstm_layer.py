@@ -1,0 +1,94 @@
+"""One LSTM layer and direction for the retain pass: a forward without an autograd graph per step
+and a hand-written backward through time that keeps the gates' gradients.
+
+The per-sample gradients of both weights need the pre-activation gradients D [B, T, 4H] of every
+step (:mod:`orthograd_fast.engine.recurrent`). An unrolled forward under autograd records about
+ten nodes per step and runs them one by one in the backward; here the forward saves the gates, the
+backward precomputes every elementwise factor for all steps at once and runs six operations per
+step (the recurrence itself), writing D straight into one [B, T, 4H] tensor. Gate order and
+formulas are PyTorch's (i, f, g, o; c = f c + i g; h = o tanh(c)).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+class GateGrads:
+    """Filled by the backward: ``g`` = D [B, T, 4H] (summed over backward visits); filled by the
+    forward: ``h_prev`` [B, T, H], the hidden state each position's step started from."""
+
+    def __init__(self):
+        self.g: Optional[Tensor] = None
+        self.h_prev: Optional[Tensor] = None
+
+
+class LSTMLayer(torch.autograd.Function):
+    """(out [B, T, H], h_n [B, H], c_n [B, H]) of one layer and direction over x [B, T, I] from
+    h0, c0 [B, H], w_ih [4H, I], w_hh [4H, H] and ``bias`` [4H] (both biases summed, or None);
+    ``reverse``: the steps run from the last position to the first (outputs stay in time order).
+    ``anchors``: parameters that make the outputs part of the graph when the weights were handed
+    out detached (lean retain); they get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, sink: GateGrads, reverse: bool, *anchors):
+        B, T, I = x.shape
+        H = w_hh.shape[1]
+        gx = x.reshape(B * T, I) @ w_ih.t()
+        if bias is not None:
+            gx += bias
+        gx = gx.view(B, T, 4 * H)
+        new = lambda *shape: torch.empty(*shape, dtype=x.dtype, device=x.device)  # noqa: E731
+        gates, cs, tc, out = new(B, T, 4 * H), new(B, T, H), new(B, T, H), new(B, T, H)  # i f g o; c_t; tanh(c_t); h_t
+        h, c = h0, c0
+        wt = w_hh.t()
+        for t in range(T - 1, -1, -1) if reverse else range(T):
+            s = gates[:, t]
+            pre = torch.addmm(gx[:, t], h, wt)
+            torch.sigmoid(pre, out=s)
+            torch.tanh(pre[:, 2 * H : 3 * H], out=s[:, 2 * H : 3 * H])
+            c = torch.addcmul(s[:, H : 2 * H] * c, s[:, :H], s[:, 2 * H : 3 * H], out=cs[:, t])
+            h = torch.mul(s[:, 3 * H :], torch.tanh(c, out=tc[:, t]), out=out[:, t])
+        # the state each position's step started from: the neighbour's in step order, h0 / c0 first
+        if reverse:
+            h_prev, c_prev = torch.cat([out[:, 1:], h0[:, None]], 1), torch.cat([cs[:, 1:], c0[:, None]], 1)
+        else:
+            h_prev, c_prev = torch.cat([h0[:, None], out[:, :-1]], 1), torch.cat([c0[:, None], cs[:, :-1]], 1)
+        sink.h_prev = h_prev
+        ctx.sink, ctx.reverse = sink, reverse
+        ctx.save_for_backward(x, w_ih, w_hh, gates, c_prev, h_prev, tc)
+        return out, h.clone(), c.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dh_n, dc_n):
+        x, w_ih, w_hh, gates, c_prev, h_prev, tc = ctx.saved_tensors
+        B, T, H = tc.shape
+        i, f, g, o = gates.split(H, dim=2)
+        # every elementwise factor of the recurrence, for all steps at once:
+        # dc += dh * P; D_{i,f,g} = dc * Q; D_o = dh * R; dc <- dc * f; dh <- D_t w_hh
+        P = o * (1 - tc * tc)
+        Q = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2)  # [B, T, 3, H]
+        R = tc * o * (1 - o)
+        D = torch.empty(B, T, 4 * H, dtype=x.dtype, device=x.device)
+        dh, dc = dh_n.clone(), dc_n.clone()
+        for t in range(T) if ctx.reverse else range(T - 1, -1, -1):
+            dh += dout[:, t]
+            dc.addcmul_(dh, P[:, t])
+            torch.mul(dc.unsqueeze(1), Q[:, t], out=D[:, t, : 3 * H].view(B, 3, H))
+            torch.mul(dh, R[:, t], out=D[:, t, 3 * H :])
+            dc.mul_(f[:, t])
+            dh = D[:, t] @ w_hh
+        sink = ctx.sink
+        sink.g = D if sink.g is None else sink.g + D
+        D2 = D.view(B * T, 4 * H)
+        need = ctx.needs_input_grad
+        dx = (D2 @ w_ih).view(x.shape) if need[0] else None
+        dw_ih = D2.t() @ x.reshape(B * T, -1) if need[3] else None
+        dw_hh = D2.t() @ h_prev.reshape(B * T, H) if need[4] else None
+        db = D2.sum(0) if need[5] else None
+        return (dx, dh if need[1] else None, dc if need[2] else None, dw_ih, dw_hh, db, None, None) + (None,) * (len(need) - 8)
