@@ -336,7 +336,9 @@ def frame_hooks(ctx: OpContext, unit, module: nn.Module, params: set, on_exit: C
         if fr is None:
             return None
         if torch.is_grad_enabled():
-            ctx.judge_dense(fr, args, output)
+            # a hook runs with the mode active: its own tensor queries would each be intercepted
+            with torch._C.DisableTorchFunction():
+                ctx.judge_dense(fr, args, output)
         if fr.unknown:
             return on_exit(fr, args, kwargs, output)
         return None
