@@ -137,7 +137,8 @@ class OrthoGrad:
         finally:
             self._in_retain = False
         self._unlearn.observe(*cap.dense_verdict)
-        self._unlearn.arm(self._units)  # the unlearn backward that follows keeps its factors
+        # the unlearn backward that follows keeps its factors, for the layers that can use them
+        self._unlearn.arm(self._units, self._span.one_token_weights())
 
     def _begin_block(self, nested: str) -> None:
         """Common entry of retain() and forget(): a new span after a projection, model checks."""

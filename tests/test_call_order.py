@@ -168,7 +168,8 @@ def test_explicit_forget_disarms_and_accumulates(factored, unlearn_coef_calls):
     assert not _hooks_left(model)
 
 
-def test_hooks_removed_after_errors_reset_close_and_deletion():
+def test_hooks_removed_after_errors_reset_close_and_deletion(factored):
+    # factored: the layers keep their factors, so leaving retain() arms a window on them
     gen = torch.Generator().manual_seed(27)
     model = WideMLP()
     retain, unlearn = _data(gen)
@@ -242,3 +243,51 @@ def test_next_retain_block_ends_the_window(factored, unlearn_coef_calls):
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert len(unlearn_coef_calls) == 3
     assert _close(got, want) <= 1e-5
+
+
+class _TokensThenHead(nn.Module):
+    """A dense layer over 5 tokens per sample, then a head on the pooled features."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.tok = nn.Linear(7, 24)
+        self.head = nn.Linear(24, 20)  # B_u (I + O) < O I: its factors are cheaper than the GEMM
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x)).mean(1))
+
+
+def _armed(p):
+    return bool(getattr(p, "_post_accumulate_grad_hooks", None))
+
+
+def test_armed_window_only_on_layers_whose_factors_can_be_used(factored, unlearn_coef_calls):
+    # a window keeps one-token calls only: the token layer gets no hooks, the head does; the
+    # direction is the oracle's either way
+    gen = torch.Generator().manual_seed(31)
+    model = _TokensThenHead()
+    retain = (torch.randn(11, 5, 7, generator=gen), torch.randint(0, 20, (11,), generator=gen))
+    unlearn = (torch.randn(6, 5, 7, generator=gen), torch.randint(0, 20, (6,), generator=gen))
+    og = OrthoGrad(model, alpha=0.0)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    assert _armed(model.head.weight) and not _armed(model.tok.weight)
+    og.reset()
+    err, orth, _ = compare(model, ce, retain, unlearn, scope="tensor", alpha=0.0, backend="torch")
+    assert err <= REL and orth <= ORTH, (err, orth)
+    assert set(unlearn_coef_calls) == {"head.weight"}, unlearn_coef_calls
+
+
+def test_no_window_when_no_layer_can_use_factors():
+    # small layers take float64 rows (the explicit route), which never use unlearn factors
+    gen = torch.Generator().manual_seed(37)
+    model = WideMLP()
+    retain, _ = _data(gen)
+    og = OrthoGrad(model)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    assert not _hooks_left(model)

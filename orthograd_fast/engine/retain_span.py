@@ -21,7 +21,7 @@ from . import distributed as _distributed
 from . import gram
 from .conv_factors import ConvFactors
 from ..errors import CaptureError, OrthoGradError
-from .factors import ExplicitRows, explicit_rows
+from .factors import ExplicitRows, OuterFactors, explicit_rows
 from .gram import PerSampleGrads
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -137,6 +137,18 @@ class RetainSpan:
                 g = torch.zeros_like(p)  # no retain gradient reached it
             out[name] = g
         return out
+
+    def one_token_weights(self) -> set:
+        """id() of the parameters whose uses in the last block are all one-token dense factors (an
+        MLP layer, a classifier head) left as factors: the only ones whose unlearn factors can
+        replace the coefficient GEMM (the ghost route; a window keeps one-token calls only)."""
+        if not self.blocks:
+            return set()
+        return {
+            id(p)
+            for p, us in self.blocks[-1][1].items()
+            if us and all(type(u) is OuterFactors and u.ids is None and u.A.shape[1] == 1 for u in us)
+        }
 
     def _small_as_rows(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:
         """Small tensors (B * numel <= gram.EXPLICIT_MAX, the ones PerSampleGrads materializes anyway)
