@@ -154,3 +154,41 @@ def test_group_of_different_shapes_matches_oracle(scope, alpha, group_calls):
     assert None in shapes, shapes  # the [6, 1] weight and the [6] tensors in one group
     assert og._plan_cache.plan.inv is not None  # stacked out of the parameters' order
     assert group_calls["group"] >= 5
+
+
+def test_singular_column_groups_go_to_eigh_and_stay_exact(monkeypatch):
+    # d = 4: each Linear after a LayerNorm has 16 weights whose per-sample gradients lie in a
+    # 12-dim subspace (the norm's output has zero mean); at B = 24 > 16 their column Grams are
+    # singular every step. The first projection learns it (Cholesky refuses the whole group), the
+    # next solves that group by eigh directly; both match the oracle.
+    from oracle import oracle_direction, orthogonality
+
+    eigh_only_calls = []
+    orig = projection.gram.ExplicitGroup.solve_columns
+
+    def spy(self, rtol, eigh_only=False, refused=None):
+        eigh_only_calls.append(eigh_only)
+        return orig(self, rtol, eigh_only, refused)
+
+    monkeypatch.setattr(projection.gram.ExplicitGroup, "solve_columns", spy)
+    torch.manual_seed(35)
+    model = Stack(d=4, depth=3)
+    gen = torch.Generator().manual_seed(36)
+    og = OrthoGrad(model, alpha=0.0)
+    for step in range(2):
+        retain, unlearn = _data(gen, 24, Bu=5)
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        eigh_only_calls.clear()
+        og.project_()
+        got = {n: p.grad.detach().double().reshape(-1) for n, p in model.named_parameters()}
+        ref, G, u = oracle_direction(model, ce, retain, unlearn)
+        for n in ref:
+            err = float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm()))
+            assert err <= REL, f"step {step} {n}: {err:.2e}"
+        orth = orthogonality(G, {n: -got[n] for n in got}, u)
+        assert orth <= ORTH, orth
+        assert any(eigh_only_calls) == (step == 1), eigh_only_calls
+    assert any(og._plan_cache.plan.singular)

@@ -74,6 +74,34 @@ def test_batched_mixed_conditioning_and_per_matrix_rtol(chunk, monkeypatch):
         assert err <= 1e-6, f"matrix {k}: {err:.2e}"
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_eigh_only_matches_the_oracle_and_refused_reports_cholesky(chunk, monkeypatch):
+    # eigh_only skips the Cholesky attempt (groups known to be singular): the same solutions;
+    # ``refused`` says per chunk whether Cholesky refused every matrix
+    if chunk is not None:
+        monkeypatch.setattr(solve, "SOLVE_CHUNK_BYTES", chunk * 7 * 7 * 8)
+    rng = np.random.default_rng(13)
+    B = 7
+    Gs = [_rows(rng, B, 30, rank=3), _rows(rng, B, 30), _rows(rng, B, 30, cond=1e4), _rows(rng, B, 30, rank=5)]
+    rtols = [1e-6, 1e-8, 1e-3, 1e-6]
+    K = torch.from_numpy(np.stack([G @ G.T for G in Gs]))
+    b = torch.from_numpy(np.stack([G @ rng.standard_normal(30) for G in Gs]))
+    rt = torch.tensor(rtols, dtype=torch.float64).unsqueeze(-1)
+    refused: list = []
+    c_mixed = solve_psd(K, b, rt, refused=refused).numpy()
+    c_eigh = solve_psd(K, b, rt, eigh_only=True).numpy()
+    for k, (G, rtk) in enumerate(zip(Gs, rtols)):
+        ref = _oracle(G, b[k].numpy(), rtk)
+        for name, c in (("mixed", c_mixed), ("eigh_only", c_eigh)):
+            err = np.linalg.norm(G.T @ (c[k] - ref)) / np.linalg.norm(G.T @ ref)
+            assert err <= 1e-6, f"{name} matrix {k}: {err:.2e}"
+    # a chunk with a full-rank member passes Cholesky for it; the last chunk of 3 + 1 is rank 5 of 7
+    assert refused == ([False] if chunk is None else [False, True])
+    refused = []
+    solve_psd(K[[0, 3]], b[[0, 3]], rt[[0, 3]], refused=refused)  # rank 3 and 5 of 7: both refused
+    assert refused == [True]
+
+
 def test_matrix_right_hand_side():
     rng = np.random.default_rng(11)
     G = _rows(rng, 6, 20)

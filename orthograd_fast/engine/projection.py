@@ -48,6 +48,10 @@ class Plan:
     single_ks: List[int]
     single_idx: Tensor
     inv: Optional[Tensor]
+    # per group: its column Grams were all singular at the last solve (a structural rank
+    # deficiency, e.g. a Linear after a LayerNorm with fewer weights than samples): solved by eigh
+    # directly, without the Cholesky attempt (the same result)
+    singular: List[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -92,7 +96,7 @@ def make_plan(T: List[PerSampleGrads], triton: bool, cache: PlanCache) -> Plan:
         inv = inv.to(dev)
     single_ks = [k for k in range(len(T)) if k not in grouped]
     cache.key = key
-    cache.plan = Plan(shared_biases, spec, jobs, single_ks, torch.tensor(single_ks, dtype=torch.long, device=dev), inv)
+    cache.plan = Plan(shared_biases, spec, jobs, single_ks, torch.tensor(single_ks, dtype=torch.long, device=dev), inv, [False] * len(spec))
     return cache.plan
 
 
@@ -235,7 +239,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         checks.nonfinite(active, list(K), list(b), out)
     if checks.capture is not None:
         checks.capture(active, K, b, out)
-    c, rt, Kg = _solve(T, U, scope, K, b, rtols, groups)
+    c, rt, Kg = _solve(T, U, scope, K, b, rtols, groups, plan.singular)
     if any(t.approx for t in T):
         _update_twice(T, U, scope, K, Kg, c, rt, S, scale)
     else:
@@ -250,8 +254,9 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     }
 
 
-def _solve(T, U, scope, K, b, rtols, groups):
-    """(c [m, B], rt, the global K or None): the batched solve, one thread on the CPU (B x B)."""
+def _solve(T, U, scope, K, b, rtols, groups, singular):
+    """(c [m, B], rt, the global K or None): the batched solve, one thread on the CPU (B x B).
+    ``singular``: per group, whether its column Grams were all singular last time (updated)."""
     Kg = None
     with _threads.one_thread(K.device.type == "cpu"):
         if scope == "global":
@@ -276,8 +281,11 @@ def _solve(T, U, scope, K, b, rtols, groups):
             got_c = solve_columns([T[k].G for k in col], [U[k] for k in col], [rtols[k] for k in col])
             for k, ck in zip(col, got_c):
                 c[k] = ck
-        for g in col_groups:
-            c[g.rows] = g.solve_columns(rtols[g.ks[0]])
+        for gi, g in enumerate(groups):
+            if g in col_groups:
+                refused: list = []
+                c[g.rows] = g.solve_columns(rtols[g.ks[0]], singular[gi], refused)
+                singular[gi] = singular[gi] or (bool(refused) and all(refused))
     return c, rt, Kg
 
 

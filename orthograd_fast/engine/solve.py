@@ -74,13 +74,15 @@ def _well_conditioned_solve(K: Tensor, b: Tensor, rtol):
 SOLVE_CHUNK_BYTES = 16 << 20
 
 
-def solve_psd(K: Tensor, b: Tensor, rtol) -> Tensor:
+def solve_psd(K: Tensor, b: Tensor, rtol, eigh_only: bool = False, refused: Optional[list] = None) -> Tensor:
     """c = K^+ b for symmetric PSD K [..., B, B], b [..., B] (or [..., B, m]); float64.
 
     Batched over leading dims (one call for every tensor of a model), in chunks of
     SOLVE_CHUNK_BYTES. ``rtol``: a float or a tensor broadcastable to [..., 1] (one tolerance per
     matrix). Well-conditioned matrices (all eigenvalues above the cutoff, proven by a bound) are
-    solved by Cholesky; the rest by eigh.
+    solved by Cholesky; the rest by eigh. ``eigh_only``: every matrix by eigh (the same result;
+    for matrices known to be singular, e.g. by the last step's solve). ``refused``: a list that
+    gets, per chunk, whether the Cholesky path refused every matrix (a host sync either way).
     """
     n = K.shape[-1]
     per = max(1, SOLVE_CHUNK_BYTES // max(1, n * n * 8))
@@ -88,14 +90,22 @@ def solve_psd(K: Tensor, b: Tensor, rtol) -> Tensor:
         parts = []
         for i in range(0, K.shape[0], per):
             rt = rtol[i : i + per] if isinstance(rtol, Tensor) and rtol.dim() > 0 and rtol.shape[0] == K.shape[0] else rtol
-            parts.append(solve_psd(K[i : i + per], b[i : i + per], rt))
+            parts.append(solve_psd(K[i : i + per], b[i : i + per], rt, eigh_only, refused))
         return torch.cat(parts)
     K = K.double()
     K = 0.5 * (K + K.transpose(-1, -2))
     vec = b.dim() == K.dim() - 1
     bb = b.double().unsqueeze(-1) if vec else b.double()
+    if eigh_only:
+        B, m = K.shape[-1], bb.shape[-1]
+        rt = rtol.reshape(-1, 1) if isinstance(rtol, Tensor) and rtol.numel() > 1 else rtol
+        c = _eigh_solve(K.reshape(-1, B, B), bb.reshape(-1, B, m), rt).reshape(bb.shape)
+        return c.squeeze(-1) if vec else c
     c, ok = _well_conditioned_solve(K, bb, rtol)
-    if not bool(ok.all()):  # eigh for the ill-conditioned matrices only
+    all_ok = bool(ok.all())
+    if refused is not None:
+        refused.append(not all_ok and not bool(ok.any()))
+    if not all_ok:  # eigh for the ill-conditioned matrices only
         B, m = K.shape[-1], bb.shape[-1]
         cf, bad = c.reshape(-1, B, m).clone(), (~ok.reshape(-1)).nonzero().squeeze(1)
         rt = rtol.reshape(-1, 1)[bad] if isinstance(rtol, Tensor) and rtol.numel() > 1 else rtol
@@ -135,10 +145,11 @@ def solve_columns(Gs: "list[Tensor]", us: "list[Tensor]", rtols: "list[float]") 
     return out
 
 
-def solve_columns_stacked(G: Tensor, u: Tensor, rtol) -> Tensor:
-    """:func:`solve_columns` for rows already stacked: G [m, B, n], u [m, n] float64 -> c [m, B]."""
+def solve_columns_stacked(G: Tensor, u: Tensor, rtol, eigh_only: bool = False, refused: Optional[list] = None) -> Tensor:
+    """:func:`solve_columns` for rows already stacked: G [m, B, n], u [m, n] float64 -> c [m, B]
+    (``eigh_only``, ``refused``: see :func:`solve_psd`)."""
     C = G.transpose(1, 2) @ G
-    y = solve_psd(C, u, rtol)  # [m, n]
+    y = solve_psd(C, u, rtol, eigh_only, refused)  # [m, n]
     return (G @ y.unsqueeze(-1)).squeeze(-1)
 
 

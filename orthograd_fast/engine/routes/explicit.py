@@ -86,12 +86,12 @@ class ExplicitGroup:
         b = torch.bmm(G, U.unsqueeze(-1)).squeeze(-1)
         return K, b
 
-    def solve_columns(self, rtol: float) -> Tensor:
+    def solve_columns(self, rtol: float, eigh_only: bool = False, refused: Optional[list] = None) -> Tensor:
         """c [m, B] from the members' n x n column Grams (numel < B: see solve.solve_columns), from
-        the rows and tensors gram_coef stacked."""
+        the rows and tensors gram_coef stacked (``eigh_only``, ``refused``: solve.solve_psd)."""
         from ..solve import solve_columns_stacked
 
-        return solve_columns_stacked(self._G, self._U, rtol)
+        return solve_columns_stacked(self._G, self._U, rtol, eigh_only, refused)
 
     def apply_(self, Us: List[Tensor], c: Tensor, scale: float = 1.0) -> None:
         """Us[j] <- scale * (Us[j] - sum_i c[j, i] g_ji), from the float64 copy made by gram_coef
