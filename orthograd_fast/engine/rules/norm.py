@@ -74,7 +74,8 @@ def batch_norm(ctx, func, args, kwargs):
             "share the batch mean and variance, so per-sample gradients do not exist. Put the module in eval mode "
             "(module.eval()) for the retain pass, or use GroupNorm/LayerNorm."
         )
-    stats = (rm.detach().double().clone(), torch.rsqrt(rv.detach().double() + eps))
+    # float64 copies taken now (the buffers are the module's): two ops each, on C entries
+    stats = (rm.detach().to(torch.float64, copy=True), rv.detach().to(torch.float64, copy=True).add_(eps).rsqrt_())
     return _norm(ctx, func, args, kwargs, x, w, b, None, True, stats)
 
 
