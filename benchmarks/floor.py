@@ -17,6 +17,9 @@ Bu unlearn samples, a use of T tokens, G groups, I inputs and O outputs per grou
 | tile | tiles 2 B T G I O, then 2 B^2 N | 2 B N | 2 B N |
 | explicit (norms, biases, other) | rows, then 2 B^2 N | 2 B N | 2 B N |
 
+A table used by lookups only can also take the sparse route: its rows summed per (table row,
+sample), K from the products of the entries that share a table row (M entries, P pairs, from the
+step's ids: 2 (M + P) I), a gather and a scatter of the tokens for b and the update.
 An embedding's one-hot side counts 1 instead of the vocabulary (ids compared, never formed):
 gather / scatter B T I instead of the GEMMs. The coefficients' second form uses the unlearn pass's
 own factors (what ``og.forget()`` captures). Each tensor takes its cheapest route, plus a B x B
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -63,6 +66,7 @@ class Use:
     I: int = 1
     O: int = 1
     N: int = 0
+    ids: Optional[torch.Tensor] = None  # a lookup's ids [B, T] (the sparse route's pairs depend on them)
 
 
 @dataclass
@@ -136,7 +140,8 @@ def _module_uses(m: nn.Module, args, out, B: int) -> List[Tuple[torch.Tensor, Us
             uses.append((m.bias, Use(ROWS, T, N=Oc)))
     elif isinstance(m, nn.Embedding):
         if _trainable(m.weight):
-            uses.append((m.weight, Use(LOOKUP, x.numel() // B, 1, m.weight.shape[1], m.weight.shape[0])))
+            ids = x.detach().reshape(B, -1)
+            uses.append((m.weight, Use(LOOKUP, x.numel() // B, 1, m.weight.shape[1], m.weight.shape[0], ids=ids)))
     elif isinstance(m, nn.MultiheadAttention):
         E = m.embed_dim
         T = x.numel() // (B * E)  # batch_first query [B, T, E]
@@ -235,8 +240,24 @@ def param_floor(name: str, numel: int, uses: List[Use], B: int, Bu: int) -> Para
         costs["ghost"] = gram + min(gemm, cross) + gemm
     else:
         costs["explicit"] = form + small
+    if uses and all(u.kind == LOOKUP and u.ids is not None for u in uses):
+        costs["sparse"] = _sparse_lookup(uses, B)
     route = min(costs, key=costs.get)
     return ParamFloor(name, numel, uses, route, costs[route] - form + solve, costs)
+
+
+def _sparse_lookup(uses: List[Use], B: int) -> float:
+    """A table used by lookups only: its rows summed per (table row, sample) (B T I adds), K from
+    the products of the entries each table row holds (its samples' sums: M diagonal and P off-
+    diagonal pairs of I entries), the coefficients a gather and the update a scatter of the
+    tokens (B T I each). M and P from the ids of this step."""
+    ids = torch.cat([u.ids.reshape(B, -1) for u in uses], 1).long()
+    I = uses[0].I
+    keys = torch.unique(ids * B + torch.arange(B).unsqueeze(1))
+    counts = torch.unique_consecutive(keys // B, return_counts=True)[1].double()
+    M, pairs = float(keys.numel()), float((counts * (counts - 1) / 2).sum())
+    tokens = float(ids.numel())
+    return tokens * I + 2.0 * (M + pairs) * I + 2.0 * tokens * I + tokens * I
 
 
 def _rnn_flops(model: nn.Module, x: torch.Tensor) -> float:

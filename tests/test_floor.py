@@ -133,6 +133,32 @@ def test_tied_embedding_and_norm_uses():
     assert f.ratio > 1.0
 
 
+class Bag(nn.Module):
+    def __init__(self, V=13, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_untied_table_counts_the_sparse_route_from_its_ids():
+    # ids chosen so the pairs are known: 3 samples of 4 tokens; row 1 in every sample (twice in the
+    # first), row 2 in samples 0 and 2, six rows once: M = 3 + 4 + 4 (row, sample) entries, P = 3 + 1
+    # pairs of entries that share a row
+    model = Bag()
+    ids = torch.tensor([[1, 1, 2, 5], [1, 6, 7, 8], [1, 2, 9, 10]])
+    retain = (ids, torch.tensor([0, 1, 2]))
+    unlearn = (torch.tensor([[3, 4, 5, 6]]), torch.tensor([1]))
+    f = flop_floor(model, lambda out, y: F.cross_entropy(out, y, reduction="none"), retain, unlearn)
+    by = {p.name: p for p in f.params}
+    emb = by["emb.weight"]
+    B, T, I, M, P = 3, 4, 4, 11, 4
+    assert emb.costs["sparse"] == pytest.approx(B * T * I + 2 * (M + P) * I + 3 * B * T * I)
+    assert emb.route == "sparse" and emb.costs["sparse"] < min(v for k, v in emb.costs.items() if k != "sparse")
+
+
 def test_lstm_flops_are_counted():
     # FlopCounterMode does not see the fused recurrent kernel: the floor adds it by hand
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ torch path (opt_einsum's plan) and for the fused Triton kernels (their own flop 
 import pytest
 import torch
 
+import orthograd_fast.engine.gram as gram
 from orthograd_fast.engine.factors import OuterFactors
 from orthograd_fast.engine.gram import PerSampleGrads
 from orthograd_fast.engine.route import GHOST, TILE, choose_route, choose_route_fused, route_costs
@@ -75,12 +76,22 @@ def _embedding_term(B, T, V, d, tied):
         (64, 64, 256, 128, False, "lookup"),  # the CPU zoo transformer's table
     ],
 )
-def test_embedding_route_counts_the_tied_heads_products(B, T, V, d, tied, want):
+def test_embedding_route_counts_the_tied_heads_products(B, T, V, d, tied, want, monkeypatch):
+    # the cost model between the lookup and token routes (an untied table takes the sparse route
+    # when it is on: test_untied_tables_take_the_sparse_route)
+    monkeypatch.setattr(gram, "SPARSE_LOOKUP", False)
     assert _embedding_term(B, T, V, d, tied).mode == want
 
 
+@pytest.mark.parametrize("B,T,V,d", [(512, 32, 2048, 128), (8, 4, 50000, 64), (64, 64, 256, 128)])
+def test_untied_tables_take_the_sparse_route(B, T, V, d):
+    assert _embedding_term(B, T, V, d, tied=False).mode == "sparse"
+    assert _embedding_term(B, T, V, d, tied=True).mode != "sparse"  # a dense use of the table
+
+
 @pytest.mark.parametrize("hold_ok,want", [(False, "tokens"), (True, "lookup")])
-def test_embedding_route_counts_held_float32_rows(hold_ok, want):
+def test_embedding_route_counts_held_float32_rows(hold_ok, want, monkeypatch):
+    monkeypatch.setattr(gram, "SPARSE_LOOKUP", False)
     # the CPU zoo's BERT table (B = 32, T = 32, V = 2048, d = 128, untied): lookup 32^2 x 2048 x 128
     # = 2.7e8 multiply-adds against the token route's 1024^2 x 128 = 1.3e8 in float64; rows the
     # projection lets the term hold (33.5 MB, float32, per-tensor scope) halve the lookup's cost

@@ -12,8 +12,11 @@ that evaluates them and delegates to it (one class each, :mod:`orthograd_fast.en
   Triton kernels: :func:`orthograd_fast.engine.route.choose_route_fused`).
 * **tokens** - uses that include embedding lookups (one-hot rows): the ghost order with the
   one-hot side evaluated by gathers and id equality, so the vocabulary is never materialized.
-* **lookup** - the same uses when that is cheaper: per-sample rows of a slab of table rows at a
-  time, B^2 V d flops instead of the token route's (B T)^2 d (plus (B T)^2 V for a tied head).
+* **sparse** - a table used by lookups only (no tied dense head): K from the rows two samples
+  both looked up, sums per (table row, sample) multiplied pair by pair: at most B M d flops for M
+  <= B T (row, sample) pairs, instead of the lookup route's B^2 V d or the token route's (B T)^2 d.
+* **lookup** - lookups with a tied dense use, when that is cheaper than the token route: per-sample
+  rows of a slab of table rows at a time, B^2 V d flops (plus the head's tiles).
 * **conv** - convolutions in the tile order: per-sample tiles from grouped convolutions.
 
 Precision: per-sample tiles are formed in the factors' dtype (fp32 for half factors) and reduced
@@ -44,12 +47,13 @@ from .routes.conv import ConvRoute
 from .routes.explicit import ExplicitGroup, ExplicitRoute
 from .routes.ghost import GhostRoute
 from .routes.lookup import LookupRoute
+from .routes.sparse_lookup import SparseLookupRoute
 from .routes.tile import TileRoute
 from .routes.tokens import TokensRoute
 from .routes.triton import TritonGhostRoute, TritonTileRoute, kernels_take
 
 __all__ = [
-    "CONV_TILE_BYTES", "EXACT_UPDATE_TOL", "EXPLICIT_MAX", "GHOST", "LOOKUP_ROUTE", "TILE",
+    "CONV_TILE_BYTES", "EXACT_UPDATE_TOL", "EXPLICIT_MAX", "GHOST", "LOOKUP_ROUTE", "SPARSE_LOOKUP", "TILE",
     "TILE_SLAB_BYTES", "ExplicitGroup", "PerSampleGrads", "hold_rows", "share_bias_grams",
     "update_amplification",
 ]
@@ -59,6 +63,8 @@ EXPLICIT_MAX = 1 << 18
 # Embedding tables take the lookup route (per-sample rows, a slab at a time) wherever it costs
 # fewer flops than the token route; False forces the token route (tests).
 LOOKUP_ROUTE = True
+# Tables used by lookups only take the sparse lookup route; False: the lookup / token routes (tests)
+SPARSE_LOOKUP = True
 # Tile, conv and lookup routes: float64 per-sample rows formed in slabs of this size (cache-sized).
 TILE_SLAB_BYTES = 4 << 20
 # Conv route: float32 per-sample tiles per convolution call (each call unfolds its input again).
@@ -103,7 +109,7 @@ class PerSampleGrads:
     """Everything the solve needs about one trainable tensor's per-sample gradients: the route
     (``route``) chosen for its uses, which forms K, b and the update and answers for its cost."""
 
-    mode = _on_route("name", "The route's name: 'explicit', TILE, GHOST, 'tokens', 'lookup' or 'conv'.")
+    mode = _on_route("name", "The route's name: 'explicit', TILE, GHOST, 'tokens', 'sparse', 'lookup' or 'conv'.")
     approx = _on_route("approx", "True when K is accumulated in float32 (Triton).")
     factor_dtype = _on_route("factor_dtype", "dtype of the captured factors (picks the default rank tolerance).")
     use = _on_route("use", "The one dense factored use (tile and ghost routes; None otherwise).")
@@ -157,6 +163,9 @@ class PerSampleGrads:
         outer = [u for u in uses if isinstance(u, OuterFactors)]
         if len(outer) < len(uses) or B * self.numel <= EXPLICIT_MAX or self._mixed_orientation(outer):
             return ExplicitRoute(p, B, uses)  # float64 rows, formed on first use (in its job)
+        if SPARSE_LOOKUP and SparseLookupRoute.takes(outer):
+            # lookups only: products of the rows two samples share (B M d), never B x V x d
+            return SparseLookupRoute(p, B, outer)
         if self._lookup_route_cheaper(outer):
             # the explicit route's flops, but rows formed slab by slab: never B x V x d at once
             return LookupRoute(p, B, outer, TILE_SLAB_BYTES)

@@ -2,5 +2,6 @@
 
 :class:`orthograd_fast.engine.gram.PerSampleGrads` picks the route for a tensor's uses and delegates
 to it: explicit rows, per-sample tiles, token Grams (ghost), the Triton kernels of both, tokens
-with one-hot sides, embedding lookups in slabs of table rows, and grouped-convolution tiles.
+with one-hot sides, tables used by lookups only (pairs of rows two samples share), embedding
+lookups in slabs of table rows, and grouped-convolution tiles.
 """

@@ -1,0 +1,97 @@
+"""The sparse lookup route: a table used only by lookups (an embedding without a tied dense head),
+whose per-sample rows are nonzero on the table rows each sample looked up.
+
+Sample i's gradient is Y_i[v] = sum of its token rows a_it with id_it = v. With S[v, i] = Y_i[v]
+for the (row, sample) pairs that occur (M <= B T of them),
+
+    K_ij = sum_v <S[v, i], S[v, j]>
+
+over the pairs of entries of one table row: at most B per row, so at most B M products of d
+entries. The lookup route forms B x V x d rows and a B^2 V d Gram; the token route pairs all
+(B T)^2 tokens. b and the update are gathers and scatters of the tokens (as on those routes).
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from ..factors import OuterFactors
+from .base import Route, apply_uses_
+
+# pairs of entries multiplied per chunk (two float64 gathers of this many rows of d entries)
+PAIR_CHUNK = 1 << 12
+
+
+class SparseLookupRoute(Route):
+    """K from the (row, sample) sums S (float64), pair by pair within each table row."""
+
+    name = "sparse"
+
+    def __init__(self, param: Tensor, B: int, uses: List[OuterFactors]):
+        super().__init__(param, B)
+        self.uses = uses
+
+    @staticmethod
+    def takes(uses: list) -> bool:
+        """Every use a lookup (one-hot rows) of one [V, d] view."""
+        return all(isinstance(u, OuterFactors) and u.ids is not None for u in uses) and len({(u.shape, u.transposed) for u in uses}) == 1
+
+    def _tokens(self) -> int:
+        return sum(u.ids.numel() for u in self.uses)
+
+    def work(self, unlearn_coef: bool = False) -> int:
+        # compaction plus pairs (at most B per table row; typically a few): float64, counted twice
+        return 2 * 4 * self._tokens() * self.uses[0].shape[2]
+
+    def update_work(self) -> int:
+        return self._tokens() * self.uses[0].shape[2]
+
+    def _gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+        return self._gram(), self.coef(U)
+
+    def coef(self, U: Tensor) -> Tensor:
+        return sum(u.coef(U) for u in self.uses)
+
+    def apply_(self, U: Tensor, c: Tensor, scale: float = 1.0) -> None:
+        apply_uses_(self.uses, U, c, scale)
+
+    def _gram(self) -> Tensor:
+        B = self.B
+        d = self.uses[0].shape[2]
+        dev = self.uses[0].A.device
+        ids = torch.cat([u.ids.reshape(-1).long() for u in self.uses])
+        sample = torch.cat([torch.arange(B, device=dev).repeat_interleave(u.ids.shape[1]) for u in self.uses])
+        A = torch.cat([u.A[:, :, 0, :].reshape(-1, d) for u in self.uses])
+        # S: one float64 row per (table row, sample) pair that occurs, keys sorted by table row
+        keys, inv = torch.unique(ids * B + sample, return_inverse=True)
+        S = torch.zeros(keys.numel(), d, dtype=torch.float64, device=dev).index_add_(0, inv, A.to(torch.float64))
+        smp = keys % B
+        K = torch.zeros(B * B, dtype=torch.float64, device=dev)
+        # each entry with itself: K_ii += |S[v, i]|^2 (no gather)
+        K.index_add_(0, smp * (B + 1), torch.linalg.vecdot(S, S))
+        # each entry with the later entries of its table row (keys sorted: a row's entries are
+        # contiguous, samples distinct), both orders: K_ij and K_ji
+        counts = torch.unique_consecutive(keys // B, return_counts=True)[1]
+        last = (torch.cumsum(counts, 0) - 1).repeat_interleave(counts)  # per entry: its row's last entry
+        r = last - torch.arange(keys.numel(), device=dev)  # later entries of its row
+        ends = torch.cumsum(r, 0)
+        total = int(ends[-1]) if ends.numel() else 0  # one host sync: how many pairs
+        if total:
+            # chunks of whole entries, about PAIR_CHUNK pairs each (one host copy of the pair counts)
+            bounds = torch.searchsorted(ends.cpu(), torch.arange(PAIR_CHUNK, total + PAIR_CHUNK, PAIR_CHUNK), right=True).tolist()
+            e0 = 0
+            for e1 in bounds:
+                e1 = min(max(e1, e0 + 1), keys.numel())
+                if e1 <= e0:
+                    continue
+                re = r[e0:e1]
+                p = torch.arange(e0, e1, device=dev).repeat_interleave(re)
+                q = p + 1 + torch.arange(p.numel(), device=dev) - (torch.cumsum(re, 0) - re).repeat_interleave(re)
+                dots = torch.linalg.vecdot(S[p], S[q])
+                sp, sq = smp[p], smp[q]
+                K.index_add_(0, torch.cat([sp * B + sq, sq * B + sp]), torch.cat([dots, dots]))
+                e0 = e1
+        return K.view(B, B)
