@@ -112,3 +112,20 @@ class Route:
 
     def drop_rows(self) -> None:
         """Forget held rows (none here)."""
+
+
+class UsesRoute(Route):
+    """A route that evaluates its uses one by one (``uses``): b and the update use by use (the
+    gathers and scatters of one-hot uses), K from the subclass's :meth:`_gram`."""
+
+    def _gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
+        return self._gram(), self.coef(U)
+
+    def coef(self, U: Tensor) -> Tensor:
+        return sum(u.coef(U) for u in self.uses)
+
+    def apply_(self, U: Tensor, c: Tensor, scale: float = 1.0) -> None:
+        apply_uses_(self.uses, U, c, scale)
+
+    def _gram(self) -> Tensor:
+        raise NotImplementedError

@@ -13,19 +13,19 @@ entries. The lookup route forms B x V x d rows and a B^2 V d Gram; the token rou
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List
 
 import torch
 from torch import Tensor
 
 from ..factors import OuterFactors
-from .base import Route, apply_uses_
+from .base import UsesRoute
 
 # pairs of entries multiplied per chunk (two float64 gathers of this many rows of d entries)
 PAIR_CHUNK = 1 << 12
 
 
-class SparseLookupRoute(Route):
+class SparseLookupRoute(UsesRoute):
     """K from the (row, sample) sums S (float64), pair by pair within each table row."""
 
     name = "sparse"
@@ -48,15 +48,6 @@ class SparseLookupRoute(Route):
 
     def update_work(self) -> int:
         return self._tokens() * self.uses[0].shape[2]
-
-    def _gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
-        return self._gram(), self.coef(U)
-
-    def coef(self, U: Tensor) -> Tensor:
-        return sum(u.coef(U) for u in self.uses)
-
-    def apply_(self, U: Tensor, c: Tensor, scale: float = 1.0) -> None:
-        apply_uses_(self.uses, U, c, scale)
 
     def _gram(self) -> Tensor:
         B = self.B

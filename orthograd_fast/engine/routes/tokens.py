@@ -3,16 +3,16 @@ one-hot side evaluated by gathers and id equality, so the vocabulary is never ma
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List
 
 import torch
 from torch import Tensor
 
 from ..factors import CHUNK_BYTES, OuterFactors
-from .base import Route, apply_uses_
+from .base import UsesRoute
 
 
-class TokensRoute(Route):
+class TokensRoute(UsesRoute):
     """K over every ordered pair of uses, in CHUNK_BYTES blocks (runs alone: not spreadable)."""
 
     name = "tokens"
@@ -27,15 +27,6 @@ class TokensRoute(Route):
 
     def spreadable(self) -> bool:
         return False
-
-    def _gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
-        return self._gram(), self.coef(U)
-
-    def coef(self, U: Tensor) -> Tensor:
-        return sum(u.coef(U) for u in self.uses)
-
-    def apply_(self, U: Tensor, c: Tensor, scale: float = 1.0) -> None:
-        apply_uses_(self.uses, U, c, scale)
 
     def _gram(self) -> Tensor:
         """For every ordered pair of uses, sum_{t,s} (a_bt . a_cs) * (d_bt . d_cs), where d . d' is
