@@ -268,8 +268,8 @@ def _solve(T, U, scope, K, b, rtols, groups, singular):
         # materialized tensors with fewer entries than samples: the same c from their n x n
         # column Gram (K is rank-deficient there: no B x B eigh every step)
         # (groups of explicit terms: one batched column solve per group)
-        col_groups = [g for g in groups if g.numel < g.B and rtols[g.ks[0]] >= COLUMN_MIN_RTOL]
-        in_groups = {k for g in col_groups for k in g.ks}
+        col_groups = [gi for gi, g in enumerate(groups) if g.numel < g.B and rtols[g.ks[0]] >= COLUMN_MIN_RTOL]
+        in_groups = {k for gi in col_groups for k in groups[gi].ks}
         col = [k for k, t in enumerate(T) if t.mode == "explicit" and t.numel < t.B and rtols[k] >= COLUMN_MIN_RTOL and k not in in_groups]
         if not (col or col_groups):
             return solve_psd(K, b, rt), rt, Kg
@@ -281,11 +281,10 @@ def _solve(T, U, scope, K, b, rtols, groups, singular):
             got_c = solve_columns([T[k].G for k in col], [U[k] for k in col], [rtols[k] for k in col])
             for k, ck in zip(col, got_c):
                 c[k] = ck
-        for gi, g in enumerate(groups):
-            if g in col_groups:
-                refused: list = []
-                c[g.rows] = g.solve_columns(rtols[g.ks[0]], singular[gi], refused)
-                singular[gi] = singular[gi] or (bool(refused) and all(refused))
+        for gi in col_groups:
+            g, refused = groups[gi], []
+            c[g.rows] = g.solve_columns(rtols[g.ks[0]], singular[gi], refused)
+            singular[gi] = singular[gi] or (bool(refused) and all(refused))
     return c, rt, Kg
 
 

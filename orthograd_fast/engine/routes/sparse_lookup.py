@@ -68,11 +68,11 @@ class SparseLookupRoute(UsesRoute):
         counts = torch.unique_consecutive(keys // B, return_counts=True)[1]
         last = (torch.cumsum(counts, 0) - 1).repeat_interleave(counts)  # per entry: its row's last entry
         r = last - torch.arange(keys.numel(), device=dev)  # later entries of its row
-        ends = torch.cumsum(r, 0)
-        total = int(ends[-1]) if ends.numel() else 0  # one host sync: how many pairs
+        ends = torch.cumsum(r, 0).cpu()  # one host copy: the pair counts, for the chunks
+        total = int(ends[-1]) if ends.numel() else 0
         if total:
-            # chunks of whole entries, about PAIR_CHUNK pairs each (one host copy of the pair counts)
-            bounds = torch.searchsorted(ends.cpu(), torch.arange(PAIR_CHUNK, total + PAIR_CHUNK, PAIR_CHUNK), right=True).tolist()
+            # chunks of whole entries, about PAIR_CHUNK pairs each
+            bounds = torch.searchsorted(ends, torch.arange(PAIR_CHUNK, total + PAIR_CHUNK, PAIR_CHUNK), right=True).tolist()
             e0 = 0
             for e1 in bounds:
                 e1 = min(max(e1, e0 + 1), keys.numel())
