@@ -60,6 +60,13 @@ def compare(model, loss_fn, retain, unlearn, scope="tensor", alpha=0.0, forget=F
     ROUNDING_ALLOWANCE * eps32 * kappa_t (for well-conditioned rows, kappa ~ 10: 5e-6).
     """
     og, got = og_direction(model, loss_fn, retain, unlearn, forget=forget, unlearn_first=unlearn_first, scope=scope, alpha=alpha, **kw)
+    err, orth = judge(model, got, loss_fn, retain, unlearn, scope=scope, alpha=alpha)
+    return err, orth, og
+
+
+def judge(model, got, loss_fn, retain, unlearn, scope="tensor", alpha=0.0):
+    """(max relative error per tensor, orthogonality) of the directions ``got`` ({name: flat
+    float64}) against the oracle on this data (see :func:`compare`)."""
     ref, G, u = oracle_direction(model, loss_fn, retain, unlearn, scope=scope, alpha=alpha)
     gbar = {n: G[n].mean(0) for n in G}
     if scope == "tensor":
@@ -79,7 +86,7 @@ def compare(model, loss_fn, retain, unlearn, scope="tensor", alpha=0.0, forget=F
     if alpha < 1:
         perp = {n: (alpha * gbar[n] - got[n]) / (1 - alpha) for n in got}
         orth = orthogonality(G, perp, u, scope)
-    return err, orth, og
+    return err, orth
 
 
 def autocast_ok(dtype) -> bool:

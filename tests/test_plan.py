@@ -9,7 +9,7 @@ from torch import nn
 import orthograd_fast.engine.gram as gram
 import orthograd_fast.engine.projection as projection
 from benchmarks.host_overhead import Stack  # the many-small-tensors model, shared with the benchmark
-from engine_helpers import compare
+from engine_helpers import compare, judge
 from models import ce
 from orthograd_fast import OrthoGrad
 
@@ -36,9 +36,9 @@ def group_calls(monkeypatch):
     calls = {"group": 0, "single_explicit": 0}
     orig_g, orig_t = gram.ExplicitGroup.gram_coef, gram.PerSampleGrads.gram_coef
 
-    def spy_g(self, Us):
+    def spy_g(self, Us, want_K=True):
         calls["group"] += len(self.terms)
-        return orig_g(self, Us)
+        return orig_g(self, Us, want_K)
 
     def spy_t(self, U, b=None):
         if self.mode == "explicit":
@@ -192,3 +192,63 @@ def test_singular_column_groups_go_to_eigh_and_stay_exact(monkeypatch):
         assert orth <= ORTH, orth
         assert any(eigh_only_calls) == (step == 1), eigh_only_calls
     assert any(og._plan_cache.plan.singular)
+
+
+class _SmallOneToken(nn.Module):
+    """Equal-size one-token layers, plain and transposed (transformers' Conv1D, one group with the
+    Linears), after 3-wide LayerNorms: weights with fewer entries than samples."""
+
+    def __init__(self, d=3, depth=4):
+        super().__init__()
+        from test_engine import Conv1D
+
+        self.inp = nn.Linear(5, d)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(depth))
+        self.lins = nn.ModuleList(nn.Linear(d, d) for _ in range(depth))
+        self.convs = nn.ModuleList(Conv1D(d, d) for _ in range(depth))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for n, a, c in zip(self.norms, self.lins, self.convs):
+            h = h + c(torch.tanh(a(n(h))))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("B", [13, 22])
+def test_later_steps_solve_column_groups_without_K(B, monkeypatch):
+    """From the second projection on (no capture check), groups solved from their column Grams
+    form no B x B K (the singles keep theirs, found through the plan's rows). Every step against
+    the float64 oracle on fresh data, with the same OrthoGrad."""
+    wanted = []
+    orig = gram.ExplicitGroup.gram_coef
+
+    def spy(self, Us, want_K=True):
+        wanted.append((self.numel < self.B, want_K))
+        return orig(self, Us, want_K)
+
+    monkeypatch.setattr(gram.ExplicitGroup, "gram_coef", spy)
+    torch.manual_seed(41 + B)
+    model = _SmallOneToken()
+    gen = torch.Generator().manual_seed(42 + B)
+    og = OrthoGrad(model)
+    for step in range(3):
+        retain, unlearn = _data(gen, B, Bu=5)
+        wanted.clear()
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        og.project_()
+        got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
+        err, orth = judge(model, got, ce, retain, unlearn)
+        assert err <= REL, f"step {step}: relative error {err:.2e}"
+        assert orth <= ORTH, f"step {step}: orthogonality {orth:.2e}"
+        col = [w for c, w in wanted if c]
+        assert col, wanted  # the 3 x 3 weights (9 entries) and the 3-entry tensors: column groups
+        assert all(col) if step == 0 else not any(col), (step, wanted)
+        if step > 0:
+            terms = list(og._terms.values())  # the projection's positions
+            members = [terms[k] for ks, _, _ in og._plan_cache.plan.spec for k in ks if terms[k].numel < B]
+            assert members and all(t.K is None for t in members)
+    og.close()

@@ -200,10 +200,18 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     groups = [gram.ExplicitGroup([T[k] for k in ks], ks, rows, shape) for ks, rows, shape in plan.spec]
     jobs = plan.jobs
 
+    rtols = [resolve_rtol(rtol, t.factor_dtype, t.approx) for t in T]
+    # groups solved from their n x n column Grams need no B x B K (per-tensor scope; the first
+    # projection's capture check reads every K's diagonal)
+    col_groups = [gi for gi, g in enumerate(groups) if g.numel < g.B and rtols[g.ks[0]] >= COLUMN_MIN_RTOL]
+    no_K = set(col_groups) if scope == "tensor" and checks.capture is None else set()
+
     def gram_job(item):
         if isinstance(item, gram.ExplicitGroup):
-            return item.gram_coef([U[k] for k in item.ks])
+            return item.gram_coef([U[k] for k in item.ks], want_K=item not in skip_K)
         return gram_coef(item)
+
+    skip_K = [groups[gi] for gi in no_K]
 
     res = _threads.run_spread(
         gram_job,
@@ -222,28 +230,39 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         for k in X:
             got[k] = by_param[active[k]]
     # K, b stacked in the plan's order (single terms, then each group's [m, B, B] as it came),
-    # then put in position order by one index (no per-member unbind and restack)
+    # then put in position order by one index (no per-member unbind and restack); without the
+    # column groups' K, K keeps the plan's order and ``Kr`` maps positions to its rows
     single = jobs + plan.shared_biases
     parts = [(torch.stack([got[k][0] for k in single]), torch.stack([got[k][1] for k in single]))] if single else []
     parts += res[len(jobs) :]
-    K = torch.cat([q[0] for q in parts]) if len(parts) > 1 else parts[0][0]
     b = torch.cat([q[1] for q in parts]) if len(parts) > 1 else parts[0][1]
     if plan.inv is not None:
-        K, b = K[plan.inv], b[plan.inv]
+        b = b[plan.inv]
+    Ks = [q[0] for q in parts if q[0] is not None]
+    K = (torch.cat(Ks) if len(Ks) > 1 else Ks[0]) if Ks else b.new_empty(0, b.shape[1], b.shape[1])
+    if not no_K:
+        Kr = None
+        if plan.inv is not None:
+            K = K[plan.inv]
+        kpos = range(len(T))
+    else:
+        kpos = single + [k for gi, (ks, _, _) in enumerate(plan.spec) if gi not in no_K for k in ks]
+        Kr = [-1] * len(T)
+        for r, k in enumerate(kpos):
+            Kr[k] = r
     del got, parts, res
-    rtols = [resolve_rtol(rtol, t.factor_dtype, t.approx) for t in T]
-    for t, Kk in zip(T, K.unbind(0)):  # views of the stack, not a second copy of every K
-        t.K = Kk
+    for k, Kk in zip(kpos, K.unbind(0)):  # views of the stack, not a second copy of every K
+        T[k].K = Kk
     finite = torch.isfinite(K.sum() + b.sum())  # NaN and inf propagate: one small reduction, one sync
     if not bool(finite):
-        checks.nonfinite(active, list(K), list(b), out)
+        checks.nonfinite(active, [T[k].K if Kr is None or Kr[k] >= 0 else T[k].route.G @ T[k].route.G.t() for k in range(len(T))], list(b), out)
     if checks.capture is not None:
         checks.capture(active, K, b, out)
-    c, rt, Kg = _solve(T, U, scope, K, b, rtols, groups, plan.singular)
+    c, rt, Kg = _solve(T, U, scope, _Rows(K, Kr), b, rtols, groups, col_groups, plan.singular)
     if any(t.approx for t in T):
         _update_twice(T, U, scope, K, Kg, c, rt, S, scale)
     else:
-        _update(T, U, K, c, plan, groups, staged, S, scale, nthreads)
+        _update(T, U, _Rows(K, Kr), c, plan, groups, staged, S, scale, nthreads)
     # T[0].B: under DDP the union of every rank's retain samples (retain_size is local)
     return {
         "B": T[0].B,
@@ -254,21 +273,35 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     }
 
 
-def _solve(T, U, scope, K, b, rtols, groups, singular):
+@dataclass
+class _Rows:
+    """The stacked Grams K and, where some terms have none (column groups), ``rows``: per
+    position its row in K (None: K is in position order, every term present)."""
+
+    K: Tensor
+    rows: Optional[List[int]]
+
+    def at(self, ks: List[int]) -> Tensor:
+        """K of the terms at positions ``ks``."""
+        return self.K[ks] if self.rows is None else self.K[[self.rows[k] for k in ks]]
+
+
+def _solve(T, U, scope, Kr: _Rows, b, rtols, groups, col_groups, singular):
     """(c [m, B], rt, the global K or None): the batched solve, one thread on the CPU (B x B).
-    ``singular``: per group, whether its column Grams were all singular last time (updated)."""
+    ``col_groups``: the groups solved from their column Grams (per-tensor scope); ``singular``:
+    per group, whether its column Grams were all singular last time (updated)."""
     Kg = None
-    with _threads.one_thread(K.device.type == "cpu"):
+    K = Kr.K
+    with _threads.one_thread(b.device.type == "cpu"):
         if scope == "global":
             rt = max(rtols)
             Kg = K.sum(0)
             c = solve_psd(Kg, b.sum(0), rt).unsqueeze(0).expand(len(T), -1)
             return c, rt, Kg
-        rt = torch.tensor(rtols, dtype=torch.float64, device=K.device).unsqueeze(-1)
+        rt = torch.tensor(rtols, dtype=torch.float64, device=b.device).unsqueeze(-1)
         # materialized tensors with fewer entries than samples: the same c from their n x n
         # column Gram (K is rank-deficient there: no B x B eigh every step)
         # (groups of explicit terms: one batched column solve per group)
-        col_groups = [gi for gi, g in enumerate(groups) if g.numel < g.B and rtols[g.ks[0]] >= COLUMN_MIN_RTOL]
         in_groups = {k for gi in col_groups for k in groups[gi].ks}
         col = [k for k, t in enumerate(T) if t.mode == "explicit" and t.numel < t.B and rtols[k] >= COLUMN_MIN_RTOL and k not in in_groups]
         if not (col or col_groups):
@@ -276,7 +309,7 @@ def _solve(T, U, scope, K, b, rtols, groups, singular):
         rest = sorted(set(range(len(T))) - set(col) - in_groups)
         c = torch.empty_like(b)
         if rest:
-            c[rest] = solve_psd(K[rest], b[rest], rt[rest])
+            c[rest] = solve_psd(Kr.at(rest), b[rest], rt[rest])
         if col:
             got_c = solve_columns([T[k].G for k in col], [U[k] for k in col], [rtols[k] for k in col])
             for k, ck in zip(col, got_c):
@@ -288,7 +321,7 @@ def _solve(T, U, scope, K, b, rtols, groups, singular):
     return c, rt, Kg
 
 
-def _update(T, U, K, c, plan, groups, staged, S, scale, nthreads):
+def _update(T, U, K: _Rows, c, plan, groups, staged, S, scale, nthreads):
     """U <- scale * (U - sum_i (c_i + shift) g_i) for every term not done in its job."""
     # fold the retain-gradient term into the coefficients of the same update GEMM
     if S:
@@ -297,7 +330,8 @@ def _update(T, U, K, c, plan, groups, staged, S, scale, nthreads):
     exact = [False] * len(T)
     ks = plan.single_ks
     if ks:
-        for k, e in zip(ks, needs_exact(K[plan.single_idx], c[plan.single_idx], [U[k] for k in ks])):
+        Ks = K.K[plan.single_idx] if K.rows is None else K.at(ks)
+        for k, e in zip(ks, needs_exact(Ks, c[plan.single_idx], [U[k] for k in ks])):
             exact[k] = e
 
     def update(item):

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..factors import explicit_rows
+from ..factors import ExplicitRows, explicit_rows
 from .base import Route
 
 
@@ -21,13 +21,18 @@ class ExplicitRoute(Route):
         super().__init__(param, B)
         self._G: Optional[Tensor] = None
         self._G_uses: Optional[list] = uses
+        self._stacked: Optional[Tuple[Tensor, int]] = None  # (a group's stacked rows, this term's index)
 
     @property
     def G(self) -> Tensor:
         """[B, numel] float64 rows, formed on first use: inside the term's own job, on its own
         thread (orthograd_fast.engine.threads)."""
         if self._G is None:
-            self._G = explicit_rows(self._G_uses)
+            if self._stacked is not None:
+                G, j = self._stacked
+                self._G, self._stacked = G[j], None
+            else:
+                self._G = explicit_rows(self._G_uses)
             self._G_uses = None
         return self._G
 
@@ -75,14 +80,16 @@ class ExplicitGroup:
     def update_work(self) -> int:
         return self.B * self.numel * len(self.terms)
 
-    def gram_coef(self, Us: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    def gram_coef(self, Us: List[Tensor], want_K: bool = True) -> Tuple[Optional[Tensor], Tensor]:
         """(K [m, B, B], b [m, B]) float64 for the members' tensors ``Us`` (the engine keeps each
-        member's K from the projection's stack)."""
-        G = torch.stack([t.G for t in self.terms])
+        member's K from the projection's stack). ``want_K`` False: K is not formed (None), for a
+        group solved by :meth:`solve_columns`, which needs the rows and the tensors only (b still
+        carries the finiteness of both)."""
+        G = stacked_rows(self.terms)
         U = torch.stack(Us) if self.shape is not None else torch.stack([u.reshape(-1) for u in Us])
         U = U.reshape(len(Us), -1).double()
         self._G, self._U = G, U
-        K = torch.bmm(G, G.transpose(1, 2))
+        K = torch.bmm(G, G.transpose(1, 2)) if want_K else None
         b = torch.bmm(G, U.unsqueeze(-1)).squeeze(-1)
         return K, b
 
@@ -105,3 +112,21 @@ class ExplicitGroup:
         else:
             torch._foreach_copy_(Us, [r.view(u.shape) for r, u in zip(res.unbind(0), Us)])
         self._U = None
+
+
+def stacked_rows(terms: list) -> Tensor:
+    """[m, B, n] float64: the explicit terms' rows stacked. Members that still hold their given
+    rows (small tensors' rows, formed at the retain exit) are stacked and widened by one op each,
+    and their ``G`` become views of the stack (formed when asked), instead of a widening and a
+    view per member."""
+    routes = [t.route for t in terms]
+    uses = [r._G_uses if r._G is None and r._stacked is None else None for r in routes]
+    if not all(u is not None and len(u) == 1 and type(u[0]) is ExplicitRows for u in uses):
+        return torch.stack([t.G for t in terms])
+    dts = {u[0].G.dtype for u in uses}
+    if len(dts) > 1:
+        return torch.stack([t.G for t in terms])
+    G = torch.stack([u[0].G for u in uses]).double()
+    for j, r in enumerate(routes):
+        r._stacked, r._G_uses = (G, j), None
+    return G
