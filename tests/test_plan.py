@@ -194,6 +194,46 @@ def test_singular_column_groups_go_to_eigh_and_stay_exact(monkeypatch):
     assert any(og._plan_cache.plan.singular)
 
 
+def test_singular_single_column_terms_go_to_eigh_and_stay_exact(monkeypatch):
+    # a 3-class head: its bias's rows (softmax gradients) sum to zero, its 12 weights' rows lie in
+    # an 8-dim subspace; neither shares a size with another tensor (single terms), both have fewer
+    # entries than B = 19 samples. The first projection learns that Cholesky refuses them, the
+    # next solves them by eigh directly; both match the oracle.
+    from oracle import oracle_direction, orthogonality
+
+    calls = []
+    orig = projection.solve_columns
+
+    def spy(Gs, us, rtols, eigh_only=False, refused=None):
+        calls.append((len(Gs), eigh_only))
+        return orig(Gs, us, rtols, eigh_only, refused)
+
+    monkeypatch.setattr(projection, "solve_columns", spy)
+    torch.manual_seed(38)
+    model = Stack(d=4, depth=3, classes=3)
+    gen = torch.Generator().manual_seed(39)
+    og = OrthoGrad(model, alpha=0.0)
+    for step in range(2):
+        retain = (torch.randn(19, 5, generator=gen), torch.randint(0, 3, (19,), generator=gen))
+        unlearn = (torch.randn(5, 5, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        calls.clear()
+        og.project_()
+        got = {n: p.grad.detach().double().reshape(-1) for n, p in model.named_parameters()}
+        ref, G, u = oracle_direction(model, ce, retain, unlearn)
+        for n in ref:
+            err = float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm()))
+            assert err <= REL, f"step {step} {n}: {err:.2e}"
+        orth = orthogonality(G, {n: -got[n] for n in got}, u)
+        assert orth <= ORTH, orth
+        assert len(calls) == 1 and calls[0][0] >= 2, calls  # head.weight, head.bias (and inp.weight)
+        assert calls[0][1] == (step == 1), calls
+    assert og._plan_cache.plan.singles_singular
+
+
 class _SmallOneToken(nn.Module):
     """Equal-size one-token layers, plain and transposed (transformers' Conv1D, one group with the
     Linears), after 3-wide LayerNorms: weights with fewer entries than samples."""

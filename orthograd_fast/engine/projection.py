@@ -52,6 +52,9 @@ class Plan:
     # deficiency, e.g. a Linear after a LayerNorm with fewer weights than samples): solved by eigh
     # directly, without the Cholesky attempt (the same result)
     singular: List[bool] = field(default_factory=list)
+    # the same for the single terms solved from their column Grams, together (e.g. a classifier's
+    # bias: its rows, softmax gradients, sum to zero)
+    singles_singular: bool = False
 
 
 @dataclass
@@ -258,7 +261,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         checks.nonfinite(active, [T[k].K if Kr is None or Kr[k] >= 0 else T[k].route.G @ T[k].route.G.t() for k in range(len(T))], list(b), out)
     if checks.capture is not None:
         checks.capture(active, K, b, out)
-    c, rt, Kg = _solve(T, U, scope, _Rows(K, Kr), b, rtols, groups, col_groups, plan.singular)
+    c, rt, Kg = _solve(T, U, scope, _Rows(K, Kr), b, rtols, groups, col_groups, plan)
     if any(t.approx for t in T):
         _update_twice(T, U, scope, K, Kg, c, rt, S, scale)
     else:
@@ -286,10 +289,12 @@ class _Rows:
         return self.K[ks] if self.rows is None else self.K[[self.rows[k] for k in ks]]
 
 
-def _solve(T, U, scope, Kr: _Rows, b, rtols, groups, col_groups, singular):
+def _solve(T, U, scope, Kr: _Rows, b, rtols, groups, col_groups, plan: Plan):
     """(c [m, B], rt, the global K or None): the batched solve, one thread on the CPU (B x B).
-    ``col_groups``: the groups solved from their column Grams (per-tensor scope); ``singular``:
-    per group, whether its column Grams were all singular last time (updated)."""
+    ``col_groups``: the groups solved from their column Grams (per-tensor scope); the plan's
+    ``singular`` and ``singles_singular``: whether those column Grams were all singular last time
+    (updated)."""
+    singular = plan.singular
     Kg = None
     K = Kr.K
     with _threads.one_thread(b.device.type == "cpu"):
@@ -311,7 +316,9 @@ def _solve(T, U, scope, Kr: _Rows, b, rtols, groups, col_groups, singular):
         if rest:
             c[rest] = solve_psd(Kr.at(rest), b[rest], rt[rest])
         if col:
-            got_c = solve_columns([T[k].G for k in col], [U[k] for k in col], [rtols[k] for k in col])
+            refused: list = []
+            got_c = solve_columns([T[k].G for k in col], [U[k] for k in col], [rtols[k] for k in col], plan.singles_singular, refused)
+            plan.singles_singular = plan.singles_singular or (bool(refused) and all(refused))
             for k, ck in zip(col, got_c):
                 c[k] = ck
         for gi in col_groups:

@@ -121,7 +121,7 @@ def solve_psd(K: Tensor, b: Tensor, rtol, eigh_only: bool = False, refused: Opti
 COLUMN_MIN_RTOL = 1e-7
 
 
-def solve_columns(Gs: "list[Tensor]", us: "list[Tensor]", rtols: "list[float]") -> "list[Tensor]":
+def solve_columns(Gs: "list[Tensor]", us: "list[Tensor]", rtols: "list[float]", eigh_only: bool = False, refused: Optional[list] = None) -> "list[Tensor]":
     """c = K^+ G u for K = G G^T, per tensor, from the n x n column Gram C = G^T G instead of K.
 
     For rows G [B, n] with n < B (biases, norm weights: fewer entries than retain samples), K is
@@ -130,7 +130,7 @@ def solve_columns(Gs: "list[Tensor]", us: "list[Tensor]", rtols: "list[float]") 
     tensors at B = 1024). With G = U S V^T and the same cutoff (C's eigenvalues are K's nonzero
     ones), K^+ G u = U S^-1 V^T u = G (C^+ u): an n x n solve, whose Cholesky path succeeds
     whenever the samples span all n directions (then the projection removes all of u).
-    Tensors of one size are solved as one batch."""
+    Tensors of one size are solved as one batch (``eigh_only``, ``refused``: see :func:`solve_psd`)."""
     out: "list[Optional[Tensor]]" = [None] * len(Gs)
     by_n: dict = {}
     for k, G in enumerate(Gs):
@@ -139,7 +139,7 @@ def solve_columns(Gs: "list[Tensor]", us: "list[Tensor]", rtols: "list[float]") 
         G = torch.stack([Gs[k].double() for k in ks])  # [m, B, n]
         u = torch.stack([us[k].reshape(-1).double() for k in ks])
         rt = torch.tensor([rtols[k] for k in ks], dtype=torch.float64, device=G.device).unsqueeze(-1)
-        c = solve_columns_stacked(G, u, rt)
+        c = solve_columns_stacked(G, u, rt, eigh_only, refused)
         for j, k in enumerate(ks):
             out[k] = c[j]
     return out
