@@ -102,9 +102,11 @@ def solve_psd(K: Tensor, b: Tensor, rtol, eigh_only: bool = False, refused: Opti
         c = _eigh_solve(K.reshape(-1, B, B), bb.reshape(-1, B, m), rt).reshape(bb.shape)
         return c.squeeze(-1) if vec else c
     c, ok = _well_conditioned_solve(K, bb, rtol)
-    all_ok = bool(ok.all())
-    if refused is not None:
-        refused.append(not all_ok and not bool(ok.any()))
+    if refused is None:
+        all_ok = bool(ok.all())
+    else:  # both answers in one host read
+        all_ok, any_ok = torch.stack([ok.all(), ok.any()]).tolist()
+        refused.append(not any_ok)
     if not all_ok:  # eigh for the ill-conditioned matrices only
         B, m = K.shape[-1], bb.shape[-1]
         cf, bad = c.reshape(-1, B, m).clone(), (~ok.reshape(-1)).nonzero().squeeze(1)
