@@ -210,6 +210,38 @@ def test_nonfinite_unlearn_gradient():
         og.project_()
 
 
+@pytest.mark.parametrize("where", ["grad", "rows"])
+def test_nonfinite_in_a_column_group_on_a_later_step(where):
+    # from the second projection on, groups of small tensors form no B x B Gram: a NaN in one
+    # member's unlearn gradient or retain rows is still found and named
+    from benchmarks.host_overhead import Stack
+
+    torch.manual_seed(2)
+    model = Stack(d=4, depth=3)
+    gen = torch.Generator().manual_seed(3)
+    og = OrthoGrad(model)
+    for step in range(2):
+        xr, yr = torch.randn(17, 5, generator=gen), torch.randint(0, 4, (17,), generator=gen)
+        xu, yu = torch.randn(6, 5, generator=gen), torch.randint(0, 4, (6,), generator=gen)
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            ce(model(xr), yr).mean().backward()
+        ce(model(xu), yu).mean().backward()
+        if step == 0:
+            og.project_()
+            continue
+        norm = model.blocks[1][0]  # a 4-entry LayerNorm weight: a column group member
+        if where == "grad":
+            norm.weight.grad[2] = float("nan")
+            match = "unlearn gradient of parameter 'blocks.1.0.weight'"
+        else:
+            term = next(t for t in og._build_terms().values() if t.name == "blocks.1.0.weight")
+            term.route._G_uses[0].G[3, 1] = float("inf")
+            match = "retain factors of parameter 'blocks.1.0.weight'"
+        with pytest.raises(FloatingPointError, match=match):
+            og.project_()
+
+
 def test_parameter_without_gradient():
     # a head that the loss never reaches: u = 0 there and no per-sample gradients
     torch.manual_seed(0)
