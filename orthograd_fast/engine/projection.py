@@ -208,17 +208,17 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     # projection's capture check reads every K's diagonal)
     col_groups = [gi for gi, g in enumerate(groups) if g.numel < g.B and rtols[g.ks[0]] >= COLUMN_MIN_RTOL]
     no_K = set(col_groups) if scope == "tensor" and checks.capture is None else set()
+    want_K = [gi not in no_K for gi in range(len(groups))]
 
     def gram_job(item):
-        if isinstance(item, gram.ExplicitGroup):
-            return item.gram_coef([U[k] for k in item.ks], want_K=item not in skip_K)
-        return gram_coef(item)
-
-    skip_K = [groups[gi] for gi in no_K]
+        if isinstance(item, int):
+            return gram_coef(item)
+        gi, g = item
+        return g.gram_coef([U[k] for k in g.ks], want_K=want_K[gi])
 
     res = _threads.run_spread(
         gram_job,
-        jobs + groups,
+        jobs + list(enumerate(groups)),
         [T[k].work(k in X) for k in jobs] + [g.work() for g in groups],
         nthreads,
         small=SMALL_TERM_WORK,
@@ -257,8 +257,9 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     for k, Kk in zip(kpos, K.unbind(0)):  # views of the stack, not a second copy of every K
         T[k].K = Kk
     finite = torch.isfinite(K.sum() + b.sum())  # NaN and inf propagate: one small reduction, one sync
-    if not bool(finite):
-        checks.nonfinite(active, [T[k].K if Kr is None or Kr[k] >= 0 else T[k].route.G @ T[k].route.G.t() for k in range(len(T))], list(b), out)
+    if not bool(finite):  # (the error path: the column groups' K formed here from their rows)
+        Ks = [T[k].K if Kr is None or Kr[k] >= 0 else T[k].route.G @ T[k].route.G.t() for k in range(len(T))]
+        checks.nonfinite(active, Ks, list(b), out)
     if checks.capture is not None:
         checks.capture(active, K, b, out)
     c, rt, Kg = _solve(T, U, scope, _Rows(K, Kr), b, rtols, groups, col_groups, plan)
