@@ -166,6 +166,43 @@ def explicit_rows(uses: list) -> Tensor:
     return G
 
 
+def _one_token(us: list) -> bool:
+    """One dense use over one token and one group (a Linear on [B, I] inputs)."""
+    if len(us) != 1 or type(us[0]) is not OuterFactors:
+        return False
+    u = us[0]
+    return u.ids is None and u.A.shape[1] == 1 and u.A.shape[2] == 1
+
+
+def explicit_rows_many(uses_list: list) -> list:
+    """[explicit_rows(us) for us in uses_list], with the entries that are one one-token dense use
+    of the same shapes and dtypes formed together: per-sample rows D_i (x) A_i (A_i (x) D_i for a
+    parameter stored transposed) by one broadcast product in the compute dtype, then widened: the
+    same values as each entry's own bmm (a single product per entry), without a few ops per tensor
+    (a stack of small layers has one such weight per block)."""
+    out: list = [None] * len(uses_list)
+    batches: dict = {}
+    for k, us in enumerate(uses_list):
+        if _one_token(us):
+            f = us[0]
+            X, Y = (f.A, f.D) if f.transposed else (f.D, f.A)
+            batches.setdefault((X.shape, Y.shape, X.dtype, Y.dtype, X.device), []).append((k, X, Y))
+        else:
+            out[k] = explicit_rows(us)
+    for members in batches.values():
+        if len(members) == 1:
+            k = members[0][0]
+            out[k] = explicit_rows(uses_list[k])
+            continue
+        dt = _compute_dtype(members[0][1], members[0][2])
+        X = torch.stack([x[:, 0, 0, :] for _, x, _ in members]).to(dt)  # [m, B, rows of the stored tensor]
+        Y = torch.stack([y[:, 0, 0, :] for _, _, y in members]).to(dt)  # [m, B, its columns]
+        G = (X.unsqueeze(-1) * Y.unsqueeze(-2)).reshape(len(members), X.shape[1], -1).double()
+        for (k, _, _), g in zip(members, G.unbind(0)):
+            out[k] = g
+    return out
+
+
 @dataclass
 class ExplicitRows:
     """g_i given as rows of G [B, numel] (any float dtype).

@@ -21,7 +21,7 @@ from . import distributed as _distributed
 from . import gram
 from .conv_factors import ConvFactors
 from ..errors import CaptureError, OrthoGradError
-from .factors import ExplicitRows, OuterFactors, explicit_rows
+from .factors import ExplicitRows, OuterFactors, explicit_rows_many
 from .gram import PerSampleGrads
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -155,14 +155,11 @@ class RetainSpan:
         become their float64 per-sample rows now, so the layer inputs and output gradients behind
         them are freed before the unlearn pass (a first conv's output gradient is B x C x H x W,
         its weight's rows only B x numel)."""
-        out = {}
-        for p, us in uses.items():
-            if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitRows) for u in us):
-                self.half_seen = self.half_seen or any(is_half(u) for u in us)
-                out[p] = [ExplicitRows(explicit_rows(us))]
-            else:
-                out[p] = us
-        return out
+        small = [p for p, us in uses.items() if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitRows) for u in us)]
+        for p in small:
+            self.half_seen = self.half_seen or any(is_half(u) for u in uses[p])
+        rows = dict(zip(small, explicit_rows_many([uses[p] for p in small])))
+        return {p: [ExplicitRows(rows[p])] if p in rows else us for p, us in uses.items()}
 
     def terms(self, backend: str, hold_ok: bool = False) -> Dict[Tensor, PerSampleGrads]:
         """One PerSampleGrads per captured tensor (built once per span); ``hold_ok``: the projection
