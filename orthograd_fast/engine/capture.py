@@ -70,9 +70,20 @@ class Unit:
     whole: bool = False  # owns its sub-modules' parameters too (MultiheadAttention reads out_proj.weight)
     kind: str = "ops"  # "ops" (operation capture) or "recurrent" (unrolled forward)
     checked: bool = False  # recurrent: the unrolled forward was checked against the module
+    # the trainable parameters and their ids, read once: every block first checks that the model's
+    # trainable parameters are the ones OrthoGrad was made for (RetainSpan.check_params)
+    _params: Optional[List[Tensor]] = field(default=None, repr=False, compare=False)
+    _ids: Optional[frozenset] = field(default=None, repr=False, compare=False)
 
     def parameters(self) -> List[Tensor]:
-        return [p for p in self.module.parameters(recurse=self.whole) if p.requires_grad]
+        if self._params is None:
+            self._params = [p for p in self.module.parameters(recurse=self.whole) if p.requires_grad]
+        return self._params
+
+    def param_ids(self) -> frozenset:
+        if self._ids is None:
+            self._ids = frozenset(id(p) for p in self.parameters())
+        return self._ids
 
 
 def _replay(module: nn.Module, names: List[str], x: Tensor, *params: Tensor):
@@ -169,8 +180,7 @@ class Capture:
             if u.kind == "recurrent":
                 u.module.forward = functools.partial(self._recurrent_forward, u)
             else:
-                ids = {id(p) for p in u.parameters()}
-                self.handles += op_capture.frame_hooks(self.ctx, u, u.module, ids, self._fallback_call)
+                self.handles += op_capture.frame_hooks(self.ctx, u, u.module, u.param_ids(), self._fallback_call)
         self._mode = op_capture.OpMode(self.ctx)
         self._mode.__enter__()
 
