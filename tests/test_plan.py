@@ -156,13 +156,32 @@ def test_group_of_different_shapes_matches_oracle(scope, alpha, group_calls):
     assert group_calls["group"] >= 5
 
 
+def _oracle_step(og, model, retain, unlearn, step, before=None):
+    """One contract-order step (``before`` runs just before project_()), its direction against
+    the float64 oracle: per tensor relative error and orthogonality."""
+    from oracle import oracle_direction, orthogonality
+
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    if before is not None:
+        before()
+    og.project_()
+    got = {n: p.grad.detach().double().reshape(-1) for n, p in model.named_parameters()}
+    ref, G, u = oracle_direction(model, ce, retain, unlearn)
+    for n in ref:
+        err = float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm()))
+        assert err <= REL, f"step {step} {n}: {err:.2e}"
+    orth = orthogonality(G, {n: -got[n] for n in got}, u)
+    assert orth <= ORTH, orth
+
+
 def test_singular_column_groups_go_to_eigh_and_stay_exact(monkeypatch):
     # d = 4: each Linear after a LayerNorm has 16 weights whose per-sample gradients lie in a
     # 12-dim subspace (the norm's output has zero mean); at B = 24 > 16 their column Grams are
     # singular every step. The first projection learns it (Cholesky refuses the whole group), the
     # next solves that group by eigh directly; both match the oracle.
-    from oracle import oracle_direction, orthogonality
-
     eigh_only_calls = []
     orig = projection.gram.ExplicitGroup.solve_columns
 
@@ -177,19 +196,7 @@ def test_singular_column_groups_go_to_eigh_and_stay_exact(monkeypatch):
     og = OrthoGrad(model, alpha=0.0)
     for step in range(2):
         retain, unlearn = _data(gen, 24, Bu=5)
-        model.zero_grad(set_to_none=True)
-        with og.retain():
-            ce(model(retain[0]), retain[1]).mean().backward()
-        ce(model(unlearn[0]), unlearn[1]).mean().backward()
-        eigh_only_calls.clear()
-        og.project_()
-        got = {n: p.grad.detach().double().reshape(-1) for n, p in model.named_parameters()}
-        ref, G, u = oracle_direction(model, ce, retain, unlearn)
-        for n in ref:
-            err = float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm()))
-            assert err <= REL, f"step {step} {n}: {err:.2e}"
-        orth = orthogonality(G, {n: -got[n] for n in got}, u)
-        assert orth <= ORTH, orth
+        _oracle_step(og, model, retain, unlearn, step, before=eigh_only_calls.clear)
         assert any(eigh_only_calls) == (step == 1), eigh_only_calls
     assert any(og._plan_cache.plan.singular)
 
@@ -199,8 +206,6 @@ def test_singular_single_column_terms_go_to_eigh_and_stay_exact(monkeypatch):
     # an 8-dim subspace; neither shares a size with another tensor (single terms), both have fewer
     # entries than B = 19 samples. The first projection learns that Cholesky refuses them, the
     # next solves them by eigh directly; both match the oracle.
-    from oracle import oracle_direction, orthogonality
-
     calls = []
     orig = projection.solve_columns
 
@@ -216,19 +221,7 @@ def test_singular_single_column_terms_go_to_eigh_and_stay_exact(monkeypatch):
     for step in range(2):
         retain = (torch.randn(19, 5, generator=gen), torch.randint(0, 3, (19,), generator=gen))
         unlearn = (torch.randn(5, 5, generator=gen), torch.randint(0, 3, (5,), generator=gen))
-        model.zero_grad(set_to_none=True)
-        with og.retain():
-            ce(model(retain[0]), retain[1]).mean().backward()
-        ce(model(unlearn[0]), unlearn[1]).mean().backward()
-        calls.clear()
-        og.project_()
-        got = {n: p.grad.detach().double().reshape(-1) for n, p in model.named_parameters()}
-        ref, G, u = oracle_direction(model, ce, retain, unlearn)
-        for n in ref:
-            err = float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm()))
-            assert err <= REL, f"step {step} {n}: {err:.2e}"
-        orth = orthogonality(G, {n: -got[n] for n in got}, u)
-        assert orth <= ORTH, orth
+        _oracle_step(og, model, retain, unlearn, step, before=calls.clear)
         assert len(calls) == 1 and calls[0][0] >= 2, calls  # head.weight, head.bias (and inp.weight)
         assert calls[0][1] == (step == 1), calls
     assert og._plan_cache.plan.singles_singular
