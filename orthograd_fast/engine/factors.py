@@ -54,6 +54,11 @@ class OuterFactors:
     def B(self) -> int:
         return self.A.shape[0]
 
+    @property
+    def one_token(self) -> bool:
+        """A dense use over one token and one group (a Linear on [B, I] inputs)."""
+        return self.ids is None and self.A.shape[1] == 1 and self.A.shape[2] == 1
+
     def view(self, U: Tensor) -> Tensor:
         """The parameter-shaped tensor U seen as [G, O, I] (a view: writes go through)."""
         G, O, I = self.shape
@@ -166,14 +171,6 @@ def explicit_rows(uses: list) -> Tensor:
     return G
 
 
-def _one_token(us: list) -> bool:
-    """One dense use over one token and one group (a Linear on [B, I] inputs)."""
-    if len(us) != 1 or type(us[0]) is not OuterFactors:
-        return False
-    u = us[0]
-    return u.ids is None and u.A.shape[1] == 1 and u.A.shape[2] == 1
-
-
 def explicit_rows_many(uses_list: list) -> list:
     """[explicit_rows(us) for us in uses_list], with the entries that are one one-token dense use
     of the same shapes and dtypes formed together: per-sample rows D_i (x) A_i (A_i (x) D_i for a
@@ -183,7 +180,7 @@ def explicit_rows_many(uses_list: list) -> list:
     out: list = [None] * len(uses_list)
     batches: dict = {}
     for k, us in enumerate(uses_list):
-        if _one_token(us):
+        if len(us) == 1 and type(us[0]) is OuterFactors and us[0].one_token:
             f = us[0]
             X, Y = (f.A, f.D) if f.transposed else (f.D, f.A)
             batches.setdefault((X.shape, Y.shape, X.dtype, Y.dtype, X.device), []).append((k, X, Y))

@@ -145,7 +145,7 @@ class RecurrentCall:
                     prev = []  # h_{t-1} of each step, in step order
                     for t in steps:
                         prev.append(h)
-                        h, c = _step(m.mode, torch.addmm(gx[t], h, Wt), h, c)
+                        h = _rnn_step(m.mode, torch.addmm(gx[t], h, Wt))
                         hs[t] = h
                     if d:  # tokens in time order, like gates_x
                         prev.reverse()
@@ -183,9 +183,9 @@ class RecurrentCall:
         return uses
 
 
-def _step(mode, pre, h, c):
-    """One RNN step from its pre-activation (both products and biases)."""
-    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+def _rnn_step(mode, pre):
+    """One RNN step's hidden state from its pre-activation (both products and biases)."""
+    return torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
 
 
 def _gru_cell(gx, gh, h):

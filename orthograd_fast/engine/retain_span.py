@@ -147,7 +147,7 @@ class RetainSpan:
         return {
             id(p)
             for p, us in self.blocks[-1][1].items()
-            if us and all(type(u) is OuterFactors and u.ids is None and u.A.shape[1] == 1 for u in us)
+            if us and all(type(u) is OuterFactors and u.one_token for u in us)
         }
 
     def _small_as_rows(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:
