@@ -4,6 +4,7 @@ reference: outputs, every input gradient, and the gates' gradients D it keeps fo
 import pytest
 import torch
 
+from orthograd_fast.engine import lstm_layer
 from orthograd_fast.engine.lstm_layer import GateGrads, LSTMLayer
 
 
@@ -27,6 +28,28 @@ def unrolled(x, h, c, w_ih, w_hh, bias, reverse):
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("B,T,I,H", [(3, 5, 4, 6), (1, 1, 2, 3), (4, 7, 3, 2)])
 def test_lstm_layer_matches_autograd(B, T, I, H, reverse, with_bias):
+    _check_against_unrolled(B, T, I, H, reverse, with_bias)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("B,parts", [(5, [(0, 2), (2, 5)]), (7, [(0, 1), (1, 4), (4, 7)])])
+def test_lstm_layer_in_batch_parts_matches_autograd(monkeypatch, B, parts, reverse):
+    # the recurrences of ragged batch parts, side by side on worker threads, fill the same rows
+    monkeypatch.setattr(lstm_layer, "batch_parts", lambda b, device: parts if b == B else [(0, b)])
+    _check_against_unrolled(B, 6, 3, 4, reverse, True)
+
+
+def test_lstm_layer_batch_parts_cover_the_batch():
+    cpu = torch.device("cpu")
+    for B in (1, 7, 8, 16, 33, 64):
+        parts = lstm_layer.batch_parts(B, cpu)
+        assert parts[0][0] == 0 and parts[-1][1] == B
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert len(parts) <= max(1, torch.get_num_threads())
+        assert len(parts) == 1 or min(b1 - b0 for b0, b1 in parts) >= lstm_layer.MIN_PART_ROWS
+
+
+def _check_against_unrolled(B, T, I, H, reverse, with_bias):
     g = torch.Generator().manual_seed(B * 100 + T * 10 + H)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     leaves = [r(B, T, I), r(B, H), r(B, H), r(4 * H, I) * 0.5, r(4 * H, H) * 0.5, r(4 * H) if with_bias else None]
