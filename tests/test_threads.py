@@ -112,7 +112,8 @@ def test_engine_same_result_spread_or_serial(forget, monkeypatch):
     orig = og_threads.map_balanced
 
     def spy(fn, items, cost, threads):
-        spreads.append(threads)
+        if not fn.__qualname__.startswith("_build_all"):  # the projection's terms, not the retain exit's
+            spreads.append(threads)
         return orig(fn, items, cost, threads)
 
     monkeypatch.setattr(og_threads, "map_balanced", spy)
@@ -187,3 +188,101 @@ def test_forked_child_gets_its_own_workers():
         p.kill()
     assert not alive, "the forked child hung on the parent's worker threads"
     assert q.get(timeout=5) == [2, 3, 4, 5]
+
+
+def test_set_intra_op_is_per_thread_and_leaves_torch_pool_alone(monkeypatch):
+    if og_threads._find_omp_set() is None:
+        pytest.skip("torch's intra-op pool is not an OpenMP runtime found in this process")
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    calls = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda k: (calls.append(k), real_set(k)))
+    try:
+        seen = {}
+
+        def worker():
+            og_threads.set_intra_op(1)
+            seen["worker"] = torch.get_num_threads()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        assert seen["worker"] == 1 and torch.get_num_threads() == 2  # the caller's count is untouched
+        with og_threads.one_thread(True):
+            assert torch.get_num_threads() == 1
+            got = og_threads.map_balanced(lambda k: torch.get_num_threads(), [0, 1, 2, 3], [1, 1, 1, 1], 2)
+        assert got == [1, 1, 1, 1] and torch.get_num_threads() == 2
+        assert calls == []  # no process-wide resize (it clears oneDNN's primitive cache)
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(n)
+
+
+def test_set_intra_op_falls_back_to_torch_where_no_runtime(monkeypatch):
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(og_threads, "_omp_set", False)
+    try:
+        with og_threads.one_thread(True):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
+
+class _Norms(nn.Module):
+    """LayerNorms and Linears over tokens: many records whose rows the retain exit builds."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 11)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(11), nn.Linear(11, 11), nn.GELU()) for _ in range(3))
+        self.head = nn.Linear(11, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h.mean(1))
+
+
+def test_retain_exit_builds_side_by_side_with_the_serial_result(monkeypatch):
+    from orthograd_fast.engine import op_capture
+
+    gen = torch.Generator().manual_seed(5)
+    retain = (torch.randn(9, 7, 6, generator=gen), torch.randint(0, 4, (9,), generator=gen))
+    unlearn = (torch.randn(4, 7, 6, generator=gen), torch.randint(0, 4, (4,), generator=gen))
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    spreads = []
+    orig = og_threads.map_balanced
+
+    def spy(fn, items, cost, threads):
+        if fn.__qualname__.startswith("_build_all"):
+            spreads.append((threads, len(items)))
+        return orig(fn, items, cost, threads)
+
+    monkeypatch.setattr(og_threads, "map_balanced", spy)
+    try:
+        grads = []
+        for serial in (False, True):
+            if serial:
+                monkeypatch.setattr(op_capture, "_build_all", lambda recs: [r.build(r.grad) for r in recs])
+            torch.manual_seed(0)
+            model = _Norms()
+            og = OrthoGrad(model)
+            model.zero_grad(set_to_none=True)
+            with og.retain():
+                ce(model(retain[0]), retain[1]).mean().backward()
+            ce(model(unlearn[0]), unlearn[1]).mean().backward()
+            og.project_()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert spreads and spreads[0][0] == 2 and spreads[0][1] > 2  # the records were spread
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+        torch.manual_seed(0)
+        err, orth, _ = compare(_Norms(), ce, retain, unlearn)
+        assert err < 1e-5 and orth < 1e-5
+    finally:
+        torch.set_num_threads(n)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import rules
+from . import rules, threads
 from .batch_layout import Provenance, is_batched
 from .call_args import flat as _flat, flatten as _flatten, unflatten as _unflatten
 from .param_space import ParamSpace, PerSample, anchored
@@ -354,15 +354,24 @@ def _memory(t) -> Optional[tuple]:
     return (t.data_ptr(), t.numel(), t.dtype)
 
 
+def _build_all(recs: List[OpRecord]) -> List[Dict[Tensor, list]]:
+    """Each record's uses. On the CPU the records build side by side on one intra-op thread each:
+    their ops (token sums, norm recomputations, small products) are too small to gain from the
+    intra-op pool and would pay its wake-up per op."""
+    n = torch.get_num_threads()
+    if len(recs) < 2 or recs[0].grad.device.type != "cpu" or n < 2:
+        return [rec.build(rec.grad) for rec in recs]
+    with threads.one_thread(True):
+        return threads.map_balanced(lambda rec: rec.build(rec.grad), recs, [rec.grad.numel() for rec in recs], n)
+
+
 def build_uses(ctx: OpContext, flagged: List[Frame]) -> Dict[Tensor, list]:
     """{param: [uses]} of every record whose output gradient arrived; records of parameters a
     flagged frame replays by the fallback are dropped (the replay covers that call whole)."""
     uses: Dict[Tensor, list] = {}
     flagged_ids = {id(f): f for f in flagged}
-    for rec in ctx.records:
-        if rec.grad is None:
-            continue
-        built = rec.build(rec.grad)
+    recs = [rec for rec in ctx.records if rec.grad is not None]
+    for rec, built in zip(recs, _build_all(recs)):
         for p, us in built.items():
             if any(id(f) in flagged_ids and id(p) in f.params for f in rec.frames):
                 continue

@@ -8,12 +8,20 @@ two; its float64 copy 94 us against 140 us). Even large GEMMs gain from running 
 float64 Gram: 32 GFLOP/s on one thread, 50 on two, ~60 for two on one thread each). So terms run on
 one intra-op thread each, side by side on Python threads (the ops release the GIL), except a term
 that dominates the work (:func:`run_spread`).
+
+A thread's intra-op count is set through the OpenMP runtime's per-thread setting
+(:func:`set_intra_op`), not ``torch.set_num_threads``: that one also resizes a process-wide pool
+and clears oneDNN's primitive cache, and the model's next convolutions pay for it (measured on 2
+cores: an unlearn pass after one 2 -> 1 -> 2 toggle 1.02x to 1.055x slower on BERT, MobileNetV2
+and ConvNeXt).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Sequence, TypeVar
@@ -29,18 +37,64 @@ _pool_size = 0
 _pool_pid = 0  # a forked child inherits the executor but not its threads: it makes its own
 
 
+# omp_set_num_threads of the OpenMP runtime behind torch's intra-op pool; None: not looked up
+# yet, False: not found (torch.set_num_threads is used instead)
+_omp_set = None
+
+
+def _find_omp_set():
+    """The OpenMP runtime's ``omp_set_num_threads`` (it sets the calling thread's count only), from
+    the runtime torch loaded (Linux: the process's mapped libraries, torch's own first); None
+    where torch's pool is not OpenMP or the runtime is not found."""
+    info = torch.__config__.parallel_info()
+    if "ATen parallel backend: OpenMP" not in info:
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return None
+    libs = sorted(p for p in paths if re.search(r"/lib(g|i|i5)?omp[^/]*\.so", p))
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    own = [p for p in libs if p.startswith(torch_dir)] or libs
+    if len(own) != 1:
+        return None
+    try:
+        fn = ctypes.CDLL(own[0]).omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], None
+    return fn
+
+
+def set_intra_op(n: int) -> None:
+    """The calling thread's intra-op thread count: its OpenMP setting alone where the runtime is
+    found (checked by reading it back), else ``torch.set_num_threads``."""
+    global _omp_set
+    torch.get_num_threads()  # a new thread's first query initializes its count: do it before
+    if _omp_set is None:
+        _omp_set = _find_omp_set() or False
+    if _omp_set:
+        _omp_set(n)
+        if torch.get_num_threads() == n:
+            return
+        _omp_set = False  # not the runtime torch's pool reads
+    torch.set_num_threads(n)
+
+
 @contextlib.contextmanager
 def one_thread(on: bool) -> Iterator[None]:
-    """torch's intra-op pool at one thread inside the block (when ``on``), restored after."""
+    """The calling thread's intra-op pool at one thread inside the block (when ``on``), restored
+    after."""
     if not on or torch.get_num_threads() == 1:
         yield
         return
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_intra_op(1)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        set_intra_op(n)
 
 
 def _workers(n: int) -> ThreadPoolExecutor:
@@ -58,7 +112,7 @@ def _workers(n: int) -> ThreadPoolExecutor:
 def _run(fn: Callable[[T], R], items: List[T]) -> List[R]:
     # worker threads start with autograd enabled: the projection never records a graph
     with torch.no_grad():
-        torch.set_num_threads(1)  # this thread's own OpenMP setting (a fresh thread reads the default)
+        set_intra_op(1)  # this thread's own setting (a fresh thread reads the default)
         return [fn(x) for x in items]
 
 
