@@ -66,3 +66,30 @@ def test_conv_use_matches_per_sample_loop(case):
     out = use.outer()  # token form: sum_t D_t (x) A_t
     tok = torch.einsum("btgo,btgi->bgoi", out.D.double(), out.A.double()).reshape(B, -1)
     assert (tok - G).abs().max() <= 1e-5 * G.abs().max()
+    # the token form unfolded on first use: the same factors, shapes known before unfolding
+    later = use.outer_later()
+    assert later._form is None
+    assert (later.B, later.shape, later.a_dtype) == (B, out.shape, out.A.dtype)
+    assert later.a_shape == out.A.shape and later._form is None
+    assert torch.equal(later.A, out.A) and torch.equal(later.D, out.D)
+
+
+def test_ghost_conv_terms_unfold_in_their_job_not_when_built():
+    # a late convolution (few positions, many channels): the ghost route, its im2col deferred
+    from orthograd_fast.engine.gram import PerSampleGrads
+
+    g = torch.Generator().manual_seed(3)
+    B, C, O = 9, 64, 64  # B * numel above EXPLICIT_MAX
+    x = torch.randn(B, C, 3, 3, generator=g)
+    W = torch.nn.Parameter(torch.randn(O, C, 3, 3, generator=g))
+    gy = torch.randn(B, O, 3, 3, generator=g)
+    term = PerSampleGrads("late.weight", W, [ConvFactors(x, gy, (3, 3), (1, 1), (1, 1), (1, 1))])
+    assert term.mode == "ghost"
+    assert term.route.use._form is None  # building the term and its cost formed nothing
+    assert term.work() > 0 and term.update_work() > 0 and term.factor_dtype == torch.float32
+    assert term.route.use._form is None
+    U = torch.randn_like(W)
+    K, b = term.gram_coef(U)
+    G = _oracle_rows(x, gy, W, 1, 1, 1)
+    assert (K - G @ G.t()).abs().max() <= 1e-5 * (G @ G.t()).abs().max()
+    assert (b - G @ U.double().reshape(-1)).abs().max() <= 1e-5 * G.abs().max() * U.abs().max() * G.shape[1] ** 0.5

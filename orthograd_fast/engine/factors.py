@@ -55,9 +55,18 @@ class OuterFactors:
         return self.A.shape[0]
 
     @property
+    def a_shape(self) -> torch.Size:
+        """A's shape [B, T, G, I] (known before A is formed where it is formed on first use)."""
+        return self.A.shape
+
+    @property
+    def a_dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    @property
     def one_token(self) -> bool:
         """A dense use over one token and one group (a Linear on [B, I] inputs)."""
-        return self.ids is None and self.A.shape[1] == 1 and self.A.shape[2] == 1
+        return self.ids is None and self.a_shape[1] == 1 and self.a_shape[2] == 1
 
     def view(self, U: Tensor) -> Tensor:
         """The parameter-shaped tensor U seen as [G, O, I] (a view: writes go through)."""

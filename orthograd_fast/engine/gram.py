@@ -78,7 +78,7 @@ def share_bias_grams(terms: List["PerSampleGrads"]) -> None:
     weights = {}
     for t in terms:
         u = t.use
-        if t.mode == GHOST and u is not None and u.D is not None and u.A.shape[1] == 1 and u.A.shape[2] == 1 and not t._on_triton():
+        if t.mode == GHOST and u is not None and u.ids is None and u.a_shape[1] == 1 and u.a_shape[2] == 1 and not t._on_triton():
             weights[id(u.D)] = t
     for t in terms:
         h = weights.get(id(t.weight_D)) if t.weight_D is not None else None
@@ -159,7 +159,7 @@ class PerSampleGrads:
             if len(convs) == len(uses) and same and self.backend != "triton" and self._conv_route(convs) == TILE:
                 return ConvRoute(p, B, convs, TILE_SLAB_BYTES, CONV_TILE_BYTES)
             # ghost route, Triton kernels, uses of other kinds: the token form
-            uses = [u.outer() if isinstance(u, ConvFactors) else u for u in uses]
+            uses = [u.outer_later() if isinstance(u, ConvFactors) else u for u in uses]
         outer = [u for u in uses if isinstance(u, OuterFactors)]
         if len(outer) < len(uses) or B * self.numel <= EXPLICIT_MAX or self._mixed_orientation(outer):
             return ExplicitRoute(p, B, uses)  # float64 rows, formed on first use (in its job)
@@ -171,8 +171,8 @@ class PerSampleGrads:
             return LookupRoute(p, B, outer, TILE_SLAB_BYTES)
         if all(u.ids is None for u in outer) and len({u.shape for u in outer}) == 1:
             use = merge_tokens(outer)
-            _, T, G, I = use.A.shape
-            O = use.D.shape[-1]
+            _, T, G, I = use.a_shape
+            O = use.shape[1]
             if kernels_take(use, self.backend):  # the fused kernels' own costs (they recompute tiles)
                 if choose_route_fused(B, T, G, I, O) == TILE:
                     return TritonTileRoute(p, B, use, TILE_SLAB_BYTES)

@@ -69,7 +69,7 @@ class Route:
     @property
     def factor_dtype(self) -> torch.dtype:
         """dtype of the captured factors (picks the default rank tolerance)."""
-        return self.param.dtype if self.use is None else self.use.A.dtype
+        return self.param.dtype if self.use is None else self.use.a_dtype
 
     def work(self, unlearn_coef: bool = False) -> int:
         """Rough multiply-adds of gram_coef, float64 ones counted twice."""

@@ -25,14 +25,14 @@ class GhostRoute(Route):
         self._r64: Optional[Tuple[Tensor, Tensor]] = None  # float64 rows of a one-token use
 
     def _one_token(self) -> bool:
-        return self.use.A.shape[1] == 1 and self.use.A.shape[2] == 1
+        return self.use.a_shape[1] == 1 and self.use.a_shape[2] == 1
 
     def work(self, unlearn_coef: bool = False) -> int:
-        B, (_, T, G, I), O = self.B, self.use.A.shape, self.use.shape[1]
+        B, (_, T, G, I), O = self.B, self.use.a_shape, self.use.shape[1]
         return 2 * B * B * T * T * G * (I + O) + (0 if unlearn_coef else 2 * B * T * G * O * I)
 
     def update_work(self) -> int:
-        return self.use.A.shape[1] * self.B * self.numel
+        return self.use.a_shape[1] * self.B * self.numel
 
     def spreadable(self) -> bool:
         """One token per sample: B x B products; more tokens work in CHUNK_BYTES blocks, alone."""
