@@ -286,3 +286,15 @@ def test_retain_exit_builds_side_by_side_with_the_serial_result(monkeypatch):
         assert err < 1e-5 and orth < 1e-5
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("B,T,spread", [(32, 4, True), (9, 5, True), (64, 64, False)])
+def test_multi_token_ghost_terms_run_beside_others_when_their_token_grams_are_small(B, T, spread):
+    from orthograd_fast.engine.factors import OuterFactors
+    from orthograd_fast.engine.routes import ghost
+
+    gen = torch.Generator().manual_seed(B + T)
+    A, D = torch.randn(B, T, 1, 7, generator=gen), torch.randn(B, T, 1, 5, generator=gen)
+    route = ghost.GhostRoute(torch.zeros(5, 7), B, OuterFactors(A, D, None, (1, 5, 7)))
+    assert route.spreadable() == spread
+    assert (2 * (B * T) ** 2 * 8 <= ghost.SPREAD_BYTES) == spread  # the rule, at these sizes

@@ -13,6 +13,11 @@ from ..route import GHOST
 from .base import Route
 
 
+# token Grams up to this size run beside other terms, on one intra-op thread (their GEMMs are too
+# small to gain from two: MobileNetV2's last 1 x 1 convolutions, B T = 128)
+SPREAD_BYTES = 8 << 20
+
+
 class GhostRoute(Route):
     """sum over tokens of (A A^T) * (D D^T), in blocks of samples; a one-token use (an MLP layer)
     is two B x B products, whose D D^T its bias may share (``shared_bias``)."""
@@ -35,8 +40,11 @@ class GhostRoute(Route):
         return self.use.a_shape[1] * self.B * self.numel
 
     def spreadable(self) -> bool:
-        """One token per sample: B x B products; more tokens work in CHUNK_BYTES blocks, alone."""
-        return self._one_token()
+        """One token per sample: B x B products; more tokens: their float64 token Grams (two
+        G x BT x BT) if under SPREAD_BYTES (a late convolution's few positions), else they work in
+        CHUNK_BYTES blocks, alone."""
+        B, T, G, _ = self.use.a_shape
+        return self._one_token() or 2 * G * (B * T) ** 2 * 8 <= SPREAD_BYTES
 
     def gram_coef(self, U: Tensor, b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``b`` known (:meth:`unlearn_coef`): only K is formed."""
