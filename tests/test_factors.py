@@ -87,3 +87,28 @@ def test_small_tensors_rows_at_the_retain_exit_are_batched(monkeypatch):
     # the 6 block Linears and the head (all 4 x 4) go together; the input layer (5 -> 4) alone
     assert calls == [(9, 1, 1, 5)], calls
     og.close()
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_rows_side_by_side_equal_each_entrys_own(nthreads, monkeypatch):
+    # on several intra-op threads the entries (a convolution's rows, a batch of Linears, a
+    # multi-token use) are formed side by side: bitwise the entries' own rows, in their places
+    from orthograd_fast.engine import threads as og_threads
+    from orthograd_fast.engine.conv_factors import ConvFactors
+
+    gen = torch.Generator().manual_seed(3)
+    B = 6
+    conv = ConvFactors(torch.randn(B, 3, 7, 6, generator=gen), torch.randn(B, 4, 7, 6, generator=gen), (3, 3), (1, 1), (1, 1), (1, 1))
+    entries = [_dense(gen, B, 4, 5, 3), [conv], _dense(gen, B, 1, 5, 3), _dense(gen, B, 1, 5, 3), [ExplicitRows(torch.randn(B, 4, generator=gen))]]
+    spread = []
+    orig = og_threads.map_balanced
+    monkeypatch.setattr(og_threads, "map_balanced", lambda fn, items, cost, n: (spread.append((n, len(items))), orig(fn, items, cost, n))[1])
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(nthreads)
+    try:
+        got = explicit_rows_many(entries)
+    finally:
+        torch.set_num_threads(n0)
+    assert spread == ([] if nthreads == 1 else [(2, 4)])  # four jobs: the two Linears are one batch
+    for k, (us, g) in enumerate(zip(entries, got)):
+        assert torch.equal(g, explicit_rows(us)), f"entry {k}"

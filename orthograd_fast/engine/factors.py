@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import threads as _threads
+
 # Chunks of intermediate tensors are kept under this many bytes (tile slabs, token Gram blocks).
 CHUNK_BYTES = 256 << 20
 # float64 copies of a parameter-sized tensor (coefficients) are made this many bytes at a time.
@@ -186,7 +188,9 @@ def explicit_rows_many(uses_list: list) -> list:
     parameter stored transposed) by one broadcast product in the compute dtype, then widened: the
     same values as each entry's own bmm (a single product per entry), without a few ops per tensor
     (a stack of small layers has one such weight per block)."""
-    out: list = [None] * len(uses_list)
+    if not uses_list:
+        return []
+    jobs: list = []  # (positions, members of a batch or None)
     batches: dict = {}
     for k, us in enumerate(uses_list):
         if len(us) == 1 and type(us[0]) is OuterFactors and us[0].one_token:
@@ -194,19 +198,40 @@ def explicit_rows_many(uses_list: list) -> list:
             X, Y = (f.A, f.D) if f.transposed else (f.D, f.A)
             batches.setdefault((X.shape, Y.shape, X.dtype, Y.dtype, X.device), []).append((k, X, Y))
         else:
-            out[k] = explicit_rows(us)
+            jobs.append(([k], None))
     for members in batches.values():
-        if len(members) == 1:
-            k = members[0][0]
-            out[k] = explicit_rows(uses_list[k])
-            continue
+        jobs.append(([k for k, _, _ in members], members if len(members) > 1 else None))
+
+    def run(job):
+        ks, members = job
+        if members is None:
+            return [explicit_rows(uses_list[ks[0]])]
         dt = _compute_dtype(members[0][1], members[0][2])
         X = torch.stack([x[:, 0, 0, :] for _, x, _ in members]).to(dt)  # [m, B, rows of the stored tensor]
         Y = torch.stack([y[:, 0, 0, :] for _, _, y in members]).to(dt)  # [m, B, its columns]
-        G = (X.unsqueeze(-1) * Y.unsqueeze(-2)).reshape(len(members), X.shape[1], -1).double()
-        for (k, _, _), g in zip(members, G.unbind(0)):
+        return list((X.unsqueeze(-1) * Y.unsqueeze(-2)).reshape(len(members), X.shape[1], -1).double().unbind(0))
+
+    # the entries' convolutions and products side by side (small ops: a depthwise convolution's
+    # rows, a stem's weight gradient per sample)
+    cost = [sum(_rows_work(u) for k in ks for u in uses_list[k]) for ks, _ in jobs]
+    out: list = [None] * len(uses_list)
+    for (ks, _), rows in zip(jobs, _threads.side_by_side(run, jobs, cost, _device(uses_list[0][0]))):
+        for k, g in zip(ks, rows):
             out[k] = g
     return out
+
+
+def _device(u) -> torch.device:
+    return (u.G if isinstance(u, ExplicitRows) else u.A).device
+
+
+def _rows_work(u) -> int:
+    """Rough multiply-adds of a use's float64 rows: B x numel per token (1: given rows)."""
+    if isinstance(u, ExplicitRows):
+        return u.G.numel()
+    G, O, I = u.shape
+    tokens = getattr(u, "tokens", None) or u.a_shape[1]  # ConvFactors: its positions
+    return u.B * G * O * I * tokens
 
 
 @dataclass

@@ -358,11 +358,9 @@ def _build_all(recs: List[OpRecord]) -> List[Dict[Tensor, list]]:
     """Each record's uses. On the CPU the records build side by side on one intra-op thread each:
     their ops (token sums, norm recomputations, small products) are too small to gain from the
     intra-op pool and would pay its wake-up per op."""
-    n = torch.get_num_threads()
-    if len(recs) < 2 or recs[0].grad.device.type != "cpu" or n < 2:
-        return [rec.build(rec.grad) for rec in recs]
-    with threads.one_thread(True):
-        return threads.map_balanced(lambda rec: rec.build(rec.grad), recs, [rec.grad.numel() for rec in recs], n)
+    if not recs:
+        return []
+    return threads.side_by_side(lambda rec: rec.build(rec.grad), recs, [rec.grad.numel() for rec in recs], recs[0].grad.device)
 
 
 def build_uses(ctx: OpContext, flagged: List[Frame]) -> Dict[Tensor, list]:

@@ -151,6 +151,16 @@ def map_balanced(fn: Callable[[T], R], items: Sequence[T], cost: Sequence[float]
     return out
 
 
+def side_by_side(fn: Callable[[T], R], items: Sequence[T], cost: Sequence[float], device) -> List[R]:
+    """[fn(x) for x in items]: on the CPU with several intra-op threads, side by side on one
+    intra-op thread each (:func:`map_balanced`, the caller's thread included); else in order."""
+    n = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    if n < 2 or len(items) < 2:
+        return [fn(x) for x in items]
+    with one_thread(True):
+        return map_balanced(fn, items, cost, n)
+
+
 def run_spread(
     fn: Callable[[T], R],
     items: Sequence[T],
