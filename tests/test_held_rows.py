@@ -277,3 +277,43 @@ def test_half_factors_hold_rows_like_the_float64_route(tile, monkeypatch):
     assert held >= 3 and none == 0, (held, none)
     for n in d_f64:  # (a tensor with fewer entries than samples projects to exactly 0 in both)
         assert float((d_held[n] - d_f64[n]).norm()) <= 1e-4 * float(d_f64[n].norm()), n
+
+
+@pytest.mark.parametrize("name", ["tokens", "convs", "tied"])
+def test_blocks_of_a_term_alone_run_side_by_side(tile, name, monkeypatch):
+    # a held term that runs alone (every intra-op thread) forms, multiplies and sweeps its column
+    # blocks side by side on one thread each: the oracle's direction, and the same values as the
+    # blocks in order on one thread
+    from orthograd_fast.engine import projection
+    from orthograd_fast.engine import threads as og_threads
+
+    monkeypatch.setattr(held_rows, "BLOCK_BYTES", 7 * 4 * 11)  # several small blocks per term
+    monkeypatch.setattr(projection, "SMALL_TERM_WORK", 0)  # the largest term runs alone
+    g = torch.Generator().manual_seed(len(name))
+    torch.manual_seed(7)
+    model = {"tokens": Tokens, "convs": Convs, "tied": TiedLM}[name]()
+    retain, unlearn = _data(name, g)
+    spread = []
+    orig = og_threads.map_balanced
+
+    def spy(fn, items, cost, n):
+        if getattr(fn, "__qualname__", "").startswith(("HeldRows", "_by_block")) or "job" in getattr(fn, "__qualname__", ""):
+            spread.append((n, len(items)))
+        return orig(fn, items, cost, n)
+
+    monkeypatch.setattr(og_threads, "map_balanced", spy)
+    n0 = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        err, orth, og = compare(model, ce, retain, unlearn, scope="tensor", backend="torch")
+        assert og.stats["held_rows"] >= 2, og.stats
+        assert any(n == 2 and k > 1 for n, k in spread), spread  # some term's blocks were spread
+        assert err <= REL and orth <= ORTH, (err, orth)
+        _, two = og_direction(model, ce, retain, unlearn, backend="torch")
+        torch.set_num_threads(1)
+        _, one = og_direction(model, ce, retain, unlearn, backend="torch")
+    finally:
+        torch.set_num_threads(n0)
+    scale = sum(float(v.norm()) ** 2 for v in one.values()) ** 0.5  # a tensor inside the span has ~0
+    for k in one:
+        assert float((two[k] - one[k]).norm()) < 1e-6 * scale, k

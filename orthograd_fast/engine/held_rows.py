@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import Tensor
+
+from . import threads
+
+# a block to form: (column offset, columns, a callable that forms its rows Y [B, columns] in the
+# scratch and returns them)
+Block = Tuple[int, int, Callable[[], Tensor]]
 
 EPS32 = torch.finfo(torch.float32).eps
 # estimate of ||K32 - K||_2 / (eps32 sqrt(n) lambda_max): about twice the largest measured (0.013
@@ -36,6 +42,24 @@ SLOW = 0.5
 # float32 rows one term may hold (0: the float64 route only); a term holds them inside its own
 # job, so a projection holds at most one term's rows per thread
 MAX_BYTES = 64 << 20
+
+
+R = TypeVar("R")
+
+
+def _by_block(fn: Callable[..., R], blocks: list, cost: List[int], device) -> List[R]:
+    """[fn(block)]: a term that runs alone, on every intra-op thread, runs its blocks side by side
+    on one thread each (its GEMMs are B rows wide: two threads on one block gain less); inside a
+    side-by-side job (one thread) they run in order."""
+    return threads.side_by_side(fn, blocks, cost, device)
+
+
+def _sum(xs: List[Tensor]) -> Tensor:
+    """xs[0] + xs[1] + ... in order (the same sum whichever threads formed the parts)."""
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out
 
 
 def fits(B: int, numel: int) -> bool:
@@ -106,18 +130,18 @@ class HeldRows:
         self.blocks = []
 
     @staticmethod
-    def gram_coef(blocks: Iterable[Tuple[int, Tensor]], r: Tensor) -> Tuple[list, Tensor, Tensor]:
-        """(the blocks as a list, K = sum_j Y_j Y_j^T, b = Y r): float32 products summed in
-        float64, both taken as soon as the iterable yields a block, so each block is read from
-        memory once while it is still in cache."""
-        out, K, b = [], None, None
-        for off, Y in blocks:
-            out.append((off, Y))
-            Kj = (Y @ Y.t()).double()
-            bj = torch.mv(Y, r[off : off + Y.shape[1]]).double()
-            K = Kj if K is None else K.add_(Kj)
-            b = bj if b is None else b.add_(bj)
-        return out, K, b
+    def gram_coef(blocks: List[Block], r: Tensor) -> Tuple[list, Tensor, Tensor]:
+        """([(offset, Y_j)], K = sum_j Y_j Y_j^T, b = Y r): float32 products summed in float64
+        in block order, each block's taken right after it is formed, so it is read from memory
+        once while it is still in cache. Blocks run side by side (:func:`_by_block`)."""
+
+        def job(blk):
+            off, n, form = blk
+            Y = form()
+            return (off, Y), (Y @ Y.t()).double(), torch.mv(Y, r[off : off + n]).double()
+
+        got = _by_block(job, blocks, [n for _, n, _ in blocks], r.device)
+        return [g[0] for g in got], _sum([g[1] for g in got]), _sum([g[2] for g in got])
 
     @classmethod
     def make(cls, blocks: List[Tuple[int, Tensor]], K: Tensor, rtol: float, slot: Optional[_Slot]) -> Optional["HeldRows"]:
@@ -133,33 +157,34 @@ class HeldRows:
             slot.busy = False
         return None
 
+    def _map(self, fn: Callable[[int, Tensor], R]) -> List[R]:
+        """[fn(offset, Y_j)] over the blocks, side by side (:func:`_by_block`)."""
+        return _by_block(lambda blk: fn(*blk), self.blocks, [Y.shape[1] for _, Y in self.blocks], self.K.device)
+
     def coef(self, r: Tensor) -> Tensor:
         """b = Y r, float64 [B]."""
-        b = None
-        for off, Y in self.blocks:
-            bj = torch.mv(Y, r[off : off + Y.shape[1]]).double()
-            b = bj if b is None else b.add_(bj)
-        return b
+        return _sum(self._map(lambda off, Y: torch.mv(Y, r[off : off + Y.shape[1]]).double()))
 
     def _sub(self, r: Tensor, c: Tensor, beta: float, alpha: float) -> None:
         """r <- beta * r + alpha * Y^T c."""
-        for off, Y in self.blocks:
-            r[off : off + Y.shape[1]].addmv_(Y.t(), c.to(Y.dtype), beta=beta, alpha=alpha)
+        c32 = c.to(torch.float32)
+        self._map(lambda off, Y: r[off : off + Y.shape[1]].addmv_(Y.t(), c32, beta=beta, alpha=alpha))
 
     def _sweep(self, r: Tensor, c: Tensor, exact: bool = False) -> Tensor:
         """r <- r - Y^T c, then b = Y r of the result (float64 [B]), block by block: each block is
         read from memory once and multiplied again while it is in cache (the update's first
         GEMV in float64 where ``exact``)."""
-        b = None
-        for off, Y in self.blocks:
+        c32 = c.to(torch.float32)
+
+        def sweep(off, Y):
             rj = r[off : off + Y.shape[1]]
             if exact:
                 rj.copy_(torch.addmv(rj.double(), Y.t().double(), c, alpha=-1.0))
             else:
-                rj.addmv_(Y.t(), c.to(Y.dtype), alpha=-1.0)
-            bj = torch.mv(Y, rj).double()
-            b = bj if b is None else b.add_(bj)
-        return b
+                rj.addmv_(Y.t(), c32, alpha=-1.0)
+            return torch.mv(Y, rj).double()
+
+        return _sum(self._map(sweep))
 
     def apply_(self, r: Tensor, c: Tensor, scale: float = 1.0, exact: bool = False, shift: float = 0.0) -> bool:
         """r <- scale * (P_perp r - shift * sum_i g_i) in place (r: flat float32, n), from the first

@@ -3,7 +3,8 @@ weight-gradient convolutions in slabs of output channels, widened to float64 for
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -90,7 +91,7 @@ class ConvRoute(HeldRoute):
         x, gy = self.uses[0].x, self.uses[0].gy
         return x.device.type == "cpu" and _compute_dtype(x, gy) == torch.float32
 
-    def _held_blocks(self, buf: Tensor) -> Iterator[Tuple[int, Tensor]]:
+    def _held_blocks(self, buf: Tensor) -> List[held_rows.Block]:
         B = self.B
         u0 = self.uses[0]
         O, I = u0.out_channels, u0.row
@@ -98,10 +99,12 @@ class ConvRoute(HeldRoute):
         if u0.groups > 1:
             per_call = -(-per_call // u0.channel_step) * u0.channel_step
         step = min(u.sample_chunk(self.slab_bytes) for u in self.uses)
-        for c0 in range(0, O, per_call):
-            c1 = min(O, c0 + per_call)
+
+        def form(c0, c1):
             Y = buf[B * c0 * I : B * c1 * I].view(B, (c1 - c0) * I)
             for b0 in range(0, B, step):
                 b1 = min(B, b0 + step)
                 Y[b0:b1] = sum(u.tiles(c0, c1, b0, b1) for u in self.uses)
-            yield (c0 * I, Y)
+            return Y
+
+        return [(c0 * I, (min(O, c0 + per_call) - c0) * I, functools.partial(form, c0, min(O, c0 + per_call))) for c0 in range(0, O, per_call)]

@@ -4,7 +4,7 @@ and lookup on the CPU): K from a float32 GEMM, refined by re-projection passes
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -58,10 +58,11 @@ class HeldRoute(Route):
         """U in the layout of the held rows' columns."""
         return U
 
-    def _held_blocks(self, buf: Tensor) -> Iterator[Tuple[int, Tensor]]:
-        """Every per-sample row, float32, as column blocks (offset, [B, n_j]) in the order of
-        :meth:`_held_view`, each at most held_rows.BLOCK_BYTES, in ``buf`` (B * numel: block j
-        from B * offset), yielded as each is formed."""
+    def _held_blocks(self, buf: Tensor) -> List[held_rows.Block]:
+        """Every per-sample row, float32, as column blocks (offset, n_j, form) in the order of
+        :meth:`_held_view`, each at most held_rows.BLOCK_BYTES: ``form()`` writes the block's rows
+        into ``buf`` (B * numel: block j from B * offset) and returns them as [B, n_j]. The
+        blocks are independent (formed side by side where the term runs alone)."""
         raise NotImplementedError
 
     def _flat(self, U: Tensor) -> Tuple[Tensor, Optional[Tensor]]:

@@ -4,7 +4,8 @@ token route's (B T)^2 d, and never B x V x d at once."""
 
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+import functools
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -98,14 +99,14 @@ class LookupRoute(HeldRoute):
     def _held_view(self, U: Tensor) -> Tensor:
         return self.uses[0].view(U)[0]
 
-    def _held_blocks(self, buf: Tensor) -> Iterator[Tuple[int, Tensor]]:
+    def _held_blocks(self, buf: Tensor) -> List[held_rows.Block]:
         """Slabs of table rows: index_add for lookups, tiles for dense uses."""
         B = self.B
         _, O, I = self.uses[0].shape
         rows = max(1, held_rows.BLOCK_BYTES // (4 * B * I))
         flat = self._parts(rows)
-        for k, o0 in enumerate(range(0, O, rows)):
-            o1 = min(O, o0 + rows)
+
+        def form(k, o0, o1):
             r = o1 - o0
             Y = buf[B * o0 * I : B * o1 * I].view(B, r * I).zero_()
             for ids, sample, A, D, bounds in flat:
@@ -114,4 +115,7 @@ class LookupRoute(HeldRoute):
                 else:
                     lo, hi = bounds[k], bounds[k + 1]
                     Y.view(B * r, I).index_add_(0, sample[lo:hi] * r + (ids[lo:hi] - o0), A[lo:hi])
-            yield (o0 * I, Y)
+            return Y
+
+        starts = range(0, O, rows)
+        return [(o0 * I, (min(O, o0 + rows) - o0) * I, functools.partial(form, k, o0, min(O, o0 + rows))) for k, o0 in enumerate(starts)]

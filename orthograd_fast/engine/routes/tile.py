@@ -3,7 +3,8 @@ section 3), formed in slabs in the factors' dtype and reduced to K and b in floa
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -83,17 +84,24 @@ class TileRoute(HeldRoute):
     def _held_view(self, U: Tensor) -> Tensor:
         return self.use.view(U)
 
-    def _held_blocks(self, buf: Tensor) -> Iterator[Tuple[int, Tensor]]:
+    def _held_blocks(self, buf: Tensor) -> List[held_rows.Block]:
         B = self.B
         A, D = self.use.A.float(), self.use.D.float()
         _, T, G, I = A.shape
         O = D.shape[-1]
         rows = max(1, held_rows.BLOCK_BYTES // (4 * B * I))  # output rows per block
+        out = []
         for g in range(G):
             Dt = D[:, :, g, :].transpose(1, 2)  # [B, O, T], a view
             for o0 in range(0, O, rows):
                 o1 = min(O, o0 + rows)
                 off = (g * O + o0) * I
                 Y = buf[B * off : B * (off + (o1 - o0) * I)].view(B, (o1 - o0) * I)
-                torch.bmm(Dt[:, o0:o1], A[:, :, g, :], out=Y.view(B, o1 - o0, I))
-                yield (off, Y)
+                out.append((off, (o1 - o0) * I, functools.partial(_bmm_rows, Dt[:, o0:o1], A[:, :, g, :], Y)))
+        return out
+
+
+def _bmm_rows(Dt: Tensor, A: Tensor, Y: Tensor) -> Tensor:
+    """Per-sample tiles Dt_b A_b [B, r, I] into Y [B, r I]."""
+    torch.bmm(Dt, A, out=Y.view(Y.shape[0], Dt.shape[1], A.shape[2]))
+    return Y
