@@ -92,11 +92,28 @@ def test_conv_route_in_calls_slabs_and_sample_chunks(scope, monkeypatch):
     monkeypatch.setattr(gram, "TILE_SLAB_BYTES", 3 * 5 * 27 * 8)
     monkeypatch.setattr(gram, "CONV_TILE_BYTES", 4 * 5 * 27 * 4)
     monkeypatch.setattr(gram, "choose_route", lambda *a: "tile")  # the conv route for every conv
+    monkeypatch.setattr(gram, "UNFOLD_TILE_TOKENS", 0)  # not the unfolded input's tiles
     model, retain, unlearn = make("cnn")
     err, orth, og = compare(model, ce, retain, unlearn, scope=scope, backend="torch")
     term = og._terms[model.c1.weight]
     assert term.mode == "conv" and term.uses[0].sample_chunk(gram.TILE_SLAB_BYTES) == 1
     assert err <= REL and orth <= ORTH, (err, orth)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_convs_over_few_positions_take_tiles_of_the_unfolded_input(scope, monkeypatch):
+    # OddCNN's convolutions (30 positions or fewer) on the tile route, their im2col formed in the
+    # term's job (not when the terms are built), against the oracle
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
+    monkeypatch.setattr(gram, "choose_route", lambda *a: "tile")
+    model, retain, unlearn = make("cnn")
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, backend="torch")
+    term = og._terms[model.c1.weight]
+    assert term.mode == "tile" and type(term.use).__name__ == "ConvOuter"
+    assert err <= REL and orth <= ORTH, (err, orth)
+    monkeypatch.setattr(gram, "UNFOLD_TILE_TOKENS", 0)  # the same model on the grouped-convolution tiles
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, backend="torch")
+    assert og._terms[model.c1.weight].mode == "conv" and err <= REL and orth <= ORTH, (err, orth)
 
 
 @pytest.mark.parametrize("scope", ["tensor", "global"])

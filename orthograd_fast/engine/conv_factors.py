@@ -178,10 +178,11 @@ class ConvFactors:
 
 
 class ConvOuter(OuterFactors):
-    """:meth:`ConvFactors.outer`, unfolded when A or D is first read: a ghost term's im2col then
-    runs in its own Gram job, on a projection thread beside the other terms, instead of while the
-    terms are built, one after another on the caller's thread (ResNet, B = 32: 12 ms of serial
-    unfolds per step). Shape, dtype and sample count are known without unfolding."""
+    """:meth:`ConvFactors.outer`, unfolded when A or D is first read: a ghost or tile term's
+    im2col then runs in its own Gram job, on a projection thread beside the other terms, instead
+    of while the terms are built, one after another on the caller's thread (ResNet, B = 32: 12 ms
+    of serial unfolds per step). Shape, dtypes, device and sample count are known without
+    unfolding."""
 
     def __init__(self, conv: ConvFactors):  # noqa: D107 - not the dataclass's fields
         self._conv, self._form = conv, None
@@ -212,3 +213,11 @@ class ConvOuter(OuterFactors):
     @property
     def a_dtype(self) -> torch.dtype:
         return self._conv.x.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._conv._dt()
+
+    @property
+    def device(self) -> torch.device:
+        return self._conv.x.device

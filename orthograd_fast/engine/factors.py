@@ -66,6 +66,15 @@ class OuterFactors:
         return self.A.dtype
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype products of A and D are formed in (:func:`_compute_dtype`)."""
+        return _compute_dtype(self.A, self.D) if self.D is not None else _compute_dtype(self.A)
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
+
+    @property
     def one_token(self) -> bool:
         """A dense use over one token and one group (a Linear on [B, I] inputs)."""
         return self.ids is None and self.a_shape[1] == 1 and self.a_shape[2] == 1

@@ -28,10 +28,10 @@ class TileRoute(HeldRoute):
         self.slab_bytes = slab_bytes
 
     def work(self, unlearn_coef: bool = False) -> int:
-        return self.B * self.use.A.shape[1] * self.numel + self._gram_work()  # float32 tiles, then K
+        return self.B * self.use.a_shape[1] * self.numel + self._gram_work()  # float32 tiles, then K
 
     def _update_work(self) -> int:
-        return self.use.A.shape[1] * self.B * self.numel
+        return self.use.a_shape[1] * self.B * self.numel
 
     def _gram_coef(self, U: Tensor) -> Tuple[Tensor, Tensor]:
         return self._tiles(U, gram=True)
@@ -78,8 +78,7 @@ class TileRoute(HeldRoute):
     # --- held float32 rows ---------------------------------------------------------------------
     def can_hold(self) -> bool:
         """Float32 tiles on the CPU."""
-        A, D = self.use.A, self.use.D
-        return A.device.type == "cpu" and _compute_dtype(A, D) == torch.float32
+        return self.use.device.type == "cpu" and self.use.compute_dtype == torch.float32
 
     def _held_view(self, U: Tensor) -> Tensor:
         return self.use.view(U)
