@@ -100,3 +100,9 @@ def test_lstm_layer_detached_weights_get_no_gradient():
     out.sum().backward()
     assert w_ih.grad is None and w_hh.grad is None
     assert sink.g is not None and sink.g.shape == (2, 3, 8) and bool(sink.g.abs().sum() > 0)
+
+
+def test_lstm_layer_in_one_piece_under_autocast():
+    cpu = torch.device("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lstm_layer.batch_parts(64, cpu) == [(0, 64)]

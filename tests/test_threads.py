@@ -298,3 +298,19 @@ def test_multi_token_ghost_terms_run_beside_others_when_their_token_grams_are_sm
     route = ghost.GhostRoute(torch.zeros(5, 7), B, OuterFactors(A, D, None, (1, 5, 7)))
     assert route.spreadable() == spread
     assert (2 * (B * T) ** 2 * 8 <= ghost.SPREAD_BYTES) == spread  # the rule, at these sizes
+
+
+def test_side_by_side_runs_on_the_callers_thread_under_autocast():
+    # autocast is per thread: under it the items run in order where the caller would run them
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        where = []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = og_threads.side_by_side(lambda k: (where.append(threading.get_ident()), torch.is_autocast_enabled("cpu"))[1], [0, 1, 2], [1, 1, 1], "cpu")
+        assert out == [True, True, True] and set(where) == {threading.get_ident()}
+        where.clear()
+        og_threads.side_by_side(lambda k: (where.append(threading.get_ident()), time.sleep(0.002)), [0, 1, 2, 3], [1, 1, 1, 1], "cpu")
+        assert len(set(where)) == 2  # and spread without it
+    finally:
+        torch.set_num_threads(n)

@@ -31,8 +31,10 @@ MIN_PART_ROWS = 8
 
 def batch_parts(B: int, device: torch.device) -> List[Tuple[int, int]]:
     """[(b0, b1)]: the batch rows each part's recurrence runs on: one part per intra-op thread on
-    the CPU (at least MIN_PART_ROWS samples each), one part elsewhere."""
-    n = min(torch.get_num_threads(), B // MIN_PART_ROWS) if device.type == "cpu" else 1
+    the CPU (at least MIN_PART_ROWS samples each), one part elsewhere and under autocast."""
+    # (under autocast, whose state is per thread, in one piece: the ops run as the caller's would)
+    cpu = device.type == "cpu" and not threads._autocast_on()
+    n = min(torch.get_num_threads(), B // MIN_PART_ROWS) if cpu else 1
     n = max(1, n)
     return [(B * k // n, B * (k + 1) // n) for k in range(n)]
 
