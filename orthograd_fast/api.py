@@ -87,6 +87,8 @@ class OrthoGrad:
         # the capture check (checks.check_capture) runs on the first projection only (the model's
         # structure does not change); with alpha == 0 the retain gradient is not kept afterwards
         self._capture_checked = False
+        self._dots_deferred = False  # a capture check from retain-gradient dots had to wait
+        self._deferred: list = []  # parameters whose check waited, filled by the check
         self._terms: Optional[Dict[Tensor, PerSampleGrads]] = None  # of the current span, once built
         self._backend_used: Optional[str] = None
         self._projected = False
@@ -132,7 +134,10 @@ class OrthoGrad:
         cap = Capture(self.model, self._units, lean_ops=bool(self._lean) and not real, fallback_log=self._fallback_log)
         self._in_retain = True
         try:
-            with self._span.block(cap, keep_gradients=self.alpha > 0 or not self._capture_checked, lean=self._lean, exempt=real):
+            # the first span keeps <retain gradient, u> only where u is already there (og.forget()
+            # first), unless such a check was deferred before (u changed before project_())
+            dots = not self._capture_checked and not self._dots_deferred
+            with self._span.block(cap, keep_gradients=self.alpha > 0 or not self._capture_checked, lean=self._lean, exempt=real, dots=dots):
                 yield self
         finally:
             self._in_retain = False
@@ -210,7 +215,10 @@ class OrthoGrad:
         terms = self._build_terms()
         span = self._span
         world = _distributed.world_size(self._group)
-        capture = functools.partial(_checks.check_capture, self._params, terms, span.gsum, half=span.half, world=world)
+        self._deferred = []
+        capture = functools.partial(
+            _checks.check_capture, self._params, terms, span.gsum, half=span.half, world=world, gdots=span.gdots, deferred=self._deferred
+        )
         checks = _projection.Checks(
             nonfinite=functools.partial(_checks.raise_nonfinite, {p: n for n, p in self._params}),
             unlearn_factors=functools.partial(self._unlearn.verify, half=span.half),
@@ -256,7 +264,10 @@ class OrthoGrad:
         # in place: .grad becomes P_perp(u), then the direction, without copies of the model's size
         vecs = {p: p.grad for _, p in self._params}
         perp = self._project(vecs, check_sum=not self._capture_checked, inplace=True, shift=shift, scale=-(1.0 - a))
-        self._capture_checked = True
+        if self._deferred:  # u changed after the retain pass: the next span checks whole gradients
+            self._dots_deferred = True
+        else:
+            self._capture_checked = True
         for p, gs in self._span.gsum.items() if a > 0 else ():
             if p not in self._lean:
                 perp[p].add_(gs.to(perp[p].dtype), alpha=a / nblocks)  # -(1 - a) P_perp(u) + a gbar_r

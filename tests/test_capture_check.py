@@ -110,3 +110,99 @@ def test_missed_use_refused_under_lean_retain():
     unlearn = (torch.randn(4, 9, generator=g), torch.randint(0, 4, (4,), generator=g))
     with pytest.raises(CaptureError, match=r"b\.weight"):
         og_direction(model, ce, retain, unlearn, backend="torch")
+
+
+# --- og.forget() first: the first span keeps <retain gradient, u>, not the gradient -------------
+
+
+def _forget_then_retain(model, og, retain, unlearn):
+    with og.forget():
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+
+
+def _batches(seed, B=8, Bu=5):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        (torch.randn(B, 9, generator=g), torch.randint(0, 4, (B,), generator=g)),
+        (torch.randn(Bu, 9, generator=g), torch.randint(0, 4, (Bu,), generator=g)),
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unlearn_first_keeps_dots_and_still_refuses_a_missed_use(seed):
+    from orthograd_fast import OrthoGrad
+
+    torch.manual_seed(seed)
+    model = MissedUse()
+    retain, unlearn = _batches(seed)
+    og = OrthoGrad(model)
+    model.zero_grad(set_to_none=True)
+    _forget_then_retain(model, og, retain, unlearn)
+    lean = og._lean
+    assert lean and not any(p in og._span.gsum for p in lean)  # no second model-sized gradient kept
+    assert set(og._span.gdots) == lean
+    with pytest.raises(CaptureError, match=r"'b\.weight'.*do not add up"):
+        og.project_()
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_unlearn_first_dots_check_and_match_the_oracle(scope):
+    from engine_helpers import compare
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(9, 13), nn.Tanh(), nn.Linear(13, 11), nn.Tanh(), nn.Linear(11, 4))
+    retain, unlearn = _batches(4)
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, forget=True, unlearn_first=True)
+    assert og._capture_checked and og._span.gdots and err <= REL and orth <= ORTH, (err, orth)
+
+
+@pytest.mark.parametrize("missed", [False, True])
+def test_u_changed_after_the_retain_pass_defers_the_check(missed):
+    # another unlearn backward after the retain block changes u: the dots no longer apply, so the
+    # check waits (no false refusal) and the next span keeps whole gradients and runs it
+    from orthograd_fast import OrthoGrad
+
+    torch.manual_seed(5)
+    model = MissedUse() if missed else nn.Sequential(nn.Linear(9, 12), nn.Tanh(), nn.Linear(12, 4))
+    retain, unlearn = _batches(5)
+    og = OrthoGrad(model)
+    model.zero_grad(set_to_none=True)
+    _forget_then_retain(model, og, retain, unlearn)
+    ce(model(unlearn[0][:2]), unlearn[1][:2]).mean().backward()  # .grad changes in place
+    og.project_()
+    assert not og._capture_checked and og._dots_deferred
+    model.zero_grad(set_to_none=True)
+    _forget_then_retain(model, og, retain, unlearn)
+    assert not og._span.gdots and all(p in og._span.gsum for p in og._lean)  # whole gradients now
+    if missed:
+        with pytest.raises(CaptureError, match=r"b\.weight"):
+            og.project_()
+    else:
+        og.project_()
+        assert og._capture_checked
+
+
+def test_dot_hooks_go_with_an_exception_and_grad_is_restored():
+    from orthograd_fast import OrthoGrad
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(9, 12), nn.Tanh(), nn.Linear(12, 4))
+    retain, unlearn = _batches(6)
+    og = OrthoGrad(model)
+    with og.forget():
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+            raise RuntimeError("boom")
+    for n, p in model.named_parameters():
+        assert not getattr(p, "_post_accumulate_grad_hooks", None), n  # no hook left behind
+        assert torch.equal(p.grad, before[n]), n
+    assert not og._span.gdots  # a failed block adds nothing
+    # the same parameters' gradients accumulate as usual afterwards
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    for n, p in model.named_parameters():
+        assert not torch.equal(p.grad, before[n]), n

@@ -27,7 +27,10 @@ def raise_nonfinite(names: Dict[Tensor, str], active, Ks, bs, vecs) -> None:
     raise FloatingPointError("non-finite values in the OrthoGrad Gram")
 
 
-def check_capture(params: List, terms: Dict, gsum: Dict[Tensor, Optional[Tensor]], active, K, bs, vecs, *, half: bool, world: int) -> None:
+def check_capture(
+    params: List, terms: Dict, gsum: Dict[Tensor, Optional[Tensor]], active, K, bs, vecs, *, half: bool, world: int,
+    gdots: Optional[Dict] = None, deferred: Optional[list] = None,
+) -> None:
     """sum_i <g_i, u> must equal <sum of the retain gradients, u>: a use the hooks missed (a
     parameter used outside its module's forward) breaks it. Scalar per tensor, no extra pass.
 
@@ -36,22 +39,38 @@ def check_capture(params: List, terms: Dict, gsum: Dict[Tensor, Optional[Tensor]
     rounding noise (its true gradient is exactly zero, e.g. a bias a later op removes) is judged
     against the model-wide scale sum_t sum_i |g_i,t| |u_t| instead: its noise is far below it,
     a real missed use is not. ``world``: DDP ranks (.grad is their average, the gathered rows sum
-    every rank's local gradient); ``half``: half-precision factors (looser tolerances)."""
+    every rank's local gradient); ``half``: half-precision factors (looser tolerances).
+
+    ``gdots`` {param: RetainDot}: parameters whose retain gradient was kept only as <g, u>
+    (retain_span.RetainSpan.block); where u has changed since, that parameter is appended to
+    ``deferred`` instead (its check waits for a later span, which keeps the whole gradient)."""
+    gdots = gdots or {}
     names = {p: n for n, p in params}
     rows = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().sum(-1)  # sum_i |g_i| per tensor
     model_scale = None  # formed only if some tensor misses its own tolerance
     ks, diffs, tols, halves = [], [], [], []
     for k, (p, b) in enumerate(zip(active, bs)):
-        gs = gsum.get(p)
-        if gs is None:
+        gs, dot = gsum.get(p), gdots.get(p)
+        if gs is None and dot is None:
             continue
         u = vecs[p]
-        # float32 dots are enough for the tolerance and avoid float64 copies of big tensors
-        rhs = torch.dot(gs.reshape(-1), u.reshape(-1).to(gs.dtype)).double() * world
+        if dot is not None and not dot.valid_for(u):
+            if deferred is not None:
+                deferred.append(p)
+            continue
+        # blocks that kept the whole gradient (gs) and blocks that kept <g, u> (dot) add up
+        rhs, h = 0.0, False
+        if gs is not None:
+            # float32 dots are enough for the tolerance and avoid float64 copies of big tensors
+            rhs = torch.dot(gs.reshape(-1), u.reshape(-1).to(gs.dtype)).double()
+            h = gs.dtype in (torch.float16, torch.bfloat16)
+        if dot is not None:
+            rhs, h = rhs + dot.dot, h or dot.half
+        rhs = rhs * world
         unorm = torch.linalg.vector_norm(u).double()
         # autocast: half factors (bf16/fp16 activations and output gradients) with an fp32
         # .grad still carry half-precision rounding: use the half tolerances for them too.
-        h = gs.dtype in (torch.float16, torch.bfloat16) or half
+        h = h or half
         ks.append(k)
         halves.append(h)
         diffs.append((b.sum() - rhs).abs())
@@ -72,7 +91,9 @@ def check_capture(params: List, terms: Dict, gsum: Dict[Tensor, Optional[Tensor]
             "(nn.Linear with the tied weight) or freeze the parameter."
         )
     for name, p in params:
-        if p not in terms and gsum.get(p) is not None and bool(gsum[p].abs().max() > 0):
+        if p in terms:
+            continue
+        if (gsum.get(p) is not None and bool(gsum[p].abs().max() > 0)) or (p in gdots and bool(gdots[p].nonzero)):
             raise CaptureError(
                 f"parameter '{name}' received a retain gradient, but no module that owns it saw the retain "
                 "forward: it is used outside its module's forward. Route the use through a module, or freeze it."

@@ -43,6 +43,10 @@ class RetainSpan:
         self.max_retain = max_retain
         self.blocks: List[Tuple[int, Dict[Tensor, list]]] = []
         self.gsum: Dict[Tensor, Optional[Tensor]] = {}
+        # first span, parameters whose unlearn gradient u was already there (og.forget() first):
+        # <retain gradient, u> and whether it was nonzero, taken as the gradient arrived (it is
+        # freed at once), for the capture check: {param: RetainDot}
+        self.gdots: Dict[Tensor, "RetainDot"] = {}
         self.versions: Dict[Tensor, int] = {}
         self.half_seen = False  # a half-precision factor was folded into float64 rows (compact)
         self.half = False  # any captured factor was half precision (set by terms())
@@ -66,6 +70,7 @@ class RetainSpan:
         self.half_seen = False
         self.blocks.clear()
         self.gsum.clear()
+        self.gdots.clear()
         self.versions.clear()
         self._terms = None
 
@@ -80,11 +85,15 @@ class RetainSpan:
         self.blocks.append((B, self._small_as_rows(uses, B)))
 
     @contextlib.contextmanager
-    def block(self, cap, *, keep_gradients: bool, lean: set, exempt: set) -> Iterator[None]:
+    def block(self, cap, *, keep_gradients: bool, lean: set, exempt: set, dots: bool = False) -> Iterator[None]:
         """One retain() block around the capture ``cap``: ``.grad`` set aside and put back exactly
         (also on an exception), the block's factors and (``keep_gradients``) its retain gradients
         added to the span. ``lean``: parameters whose retain gradient is never formed, except
-        those in ``exempt`` (they ran with their real tensors)."""
+        those in ``exempt`` (they ran with their real tensors). ``dots``: an exempt lean parameter
+        that already holds its unlearn gradient u keeps only <retain gradient, u> (what the capture
+        check reads; its retain gradient is needed for nothing else), taken by a hook as the
+        gradient arrives and freed: no second model-sized gradient alive (MLP, B = 64, first step:
+        peak 1.42x -> 1.02x of a plain step)."""
         params = self.params
         saved = {p: p.grad for _, p in params}
         # DDP: with gradient_as_bucket_view=True the reducer writes the retain gradient
@@ -92,6 +101,12 @@ class RetainSpan:
         saved_vals = {p: g.clone() for p, g in saved.items() if g is not None} if self.group is not None else {}
         for _, p in params:
             p.grad = None
+        block_dots: Dict[Tensor, RetainDot] = {}
+        hooks = []
+        if dots and self.group is None:
+            for _, p in params:
+                if p in lean and p in exempt and saved[p] is not None:
+                    hooks.append(p.register_post_accumulate_grad_hook(_dot_hook(saved[p], block_dots)))
         cap.attach()
         try:
             yield
@@ -99,6 +114,9 @@ class RetainSpan:
             uses = cap.finish()
             check_lean(lean, params, exempt=exempt)  # a refused block leaves no factors
             self.add_block(cap.B, uses)
+            for p, d in block_dots.items():
+                prev = self.gdots.get(p)
+                self.gdots[p] = d if prev is None else prev.merged(d)
             for _, p in params:
                 g = p.grad if keep_gradients and (p not in lean or p in exempt) else None
                 if g is not None:
@@ -109,6 +127,8 @@ class RetainSpan:
                     self.gsum[p] = g if prev is None else prev + g
                 self.versions[p] = p._version
         finally:
+            for h in hooks:
+                h.remove()
             cap.release()
             for _, p in params:
                 p.grad = saved[p]
@@ -203,6 +223,40 @@ def lean_params(units, lean_retain: bool) -> set:
     if not lean_retain:
         return set()
     return {p for u in units for p in u.parameters()}
+
+
+class RetainDot:
+    """<retain gradient, u> of one parameter (float64, 0-d), whether that gradient was nonzero
+    (bool, 0-d), u itself and its version then, and whether it was half precision: the capture
+    check can use the dot only while u is unchanged (:meth:`valid_for`)."""
+
+    def __init__(self, dot: Tensor, nonzero: Tensor, u: Tensor, half: bool):
+        self.dot, self.nonzero, self.u, self.version, self.half = dot, nonzero, u, u._version, half
+        self.consistent = True  # every block's dot was taken against the same, unchanged u
+
+    def merged(self, other: "RetainDot") -> "RetainDot":
+        """The sum over two blocks (their retain gradients add up)."""
+        out = RetainDot(self.dot + other.dot, self.nonzero | other.nonzero, other.u, self.half or other.half)
+        out.version = other.version
+        out.consistent = self.consistent and other.consistent and self.u is other.u and self.version == other.version
+        return out
+
+    def valid_for(self, u: Tensor) -> bool:
+        """Whether the dot was taken against this very u, unchanged since."""
+        return self.consistent and self.u is u and self.version == u._version
+
+
+def _dot_hook(u: Tensor, into: Dict[Tensor, RetainDot]):
+    """A post-accumulate-grad hook: fold the parameter's retain gradient into <g, u> and free it."""
+
+    def hook(p: Tensor) -> None:
+        g = p.grad
+        p.grad = None
+        d = RetainDot(torch.dot(g.reshape(-1), u.reshape(-1).to(g.dtype)).double(), (g != 0).any(), u, g.dtype in (torch.float16, torch.bfloat16))
+        prev = into.get(p)
+        into[p] = d if prev is None else prev.merged(d)
+
+    return hook
 
 
 def check_lean(lean, params: List[Tuple[str, Tensor]], exempt=()) -> None:
