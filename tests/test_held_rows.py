@@ -284,11 +284,10 @@ def test_blocks_of_a_term_alone_run_side_by_side(tile, name, monkeypatch):
     # a held term that runs alone (every intra-op thread) forms, multiplies and sweeps its column
     # blocks side by side on one thread each: the oracle's direction, and the same values as the
     # blocks in order on one thread
-    from orthograd_fast.engine import projection
     from orthograd_fast.engine import threads as og_threads
 
     monkeypatch.setattr(held_rows, "BLOCK_BYTES", 7 * 4 * 11)  # several small blocks per term
-    monkeypatch.setattr(projection, "SMALL_TERM_WORK", 0)  # the largest term runs alone
+    monkeypatch.setattr(gram.PerSampleGrads, "spreadable", lambda self: False)  # every term runs alone
     g = torch.Generator().manual_seed(len(name))
     torch.manual_seed(7)
     model = {"tokens": Tokens, "convs": Convs, "tied": TiedLM}[name]()
@@ -297,8 +296,9 @@ def test_blocks_of_a_term_alone_run_side_by_side(tile, name, monkeypatch):
     orig = og_threads.map_balanced
 
     def spy(fn, items, cost, n):
-        if getattr(fn, "__qualname__", "").startswith(("HeldRows", "_by_block")) or "job" in getattr(fn, "__qualname__", ""):
-            spread.append((n, len(items)))
+        name = getattr(fn, "__qualname__", "")
+        if name.startswith("HeldRows"):  # the blocks of a held term: formed and Gram, then swept
+            spread.append((name.split(".")[1], n, len(items)))
         return orig(fn, items, cost, n)
 
     monkeypatch.setattr(og_threads, "map_balanced", spy)
@@ -307,7 +307,8 @@ def test_blocks_of_a_term_alone_run_side_by_side(tile, name, monkeypatch):
         torch.set_num_threads(2)
         err, orth, og = compare(model, ce, retain, unlearn, scope="tensor", backend="torch")
         assert og.stats["held_rows"] >= 2, og.stats
-        assert any(n == 2 and k > 1 for n, k in spread), spread  # some term's blocks were spread
+        for step in ("gram_coef", "_map"):  # some term's blocks were spread in both
+            assert any(s == step and n == 2 and k > 1 for s, n, k in spread), (step, spread)
         assert err <= REL and orth <= ORTH, (err, orth)
         _, two = og_direction(model, ce, retain, unlearn, backend="torch")
         torch.set_num_threads(1)

@@ -112,7 +112,7 @@ def test_engine_same_result_spread_or_serial(forget, monkeypatch):
     orig = og_threads.map_balanced
 
     def spy(fn, items, cost, threads):
-        if not fn.__qualname__.startswith("_build_all"):  # the projection's terms, not the retain exit's
+        if fn.__qualname__.startswith(("_project", "_update")):  # the projection's terms, not the retain exit's
             spreads.append(threads)
         return orig(fn, items, cost, threads)
 

@@ -47,13 +47,6 @@ MAX_BYTES = 64 << 20
 R = TypeVar("R")
 
 
-def _by_block(fn: Callable[..., R], blocks: list, cost: List[int], device) -> List[R]:
-    """[fn(block)]: a term that runs alone, on every intra-op thread, runs its blocks side by side
-    on one thread each (its GEMMs are B rows wide: two threads on one block gain less); inside a
-    side-by-side job (one thread) they run in order."""
-    return threads.side_by_side(fn, blocks, cost, device)
-
-
 def _sum(xs: List[Tensor]) -> Tensor:
     """xs[0] + xs[1] + ... in order (the same sum whichever threads formed the parts)."""
     out = xs[0]
@@ -133,14 +126,16 @@ class HeldRows:
     def gram_coef(blocks: List[Block], r: Tensor) -> Tuple[list, Tensor, Tensor]:
         """([(offset, Y_j)], K = sum_j Y_j Y_j^T, b = Y r): float32 products summed in float64
         in block order, each block's taken right after it is formed, so it is read from memory
-        once while it is still in cache. Blocks run side by side (:func:`_by_block`)."""
+        once while it is still in cache. A term that runs alone (every intra-op thread) runs its
+        blocks side by side on one thread each (threads.side_by_side: B-row-wide GEMMs gain less
+        from two threads on one block); inside a side-by-side job they run in order."""
 
         def job(blk):
             off, n, form = blk
             Y = form()
             return (off, Y), (Y @ Y.t()).double(), torch.mv(Y, r[off : off + n]).double()
 
-        got = _by_block(job, blocks, [n for _, n, _ in blocks], r.device)
+        got = threads.side_by_side(job, blocks, [n for _, n, _ in blocks], r.device)
         return [g[0] for g in got], _sum([g[1] for g in got]), _sum([g[2] for g in got])
 
     @classmethod
@@ -158,8 +153,8 @@ class HeldRows:
         return None
 
     def _map(self, fn: Callable[[int, Tensor], R]) -> List[R]:
-        """[fn(offset, Y_j)] over the blocks, side by side (:func:`_by_block`)."""
-        return _by_block(lambda blk: fn(*blk), self.blocks, [Y.shape[1] for _, Y in self.blocks], self.K.device)
+        """[fn(offset, Y_j)] over the blocks, side by side like :meth:`gram_coef`'s."""
+        return threads.side_by_side(lambda blk: fn(*blk), self.blocks, [Y.shape[1] for _, Y in self.blocks], self.K.device)
 
     def coef(self, r: Tensor) -> Tensor:
         """b = Y r, float64 [B]."""

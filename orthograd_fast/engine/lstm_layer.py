@@ -33,20 +33,19 @@ def batch_parts(B: int, device: torch.device) -> List[Tuple[int, int]]:
     """[(b0, b1)]: the batch rows each part's recurrence runs on: one part per intra-op thread on
     the CPU (at least MIN_PART_ROWS samples each), one part elsewhere and under autocast."""
     # (under autocast, whose state is per thread, in one piece: the ops run as the caller's would)
-    cpu = device.type == "cpu" and not threads._autocast_on()
+    cpu = device.type == "cpu" and not threads.autocast_on()
     n = min(torch.get_num_threads(), B // MIN_PART_ROWS) if cpu else 1
     n = max(1, n)
     return [(B * k // n, B * (k + 1) // n) for k in range(n)]
 
 
 def _by_parts(fn: Callable[[int, int], Tuple[Tensor, Tensor]], B: int, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """fn(b0, b1) -> (state rows [b1 - b0, H], ...) of each part, side by side on one intra-op
-    thread each when there are several; the parts' states concatenated in batch order."""
+    """fn(b0, b1) -> (state rows [b1 - b0, H], ...) of each part (:func:`batch_parts`), side by
+    side (threads.side_by_side); the parts' states concatenated in batch order."""
     parts = batch_parts(B, device)
     if len(parts) == 1:
         return fn(*parts[0])
-    with threads.one_thread(True):
-        ends = threads.map_balanced(lambda p: fn(*p), parts, [b1 - b0 for b0, b1 in parts], len(parts))
+    ends = threads.side_by_side(lambda p: fn(*p), parts, [b1 - b0 for b0, b1 in parts], device)
     return torch.cat([e[0] for e in ends]), torch.cat([e[1] for e in ends])
 
 

@@ -252,7 +252,7 @@ def _dot_hook(u: Tensor, into: Dict[Tensor, RetainDot]):
     def hook(p: Tensor) -> None:
         g = p.grad
         p.grad = None
-        d = RetainDot(torch.dot(g.reshape(-1), u.reshape(-1).to(g.dtype)).double(), (g != 0).any(), u, g.dtype in (torch.float16, torch.bfloat16))
+        d = RetainDot(torch.dot(g.reshape(-1), u.reshape(-1).to(g.dtype)).double(), (g != 0).any(), u, g.dtype in _HALF)
         prev = into.get(p)
         into[p] = d if prev is None else prev.merged(d)
 

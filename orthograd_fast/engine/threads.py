@@ -155,14 +155,15 @@ def side_by_side(fn: Callable[[T], R], items: Sequence[T], cost: Sequence[float]
     """[fn(x) for x in items]: on the CPU with several intra-op threads, side by side on one
     intra-op thread each (:func:`map_balanced`, the caller's thread included); else in order
     (also under autocast, whose state is the calling thread's: the items run as the caller would)."""
-    n = torch.get_num_threads() if torch.device(device).type == "cpu" and not _autocast_on() else 1
+    n = torch.get_num_threads() if torch.device(device).type == "cpu" and not autocast_on() else 1
     if n < 2 or len(items) < 2:
         return [fn(x) for x in items]
     with one_thread(True):
         return map_balanced(fn, items, cost, n)
 
 
-def _autocast_on() -> bool:
+def autocast_on() -> bool:
+    """Whether the calling thread runs under autocast (a per-thread state)."""
     return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
