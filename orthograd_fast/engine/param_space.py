@@ -124,6 +124,7 @@ class ParamSpace:
         output, else explicit rows (:meth:`rows_to_params`)."""
         from .factors import ExplicitRows, OuterFactors
 
+        t, rows = self._peel(t, rows)
         k = _storage_key(t)
         look = self._lookups.get(k) if k is not None else None
         if look is not None:
@@ -138,6 +139,32 @@ class ParamSpace:
                 r = r * (flat != (pad if pad >= 0 else V + pad)).unsqueeze(-1).to(r.dtype)
             return {weight: [OuterFactors(r[:, :, None, :], None, flat, (1, V, d))]}
         return {p: [ExplicitRows(r)] for p, r in self.rows_to_params(t, rows).items()}
+
+    def _peel(self, t: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
+        """(t', rows') with the elementwise steps whose vector-Jacobian product is a mask or a sign
+        taken off the computation of ``t`` (a copy, a constant added, a constant fill where a
+        constant mask says): T5's ``where(causal, bias, min).contiguous()`` over its bias lookup
+        maps to that lookup's embedding use, instead of a vmapped autograd pass per block."""
+        while True:
+            b = self.base(t)
+            if b is None or b[0] != "derived":
+                return t, rows
+            root, func, args, kwargs, index = b[1]
+            if index != 0 or not isinstance(root, Tensor):
+                return t, rows
+            if t is not root and not same_view(t, root):
+                if not root.is_contiguous():
+                    return t, rows
+                rows = _rows_of_root(t, root, rows)
+            peel = _PEELS.get(func)
+            got = peel(self, root, args, kwargs, rows) if peel is not None else None
+            if got is None:
+                return root, rows
+            t, rows = got
+
+    def _const(self, x) -> bool:
+        """A number, or a tensor that is no parameter, no view of one and computed from none."""
+        return not isinstance(x, Tensor) or (self.base(x) is None and not x.requires_grad)
 
     def rows_to_params(self, t: Tensor, rows: Tensor) -> Dict[Tensor, Tensor]:
         """``rows`` [B, t.numel()] (per-sample gradients with respect to ``t``) -> {param: [B, numel]}."""
@@ -199,6 +226,54 @@ def anchored(out, params):
     if isinstance(out, Tensor) and not out.requires_grad and out.is_floating_point() and torch.is_grad_enabled() and params:
         return Anchor.apply(out, *params)
     return out
+
+
+def _peel_copy(space, root, args, kwargs, rows):
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and space.base(x) is not None and x.shape == root.shape:
+        return x, rows
+    return None
+
+
+def _peel_add(sign_x: float, sign_other: float):
+    """``x + alpha * other`` (signs: sub, rsub): the rows of whichever operand is made of
+    parameters, the other a constant; same shape as the output (no broadcast to sum over)."""
+
+    def peel(space, root, args, kwargs, rows):
+        if len(args) < 2:
+            return None
+        x, other = args[0], args[1]
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        if not isinstance(alpha, (int, float)) or set(kwargs) - {"alpha"}:
+            return None
+        for a, o, sign in ((x, other, sign_x), (other, x, sign_other * alpha)):
+            if isinstance(a, Tensor) and space.base(a) is not None and a.shape == root.shape and space._const(o):
+                return a, rows if sign == 1 else rows * sign
+        return None
+
+    return peel
+
+
+def _peel_where(space, root, args, kwargs, rows):
+    """``where(cond, x, y)`` with a constant cond: the rows of x (or y) masked by cond (or not cond)."""
+    if len(args) != 3 or kwargs:
+        return None
+    cond, x, y = args
+    if not isinstance(cond, Tensor) or cond.dtype != torch.bool or not space._const(cond):
+        return None
+    for a, o, keep in ((x, y, cond), (y, x, ~cond)):
+        if isinstance(a, Tensor) and space.base(a) is not None and a.shape == root.shape and space._const(o):
+            mask = keep.expand(root.shape).reshape(1, -1).to(rows.dtype)
+            return a, rows * mask
+    return None
+
+
+_PEELS = {
+    Tensor.contiguous: _peel_copy, Tensor.clone: _peel_copy, torch.clone: _peel_copy,
+    torch.add: _peel_add(1, 1), Tensor.add: _peel_add(1, 1), Tensor.__add__: _peel_add(1, 1),
+    Tensor.__radd__: _peel_add(1, 1), torch.sub: _peel_add(1, -1), Tensor.sub: _peel_add(1, -1),
+    Tensor.__sub__: _peel_add(1, -1), Tensor.__rsub__: _peel_add(-1, 1), torch.where: _peel_where,
+}
 
 
 def _rows_of_root(t: Tensor, root: Tensor, rows: Tensor) -> Tensor:

@@ -142,9 +142,21 @@ def embedding(ctx, func, args, kwargs):
 
 
 def getitem(ctx, func, args, kwargs):
-    """``weight[ids]`` with batched ids: an embedding lookup."""
+    """``weight[ids]`` with batched ids: an embedding lookup. With ids shared by all samples (Swin's
+    relative-position index into its bias table): a lookup of parameters only, mapped back as an
+    embedding use where it meets the batch (as F.embedding's)."""
     w, ids = args[0], args[1]
-    if not (isinstance(ids, Tensor) and ids.dtype in (torch.long, torch.int) and ctx.is_data(ids)) or ctx.seq_first:
+    if not (isinstance(ids, Tensor) and ids.dtype in (torch.long, torch.int)):
+        return NotImplemented
+    if not ctx.is_data(ids):
+        base = ctx.space.base(w)
+        if base is None or base[0] != "param" or not same_view(w, base[1]) or w.dim() != 2 or ctx.is_activation(ids):
+            return NotImplemented
+        out = func(ctx.use(w), ids)
+        # negative ids count from the end, as indexing reads them
+        ctx.space.add_lookup(out, base[1], torch.where(ids < 0, ids + w.shape[0], ids), None)
+        return out
+    if ctx.seq_first:
         return NotImplemented
     kind, p = ctx.space.base(w)
     if kind != "param" or not same_view(w, p) or p.dim() != 2:
