@@ -3,6 +3,7 @@ and a cProfile of the core's functions. Diagnostic tool, not part of the timed s
 
     python -m benchmarks.profile_step mlp --B 64 [--steps 15] [--size cpu] [--device cpu]
     python -m benchmarks.profile_step hf_convnext --B 32 --Bu 16 --order contract   # real zoo
+    python -m benchmarks.profile_step hf_bert --B 32 --Bu 16 --order contract --schedule
 
 ``--order forget`` (default): unlearn pass first inside ``og.forget()``; ``--order contract``: the
 API contract's order (retain block first, then the unlearn backward, no ``og.forget()``).
@@ -15,7 +16,9 @@ of ``orthograd_fast.engine.gram`` at run time (the package is not modified) to a
 to tensors and routes (explicit / tile / ghost / tokens / lookup / conv). On the CPU the terms run
 side by side on Python threads (``orthograd_fast.engine.threads``): the per-tensor times are then each
 term's own time on its thread, and their sum exceeds ``project_``'s wall time; cProfile sees the
-main thread only.
+main thread only. ``--schedule`` adds one projection's jobs as they ran, thread by thread, with
+each thread's idle time between the first and the last job (where a misjudged cost leaves one
+thread waiting on another).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--scope", default="tensor")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--schedule", action="store_true", help="also print one projection's jobs per thread (start, end, idle)")
     args = ap.parse_args(argv)
 
     from orthograd_fast import OrthoGrad
@@ -154,6 +158,9 @@ def main(argv=None):
         print(f"| {name} | {desc} | {tg / n * 1e3:.2f} | {ta / n * 1e3:.2f} |")
     print(f"| **sum** | | {sum(v[0] for v in per.values()) / n * 1e3:.2f} | {sum(v[1] for v in per.values()) / n * 1e3:.2f} |\n")
 
+    if args.schedule:
+        _print_schedule(og_step, _gram)
+
     s = io.StringIO()
     st = pstats.Stats(pr, stream=s)
     st.sort_stats("cumulative").print_stats(r"orthograd_fast", args.top)
@@ -161,6 +168,64 @@ def main(argv=None):
     print("```")
     print(s.getvalue().strip())
     print("```")
+
+
+def _print_schedule(og_step, _gram) -> None:
+    """One more OrthoGrad step with the projection's jobs timed on the thread that ran them: each
+    term's Gram and coefficients (and, for held rows, its whole projection) and each explicit
+    group's, then how long each thread sat idle between the first job's start and the last job's
+    end (a term whose cost the spread misjudged shows as one thread's tail)."""
+    import threading
+
+    from orthograd_fast.engine.routes.explicit import ExplicitGroup
+
+    log = []
+
+    def timed_method(cls, name, label):
+        orig = getattr(cls, name)
+
+        def w(self, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return orig(self, *a, **kw)
+            finally:
+                log.append((threading.current_thread().name, t, time.perf_counter(), label(self)))
+
+        setattr(cls, name, w)
+        return orig
+
+    P = _gram.PerSampleGrads
+    saved = [
+        (P, "gram_coef", timed_method(P, "gram_coef", lambda t: f"{t.name} ({t.mode})")),
+        (P, "project_held_", timed_method(P, "project_held_", lambda t: f"{t.name} (held passes)")),
+        (ExplicitGroup, "gram_coef", timed_method(ExplicitGroup, "gram_coef", lambda g: f"group of {len(g.ks)} explicit")),
+    ]
+    try:
+        ph = defaultdict(list)
+        t0 = time.perf_counter()
+        og_step(ph)
+    finally:
+        for cls, name, orig in saved:
+            setattr(cls, name, orig)
+    if not log:
+        print("(no projection jobs recorded)\n")
+        return
+    start, end = min(e[1] for e in log), max(e[2] for e in log)
+    threads_seen = sorted({e[0] for e in log})
+    print(f"Schedule of one projection (project_ {ph['project_'][0]:.2f} ms; jobs from {1e3 * (start - t0):.2f} to {1e3 * (end - t0):.2f} ms after the step began):\n")
+    print("| thread | busy ms | idle ms between the first and the last job |\n|---|---|---|")
+    for th in threads_seen:
+        spans = sorted((a, b) for n, a, b, _ in log if n == th)
+        busy, last = 0.0, start
+        for a, b in spans:  # nested jobs (held passes inside a term's job) counted once
+            if b > last:
+                busy += b - max(a, last)
+                last = b
+        print(f"| {th} | {busy * 1e3:.2f} | {(end - start - busy) * 1e3:.2f} |")
+    print("\n| start ms | end ms | thread | job |\n|---|---|---|---|")
+    for n, a, b, label in sorted(log, key=lambda e: e[1]):
+        print(f"| {1e3 * (a - start):.2f} | {1e3 * (b - start):.2f} | {n} | {label} |")
+    print()
 
 
 if __name__ == "__main__":

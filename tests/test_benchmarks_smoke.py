@@ -244,6 +244,38 @@ def test_profile_step_runs_and_attributes_every_route(capsys):
     assert rows, out
 
 
+def test_profile_step_schedule_lists_every_term_and_restores_the_core(capsys):
+    # --schedule times one projection's jobs per thread by wrapping the core's methods at run
+    # time: every term of the MLP has a job, each thread's busy + idle time spans the jobs, and
+    # the core's methods are put back
+    from benchmarks import profile_step, zoo
+    from orthograd_fast.engine import gram as core_gram
+    from orthograd_fast.engine.routes.explicit import ExplicitGroup
+
+    def methods():
+        return core_gram.PerSampleGrads.gram_coef, core_gram.PerSampleGrads.project_held_, ExplicitGroup.gram_coef
+
+    before = methods()
+    profile_step.main(["mlp", "--B", "6", "--steps", "2", "--top", "3", "--schedule"])
+    assert methods() == before
+    lines = capsys.readouterr().out.splitlines()
+
+    def table(header):  # the rows under a markdown header line, split into cells
+        k = lines.index(header) + 2
+        rows = []
+        while k < len(lines) and lines[k].startswith("| "):
+            rows.append([c.strip() for c in lines[k].strip("|").split("|")])
+            k += 1
+        return rows
+
+    jobs = table("| start ms | end ms | thread | job |")
+    span = max(float(r[1]) for r in jobs) - min(float(r[0]) for r in jobs)
+    names = {name for name, _ in zoo.build_model("mlp", "cpu")[0].named_parameters()}
+    assert {r[3].split(" (")[0] for r in jobs} == names, jobs
+    for th, busy, idle in table("| thread | busy ms | idle ms between the first and the last job |"):
+        assert float(busy) > 0 and abs(float(busy) + float(idle) - span) <= 0.02 + 0.01 * span, (th, busy, idle, span)
+
+
 def test_autocast_error_separates_the_two_error_sources():
     # benchmarks/autocast_error.py (the precision table): the direction under autocast is off
     # fp32 by the autocast unlearn gradient's error plus the half retain span's, to first order
