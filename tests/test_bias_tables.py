@@ -10,7 +10,6 @@ case against the float64 per-sample loop.
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import orthograd_fast.engine.param_space as param_space
