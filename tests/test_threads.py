@@ -219,6 +219,62 @@ def test_set_intra_op_is_per_thread_and_leaves_torch_pool_alone(monkeypatch):
         torch.set_num_threads(n)
 
 
+def test_set_intra_op_sets_mkls_own_count_too(monkeypatch):
+    # MKL's BLAS reads its thread-local count, not OpenMP's: a side-by-side job whose GEMMs still
+    # ran on every core oversubscribed them. The count MKL reports follows set_intra_op on the
+    # calling thread only, and one_thread gives the caller's back
+    mkl = og_threads._find_mkl_local()
+    if not mkl:
+        pytest.skip("this torch build has no MKL whose thread-local count is reachable")
+    if og_threads._find_omp_set() is None:
+        pytest.skip("torch's intra-op pool is not an OpenMP runtime found in this process")
+    mkl_threads = mkl[1]
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert mkl_threads() == 2
+        seen = {}
+
+        def worker():
+            og_threads.set_intra_op(1)
+            seen["worker"] = mkl_threads()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        assert seen["worker"] == 1 and mkl_threads() == 2
+        with og_threads.one_thread(True):
+            assert mkl_threads() == 1
+            got = og_threads.map_balanced(lambda k: mkl_threads(), [0, 1, 2, 3], [1, 1, 1, 1], 2)
+        assert got == [1, 1, 1, 1] and mkl_threads() == 2
+        # MKL's own setting comes back as it was, also when it was "use the global count" (0)
+        put = mkl[0]
+        put(0)
+        with og_threads.one_thread(True):
+            assert mkl_threads() == 1
+        assert put(0) == 0
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_set_intra_op_falls_back_to_torch_where_mkls_count_is_not_reachable(monkeypatch):
+    # MKL inside torch but its setter not found: the per-thread OpenMP setting alone would leave
+    # MKL's GEMMs on every core, so torch.set_num_threads it is
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    calls = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(og_threads, "_mkl_local", False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda k: (calls.append(k), real_set(k)))
+    try:
+        with og_threads.one_thread(True):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2 and calls == [1, 2]
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(n)
+
+
 def test_set_intra_op_falls_back_to_torch_where_no_runtime(monkeypatch):
     n = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -9,11 +9,14 @@ float64 Gram: 32 GFLOP/s on one thread, 50 on two, ~60 for two on one thread eac
 one intra-op thread each, side by side on Python threads (the ops release the GIL), except a term
 that dominates the work (:func:`run_spread`).
 
-A thread's intra-op count is set through the OpenMP runtime's per-thread setting
-(:func:`set_intra_op`), not ``torch.set_num_threads``: that one also resizes a process-wide pool
-and clears oneDNN's primitive cache, and the model's next convolutions pay for it (measured on 2
-cores: an unlearn pass after one 2 -> 1 -> 2 toggle 1.02x to 1.055x slower on BERT, MobileNetV2
-and ConvNeXt).
+A thread's intra-op count is set through the OpenMP runtime's per-thread setting and MKL's
+thread-local one (:func:`set_intra_op`), not ``torch.set_num_threads``: that one also resizes a
+process-wide pool and clears oneDNN's primitive cache, and the model's next convolutions pay for it
+(measured on 2 cores: an unlearn pass after one 2 -> 1 -> 2 toggle 1.02x to 1.055x slower on BERT,
+MobileNetV2 and ConvNeXt). MKL's GEMMs read MKL's own count: with the OpenMP setting alone a
+side-by-side job's large GEMMs still ran on every core, n jobs x n threads (on 2 cores the
+real-model steps measured the same either way, paired 0.97x to 1.04x: the jobs' skinny GEMMs
+mostly run on one thread anyway; on more cores the oversubscription grows with the square).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List, Sequence, TypeVar
+from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 
@@ -67,19 +70,59 @@ def _find_omp_set():
     return fn
 
 
-def set_intra_op(n: int) -> None:
-    """The calling thread's intra-op thread count: its OpenMP setting alone where the runtime is
-    found (checked by reading it back), else ``torch.set_num_threads``."""
-    global _omp_set
+# MKL's own count for the calling thread (its BLAS and LAPACK calls read that, not OpenMP's):
+# (MKL_Set_Num_Threads_Local, MKL_Get_Max_Threads) of the MKL inside torch; () where torch has
+# no MKL; False where it has one whose setter is not found; None: not looked up yet
+_mkl_local = None
+
+
+def _find_mkl_local():
+    """MKL's thread-local count setter and reader (the C entry points of mkl_service.h, which
+    torch.set_num_threads calls too) from the torch library that links MKL in; () where this
+    torch build has no MKL, False where they are not found."""
+    if "mkl_get_max_threads" not in torch.__config__.parallel_info():
+        return ()
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if torch_dir in line and ".so" in line})
+    except OSError:
+        return False
+    for path in sorted(paths, key=lambda p: "libtorch_cpu" not in p):  # where the wheels put MKL
+        try:
+            lib = ctypes.CDLL(path)
+            put, get = lib.MKL_Set_Num_Threads_Local, lib.MKL_Get_Max_Threads
+        except (OSError, AttributeError):
+            continue
+        put.argtypes, put.restype = [ctypes.c_int], ctypes.c_int
+        get.argtypes, get.restype = [], ctypes.c_int
+        return put, get
+    return False
+
+
+def set_intra_op(n: int) -> Optional[int]:
+    """The calling thread's intra-op thread count: its OpenMP setting and MKL's thread-local one
+    where both are found (checked by reading them back), else ``torch.set_num_threads``. Both:
+    MKL's GEMMs read MKL's count, not OpenMP's (measured on 2 cores: a 1024 x 1024 GEMM after
+    the OpenMP setting alone still ran on both, 155 GFLOP/s against 88 on one). Returns MKL's
+    thread-local count before the call (0: MKL's global one) where it set it, else None."""
+    global _omp_set, _mkl_local
     torch.get_num_threads()  # a new thread's first query initializes its count: do it before
     if _omp_set is None:
         _omp_set = _find_omp_set() or False
-    if _omp_set:
+    if _mkl_local is None:
+        _mkl_local = _find_mkl_local()
+    if _omp_set and _mkl_local is not False:
         _omp_set(n)
-        if torch.get_num_threads() == n:
-            return
-        _omp_set = False  # not the runtime torch's pool reads
+        ok, prev = torch.get_num_threads() == n, None
+        if _mkl_local:
+            prev = _mkl_local[0](n)
+            ok = ok and _mkl_local[1]() == n
+        if ok:
+            return prev
+        _omp_set = False  # not the runtimes torch's pool and its BLAS read
     torch.set_num_threads(n)
+    return None
 
 
 @contextlib.contextmanager
@@ -90,11 +133,13 @@ def one_thread(on: bool) -> Iterator[None]:
         yield
         return
     n = torch.get_num_threads()
-    set_intra_op(1)
+    mkl_before = set_intra_op(1)
     try:
         yield
     finally:
         set_intra_op(n)
+        if mkl_before is not None and _mkl_local:
+            _mkl_local[0](mkl_before)  # MKL's own setting as it was (0: its global count)
 
 
 def _workers(n: int) -> ThreadPoolExecutor:
