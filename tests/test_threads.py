@@ -39,11 +39,29 @@ def test_map_balanced_balances_by_cost():
 
     def fn(k):
         where[k] = threading.get_ident()
+        time.sleep(0.03 if k == 0 else 0.002)
         return k
 
-    # one heavy item and four light ones: the heavy one gets a thread of its own
+    # one heavy item (taken first) and four light ones: the other thread takes the light ones
     og_threads.map_balanced(fn, [0, 1, 2, 3, 4], [100, 1, 1, 1, 1], 2)
     assert all(where[k] != where[0] for k in (1, 2, 3, 4))
+
+
+def test_map_balanced_hands_out_items_to_the_thread_that_is_free():
+    # the costs misjudge item 1 (cheap by its cost, the longest by far): the items after it go to
+    # the thread that is free, not to a plan made beside item 1
+    where = {}
+    sleep = {0: 0.02, 1: 0.08}
+
+    def fn(k):
+        where[k] = threading.get_ident()
+        time.sleep(sleep.get(k, 0.004))
+        return k
+
+    out = og_threads.map_balanced(fn, list(range(7)), [10, 3, 2, 2, 2, 2, 2], 2)
+    assert out == list(range(7))
+    assert where[0] != where[1]
+    assert all(where[k] == where[0] for k in range(2, 7)), where
 
 
 def test_map_balanced_raises_after_every_thread_stopped():
@@ -58,8 +76,8 @@ def test_map_balanced_raises_after_every_thread_stopped():
 
     with pytest.raises(ValueError, match="item 3 failed"):
         og_threads.map_balanced(fn, list(range(8)), [1.0] * 8, 2)
-    # the failing item's thread skips its remaining items; the other thread finishes all of its own
-    assert len(done) >= 3 and 3 not in done
+    # items are taken in order; once item 3 failed no thread takes another, the ones running finish
+    assert len(done) >= 3 and 3 not in done and len(done) < 7
     n_before = len(done)
     time.sleep(0.05)
     assert len(done) == n_before  # nothing still running after the raise
@@ -69,6 +87,7 @@ def test_workers_run_without_autograd():
     w = torch.randn(3, requires_grad=True)
 
     def fn(_):
+        time.sleep(0.01)  # long enough that both threads take items
         return (w * 2).requires_grad, torch.get_num_threads()
 
     with og_threads.one_thread(True):

@@ -154,40 +154,66 @@ def _workers(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _run(fn: Callable[[T], R], items: List[T]) -> List[R]:
-    # worker threads start with autograd enabled: the projection never records a graph
-    with torch.no_grad():
-        set_intra_op(1)  # this thread's own setting (a fresh thread reads the default)
-        return [fn(x) for x in items]
+def _pull(fn: Callable[[T], R], items: Sequence[T], queue: "_Queue", worker: bool) -> List:
+    """Take the next item off ``queue`` and run it until none is left: [(index, result)]."""
+    done: List = []
+    with torch.no_grad() if worker else contextlib.nullcontext():
+        # worker threads start with autograd enabled: the projection never records a graph
+        if worker:
+            set_intra_op(1)  # this thread's own setting (a fresh thread reads the default)
+        while True:
+            k = queue.next()
+            if k is None:
+                return done
+            try:
+                done.append((k, fn(items[k])))
+            except BaseException:
+                queue.stop()  # the other threads take nothing more
+                raise
+
+
+class _Queue:
+    """Item indices handed out one at a time, in the given order, to whichever thread asks."""
+
+    def __init__(self, order: List[int]):
+        self._order, self._next, self._lock = order, 0, threading.Lock()
+
+    def next(self) -> "int | None":
+        with self._lock:
+            if self._next >= len(self._order):
+                return None
+            self._next += 1
+            return self._order[self._next - 1]
+
+    def stop(self) -> None:
+        with self._lock:
+            self._next = len(self._order)
 
 
 def map_balanced(fn: Callable[[T], R], items: Sequence[T], cost: Sequence[float], threads: int) -> List[R]:
     """[fn(x) for x in items], spread over ``threads`` Python threads (the caller's thread is one of
-    them) with the items balanced by ``cost`` (largest first onto the least loaded thread). Call it
-    with torch's intra-op pool at one thread (:func:`one_thread`). Results keep the items' order; an
-    exception in any item is raised here after every thread has stopped."""
+    them): each thread takes the next item, largest ``cost`` first, as it finishes its last one, so
+    a misjudged cost leaves no thread idle while items are left. Call it with torch's intra-op
+    pool at one thread (:func:`one_thread`): an item's result is then the same whichever thread
+    runs it. Results keep the items' order; an exception in any item is raised here after every
+    thread has stopped (the others take no new item once one has failed)."""
     items = list(items)
     threads = max(1, min(int(threads), len(items)))
     if threads == 1:
         return [fn(x) for x in items]
-    bins: List[List[int]] = [[] for _ in range(threads)]
-    load = [0.0] * threads
-    for k in sorted(range(len(items)), key=lambda k: -float(cost[k])):
-        j = min(range(threads), key=load.__getitem__)
-        bins[j].append(k)
-        load[j] += float(cost[k])
+    queue = _Queue(sorted(range(len(items)), key=lambda k: -float(cost[k])))
     pool = _workers(threads - 1)
-    futures = [pool.submit(_run, fn, [items[k] for k in ks]) for ks in bins[1:]]
+    futures = [pool.submit(_pull, fn, items, queue, True) for _ in range(threads - 1)]
     out: List = [None] * len(items)
     err = None
     try:
-        for k, r in zip(bins[0], [fn(items[k]) for k in bins[0]]):
+        for k, r in _pull(fn, items, queue, False):
             out[k] = r
     except BaseException as e:  # wait for the workers before raising: they touch the same terms
         err = e
-    for ks, f in zip(bins[1:], futures):
+    for f in futures:
         try:
-            for k, r in zip(ks, f.result()):
+            for k, r in f.result():
                 out[k] = r
         except BaseException as e:
             err = err or e
