@@ -78,17 +78,19 @@ _mkl_local = None
 
 def _find_mkl_local():
     """MKL's thread-local count setter and reader (the C entry points of mkl_service.h, which
-    torch.set_num_threads calls too) from the torch library that links MKL in; () where this
-    torch build has no MKL, False where they are not found."""
+    torch.set_num_threads calls too) from the torch library that links MKL in, or from a shared
+    MKL the process loaded; () where this torch build has no MKL, False where they are not found."""
     if "mkl_get_max_threads" not in torch.__config__.parallel_info():
         return ()
     torch_dir = os.path.dirname(torch.__file__) + os.sep
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if torch_dir in line and ".so" in line})
+            mapped = {line.split()[-1] for line in f if ".so" in line}
     except OSError:
         return False
-    for path in sorted(paths, key=lambda p: "libtorch_cpu" not in p):  # where the wheels put MKL
+    # torch's own libraries (the wheels link MKL into libtorch_cpu) first, then a shared MKL
+    paths = [p for p in mapped if p.startswith(torch_dir)] + [p for p in mapped if re.search(r"/libmkl_(rt|core)[^/]*\.so", p)]
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), "libtorch_cpu" not in p, p)):
         try:
             lib = ctypes.CDLL(path)
             put, get = lib.MKL_Set_Num_Threads_Local, lib.MKL_Get_Max_Threads
