@@ -177,6 +177,7 @@ def _print_schedule(og_step, _gram) -> None:
     end (a term whose cost the spread misjudged shows as one thread's tail)."""
     import threading
 
+    from orthograd_fast.engine import threads as _threads
     from orthograd_fast.engine.routes.explicit import ExplicitGroup
 
     log = []
@@ -200,24 +201,42 @@ def _print_schedule(og_step, _gram) -> None:
         (P, "project_held_", timed_method(P, "project_held_", lambda t: f"{t.name} (held passes)")),
         (ExplicitGroup, "gram_coef", timed_method(ExplicitGroup, "gram_coef", lambda g: f"group of {len(g.ks)} explicit")),
     ]
+    # every item of every side-by-side map too (a term that runs alone spreads its column blocks
+    # over the threads): counted in the threads' busy time, not listed
+    parts = []
+    orig_map = _threads.map_balanced
+
+    def map_w(fn, items, cost, threads):
+        def timed(x):
+            t = time.perf_counter()
+            try:
+                return fn(x)
+            finally:
+                parts.append((threading.current_thread().name, t, time.perf_counter(), None))
+
+        return orig_map(timed, items, cost, threads)
+
+    _threads.map_balanced = map_w
     try:
         ph = defaultdict(list)
         t0 = time.perf_counter()
         og_step(ph)
     finally:
+        _threads.map_balanced = orig_map
         for cls, name, orig in saved:
             setattr(cls, name, orig)
     if not log:
         print("(no projection jobs recorded)\n")
         return
     start, end = min(e[1] for e in log), max(e[2] for e in log)
-    threads_seen = sorted({e[0] for e in log})
+    threads_seen = sorted({e[0] for e in log + parts})
     print(f"Schedule of one projection (project_ {ph['project_'][0]:.2f} ms; jobs from {1e3 * (start - t0):.2f} to {1e3 * (end - t0):.2f} ms after the step began):\n")
     print("| thread | busy ms | idle ms between the first and the last job |\n|---|---|---|")
     for th in threads_seen:
-        spans = sorted((a, b) for n, a, b, _ in log if n == th)
+        spans = sorted((a, b) for n, a, b, _ in log + parts if n == th and b > start and a < end)
         busy, last = 0.0, start
-        for a, b in spans:  # nested jobs (held passes inside a term's job) counted once
+        for a, b in spans:  # nested jobs (held passes, blocks inside a term's job) counted once
+            a, b = max(a, start), min(b, end)
             if b > last:
                 busy += b - max(a, last)
                 last = b
