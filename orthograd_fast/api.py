@@ -78,6 +78,7 @@ class OrthoGrad:
         self._params: List[Tuple[str, Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("OrthoGrad(model=...): the model has no trainable parameters (requires_grad=True)")
+        self._names = {p: n for n, p in self._params}  # the error messages' names
         self._span = RetainSpan(self._params, self._group, int(max_retain))
         self._unlearn = UnlearnFactors(self._params, bool(arm_forget) and self._group is None)
         self._units = None  # capture units, found on the first block
@@ -220,12 +221,13 @@ class OrthoGrad:
             _checks.check_capture, self._params, terms, span.gsum, half=span.half, world=world, gdots=span.gdots, deferred=self._deferred
         )
         checks = _projection.Checks(
-            nonfinite=functools.partial(_checks.raise_nonfinite, {p: n for n, p in self._params}),
+            nonfinite=functools.partial(_checks.raise_nonfinite, self._names),
             unlearn_factors=functools.partial(self._unlearn.verify, half=span.half),
             capture=capture if check_sum else None,
         )
-        active = [p for p in terms if p in vectors]
-        unlearn = self._unlearn.usable(terms, active, vectors) if kw.get("inplace") else {}
+        unlearn = {}
+        if kw.get("inplace") and self._unlearn.factors:
+            unlearn = self._unlearn.usable(terms, [p for p in terms if p in vectors], vectors)
         out, stats = _projection.project(
             terms, vectors, scope=self.scope, rtol=self.rtol, backend=self._backend_used, checks=checks, plan_cache=self._plan_cache, unlearn=unlearn, **kw
         )

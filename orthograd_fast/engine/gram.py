@@ -126,11 +126,17 @@ class PerSampleGrads:
     """Everything the solve needs about one trainable tensor's per-sample gradients: the route
     (``route``) chosen for its uses, which forms K, b and the update and answers for its cost."""
 
-    mode = _on_route("name", "The route's name: 'explicit', TILE, GHOST, 'tokens', 'sparse', 'lookup' or 'conv'.")
-    approx = _on_route("approx", "True when K is accumulated in float32 (Triton).")
-    factor_dtype = _on_route("factor_dtype", "dtype of the captured factors (picks the default rank tolerance).")
-    use = _on_route("use", "The one dense factored use (tile and ghost routes; None otherwise).")
-    uses = _on_route("uses", "The uses evaluated one by one (tokens, lookup and conv routes).")
+    # fixed with the route, copied from it at construction (plain attributes: the projection reads
+    # them for every tensor, several times per step):
+    # mode: the route's name: 'explicit', TILE, GHOST, 'tokens', 'sparse', 'lookup' or 'conv';
+    # approx: True when K is accumulated in float32 (Triton); factor_dtype: dtype of the captured
+    # factors (picks the default rank tolerance); use: the one dense factored use (tile and ghost
+    # routes; None otherwise); uses: the uses evaluated one by one (tokens, lookup and conv routes)
+    mode: str
+    approx: bool
+    factor_dtype: torch.dtype
+    use: Optional[OuterFactors]
+    uses: Optional[list]
     G = _on_route("G", "[B, numel] float64 rows (explicit route; None otherwise), formed on first use.")
     K = _on_route("K", "K once formed (the projection puts its view of the stacked Grams here).", True)
     # held float32 rows (orthograd_fast.engine.held_rows): ``hold`` is asked by the projection's
@@ -154,6 +160,8 @@ class PerSampleGrads:
         self._gram_source = None  # weakref: the weight term refers to this one (shared_bias)
         self.weight_D = uses[0].weight_D if len(uses) == 1 and isinstance(uses[0], ExplicitRows) else None
         self.route: Route = self._choose(uses)
+        r = self.route
+        self.mode, self.approx, self.factor_dtype, self.use, self.uses = r.name, r.approx, r.factor_dtype, r.use, r.uses
 
     @property
     def gram_source(self) -> Optional["PerSampleGrads"]:

@@ -144,33 +144,52 @@ def project(
     written through). ``shift`` {param: s}: also subtract s * sum_i g_i (the retain gradient from
     the factors, for alpha under lean retain) in the same update GEMM; ``scale`` rides in that GEMM
     too. ``unlearn`` {param: og.forget() factors}: coefficients from them instead of the GEMM."""
-    active = [p for p in terms if p in vectors]
     # .grad needs no detached alias unless it is itself part of a graph (create_graph=True)
     out = {p: ((v.detach() if v.requires_grad else v) if inplace else v.detach().clone()) for p, v in vectors.items()}
+    # from here on lists by position in ``active``: a dict lookup keyed by a tensor runs
+    # Tensor.__hash__ in Python (~0.3 us), many times per tensor and step
+    active, T, U = [], [], []
+    for p, t in terms.items():
+        v = out.get(p)
+        if v is not None:
+            active.append(p)
+            T.append(t)
+            U.append(v)
     if scale != 1.0 and len(out) > len(active):  # tensors the projection does not touch
         for p in out:
             if p not in terms:
                 out[p].mul_(scale)
     if not active:
         return out, {}
-    # from here on lists by position in ``active``: a dict lookup keyed by a tensor runs
-    # Tensor.__hash__ in Python (~0.3 us), many times per tensor and step
-    T = [terms[p] for p in active]
-    U = [out[p] for p in active]
     S = [shift.get(p, 0.0) for p in active] if shift else None
     X = {k: unlearn[p] for k, p in enumerate(active) if p in unlearn} if unlearn else {}
     # tile, conv and lookup terms that can hold their float32 rows project inside their own job
     # (orthograd_fast.engine.held_rows; per-tensor solves only: the passes use each term's own K)
     hold = [t for k, t in enumerate(T) if k not in X] if scope == "tensor" and backend != "triton" else []
     for t in T:
-        t.hold = False
-    gram.hold_rows(hold, [resolve_rtol(rtol, t.factor_dtype, False) for t in hold])
+        t.route.hold = False
+    gram.hold_rows(hold, _rtols(rtol, hold, exact_gram=True))
     try:
         stats = _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X)
     finally:
         for t in T:
-            t.drop_rows()  # held rows live for one projection at most
+            if t.route.rows is not None:
+                t.drop_rows()  # held rows live for one projection at most
     return out, stats
+
+
+def _rtols(rtol: Optional[float], T: List[PerSampleGrads], exact_gram: bool = False) -> List[float]:
+    """Each term's rank tolerance (solve.resolve_rtol), resolved once per (factor dtype, float32
+    Gram) pair; ``exact_gram``: as if every Gram were float64 (the held rows' check)."""
+    seen: dict = {}
+    out = []
+    for t in T:
+        key = (t.factor_dtype, False if exact_gram else t.approx)
+        r = seen.get(key)
+        if r is None:
+            r = seen[key] = resolve_rtol(rtol, *key)
+        out.append(r)
+    return out
 
 
 def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X):
@@ -203,7 +222,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     groups = [gram.ExplicitGroup([T[k] for k in ks], ks, rows, shape) for ks, rows, shape in plan.spec]
     jobs = plan.jobs
 
-    rtols = [resolve_rtol(rtol, t.factor_dtype, t.approx) for t in T]
+    rtols = _rtols(rtol, T)
     # groups solved from their n x n column Grams need no B x B K (per-tensor scope; the first
     # projection's capture check reads every K's diagonal)
     col_groups = [gi for gi, g in enumerate(groups) if g.numel < g.B and rtols[g.ks[0]] >= COLUMN_MIN_RTOL]

@@ -210,7 +210,11 @@ class RetainSpan:
         if self.group is not None:  # DDP: the union of every rank's retain samples
             names = {p: n for n, p in self.params}
             uses = _distributed.gather_uses(uses, [p for _, p in self.params], names, self.size, self.group)
-        terms = {p: PerSampleGrads(name, p, uses[p], backend, hold_ok) for name, p in self.params if uses.get(p)}
+        terms = {}
+        for name, p in self.params:
+            us = uses.get(p)
+            if us:
+                terms[p] = PerSampleGrads(name, p, us, backend, hold_ok)
         gram.share_bias_grams(list(terms.values()))
         self._terms = terms
         return terms
