@@ -103,3 +103,26 @@ def test_checkout_tests_folder_does_not_shadow_an_installed_tests_package(tmp_pa
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "installed"
+
+
+def test_import_and_a_step_load_neither_dynamo_nor_triton():
+    # torch.compiler.disable imports torch._dynamo (and with it triton): ~2 s on `import
+    # orthograd_fast`; the op capture makes its eager twins only once torch.compile has loaded it
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "import orthograd_fast as ogf\n"
+        "print('import', 'torch._dynamo' in sys.modules, 'triton' in sys.modules)\n"
+        "torch.manual_seed(0)\n"
+        "m = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3))\n"
+        "og = ogf.OrthoGrad(m, alpha=0.0)\n"
+        "x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))\n"
+        "with og.retain():\n"
+        "    nn.functional.cross_entropy(m(x), y).backward()\n"
+        "nn.functional.cross_entropy(m(x[:3]), y[:3]).backward()\n"
+        "og.project_()\n"
+        "print('step', 'torch._dynamo' in sys.modules, 'triton' in sys.modules)\n"
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["import False False", "step False False"], out.stdout

@@ -22,6 +22,8 @@ forms no weight gradient), and an output that then needs no gradient is re-attac
 
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -63,10 +65,43 @@ class OpRecord:
         self.grad = g.detach() if self.grad is None else self.grad + g.detach()
 
 
+# Functions that run eagerly where torch.compile traces them, and their torch.compiler.disable
+# twins. A twin is made once torch._dynamo is loaded (torch.compile() imports it before it traces
+# anything; OpContext asks at each block), not by a decorator at import: torch.compiler.disable
+# imports dynamo and triton, about 2 s on the import of this package.
+_EAGER_FNS: List[Callable] = []
+_EAGER_TWINS: Dict[Callable, Callable] = {}
+
+
+def _eager_under_compile(fn: Callable) -> Callable:
+    """``fn``, run through its disabled twin while dynamo traces the call."""
+    _EAGER_FNS.append(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            twin = _EAGER_TWINS.get(fn)
+            if twin is None:  # (prepare_eager made them all before any trace that reaches here)
+                twin = _EAGER_TWINS[fn] = torch.compiler.disable(fn)
+            return twin(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def prepare_eager() -> None:
+    """Make the disabled twins once torch.compile may trace this package (torch._dynamo loaded)."""
+    if len(_EAGER_TWINS) < len(_EAGER_FNS) and "torch._dynamo" in sys.modules:
+        for fn in _EAGER_FNS:
+            if fn not in _EAGER_TWINS:
+                _EAGER_TWINS[fn] = torch.compiler.disable(fn)
+
+
 class OpContext:
     """What a rule needs: the batch, the layout, the parameters and how to record a use."""
 
     def __init__(self, capture, space: ParamSpace):
+        prepare_eager()
         self.capture = capture
         self.space = space
         self.seq_first = False  # inside multi-head attention: (T, B, E) / (T * B, E)
@@ -199,7 +234,7 @@ class OpContext:
     # --- calls without a rule -------------------------------------------------------------------
     # run eagerly under torch.compile: dynamo's trace of this loop fails on ``id()`` of a tensor it
     # reached through a tuple iterator (InternalTorchDynamoError ___tuple_iterator_getitem)
-    @torch.compiler.disable
+    @_eager_under_compile
     def broadcast(self, func, args, kwargs, leaves, spec):
         """A broadcasting op with batched data: parameter operands expanded along the batch."""
         B = self.B
