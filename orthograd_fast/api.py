@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 from .engine import checks as _checks
 from .engine import distributed as _distributed
+from .engine import prefetch as _prefetch
 from .engine import projection as _projection
+from .engine import solve as _solve
 from .engine import triton_ops as _triton_ops
 from .engine.capture import Capture, find_units
 from .engine.fallback import FallbackLog
@@ -56,6 +58,10 @@ class OrthoGrad:
             ``self.weight`` to be the ``nn.Parameter`` object itself.
         arm_forget: keep the :meth:`forget` capture attached from leaving ``retain()`` until
             ``project_()`` (README, "The armed capture"). Off under DDP.
+        prefetch_mb: on the CPU, leaving ``retain()`` starts one background thread that forms the
+            large tensors' float32 per-sample rows and their Grams while the unlearn pass runs
+            (:mod:`orthograd_fast.engine.prefetch`), up to this many MiB of rows, kept from step
+            to step; 0: off. Per-tensor scope, torch backend, not under DDP.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class OrthoGrad:
         max_retain: int = MAX_RETAIN_SAMPLES,
         lean_retain: bool = True,
         arm_forget: bool = True,
+        prefetch_mb: float = _prefetch.DEFAULT_MB,
     ):
         alpha = check_options(model, scope, alpha, backend, rtol)
         _distributed.check_supported(model)  # DDP/FSDP: sharded parameters are refused
@@ -79,6 +86,11 @@ class OrthoGrad:
         if not self._params:
             raise ValueError("OrthoGrad(model=...): the model has no trainable parameters (requires_grad=True)")
         self._names = {p: n for n, p in self._params}  # the error messages' names
+        if not prefetch_mb >= 0:
+            raise ValueError(f"OrthoGrad(prefetch_mb={prefetch_mb}): use a size in MiB >= 0 (0: no prefetch)")
+        self.prefetch_bytes = int(prefetch_mb * (1 << 20))
+        self._prefetch: Optional[_prefetch.Prefetch] = None
+        self._row_buffers = _prefetch.RowBuffers()
         self._span = RetainSpan(self._params, self._group, int(max_retain))
         self._unlearn = UnlearnFactors(self._params, bool(arm_forget) and self._group is None)
         self._units = None  # capture units, found on the first block
@@ -91,6 +103,7 @@ class OrthoGrad:
         self._dots_deferred = False  # a capture check from retain-gradient dots had to wait
         self._deferred: list = []  # parameters whose check waited, filled by the check
         self._terms: Optional[Dict[Tensor, PerSampleGrads]] = None  # of the current span, once built
+        self._terms_checked = False  # the parameters were checked against the retain pass (_build_terms)
         self._backend_used: Optional[str] = None
         self._projected = False
         self._in_retain = False
@@ -127,7 +140,7 @@ class OrthoGrad:
         one ``project_()`` accumulate (B_total = the sum; gbar_r = the mean of the blocks'). The
         unlearn backward may come before (lighter on memory) or after the block(s).
         """
-        self._begin_block("og.retain() blocks cannot be nested")
+        self._begin_block("og.retain() blocks cannot be nested", retain=True)
         # Until the first projection has checked the capture, the parameters run with their real
         # tensors: their retain gradient then shows any use the operations did not see (e.g. inside
         # a custom autograd.Function), which the capture check turns into an error.
@@ -145,14 +158,46 @@ class OrthoGrad:
         self._unlearn.observe(*cap.dense_verdict)
         # the unlearn backward that follows keeps its factors, for the layers that can use them
         self._unlearn.arm(self._units, self._span.one_token_weights())
+        self._start_prefetch()
 
-    def _begin_block(self, nested: str) -> None:
+    def _start_prefetch(self) -> None:
+        """Leaving retain(): form the large terms' rows and Grams on a background thread while the
+        unlearn pass runs (CPU, per-tensor scope, torch backend, no DDP, several intra-op threads)."""
+        if (
+            self.prefetch_bytes <= 0
+            or self.scope != "tensor"
+            or self.backend == "triton"
+            or self._group is not None
+            or torch.get_num_threads() < _prefetch.MIN_THREADS
+            or any(p.device.type != "cpu" for _, p in self._params)
+        ):
+            return
+        try:
+            terms = self._build_terms(internal=True)
+        except Exception:  # noqa: BLE001 - project_() builds them again and raises it there, as without prefetch
+            self._terms = None
+            return
+        ts = list(terms.values())
+        picked = _prefetch.pick(ts, [_solve.resolve_rtol(self.rtol, t.factor_dtype, False) for t in ts], self.prefetch_bytes)
+        if picked:
+            self._prefetch = _prefetch.Prefetch(picked, self._row_buffers)
+
+    def _finish_prefetch(self, discard: bool = False) -> None:
+        """Wait for the background preparation (``discard``: and drop what it prepared)."""
+        pf, self._prefetch = self._prefetch, None
+        if pf is not None:
+            pf.discard() if discard else pf.finish()
+
+    def _begin_block(self, nested: str, retain: bool) -> None:
         """Common entry of retain() and forget(): a new span after a projection, model checks."""
         if self._in_retain:
             raise OrthoGradError(nested)
         self._unlearn.disarm()
         if self._projected:  # a new span starts after a projection
             self._reset_span()
+        elif retain:  # another retain block joins the span: its terms change
+            self._finish_prefetch(discard=True)
+            self._terms, self._terms_checked = None, False
         self._span.check_params(self.model)
         if self._units is None:
             self._units = find_units(self.model)
@@ -171,7 +216,7 @@ class OrthoGrad:
         ``retain()`` arms the same capture until ``project_()`` (README, "og.forget()").
         No-op under DistributedDataParallel.
         """
-        self._begin_block("og.forget() cannot be used inside og.retain() (or nested)")
+        self._begin_block("og.forget() cannot be used inside og.retain() (or nested)", retain=False)
         if self._group is not None:  # DDP: .grad is the rank average; the local factors are not u
             yield self
             return
@@ -183,9 +228,10 @@ class OrthoGrad:
             self._in_retain = False
 
     def _reset_span(self) -> None:  # a new span: everything captured for the last one goes
+        self._finish_prefetch(discard=True)
         self._unlearn.reset_span()
         self._span.reset()
-        self._terms = None
+        self._terms, self._terms_checked = None, False
         self._projected = False
         self.stats = {}
 
@@ -193,22 +239,31 @@ class OrthoGrad:
         """Drop captured factors (free their memory) and the armed unlearn capture without projecting."""
         self._unlearn.disarm(keep=False)
         self._reset_span()
+        self._row_buffers.clear()
 
     close = reset  # every hook this object holds goes with its factors (also on deletion)
 
     def __del__(self):
         try:
+            self._finish_prefetch(discard=True)
             self._unlearn.disarm(keep=False)
         except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to clean
             pass
 
     # --- projecting ---------------------------------------------------------------------------------
-    def _build_terms(self) -> Dict[Tensor, PerSampleGrads]:
+    def _build_terms(self, internal: bool = False) -> Dict[Tensor, PerSampleGrads]:
+        """The span's terms, built once. The first call from the API checks that no parameter
+        changed since the retain pass (``internal``: the prefetch's call on leaving retain(), which
+        leaves that check to the next one; after it the parameters may change: prepare())."""
+        self._finish_prefetch()  # the background thread works on the terms until here
+        if self._terms is not None and not internal and not self._terms_checked:
+            self._span.check_versions()
         if self._terms is None:
             on_cuda = any(p.is_cuda for _, p in self._params)
             backend = _triton_ops.resolve_backend(self.backend, on_cuda, f"OrthoGrad(backend={self.backend!r})", error=OrthoGradError)
             hold_ok = self.scope == "tensor" and backend != "triton"  # as projection.project decides
             self._terms, self._backend_used = self._span.terms(backend, hold_ok), backend
+        self._terms_checked = self._terms_checked or not internal
         return self._terms
 
     def _project(self, vectors: Dict[Tensor, Tensor], check_sum: bool, **kw) -> Dict[Tensor, Tensor]:

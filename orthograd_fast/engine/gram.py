@@ -106,7 +106,7 @@ def share_bias_grams(terms: List["PerSampleGrads"]) -> None:
 def hold_rows(terms: List["PerSampleGrads"], rtols: List[float]) -> None:
     """Ask the terms that can hold their float32 rows (orthograd_fast.engine.held_rows) to do so."""
     for t, rt in zip(terms, rtols):
-        t.hold = held_rows.fits(t.B, t.numel) and t.can_hold()
+        t.hold = held_rows.fits(t.B, t.numel) and t.can_hold() and not t.route.hold_refused
         t.hold_rtol = rt
 
 
@@ -240,6 +240,8 @@ class PerSampleGrads:
     # --- cost (how the CPU spreads the terms over its threads: orthograd_fast.engine.threads) ------
     def work(self, unlearn_coef: bool = False) -> int:
         """Rough multiply-adds of gram_coef, float64 ones counted twice."""
+        if self.route.rows is not None:  # rows and K prepared (prefetch): b and the passes' GEMVs
+            return 4 * self.B * self.numel
         return self.route.work(unlearn_coef)
 
     def update_work(self) -> int:
@@ -302,6 +304,11 @@ class PerSampleGrads:
         passes did not converge: U is then partly updated (the caller works on a copy) and the
         term is set back to the float64 route (the next :meth:`gram_coef` forms its Gram again)."""
         return self.route.project_held_(U, b, scale, shift)
+
+    def prepare_held(self, buf: Tensor) -> None:
+        """Form the float32 rows into ``buf`` and K from them before u is known (the prefetch,
+        orthograd_fast.engine.prefetch; ``hold`` and ``hold_rtol`` set by the caller)."""
+        self.route.prepare_held(buf)
 
     def drop_rows(self) -> None:
         """Forget the held rows (their scratch goes back to the thread)."""

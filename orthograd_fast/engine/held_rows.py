@@ -138,6 +138,19 @@ class HeldRows:
         got = threads.side_by_side(job, blocks, [n for _, n, _ in blocks], r.device)
         return [g[0] for g in got], _sum([g[1] for g in got]), _sum([g[2] for g in got])
 
+    @staticmethod
+    def gram(blocks: List[Block], device) -> Tuple[list, Tensor]:
+        """([(offset, Y_j)], K): :meth:`gram_coef` without b, for rows formed before u is known
+        (orthograd_fast.engine.prefetch); b comes later from one read of the rows (:meth:`coef`)."""
+
+        def job(blk):
+            off, n, form = blk
+            Y = form()
+            return (off, Y), (Y @ Y.t()).double()
+
+        got = threads.side_by_side(job, blocks, [n for _, n, _ in blocks], device)
+        return [g[0] for g in got], _sum([g[1] for g in got])
+
     @classmethod
     def make(cls, blocks: List[Tuple[int, Tensor]], K: Tensor, rtol: float, slot: Optional[_Slot]) -> Optional["HeldRows"]:
         """Rows held with K (:meth:`gram`), or None when K is not :func:`usable` (the caller then

@@ -166,11 +166,21 @@ def project(
     # tile, conv and lookup terms that can hold their float32 rows project inside their own job
     # (orthograd_fast.engine.held_rows; per-tensor solves only: the passes use each term's own K)
     hold = [t for k, t in enumerate(T) if k not in X] if scope == "tensor" and backend != "triton" else []
+    held = {id(t) for t in hold}
+    prefetched = 0
     for t in T:
-        t.route.hold = False
+        r = t.route
+        if r.rows is not None:
+            if id(t) in held:
+                prefetched += 1
+            else:  # prepared rows this projection does not use
+                t.drop_rows()
+        if r.rows is None:  # (prepared rows and K, orthograd_fast.engine.prefetch, stay)
+            r.hold = False
     gram.hold_rows(hold, _rtols(rtol, hold, exact_gram=True))
     try:
         stats = _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X)
+        stats["prefetched"] = prefetched  # terms whose rows and K were formed before (prefetch)
     finally:
         for t in T:
             if t.route.rows is not None:

@@ -83,6 +83,7 @@ class RetainSpan:
                 f"B^3. Call project_() more often or raise OrthoGrad(max_retain=...)."
             )
         self.blocks.append((B, self._small_as_rows(uses, B)))
+        self._terms = None  # terms built before (the prefetch's) describe the span without it
 
     @contextlib.contextmanager
     def block(self, cap, *, keep_gradients: bool, lean: set, exempt: set, dots: bool = False) -> Iterator[None]:
@@ -181,16 +182,9 @@ class RetainSpan:
         rows = dict(zip(small, explicit_rows_many([uses[p] for p in small])))
         return {p: [ExplicitRows(rows[p])] if p in rows else us for p, us in uses.items()}
 
-    def terms(self, backend: str, hold_ok: bool = False) -> Dict[Tensor, PerSampleGrads]:
-        """One PerSampleGrads per captured tensor (built once per span); ``hold_ok``: the projection
-        lets terms hold float32 rows (per-tensor scope, torch backend; it weighs the route choice)."""
-        if self._terms is not None:
-            return self._terms
-        if not self.blocks:
-            raise OrthoGradError(
-                "og.project_(): no retain pass was captured. Run the retain loss backward inside "
-                "`with og.retain():` before project_()."
-            )
+    def check_versions(self) -> None:
+        """No parameter changed since its retain pass (the facade asks again when the prefetch
+        built the terms on leaving retain())."""
         for name, p in self.params:
             v = self.versions.get(p)
             if v is not None and p._version != v:
@@ -199,6 +193,18 @@ class RetainSpan:
                     "og.retain() and og.project_()?): the captured factors describe the old weights. Run the "
                     "retain pass again."
                 )
+
+    def terms(self, backend: str, hold_ok: bool = False) -> Dict[Tensor, PerSampleGrads]:
+        """One PerSampleGrads per captured tensor (built once per span); ``hold_ok``: the projection
+        lets terms hold float32 rows (per-tensor scope, torch backend; it weighs the route choice)."""
+        if not self.blocks:
+            raise OrthoGradError(
+                "og.project_(): no retain pass was captured. Run the retain loss backward inside "
+                "`with og.retain():` before project_()."
+            )
+        if self._terms is not None:
+            return self._terms
+        self.check_versions()
         blocks = self.blocks
         if len(blocks) > 1 or self.group is not None:
             # several blocks / DDP ranks are concatenated along samples in the token form

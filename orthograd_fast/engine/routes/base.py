@@ -59,6 +59,7 @@ class Route:
     shared_bias = None
     # held float32 rows (routes.held.HeldRoute; never on the other routes)
     hold, hold_rtol, rows = False, 0.0, None
+    hold_refused = False  # prepared rows whose K was not usable: the float64 route this projection
 
     def __init__(self, param: Tensor, B: int):
         self.param = param
@@ -109,6 +110,10 @@ class Route:
     def can_hold(self) -> bool:
         """Whether the route can keep its float32 rows (routes.held)."""
         return False
+
+    def prepare_held(self, buf: Tensor) -> None:
+        """Form the held rows and K before u is known (routes.held)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no rows")
 
     def drop_rows(self) -> None:
         """Forget held rows (none here)."""

@@ -86,6 +86,18 @@ class HeldRoute(Route):
         self.rows, self._k32 = rows, True
         return K, b
 
+    def prepare_held(self, buf: Tensor) -> None:
+        """The float32 rows, formed into ``buf`` (B * numel, the caller's: it outlives this
+        projection), and K from them, before u is known (orthograd_fast.engine.prefetch): the Gram
+        job then only reads the rows once for b. Where K is not usable the rows go and the term
+        takes the float64 route (``hold_refused``)."""
+        blocks, K = held_rows.HeldRows.gram(self._held_blocks(buf), buf.device)
+        rows = held_rows.HeldRows.make(blocks, K, self.hold_rtol, None)
+        if rows is None:
+            self.hold, self.hold_refused = False, True
+            return
+        self.rows, self.K, self._k32 = rows, K, True
+
     def project_held_(self, U: Tensor, b: Tensor, scale: float = 1.0, shift: float = 0.0) -> bool:
         """U <- scale * (P_perp U - shift * sum_i g_i) in place from the held rows (c = K^-1 b);
         the rows are dropped. False when the passes did not converge: U is then partly updated

@@ -1,0 +1,144 @@
+"""Held rows and their Grams formed on a background thread while the unlearn pass runs (CPU).
+
+Between leaving ``og.retain()`` and ``og.project_()`` the user runs the unlearn forward and
+backward. The large terms' float32 rows and K = Y Y^T (held_rows) depend on the retain factors
+only, so one background thread forms them meanwhile, largest first, within a byte budget; the
+projection then reads each prepared term's rows once for b and updates from them. The unlearn
+pass leaves part of the cores idle (Python between ops, single-threaded kernels: measured on 2
+cores, 1.24 to 1.47 busy cores during the zoo's unlearn passes), and the background GEMMs fill it.
+
+The rows live in buffers kept across steps (:class:`RowBuffers`: a fresh allocation of tens of MiB
+faults in every page again each step). The thread holds one intra-op thread and touches only the
+terms it was given; ``finish()`` (project_, a new retain block, reset) stops it after its current
+term and joins it. A term whose preparation fails keeps no rows: the projection then takes its
+usual route, which reports any error by name.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from . import held_rows, threads
+
+# default budget (OrthoGrad(prefetch_mb=...)): bytes of prepared rows at once
+DEFAULT_MB = 256
+# torch intra-op threads from which the prefetch runs (the projection then runs side by side too)
+MIN_THREADS = 2
+# finish() lets the thread prepare every picked term instead of stopping it (tests: counts that do
+# not depend on how far the thread got while the unlearn pass ran)
+DRAIN = False
+# terms below this many multiply-adds are not worth a background job (Python-bound: they would hold
+# the GIL the user's forward needs)
+MIN_WORK = 1 << 22
+
+
+def _lowest_priority() -> None:
+    """The calling thread at the lowest scheduling priority (Linux: nice is per thread): it takes
+    the cores the unlearn pass leaves idle, not the ones its parallel regions run on (measured on
+    2 cores, ViT: at the default priority the unlearn pass ran 1.6x longer beside it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass
+
+
+class RowBuffers:
+    """One float32 buffer per parameter, kept from step to step (same size: reused)."""
+
+    def __init__(self):
+        self._bufs: Dict[int, Tensor] = {}
+
+    def get(self, param: Tensor, numel: int) -> Tensor:
+        buf = self._bufs.get(id(param))
+        if buf is None or buf.numel() != numel or buf.device != param.device:
+            self._bufs.pop(id(param), None)  # the old buffer goes before the new one comes
+            buf = self._bufs[id(param)] = torch.empty(numel, dtype=torch.float32, device=param.device)
+        return buf
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+def pick(terms: list, rtols: List[float], budget: int) -> list:
+    """(term, rtol) of the holdable terms worth a background job, largest first, within ``budget``
+    bytes of rows."""
+    cand = [
+        (t, rt)
+        for t, rt in zip(terms, rtols)
+        if t.can_hold() and held_rows.fits(t.B, t.numel) and not t.route.hold_refused and t.route.work() >= MIN_WORK
+    ]
+    cand.sort(key=lambda x: -x[0].route.work())
+    out, used = [], 0
+    for t, rt in cand:
+        n = 4 * t.B * t.numel
+        if used + n <= budget:
+            out.append((t, rt))
+            used += n
+    return out
+
+
+class Prefetch:
+    """The background thread preparing ``picked`` [(term, rtol)] into buffers of ``bufs``."""
+
+    def __init__(self, picked: list, bufs: RowBuffers):
+        self._todo = picked
+        self._bufs = bufs
+        self._stop = threading.Event()
+        self.prepared = 0  # terms whose rows and K are ready
+        for t, rt in picked:
+            t.route.hold, t.route.hold_rtol = True, rt
+        self._thread: Optional[threading.Thread] = threading.Thread(target=self._run, name="orthograd-prefetch", daemon=True)
+        _live.add(self)
+        self._thread.start()
+
+    def _run(self) -> None:
+        _lowest_priority()
+        with torch.no_grad(), threads.one_thread(True):
+            for t, _ in self._todo:
+                if self._stop.is_set():
+                    return
+                try:
+                    t.prepare_held(self._bufs.get(t.param, t.B * t.numel))
+                except Exception:  # noqa: BLE001 - the projection's own route reports it by name
+                    t.drop_rows()
+                    t.route.K = None
+                    continue
+                if t.route.rows is not None:
+                    self.prepared += 1
+
+    def finish(self) -> None:
+        """Stop after the current term and wait for the thread."""
+        if self._thread is not None:
+            if not DRAIN:
+                self._stop.set()
+            self._thread.join()
+            self._thread = None
+            _live.discard(self)
+
+    def discard(self) -> None:
+        """finish(), then drop every prepared row (the terms are not projected)."""
+        self.finish()
+        for t, _ in self._todo:
+            t.drop_rows()
+
+
+# a daemon thread still inside a torch op when the interpreter exits aborts the process: the ones
+# left running (a script that ends between retain() and project_()) are stopped first
+_live: "weakref.WeakSet[Prefetch]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for pf in list(_live):
+        pf.finish()

@@ -1,0 +1,251 @@
+"""The prefetch (orthograd_fast.engine.prefetch): leaving og.retain() forms the large terms' float32
+rows and Grams on a background thread; project_() reads them for b and the update. Against the
+float64 oracle with the orthogonality read directly, against the same step without it, and through
+the call orders and failures a user meets (several retain blocks, parameters changed after the
+retain pass, an unlearn pass that raises, a preparation that fails or is refused)."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import orthograd_fast.engine.gram as gram
+import orthograd_fast.engine.prefetch as prefetch
+from engine_helpers import compare, og_direction
+from models import ce
+from oracle import oracle_direction, orthogonality
+from orthograd_fast import OrthoGrad, OrthoGradError
+from test_held_rows import Convs, TiedLM, Tokens, _data, collinear, linear_loss
+
+REL = 1e-4
+ORTH = 1e-5
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """Small tensors on the factored routes, every holdable term worth a background job, the
+    prefetch on whatever thread count this machine gives torch."""
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
+    monkeypatch.setattr(gram, "choose_route", lambda *a: gram.TILE)
+    monkeypatch.setattr(prefetch, "MIN_WORK", 0)
+    monkeypatch.setattr(prefetch, "MIN_THREADS", 1)
+    monkeypatch.setattr(prefetch, "DRAIN", True)
+
+
+def _threads_alive() -> int:
+    return sum(t.name == "orthograd-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("name", ["tokens", "convs", "tied"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_prefetch_matches_the_oracle(eager, name, alpha):
+    g = torch.Generator().manual_seed(100 + sum(map(ord, name)) + int(10 * alpha))
+    torch.manual_seed(int(torch.randint(0, 1000, (1,), generator=g)))
+    model = {"tokens": Tokens, "convs": Convs, "tied": TiedLM}[name]()
+    retain, unlearn = _data(name, g, B=9, Bu=4)
+    err, orth, og = compare(model, ce, retain, unlearn, scope="tensor", alpha=alpha, backend="torch")
+    # every held term was prepared (the convolutions' small depthwise weight may be refused, as
+    # without the prefetch: badly conditioned at B = 9)
+    assert og.stats["prefetched"] == og.stats["held_rows"] >= (1 if name == "convs" else 3), og.stats
+    assert err <= REL, err
+    assert orth <= ORTH, orth
+    assert _threads_alive() == 0
+
+
+def test_prefetch_gives_the_direction_of_the_step_without_it(eager):
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = Tokens(H=14)
+    retain, unlearn = _data("tokens", g, B=11, Bu=5)
+    og, on = og_direction(model, ce, retain, unlearn, backend="torch")
+    assert og.stats["prefetched"] == 3 and og.stats["held_rows"] == 3, og.stats
+    og, off = og_direction(model, ce, retain, unlearn, backend="torch", prefetch_mb=0)
+    assert og.stats["prefetched"] == 0 and og.stats["held_rows"] == 3, og.stats
+    for n in on:  # (head.bias: 4 entries, 11 samples span them all: its direction is 0 both ways)
+        assert float((on[n] - off[n]).norm()) <= 1e-6 * float(off[n].norm()) + 1e-12, n
+
+
+def test_prefetch_in_the_contract_order_over_steps(eager):
+    # the loop a user writes: retain block, unlearn backward, project_, optimizer step; the row
+    # buffers are reused from step to step and every step is exact for the weights it starts from
+    g = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    model = Tokens()
+    og = OrthoGrad(model, backend="torch")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        retain, unlearn = _data("tokens", g, B=8, Bu=3)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad(set_to_none=True)
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        og.project_()
+        assert og.stats["prefetched"] == 3, (step, og.stats)
+        got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
+        ref, G, u = oracle_direction(model, ce, retain, unlearn)
+        for n in ref:
+            assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, (step, n)
+        assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
+        opt.step()
+        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    held = og._row_buffers.nbytes
+    assert held == 4 * 8 * sum(p.numel() for n, p in model.named_parameters() if not n.endswith("bias")), held
+    og.reset()
+    assert og._row_buffers.nbytes == 0
+
+
+def test_two_retain_blocks_discard_the_first_prefetch(eager):
+    g = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    model = Tokens()
+    (xa, ya), unlearn = _data("tokens", g, B=6, Bu=3)
+    (xb, yb), _ = _data("tokens", g, B=5, Bu=3)
+    og = OrthoGrad(model, backend="torch")
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(xa), ya).mean().backward()
+    with og.retain():
+        ce(model(xb), yb).mean().backward()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    assert og.stats["B"] == 11 and og.stats["prefetched"] == 3, og.stats
+    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
+    retain = (torch.cat([xa, xb]), torch.cat([ya, yb]))
+    ref, G, u = oracle_direction(model, ce, retain, unlearn)
+    for n in ref:
+        assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, n
+    assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
+
+
+def test_parameters_changed_after_retain_still_raise(eager):
+    g = torch.Generator().manual_seed(2)
+    model = Tokens()
+    retain, unlearn = _data("tokens", g)
+    og = OrthoGrad(model, backend="torch")
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    with torch.no_grad():
+        model.fc.weight.add_(0.1)  # an optimizer step between retain() and project_()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    with pytest.raises(OrthoGradError, match=r"parameter 'fc.weight' was modified after the retain pass"):
+        og.project_()
+    assert _threads_alive() == 0
+
+
+def test_an_unlearn_pass_that_raises_leaves_the_next_step_exact(eager):
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    model = Tokens()
+    retain, unlearn = _data("tokens", g)
+    og = OrthoGrad(model, backend="torch")
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    with pytest.raises(RuntimeError, match="shape"):
+        model(unlearn[0][:, :, :5])  # the user's bad unlearn batch, with the prefetch running
+    og.reset()  # the user gives up on this span
+    assert _threads_alive() == 0
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    assert og.stats["prefetched"] == 3
+    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
+    ref, G, u = oracle_direction(model, ce, retain, unlearn)
+    assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
+    for n in ref:
+        assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, n
+
+
+def test_a_failed_preparation_takes_the_usual_route(eager, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    model = Tokens()
+    retain, unlearn = _data("tokens", g)
+    real = gram.PerSampleGrads.prepare_held
+
+    def flaky(self, buf):
+        if self.param is model.W:
+            raise MemoryError("no room for the rows")
+        return real(self, buf)
+
+    monkeypatch.setattr(gram.PerSampleGrads, "prepare_held", flaky)
+    err, orth, og = compare(model, ce, retain, unlearn, backend="torch")
+    assert og.stats["prefetched"] == 2 and og.stats["held_rows"] == 3, og.stats
+    assert err <= REL and orth <= ORTH, (err, orth)
+
+
+def test_a_refused_gram_goes_to_float64(eager):
+    # nearly collinear rows: the float32 Gram cannot be refined (held_rows.usable); the prepared
+    # rows go and the float64 route decides, as without the prefetch
+    model, retain, unlearn = collinear(1e-5 * 3, seed=2)  # cond(K) ~ 3e10
+    og, got = og_direction(model, linear_loss, retain, unlearn, backend="torch")
+    assert og.stats["prefetched"] == 0 and og.stats["held_rows"] == 0, og.stats
+    assert og._terms[model.weight].route.hold_refused
+    ref, G, u = oracle_direction(model, linear_loss, retain, unlearn)
+    err = float((got["weight"] - ref["weight"]).norm() / (ref["weight"].norm() + u["weight"].norm()))
+    assert err <= REL, err
+    assert orthogonality(G, {"weight": -got["weight"]}, u) <= ORTH
+    _, off = og_direction(model, linear_loss, retain, unlearn, backend="torch", prefetch_mb=0)
+    assert torch.equal(got["weight"], off["weight"])
+
+
+def test_pick_takes_the_largest_terms_within_the_budget(eager):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 10), nn.Tanh(), nn.Linear(10, 4))
+    og = OrthoGrad(model, backend="torch", prefetch_mb=0)
+    x = torch.randn(6, 3, 20)
+    with og.retain():
+        model(x).sum().backward()
+    terms = [og._build_terms()[p] for p in (model[0].weight, model[2].weight, model[4].weight)]
+    sizes = [4 * 6 * t.numel for t in terms]  # 600, 300 and 40 entries
+    picked = prefetch.pick(terms, [1e-6] * 3, budget=sizes[0] + sizes[2])
+    assert [t.param for t, _ in picked] == [model[0].weight, model[4].weight]
+    assert prefetch.pick(terms, [1e-6] * 3, budget=sizes[0] - 1) == [(terms[1], 1e-6), (terms[2], 1e-6)]
+    og.reset()
+
+
+def test_prefetch_off_and_bad_sizes(eager):
+    model = Tokens()
+    with pytest.raises(ValueError, match=r"prefetch_mb=-1"):
+        OrthoGrad(model, prefetch_mb=-1)
+    g = torch.Generator().manual_seed(1)
+    retain, unlearn = _data("tokens", g)
+    og, _ = og_direction(model, ce, retain, unlearn, backend="torch", prefetch_mb=0)
+    assert og.stats["prefetched"] == 0 and og._row_buffers.nbytes == 0
+    og, _ = og_direction(model, ce, retain, unlearn, backend="torch", scope="global")
+    assert og.stats["prefetched"] == 0 and og._row_buffers.nbytes == 0
+
+
+def test_project_stops_the_thread_after_its_current_term(eager, monkeypatch):
+    # project_() does not wait for every picked term: the thread finishes the one it is on, the
+    # projection forms the others itself
+    monkeypatch.setattr(prefetch, "DRAIN", False)
+    real = gram.PerSampleGrads.prepare_held
+
+    started = threading.Event()
+
+    def slow(self, buf):
+        started.set()
+        threading.Event().wait(0.3)  # project_() comes while the first term is under way
+        return real(self, buf)
+
+    monkeypatch.setattr(gram.PerSampleGrads, "prepare_held", slow)
+    g = torch.Generator().manual_seed(9)
+    torch.manual_seed(9)
+    model = Tokens()
+    retain, unlearn = _data("tokens", g)
+    og = OrthoGrad(model, backend="torch")
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    assert started.wait(30)
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    assert og.stats["prefetched"] == 1 and og.stats["held_rows"] == 3, og.stats
+    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
+    ref, G, u = oracle_direction(model, ce, retain, unlearn)
+    for n in ref:
+        assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, n
+    assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
