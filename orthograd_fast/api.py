@@ -302,6 +302,20 @@ class OrthoGrad:
             raise OrthoGradError("og.project_() was already applied to this retain pass; run a new `with og.retain():` "
                                  "pass before projecting again (project_vectors() can reuse the factors).")
         self._unlearn.disarm()  # the armed unlearn capture's factors join the span; its hooks go
+        # the projection takes the prefetch over: no new term, and the one under way is waited
+        # for in its own job (the other terms need not)
+        pf, self._prefetch = self._prefetch, None
+        pending = pf.handoff() if pf is not None else None
+        if pf is not None and pending is None:
+            pf.finish()
+        try:
+            return self._project_all(pending and (pending, pf.finish))
+        finally:
+            if pf is not None:
+                pf.finish()
+
+    def _project_all(self, pending) -> dict:
+        """project_() after its checks; ``pending``: (term, wait) of the prefetch, or None."""
         self._build_terms()  # raises the no-retain error
         for _, p in self._params:
             if p.grad is None:
@@ -320,7 +334,7 @@ class OrthoGrad:
         shift = {p: a / (nblocks * (1.0 - a)) for p in self._lean} if a > 0 else {}
         # in place: .grad becomes P_perp(u), then the direction, without copies of the model's size
         vecs = {p: p.grad for _, p in self._params}
-        perp = self._project(vecs, check_sum=not self._capture_checked, inplace=True, shift=shift, scale=-(1.0 - a))
+        perp = self._project(vecs, check_sum=not self._capture_checked, inplace=True, shift=shift, scale=-(1.0 - a), pending=pending)
         if self._deferred:  # u changed after the retain pass: the next span checks whole gradients
             self._dots_deferred = True
         else:

@@ -95,6 +95,8 @@ class Prefetch:
         self._todo = picked
         self._bufs = bufs
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._current = None  # the term being prepared
         self.prepared = 0  # terms whose rows and K are ready
         for t, rt in picked:
             t.route.hold, t.route.hold_rtol = True, rt
@@ -106,16 +108,28 @@ class Prefetch:
         _lowest_priority()
         with torch.no_grad(), threads.one_thread(True):
             for t, _ in self._todo:
-                if self._stop.is_set():
-                    return
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    self._current = t
                 try:
                     t.prepare_held(self._bufs.get(t.param, t.B * t.numel))
                 except Exception:  # noqa: BLE001 - the projection's own route reports it by name
                     t.drop_rows()
                     t.route.K = None
-                    continue
+                finally:
+                    with self._lock:
+                        self._current = None
                 if t.route.rows is not None:
                     self.prepared += 1
+
+    def handoff(self):
+        """Take no further term; the term being prepared now (None: none), which the caller must
+        not touch before :meth:`finish` returns (the projection waits for it in that term's job)."""
+        with self._lock:
+            if not DRAIN:
+                self._stop.set()
+            return self._current if not DRAIN else None
 
     def finish(self) -> None:
         """Stop after the current term and wait for the thread."""

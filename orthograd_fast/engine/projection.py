@@ -139,11 +139,14 @@ def project(
     shift: Optional[Dict[Tensor, float]] = None,
     scale: float = 1.0,
     unlearn: Optional[Dict[Tensor, list]] = None,
+    pending: Optional[Tuple[PerSampleGrads, Callable[[], None]]] = None,
 ) -> Tuple[Dict[Tensor, Tensor], dict]:
     """(scale * P_perp applied to {param: tensor}, stats). New tensors unless ``inplace`` (then
     written through). ``shift`` {param: s}: also subtract s * sum_i g_i (the retain gradient from
     the factors, for alpha under lean retain) in the same update GEMM; ``scale`` rides in that GEMM
-    too. ``unlearn`` {param: og.forget() factors}: coefficients from them instead of the GEMM."""
+    too. ``unlearn`` {param: og.forget() factors}: coefficients from them instead of the GEMM.
+    ``pending`` (term, wait): a term the prefetch is still preparing (orthograd_fast.engine.prefetch),
+    left untouched until its own job, which calls ``wait()`` first and runs last."""
     # .grad needs no detached alias unless it is itself part of a graph (create_graph=True)
     out = {p: ((v.detach() if v.requires_grad else v) if inplace else v.detach().clone()) for p, v in vectors.items()}
     # from here on lists by position in ``active``: a dict lookup keyed by a tensor runs
@@ -167,9 +170,18 @@ def project(
     # (orthograd_fast.engine.held_rows; per-tensor solves only: the passes use each term's own K)
     hold = [t for k, t in enumerate(T) if k not in X] if scope == "tensor" and backend != "triton" else []
     held = {id(t) for t in hold}
+    if pending is not None and id(pending[0]) not in held:  # not held here: nothing to wait for
+        pending[1]()
+        pending = None
+    wait = None
+    if pending is not None:
+        hold = [t for t in hold if t is not pending[0]]
+        wait = [next(k for k, t in enumerate(T) if t is pending[0]), pending[1], False]  # (.., prepared)
     prefetched = 0
     for t in T:
         r = t.route
+        if wait is not None and t is pending[0]:
+            continue
         if r.rows is not None:
             if id(t) in held:
                 prefetched += 1
@@ -179,7 +191,9 @@ def project(
             r.hold = False
     gram.hold_rows(hold, _rtols(rtol, hold, exact_gram=True))
     try:
-        stats = _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X)
+        stats = _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X, wait)
+        if wait is not None and wait[2]:
+            prefetched += 1
         stats["prefetched"] = prefetched  # terms whose rows and K were formed before (prefetch)
     finally:
         for t in T:
@@ -202,9 +216,10 @@ def _rtols(rtol: Optional[float], T: List[PerSampleGrads], exact_gram: bool = Fa
     return out
 
 
-def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X):
+def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X, wait=None):
     """The projection over terms T and vectors U (lists by position); S: shifts or None; X:
-    {position: og.forget() factors}. Returns the stats."""
+    {position: og.forget() factors}; ``wait`` [position, wait(), prepared]: the term the prefetch
+    is still preparing (its job sets ``prepared``). Returns the stats."""
     # On the CPU the terms run side by side on Python threads, one intra-op thread each
     # (orthograd_fast.engine.threads: a projection is many independent small GEMMs, and waking the
     # OpenMP pool for each small op costs more than the op); a dominant term runs on all threads.
@@ -218,6 +233,9 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
 
     def gram_coef(k):
         t = T[k]
+        if wait is not None and k == wait[0]:
+            wait[1]()  # its rows and K, or (refused, failed) its usual route
+            wait[2] = t.route.rows is not None
         K, b = t.gram_coef(U[k], t.unlearn_coef(X[k]) if k in X else None)
         if t.rows is not None:
             Uk = U[k].clone()  # passes that do not converge leave the vector as it was
@@ -248,7 +266,8 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     res = _threads.run_spread(
         gram_job,
         jobs + list(enumerate(groups)),
-        [T[k].work(k in X) for k in jobs] + [g.work() for g in groups],
+        # (the prefetch's term last: its job waits for the thread, the others need not)
+        [0 if wait is not None and k == wait[0] else T[k].work(k in X) for k in jobs] + [g.work() for g in groups],
         nthreads,
         small=SMALL_TERM_WORK,
         alone=[not T[k].spreadable() for k in jobs] + [False] * len(groups),
