@@ -269,7 +269,9 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         # (the prefetch's term last: its job waits for the thread, the others need not)
         [0 if wait is not None and k == wait[0] else T[k].work(k in X) for k in jobs] + [g.work() for g in groups],
         nthreads,
-        small=SMALL_TERM_WORK,
+        # while a thread waits for the prefetch, a dominant term runs beside it on one core rather
+        # than on all cores after it (the waiting thread's core goes to the prefetch meanwhile)
+        small=SMALL_TERM_WORK if wait is None else float("inf"),
         alone=[not T[k].spreadable() for k in jobs] + [False] * len(groups),
     )
     got = dict(zip(jobs, res))
