@@ -162,9 +162,12 @@ class OrthoGrad:
 
     def _start_prefetch(self) -> None:
         """Leaving retain(): form the large terms' rows and Grams on a background thread while the
-        unlearn pass runs (CPU, per-tensor scope, torch backend, no DDP, several intra-op threads)."""
+        unlearn pass runs (CPU, per-tensor scope, torch backend, no DDP, several intra-op threads).
+        Not when some .grad is already there: the unlearn pass came first (og.forget() first, the
+        README's order) and project_() comes next, with nothing to overlap."""
         if (
             self.prefetch_bytes <= 0
+            or any(p.grad is not None for _, p in self._params)
             or self.scope != "tensor"
             or self.backend == "triton"
             or self._group is not None

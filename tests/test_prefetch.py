@@ -249,3 +249,16 @@ def test_project_stops_the_thread_after_its_current_term(eager, monkeypatch):
     for n in ref:
         assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, n
     assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
+
+
+@pytest.mark.parametrize("forget", [False, True])
+def test_no_prefetch_when_the_unlearn_pass_came_first(eager, forget):
+    # u is already in .grad when retain() ends: project_() comes next, nothing to overlap
+    g = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    model = Tokens()
+    retain, unlearn = _data("tokens", g)
+    err, orth, og = compare(model, ce, retain, unlearn, backend="torch", forget=forget, unlearn_first=True)
+    assert og.stats["prefetched"] == 0 and og.stats["held_rows"] == 3, og.stats
+    assert og._row_buffers.nbytes == 0
+    assert err <= REL and orth <= ORTH, (err, orth)
