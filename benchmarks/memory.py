@@ -8,8 +8,11 @@
   those events, in time order, is the torch-allocated memory added by the step; its maximum is the
   step's peak. We report ``static + peak`` where ``static`` is the bytes of the model's parameters,
   buffers and the step's input tensors (alive before the step, what CUDA's figure would include).
-  Not counted: memory outside the torch allocator (Python objects, BLAS/oneDNN scratch from their
-  own malloc). Frees of tensors created before the measured step are not credited (the profiler
+  The profiler sees the calling thread's allocations only: the runner adds the OrthoGrad
+  prefetch's row buffers (``og.row_buffer_bytes``, kept from step to step); other worker-thread
+  temporaries (a projection's side-by-side jobs: slabs, one held term's float32 rows per thread)
+  are not counted. Not counted either: memory outside the torch allocator (Python objects,
+  BLAS/oneDNN scratch from their own malloc). Frees of tensors created before the measured step are not credited (the profiler
   cannot size them), so the measurement is taken on a provider's first step, when nothing of its
   own existed yet: memory a provider keeps between steps is then counted.
 """

@@ -126,6 +126,12 @@ class OrthoGrad:
         return list(self._params)
 
     @property
+    def row_buffer_bytes(self) -> int:
+        """Bytes of the prefetch's float32 row buffers, kept from step to step (``og.reset()``
+        frees them)."""
+        return self._row_buffers.nbytes
+
+    @property
     def retain_size(self) -> int:
         """Retain samples captured since the last project_() (B_total over retain() blocks)."""
         return self._span.size

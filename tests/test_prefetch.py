@@ -90,10 +90,10 @@ def test_prefetch_in_the_contract_order_over_steps(eager):
         assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
         opt.step()
         assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
-    held = og._row_buffers.nbytes
+    held = og.row_buffer_bytes
     assert held == 4 * 8 * sum(p.numel() for n, p in model.named_parameters() if not n.endswith("bias")), held
     og.reset()
-    assert og._row_buffers.nbytes == 0
+    assert og.row_buffer_bytes == 0
 
 
 def test_two_retain_blocks_discard_the_first_prefetch(eager):
@@ -214,9 +214,9 @@ def test_prefetch_off_and_bad_sizes(eager):
     g = torch.Generator().manual_seed(1)
     retain, unlearn = _data("tokens", g)
     og, _ = og_direction(model, ce, retain, unlearn, backend="torch", prefetch_mb=0)
-    assert og.stats["prefetched"] == 0 and og._row_buffers.nbytes == 0
+    assert og.stats["prefetched"] == 0 and og.row_buffer_bytes == 0
     og, _ = og_direction(model, ce, retain, unlearn, backend="torch", scope="global")
-    assert og.stats["prefetched"] == 0 and og._row_buffers.nbytes == 0
+    assert og.stats["prefetched"] == 0 and og.row_buffer_bytes == 0
 
 
 def test_project_stops_the_thread_after_its_current_term(eager, monkeypatch):
@@ -260,5 +260,5 @@ def test_no_prefetch_when_the_unlearn_pass_came_first(eager, forget):
     retain, unlearn = _data("tokens", g)
     err, orth, og = compare(model, ce, retain, unlearn, backend="torch", forget=forget, unlearn_first=True)
     assert og.stats["prefetched"] == 0 and og.stats["held_rows"] == 3, og.stats
-    assert og._row_buffers.nbytes == 0
+    assert og.row_buffer_bytes == 0
     assert err <= REL and orth <= ORTH, (err, orth)
