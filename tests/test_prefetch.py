@@ -37,6 +37,29 @@ def _threads_alive() -> int:
     return sum(t.name == "orthograd-prefetch" and t.is_alive() for t in threading.enumerate())
 
 
+def _retained(seed: int):
+    """(model, og, retain, unlearn) of a fresh Tokens model right after its retain block (the
+    prefetch running), in the contract's order."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = Tokens()
+    retain, unlearn = _data("tokens", g)
+    og = OrthoGrad(model, backend="torch")
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    return model, og, retain, unlearn
+
+
+def _assert_exact(model, retain, unlearn, tag=None):
+    """The .grad directions against the float64 oracle, and their orthogonality read directly."""
+    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
+    ref, G, u = oracle_direction(model, ce, retain, unlearn)
+    for n in ref:
+        assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, (tag, n)
+    assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH, tag
+
+
 @pytest.mark.parametrize("name", ["tokens", "convs", "tied"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_prefetch_matches_the_oracle(eager, name, alpha):
@@ -83,11 +106,7 @@ def test_prefetch_in_the_contract_order_over_steps(eager):
         ce(model(unlearn[0]), unlearn[1]).mean().backward()
         og.project_()
         assert og.stats["prefetched"] == 3, (step, og.stats)
-        got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
-        ref, G, u = oracle_direction(model, ce, retain, unlearn)
-        for n in ref:
-            assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, (step, n)
-        assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
+        _assert_exact(model, retain, unlearn, step)
         opt.step()
         assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     held = og.row_buffer_bytes
@@ -111,21 +130,11 @@ def test_two_retain_blocks_discard_the_first_prefetch(eager):
     ce(model(unlearn[0]), unlearn[1]).mean().backward()
     og.project_()
     assert og.stats["B"] == 11 and og.stats["prefetched"] == 3, og.stats
-    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
-    retain = (torch.cat([xa, xb]), torch.cat([ya, yb]))
-    ref, G, u = oracle_direction(model, ce, retain, unlearn)
-    for n in ref:
-        assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, n
-    assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
+    _assert_exact(model, (torch.cat([xa, xb]), torch.cat([ya, yb])), unlearn)
 
 
 def test_parameters_changed_after_retain_still_raise(eager):
-    g = torch.Generator().manual_seed(2)
-    model = Tokens()
-    retain, unlearn = _data("tokens", g)
-    og = OrthoGrad(model, backend="torch")
-    with og.retain():
-        ce(model(retain[0]), retain[1]).mean().backward()
+    model, og, retain, unlearn = _retained(2)
     with torch.no_grad():
         model.fc.weight.add_(0.1)  # an optimizer step between retain() and project_()
     ce(model(unlearn[0]), unlearn[1]).mean().backward()
@@ -135,13 +144,7 @@ def test_parameters_changed_after_retain_still_raise(eager):
 
 
 def test_an_unlearn_pass_that_raises_leaves_the_next_step_exact(eager):
-    g = torch.Generator().manual_seed(4)
-    torch.manual_seed(4)
-    model = Tokens()
-    retain, unlearn = _data("tokens", g)
-    og = OrthoGrad(model, backend="torch")
-    with og.retain():
-        ce(model(retain[0]), retain[1]).mean().backward()
+    model, og, retain, unlearn = _retained(4)
     with pytest.raises(RuntimeError, match="shape"):
         model(unlearn[0][:, :, :5])  # the user's bad unlearn batch, with the prefetch running
     og.reset()  # the user gives up on this span
@@ -152,11 +155,7 @@ def test_an_unlearn_pass_that_raises_leaves_the_next_step_exact(eager):
     ce(model(unlearn[0]), unlearn[1]).mean().backward()
     og.project_()
     assert og.stats["prefetched"] == 3
-    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
-    ref, G, u = oracle_direction(model, ce, retain, unlearn)
-    assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
-    for n in ref:
-        assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, n
+    _assert_exact(model, retain, unlearn)
 
 
 def test_a_failed_preparation_takes_the_usual_route(eager, monkeypatch):
@@ -233,22 +232,12 @@ def test_project_stops_the_thread_after_its_current_term(eager, monkeypatch):
         return real(self, buf)
 
     monkeypatch.setattr(gram.PerSampleGrads, "prepare_held", slow)
-    g = torch.Generator().manual_seed(9)
-    torch.manual_seed(9)
-    model = Tokens()
-    retain, unlearn = _data("tokens", g)
-    og = OrthoGrad(model, backend="torch")
-    with og.retain():
-        ce(model(retain[0]), retain[1]).mean().backward()
+    model, og, retain, unlearn = _retained(9)
     assert started.wait(30)
     ce(model(unlearn[0]), unlearn[1]).mean().backward()
     og.project_()
     assert og.stats["prefetched"] == 1 and og.stats["held_rows"] == 3, og.stats
-    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
-    ref, G, u = oracle_direction(model, ce, retain, unlearn)
-    for n in ref:
-        assert float((got[n] - ref[n]).norm() / (ref[n].norm() + u[n].norm())) <= REL, n
-    assert orthogonality(G, {n: -d for n, d in got.items()}, u) <= ORTH
+    _assert_exact(model, retain, unlearn)
 
 
 @pytest.mark.parametrize("forget", [False, True])
