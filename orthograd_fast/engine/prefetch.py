@@ -9,9 +9,10 @@ cores, 1.24 to 1.47 busy cores during the zoo's unlearn passes), and the backgro
 
 The rows live in buffers kept across steps (:class:`RowBuffers`: a fresh allocation of tens of MiB
 faults in every page again each step). The thread holds one intra-op thread and touches only the
-terms it was given; ``finish()`` (project_, a new retain block, reset) stops it after its current
-term and joins it. A term whose preparation fails keeps no rows: the projection then takes its
-usual route, which reports any error by name.
+terms it was given. ``project_()`` stops it from taking another term (:meth:`Prefetch.handoff`) and
+waits for the term under way only in that term's own job; a new retain block, ``og.reset()`` and
+the interpreter's exit stop and join it (:meth:`Prefetch.finish`). A term whose preparation fails
+keeps no rows: the projection then takes its usual route, which reports any error by name.
 """
 
 from __future__ import annotations
@@ -97,7 +98,6 @@ class Prefetch:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._current = None  # the term being prepared
-        self.prepared = 0  # terms whose rows and K are ready
         for t, rt in picked:
             t.route.hold, t.route.hold_rtol = True, rt
         self._thread: Optional[threading.Thread] = threading.Thread(target=self._run, name="orthograd-prefetch", daemon=True)
@@ -120,8 +120,6 @@ class Prefetch:
                 finally:
                     with self._lock:
                         self._current = None
-                if t.route.rows is not None:
-                    self.prepared += 1
 
     def handoff(self):
         """Take no further term; the term being prepared now (None: none), which the caller must
