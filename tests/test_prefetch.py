@@ -251,3 +251,25 @@ def test_no_prefetch_when_the_unlearn_pass_came_first(eager, forget):
     assert og.stats["prefetched"] == 0 and og.stats["held_rows"] == 3, og.stats
     assert og.row_buffer_bytes == 0
     assert err <= REL and orth <= ORTH, (err, orth)
+
+
+def test_the_thread_runs_at_the_lowest_priority_and_the_caller_does_not(eager, monkeypatch):
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice is Linux's; elsewhere the thread keeps the default priority")
+    seen = []
+    real = gram.PerSampleGrads.prepare_held
+
+    def spy(self, buf):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real(self, buf)
+
+    monkeypatch.setattr(gram.PerSampleGrads, "prepare_held", spy)
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    model, og, retain, unlearn = _retained(13)
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    assert seen and all(n == 19 for n in seen), seen
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import weakref
 from typing import Dict, List, Optional
@@ -44,9 +45,11 @@ def _lowest_priority() -> None:
     """The calling thread at the lowest scheduling priority (Linux: nice is per thread): it takes
     the cores the unlearn pass leaves idle, not the ones its parallel regions run on (measured on
     2 cores, ViT: at the default priority the unlearn pass ran 1.6x longer beside it)."""
+    if not sys.platform.startswith("linux"):  # elsewhere the id names a process, not this thread
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+    except OSError:  # not allowed: the default priority
         pass
 
 
