@@ -27,7 +27,6 @@ from .engine import checks as _checks
 from .engine import distributed as _distributed
 from .engine import prefetch as _prefetch
 from .engine import projection as _projection
-from .engine import solve as _solve
 from .engine import triton_ops as _triton_ops
 from .engine.capture import Capture, find_units
 from .engine.fallback import FallbackLog
@@ -187,7 +186,7 @@ class OrthoGrad:
             self._terms = None
             return
         ts = list(terms.values())
-        picked = _prefetch.pick(ts, [_solve.resolve_rtol(self.rtol, t.factor_dtype, False) for t in ts], self.prefetch_bytes)
+        picked = _prefetch.pick(ts, _projection.term_rtols(self.rtol, ts, exact_gram=True), self.prefetch_bytes)
         if picked:
             self._prefetch = _prefetch.Prefetch(picked, self._row_buffers)
 

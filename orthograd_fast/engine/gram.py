@@ -103,10 +103,16 @@ def share_bias_grams(terms: List["PerSampleGrads"]) -> None:
             h.shared_bias, t.gram_source = t, h
 
 
+def can_hold_rows(t: "PerSampleGrads") -> bool:
+    """Whether the term may hold its float32 rows (orthograd_fast.engine.held_rows): they fit, the
+    route can, and no earlier K of this span was refused."""
+    return held_rows.fits(t.B, t.numel) and t.can_hold() and not t.route.hold_refused
+
+
 def hold_rows(terms: List["PerSampleGrads"], rtols: List[float]) -> None:
     """Ask the terms that can hold their float32 rows (orthograd_fast.engine.held_rows) to do so."""
     for t, rt in zip(terms, rtols):
-        t.hold = held_rows.fits(t.B, t.numel) and t.can_hold() and not t.route.hold_refused
+        t.hold = can_hold_rows(t)
         t.hold_rtol = rt
 
 

@@ -123,37 +123,27 @@ class HeldRows:
         self.blocks = []
 
     @staticmethod
-    def gram_coef(blocks: List[Block], r: Tensor) -> Tuple[list, Tensor, Tensor]:
+    def gram_coef(blocks: List[Block], r: Optional[Tensor], device) -> Tuple[list, Tensor, Optional[Tensor]]:
         """([(offset, Y_j)], K = sum_j Y_j Y_j^T, b = Y r): float32 products summed in float64
         in block order, each block's taken right after it is formed, so it is read from memory
         once while it is still in cache. A term that runs alone (every intra-op thread) runs its
         blocks side by side on one thread each (threads.side_by_side: B-row-wide GEMMs gain less
-        from two threads on one block); inside a side-by-side job they run in order."""
+        from two threads on one block); inside a side-by-side job they run in order. ``r`` None:
+        no b (rows formed before u is known, orthograd_fast.engine.prefetch; b comes later from one
+        read of the rows, :meth:`coef`)."""
 
         def job(blk):
             off, n, form = blk
             Y = form()
-            return (off, Y), (Y @ Y.t()).double(), torch.mv(Y, r[off : off + n]).double()
-
-        got = threads.side_by_side(job, blocks, [n for _, n, _ in blocks], r.device)
-        return [g[0] for g in got], _sum([g[1] for g in got]), _sum([g[2] for g in got])
-
-    @staticmethod
-    def gram(blocks: List[Block], device) -> Tuple[list, Tensor]:
-        """([(offset, Y_j)], K): :meth:`gram_coef` without b, for rows formed before u is known
-        (orthograd_fast.engine.prefetch); b comes later from one read of the rows (:meth:`coef`)."""
-
-        def job(blk):
-            off, n, form = blk
-            Y = form()
-            return (off, Y), (Y @ Y.t()).double()
+            return (off, Y), (Y @ Y.t()).double(), None if r is None else torch.mv(Y, r[off : off + n]).double()
 
         got = threads.side_by_side(job, blocks, [n for _, n, _ in blocks], device)
-        return [g[0] for g in got], _sum([g[1] for g in got])
+        b = None if r is None else _sum([g[2] for g in got])
+        return [g[0] for g in got], _sum([g[1] for g in got]), b
 
     @classmethod
     def make(cls, blocks: List[Tuple[int, Tensor]], K: Tensor, rtol: float, slot: Optional[_Slot]) -> Optional["HeldRows"]:
-        """Rows held with K (:meth:`gram`), or None when K is not :func:`usable` (the caller then
+        """Rows held with K (:meth:`gram_coef`), or None when K is not :func:`usable` (the caller then
         takes the float64 route; the scratch is given back)."""
         # a non-finite K: the float64 route reports it by name
         if bool(torch.isfinite(K).all()):

@@ -27,7 +27,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from . import held_rows, threads
+from . import threads
+from .gram import can_hold_rows
 
 # default budget (OrthoGrad(prefetch_mb=...)): bytes of prepared rows at once
 DEFAULT_MB = 256
@@ -77,11 +78,7 @@ class RowBuffers:
 def pick(terms: list, rtols: List[float], budget: int) -> list:
     """(term, rtol) of the holdable terms worth a background job, largest first, within ``budget``
     bytes of rows."""
-    cand = [
-        (t, rt)
-        for t, rt in zip(terms, rtols)
-        if t.can_hold() and held_rows.fits(t.B, t.numel) and not t.route.hold_refused and t.route.work() >= MIN_WORK
-    ]
+    cand = [(t, rt) for t, rt in zip(terms, rtols) if can_hold_rows(t) and t.route.work() >= MIN_WORK]
     cand.sort(key=lambda x: -x[0].route.work())
     out, used = [], 0
     for t, rt in cand:

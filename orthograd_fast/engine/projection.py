@@ -168,31 +168,32 @@ def project(
     X = {k: unlearn[p] for k, p in enumerate(active) if p in unlearn} if unlearn else {}
     # tile, conv and lookup terms that can hold their float32 rows project inside their own job
     # (orthograd_fast.engine.held_rows; per-tensor solves only: the passes use each term's own K)
-    hold = [t for k, t in enumerate(T) if k not in X] if scope == "tensor" and backend != "triton" else []
-    held = {id(t) for t in hold}
-    if pending is not None and id(pending[0]) not in held:  # not held here: nothing to wait for
-        pending[1]()
-        pending = None
+    holding = scope == "tensor" and backend != "triton"
     wait = None
     if pending is not None:
-        hold = [t for t in hold if t is not pending[0]]
-        wait = [next(k for k, t in enumerate(T) if t is pending[0]), pending[1], False]  # (.., prepared)
-    prefetched = 0
-    for t in T:
+        k = next(k for k, t in enumerate(T) if t is pending[0])
+        if holding and k not in X:
+            wait = _Wait(k, pending[1])
+        else:  # not held here: nothing to wait for
+            pending[1]()
+    hold, prefetched = [], 0
+    for k, t in enumerate(T):
         r = t.route
-        if wait is not None and t is pending[0]:
+        if wait is not None and k == wait.k:  # untouched until its job
             continue
-        if r.rows is not None:
-            if id(t) in held:
+        if r.rows is not None:  # prepared by the prefetch: kept where held, else dropped
+            if holding and k not in X:
                 prefetched += 1
-            else:  # prepared rows this projection does not use
+            else:
                 t.drop_rows()
-        if r.rows is None:  # (prepared rows and K, orthograd_fast.engine.prefetch, stay)
+        if r.rows is None:
             r.hold = False
-    gram.hold_rows(hold, _rtols(rtol, hold, exact_gram=True))
+            if holding and k not in X:
+                hold.append(t)
+    gram.hold_rows(hold, term_rtols(rtol, hold, exact_gram=True))
     try:
         stats = _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X, wait)
-        if wait is not None and wait[2]:
+        if wait is not None and wait.prepared:
             prefetched += 1
         stats["prefetched"] = prefetched  # terms whose rows and K were formed before (prefetch)
     finally:
@@ -202,7 +203,17 @@ def project(
     return out, stats
 
 
-def _rtols(rtol: Optional[float], T: List[PerSampleGrads], exact_gram: bool = False) -> List[float]:
+@dataclass
+class _Wait:
+    """The term at position ``k`` that the prefetch is still preparing: its job calls ``wait()``
+    first and records whether its rows came ``prepared``."""
+
+    k: int
+    wait: Callable[[], None]
+    prepared: bool = False
+
+
+def term_rtols(rtol: Optional[float], T: List[PerSampleGrads], exact_gram: bool = False) -> List[float]:
     """Each term's rank tolerance (solve.resolve_rtol), resolved once per (factor dtype, float32
     Gram) pair; ``exact_gram``: as if every Gram were float64 (the held rows' check)."""
     seen: dict = {}
@@ -218,8 +229,8 @@ def _rtols(rtol: Optional[float], T: List[PerSampleGrads], exact_gram: bool = Fa
 
 def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, scale, X, wait=None):
     """The projection over terms T and vectors U (lists by position); S: shifts or None; X:
-    {position: og.forget() factors}; ``wait`` [position, wait(), prepared]: the term the prefetch
-    is still preparing (its job sets ``prepared``). Returns the stats."""
+    {position: og.forget() factors}; ``wait``: the term the prefetch is still preparing.
+    Returns the stats."""
     # On the CPU the terms run side by side on Python threads, one intra-op thread each
     # (orthograd_fast.engine.threads: a projection is many independent small GEMMs, and waking the
     # OpenMP pool for each small op costs more than the op); a dominant term runs on all threads.
@@ -233,9 +244,9 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
 
     def gram_coef(k):
         t = T[k]
-        if wait is not None and k == wait[0]:
-            wait[1]()  # its rows and K, or (refused, failed) its usual route
-            wait[2] = t.route.rows is not None
+        if wait is not None and k == wait.k:
+            wait.wait()  # its rows and K, or (refused, failed) its usual route
+            wait.prepared = t.route.rows is not None
         K, b = t.gram_coef(U[k], t.unlearn_coef(X[k]) if k in X else None)
         if t.rows is not None:
             Uk = U[k].clone()  # passes that do not converge leave the vector as it was
@@ -250,7 +261,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     groups = [gram.ExplicitGroup([T[k] for k in ks], ks, rows, shape) for ks, rows, shape in plan.spec]
     jobs = plan.jobs
 
-    rtols = _rtols(rtol, T)
+    rtols = term_rtols(rtol, T)
     # groups solved from their n x n column Grams need no B x B K (per-tensor scope; the first
     # projection's capture check reads every K's diagonal)
     col_groups = [gi for gi, g in enumerate(groups) if g.numel < g.B and rtols[g.ks[0]] >= COLUMN_MIN_RTOL]
@@ -267,7 +278,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         gram_job,
         jobs + list(enumerate(groups)),
         # (the prefetch's term last: its job waits for the thread, the others need not)
-        [0 if wait is not None and k == wait[0] else T[k].work(k in X) for k in jobs] + [g.work() for g in groups],
+        [0 if wait is not None and k == wait.k else T[k].work(k in X) for k in jobs] + [g.work() for g in groups],
         nthreads,
         # while a thread waits for the prefetch, a dominant term runs beside it on one core rather
         # than on all cores after it (the waiting thread's core goes to the prefetch meanwhile)

@@ -59,7 +59,7 @@ class Route:
     shared_bias = None
     # held float32 rows (routes.held.HeldRoute; never on the other routes)
     hold, hold_rtol, rows = False, 0.0, None
-    hold_refused = False  # prepared rows whose K was not usable: the float64 route this projection
+    hold_refused = False  # float32 rows whose K was not usable: the float64 route for this span
 
     def __init__(self, param: Tensor, B: int):
         self.param = param

@@ -78,25 +78,24 @@ class HeldRoute(Route):
         ill-conditioned for the re-projection passes or the rank tolerance could act."""
         buf, slot = held_rows.scratch(self.B * self.numel, self.param.device)
         # K and b block by block, each block's products right after it is formed (still in cache)
-        blocks, K, b = held_rows.HeldRows.gram_coef(self._held_blocks(buf), self._flat(U)[0])
-        rows = held_rows.HeldRows.make(blocks, K, self.hold_rtol, slot)
+        blocks, K, b = held_rows.HeldRows.gram_coef(self._held_blocks(buf), self._flat(U)[0], buf.device)
+        return (K, b) if self._keep(held_rows.HeldRows.make(blocks, K, self.hold_rtol, slot), K) else None
+
+    def _keep(self, rows: Optional[held_rows.HeldRows], K: Tensor) -> bool:
+        """Hold ``rows`` with their K; None (K not usable): the float64 route from now on."""
         if rows is None:
-            self.hold = False
-            return None
-        self.rows, self._k32 = rows, True
-        return K, b
+            self.hold, self.hold_refused = False, True
+            return False
+        self.rows, self.K, self._k32 = rows, K, True
+        return True
 
     def prepare_held(self, buf: Tensor) -> None:
         """The float32 rows, formed into ``buf`` (B * numel, the caller's: it outlives this
         projection), and K from them, before u is known (orthograd_fast.engine.prefetch): the Gram
         job then only reads the rows once for b. Where K is not usable the rows go and the term
         takes the float64 route (``hold_refused``)."""
-        blocks, K = held_rows.HeldRows.gram(self._held_blocks(buf), buf.device)
-        rows = held_rows.HeldRows.make(blocks, K, self.hold_rtol, None)
-        if rows is None:
-            self.hold, self.hold_refused = False, True
-            return
-        self.rows, self.K, self._k32 = rows, K, True
+        blocks, K, _ = held_rows.HeldRows.gram_coef(self._held_blocks(buf), None, buf.device)
+        self._keep(held_rows.HeldRows.make(blocks, K, self.hold_rtol, None), K)
 
     def project_held_(self, U: Tensor, b: Tensor, scale: float = 1.0, shift: float = 0.0) -> bool:
         """U <- scale * (P_perp U - shift * sum_i g_i) in place from the held rows (c = K^-1 b);
