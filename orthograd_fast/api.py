@@ -286,6 +286,7 @@ class OrthoGrad:
         checks = _projection.Checks(
             nonfinite=functools.partial(_checks.raise_nonfinite, self._names),
             unlearn_factors=functools.partial(self._unlearn.verify, half=span.half),
+            unlearn_error=self._unlearn.error,
             capture=capture if check_sum else None,
         )
         unlearn = {}

@@ -116,14 +116,16 @@ def needs_exact(K: Tensor, c: Tensor, vecs: List[Tensor]) -> List[bool]:
 class Checks:
     """What the facade checks between the Gram jobs and the solve (orthograd_fast.engine.checks).
 
-    ``unlearn_factors(factors, got, terms, vecs)``: the og.forget() factors against .grad (may
-    replace entries of ``got``); ``capture(active, K, b, vecs)`` (first projection only, else
+    ``unlearn_error(term, factors, vec, K, b)``: how far one tensor's og.forget() factors are from
+    its .grad (a 0-d tensor, in the term's job); ``unlearn_factors(errs, got, terms, vecs)``: the
+    verdict on those errors (may replace entries of ``got``); ``capture(active, K, b, vecs)`` (first projection only, else
     None): the per-sample gradients against the retain gradient; ``nonfinite(active, Ks, bs,
     vecs)``: raises the error that names the tensor."""
 
     nonfinite: Callable
     capture: Optional[Callable] = None
     unlearn_factors: Optional[Callable] = None
+    unlearn_error: Optional[Callable] = None
 
 
 def project(
@@ -241,13 +243,18 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     # terms projected in their own job (held rows), into copies: .grad stays as it was until every
     # check below has passed; they are copied back with the updates
     staged = {}
+    errs = {}  # position -> how far its og.forget() factors are from .grad (checks.unlearn_error)
 
     def gram_coef(k):
         t = T[k]
         if wait is not None and k == wait.k:
             wait.wait()  # its rows and K, or (refused, failed) its usual route
             wait.prepared = t.route.rows is not None
-        K, b = t.gram_coef(U[k], t.unlearn_coef(X[k]) if k in X else None)
+        if k in X:  # (never held: see project())
+            K, b = t.gram_coef(U[k], t.unlearn_coef(X[k]))
+            errs[k] = checks.unlearn_error(t, X[k], U[k], K, b)
+            return K, b
+        K, b = t.gram_coef(U[k])
         if t.rows is not None:
             Uk = U[k].clone()  # passes that do not converge leave the vector as it was
             if t.project_held_(Uk, b, scale, S[k] if S else 0.0):
@@ -290,7 +297,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         got[k] = gram_coef(k)
     if X:  # the og.forget() factors against .grad (by parameter: the facade's bookkeeping)
         by_param = {active[k]: got[k] for k in X}
-        checks.unlearn_factors({active[k]: X[k] for k in X}, by_param, {active[k]: T[k] for k in X}, {active[k]: U[k] for k in X})
+        checks.unlearn_factors({active[k]: errs[k] for k in X}, by_param, {active[k]: T[k] for k in X}, {active[k]: U[k] for k in X})
         for k in X:
             got[k] = by_param[active[k]]
     # K, b stacked in the plan's order (single terms, then each group's [m, B, B] as it came),

@@ -11,6 +11,7 @@ factors against ``.grad`` at each projection.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -45,6 +46,7 @@ class UnlearnFactors:
         self.window: Optional[ForgetWindow] = None
         self.checked = False
         self._row_gen = torch.Generator().manual_seed(0)  # rows of the per-step check
+        self._row_lock = threading.Lock()  # the terms' jobs draw their rows from several threads
         # dense layers confirmed by retain blocks, id(weight) -> (module, weight, transposed), and
         # id(weight) of refuted ones (observe)
         self.dense: Dict[int, tuple] = {}
@@ -166,22 +168,23 @@ class UnlearnFactors:
             out[p] = fu
         return out
 
-    def verify(self, factors, got, terms, vecs, *, half: bool) -> None:
-        """The unlearn factors must reproduce .grad: the first use compares the coefficients with
-        the GEMM, later ones a few random rows of .grad (a loss term that appears later, e.g. a
-        penalty switched on after some steps). A mismatch raises under og.forget(); factors of the
-        armed capture are replaced by the GEMM and arming stops for this object, with a warning."""
-        first = not self.checked
-        errs = []
-        for p in factors:
-            if first:
-                b_gemm = terms[p].coef(vecs[p])
-                errs.append(_coef_error(got[p][0], got[p][1], b_gemm, vecs[p]))
-            else:
-                errs.append(terms[p].unlearn_rows_error(factors[p], vecs[p], CHECK_ROWS, self._row_gen))
+    def error(self, term, fu: list, U: Tensor, K: Tensor, b: Tensor) -> Tensor:
+        """How far one weight's unlearn factors ``fu`` are from its .grad ``U`` (0-d float64, no
+        host sync), in the term's own job beside the others: the first use compares the
+        coefficients ``b`` with the GEMM's (K: the term's Gram), later ones a few random rows of
+        .grad (a loss term that appears later, e.g. a penalty switched on after some steps)."""
+        if not self.checked:
+            return _coef_error(K, b, term.coef(U), U)
+        return term.unlearn_rows_error(fu, U, CHECK_ROWS, self._row_gen, self._row_lock)
+
+    def verify(self, errs, got, terms, vecs, *, half: bool) -> None:
+        """The unlearn factors must reproduce .grad (``errs`` {param: :meth:`error`}): a mismatch
+        raises under og.forget(); factors of the armed capture are replaced by the GEMM (``got``
+        {param: (K, b)} gets the GEMM's b from ``terms`` and ``vecs``) and arming stops for this
+        object, with a warning."""
         tol = 3e-2 if half else 1e-3
         # one host sync; a NaN from a non-finite retain Gram is left to the finite check that follows
-        bad = [p for p, e in zip(factors, torch.stack(errs).tolist()) if e > tol or (e != e and bool(torch.isfinite(got[p][0]).all()))]
+        bad = [p for p, e in zip(errs, torch.stack(list(errs.values())).tolist()) if e > tol or (e != e and bool(torch.isfinite(got[p][0]).all()))]
         self.checked = True
         if not bad:
             return

@@ -139,19 +139,25 @@ class GhostRoute(Route):
                 b[b0:b1] += prod.sum(dim=(0, 2)).double().reshape(b1 - b0, T).sum(1)
         return b
 
-    def unlearn_rows_error(self, fuses: List[OuterFactors], U: Tensor, rows: int, gen: torch.Generator) -> Tensor:
-        """How far ``rows`` random rows of U (the [O, I] view) are from the same rows of
-        sum_k D_uk^T A_uk, relative to sum_k |d_kj| |a_k| (the rounding scale of the backward's
-        sum): a 0-d float64 tensor, small when the unlearn factors describe U (no host sync)."""
+    def unlearn_rows_error(self, fuses: List[OuterFactors], U: Tensor, rows: int, gen: torch.Generator, lock) -> Tensor:
+        """How far ``rows`` random rows of U (the [O, I] view; drawn from ``gen`` under ``lock``)
+        are from the same rows of sum_k D_uk^T A_uk, relative to sum_k |d_kj| |a_k| (the rounding
+        scale of the backward's sum): a 0-d float64 tensor, small when the unlearn factors
+        describe U (no host sync). In float32 for float32 and half factors: the check's
+        tolerance (1e-3) is far above float32's rounding of these sums, and a float64 copy of
+        every unlearn input costs more than the products (MLP, B = 64: ~1 ms per step)."""
         Uv = self.use.view(U)[0]
         O, I = Uv.shape
-        idx = torch.randint(0, O, (min(rows, O),), generator=gen).to(Uv.device)
-        sub = Uv[idx].double()
-        scale = torch.zeros(idx.numel(), dtype=torch.float64, device=Uv.device)
+        with lock:
+            idx = torch.randint(0, O, (min(rows, O),), generator=gen)
+        idx = idx.to(Uv.device)
+        dt = torch.promote_types(Uv.dtype, torch.float32)
+        sub = Uv[idx].to(dt)
+        scale = torch.zeros(idx.numel(), dtype=dt, device=Uv.device)
         for f in fuses:
             Bu = f.A.shape[0] * f.A.shape[1]
-            A = f.A.reshape(Bu, I).double()
-            D = f.D.reshape(Bu, -1)[:, idx].double()
+            A = f.A.reshape(Bu, I).to(dt)
+            D = f.D.reshape(Bu, -1)[:, idx].to(dt)
             sub = sub - D.t() @ A
             scale += D.abs().t() @ torch.linalg.vector_norm(A, dim=1)
-        return (torch.linalg.vector_norm(sub, dim=1) / (scale + 1e-30)).max()
+        return (torch.linalg.vector_norm(sub, dim=1).double() / (scale.double() + 1e-30)).max()
