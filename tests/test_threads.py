@@ -339,6 +339,7 @@ def test_retain_exit_builds_side_by_side_with_the_serial_result(monkeypatch):
         return orig(fn, items, cost, threads)
 
     monkeypatch.setattr(og_threads, "map_balanced", spy)
+    monkeypatch.setattr(op_capture, "BUILD_SPREAD_MIN", 0)  # these records are tiny
     try:
         grads = []
         for serial in (False, True):
@@ -359,6 +360,40 @@ def test_retain_exit_builds_side_by_side_with_the_serial_result(monkeypatch):
         torch.manual_seed(0)
         err, orth, _ = compare(_Norms(), ce, retain, unlearn)
         assert err < 1e-5 and orth < 1e-5
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_retain_exit_builds_small_records_in_the_calling_thread(monkeypatch):
+    # below BUILD_SPREAD_MIN output-gradient elements in all, handing the builds to threads costs
+    # more than they do: they run in order on the caller's thread, at one intra-op thread
+    from orthograd_fast.engine import op_capture
+
+    gen = torch.Generator().manual_seed(6)
+    retain = (torch.randn(9, 7, 6, generator=gen), torch.randint(0, 4, (9,), generator=gen))
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    spreads, inner = [], []
+    orig_map, orig_init = og_threads.map_balanced, op_capture.OpRecord.__init__
+
+    def init(self, build, *a, **k):  # each record's build notes the intra-op threads it ran with
+        orig_init(self, lambda g: inner.append(torch.get_num_threads()) or build(g), *a, **k)
+
+    def spy(fn, *a, **k):
+        if fn.__qualname__.startswith("_build_all"):
+            spreads.append(1)
+        return orig_map(fn, *a, **k)
+
+    monkeypatch.setattr(og_threads, "map_balanced", spy)
+    monkeypatch.setattr(op_capture.OpRecord, "__init__", init)
+    try:
+        model = _Norms()
+        og = OrthoGrad(model)
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        assert inner and set(inner) == {1} and not spreads
+        assert torch.get_num_threads() == 2  # restored after the builds
+        og.close()
     finally:
         torch.set_num_threads(n)
 

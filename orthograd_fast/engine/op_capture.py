@@ -389,13 +389,23 @@ def _memory(t) -> Optional[tuple]:
     return (t.data_ptr(), t.numel(), t.dtype)
 
 
+# Records whose output gradients hold fewer elements than this in all build in the calling
+# thread: their builds are mostly views (one-token dense layers), and handing them to threads
+# costs more than they do (MLP, 4 layers, B = 64: retain exit 0.94 -> 0.5 ms).
+BUILD_SPREAD_MIN = 1 << 20
+
+
 def _build_all(recs: List[OpRecord]) -> List[Dict[Tensor, list]]:
     """Each record's uses. On the CPU the records build side by side on one intra-op thread each:
     their ops (token sums, norm recomputations, small products) are too small to gain from the
     intra-op pool and would pay its wake-up per op."""
     if not recs:
         return []
-    return threads.side_by_side(lambda rec: rec.build(rec.grad), recs, [rec.grad.numel() for rec in recs], recs[0].grad.device)
+    cost = [rec.grad.numel() for rec in recs]
+    if sum(cost) < BUILD_SPREAD_MIN:
+        with threads.one_thread(recs[0].grad.device.type == "cpu"):
+            return [rec.build(rec.grad) for rec in recs]
+    return threads.side_by_side(lambda rec: rec.build(rec.grad), recs, cost, recs[0].grad.device)
 
 
 def build_uses(ctx: OpContext, flagged: List[Frame]) -> Dict[Tensor, list]:
