@@ -181,7 +181,7 @@ def project(
     hold, prefetched = [], 0
     for k, t in enumerate(T):
         r = t.route
-        if wait is not None and k == wait.k:  # untouched until its job
+        if not r.holds or (wait is not None and k == wait.k):  # never holds rows / untouched until its job
             continue
         if r.rows is not None:  # prepared by the prefetch: kept where held, else dropped
             if holding and k not in X:
@@ -322,11 +322,13 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         for r, k in enumerate(kpos):
             Kr[k] = r
     del got, parts, res
-    for k, Kk in zip(kpos, K.unbind(0)):  # views of the stack, not a second copy of every K
-        T[k].K = Kk
+    # the single terms keep their K (a view of the stack) for a later projection of this span;
+    # a group forms its members' K again in one bmm (no view per member and step)
+    for k in single:
+        T[k].K = K[k if Kr is None else Kr[k]]
     finite = torch.isfinite(K.sum() + b.sum())  # NaN and inf propagate: one small reduction, one sync
     if not bool(finite):  # (the error path: the column groups' K formed here from their rows)
-        Ks = [T[k].K if Kr is None or Kr[k] >= 0 else T[k].route.G @ T[k].route.G.t() for k in range(len(T))]
+        Ks = [K[k] if Kr is None else K[Kr[k]] if Kr[k] >= 0 else T[k].route.G @ T[k].route.G.t() for k in range(len(T))]
         checks.nonfinite(active, Ks, list(b), out)
     if checks.capture is not None:
         checks.capture(active, K, b, out)

@@ -57,7 +57,8 @@ class Route:
     G: Optional[Tensor] = None  # float64 rows (explicit route)
     # a one-token weight's bias whose Gram D D^T the weight's job forms (ghost route only)
     shared_bias = None
-    # held float32 rows (routes.held.HeldRoute; never on the other routes)
+    # held float32 rows (routes.held.HeldRoute; never on the other routes: ``holds`` False)
+    holds = False
     hold, hold_rtol, rows = False, 0.0, None
     hold_refused = False  # float32 rows whose K was not usable: the float64 route for this span
 

@@ -18,6 +18,8 @@ class HeldRoute(Route):
     (gram.hold_rows), ``rows`` is set by the Gram and dropped by the update; without them the
     subclass's float64 route runs (:meth:`_gram_coef`, :meth:`_coef`)."""
 
+    holds = True
+
     def __init__(self, param: Tensor, B: int):
         super().__init__(param, B)
         self.hold, self.hold_rtol = False, 0.0
