@@ -355,3 +355,18 @@ def test_reference_qr_paired_with_torch():
         assert row["status"] == "ok", row
     assert row["ref_qr_paired_rounds"] == 2 and row["ref_qr_paired"] > 0
     assert row["ratio_to_plain"] is not None
+
+
+def test_ab_rev_compares_the_working_tree_with_a_revision(capsys):
+    # the A/B tool imports a revision's package under another name beside the current one
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("benchmarks.ab_rev needs git and a git checkout of the project")
+    from benchmarks import ab_rev
+
+    ab_rev.main(["--rev", "HEAD", "--model", "mlp", "--B", "4", "--rounds", "2", "--order", "contract"])
+    out = capsys.readouterr().out
+    assert "current / HEAD" in out and "plain" in out, out
+    assert "ogf_rev" in sys.modules and sys.modules["ogf_rev"].OrthoGrad is not None
