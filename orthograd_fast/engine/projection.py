@@ -116,11 +116,12 @@ def needs_exact(K: Tensor, c: Tensor, vecs: List[Tensor]) -> List[bool]:
 class Checks:
     """What the facade checks between the Gram jobs and the solve (orthograd_fast.engine.checks).
 
-    ``unlearn_error(term, factors, vec, K, b)``: how far one tensor's og.forget() factors are from
-    its .grad (a 0-d tensor, in the term's job); ``unlearn_factors(errs, got, terms, vecs)``: the
-    verdict on those errors (may replace entries of ``got``); ``capture(active, K, b, vecs)`` (first projection only, else
-    None): the per-sample gradients against the retain gradient; ``nonfinite(active, Ks, bs,
-    vecs)``: raises the error that names the tensor."""
+    ``unlearn_error(term, factors, vec, K, b)``: how far one tensor's og.forget() factors are
+    from its .grad (a 0-d tensor, in the term's job); ``unlearn_factors(errs, got, terms, vecs)``:
+    the verdict on those errors (may replace entries of ``got``); both are needed when the
+    projection is given og.forget() factors. ``capture(active, K, b, vecs)`` (first projection
+    only, else None): the per-sample gradients against the retain gradient; ``nonfinite(active,
+    Ks, bs, vecs)``: raises the error that names the tensor."""
 
     nonfinite: Callable
     capture: Optional[Callable] = None
