@@ -12,9 +12,10 @@
   prefetch's row buffers (``og.row_buffer_bytes``, kept from step to step); other worker-thread
   temporaries (a projection's side-by-side jobs: slabs, one held term's float32 rows per thread)
   are not counted. Not counted either: memory outside the torch allocator (Python objects,
-  BLAS/oneDNN scratch from their own malloc). Frees of tensors created before the measured step are not credited (the profiler
-  cannot size them), so the measurement is taken on a provider's first step, when nothing of its
-  own existed yet: memory a provider keeps between steps is then counted.
+  BLAS/oneDNN scratch from their own malloc). Frees of tensors created before the measured step
+  are not credited (the profiler cannot size them), so the measurement is taken on a provider's
+  first step, when nothing of its own existed yet: memory a provider keeps between steps is then
+  counted.
 """
 
 from __future__ import annotations

@@ -316,7 +316,6 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         Kr = None
         if plan.inv is not None:
             K = K[plan.inv]
-        kpos = range(len(T))
     else:
         kpos = single + [k for gi, (ks, _, _) in enumerate(plan.spec) if gi not in no_K for k in ks]
         Kr = [-1] * len(T)
