@@ -53,6 +53,9 @@ def model_rows(rows: List[dict]) -> List[dict]:
         elif floor.get("top"):
             t = floor["top"][0]
             notes.append(f"largest floor term {t['param']} ({t['route']})")
+        if paired and step.get("paired_iqr"):
+            q1, q3 = step["paired_iqr"]
+            notes.append(f"{step.get('paired_rounds')} pairs, IQR {q1:.2f}x-{q3:.2f}x")
         tr = step.get("time_ratio")
         if paired and tr and abs(tr / paired - 1.0) > 0.25:
             notes.append(f"noisy: medians ratio {tr:.2f}x")

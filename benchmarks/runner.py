@@ -23,7 +23,7 @@ Order of work per case, on a fresh model (same seed => same weights as the oracl
 5. paired ratio (cheap cases only): ``paired_rounds`` alternations (up to 3x as many when they fit
    ``case_budget``) of a plain step and a provider step on two model copies; the median of the
    per-pair ratios is robust to load changes on a shared machine, unlike two medians taken minutes
-   apart;
+   apart (``paired_iqr``: the quartiles of the single pairs' ratios);
 6. torch only, when reference-qr ran on the same (model, B) and ``paired_ref_rounds`` pairs fit
    ``paired_ref_budget``: alternating reference-qr / torch steps, ``ref_qr_paired`` = the median
    of their ratios (the >= 100x target; one reference step takes seconds, so few pairs).
@@ -118,8 +118,11 @@ SETS: Dict[str, dict] = {
         case_budget=3.0,
         min_rounds=5,
         max_rounds=25,
-        paired_rounds=9,
-        paired_budget=15.0,
+        # 31 pairs: single pairs spread widely on a shared 2-core machine (TransformerEncoder,
+        # 40 pairs: IQR 1.10x-1.35x), which gave the median of ~11 pairs a 90% range of
+        # about +-0.09x; 31 pairs narrow it to about +-0.05x (all 12 models: ~6 min)
+        paired_rounds=31,
+        paired_budget=40.0,
     ),
     "real-gpu": dict(
         device="cuda",
@@ -646,6 +649,9 @@ class BenchSession:
                     ratios.append(tq / tp)
                 row["paired_ratio"] = statistics.median(ratios)
                 row["paired_rounds"] = pairs
+                if pairs >= 4:  # the spread of single pairs (how far one pair may be off)
+                    q = statistics.quantiles(ratios, n=4)
+                    row["paired_iqr"] = [q[0], q[2]]
                 plain.close()
 
         # 6. torch paired with reference-qr (which runs first: PROVIDERS order), like 5

@@ -134,6 +134,24 @@ def test_real_report_table(session, tmp_path):
         assert png.exists() and png.stat().st_size > 1000
 
 
+def test_paired_ratio_records_the_spread_of_single_pairs():
+    from benchmarks import real_report
+
+    s = Settings(
+        set_name="real-smoke", device="cpu", size="cpu", zoo="real_zoo", unlearn_batch=B_UNLEARN,
+        providers=list(PROVIDERS), case_budget=0.0, max_rounds=1, min_rounds=1, paired_rounds=5, paired_budget=60.0,
+        paired_ref_rounds=0, step_timeout=60.0, overrides=TINY,
+    )
+    sess = BenchSession(s)
+    rows = [sess.run_case("lstm", B, p, _one_round) for p in PROVIDERS]
+    step = rows[1]
+    assert step["paired_rounds"] == 5
+    q1, q3 = step["paired_iqr"]
+    assert 0 < q1 <= step["paired_ratio"] <= q3
+    notes = real_report.model_rows(rows)[0]["notes"]
+    assert f"5 pairs, IQR {q1:.2f}x-{q3:.2f}x" in notes
+
+
 class _BatchSecondAttention(torch.nn.Module):
     """A model every engine version refuses: attention with the batch on dim 1."""
 
