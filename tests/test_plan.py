@@ -201,6 +201,36 @@ def test_singular_column_groups_go_to_eigh_and_stay_exact(monkeypatch):
     assert any(og._plan_cache.plan.singular)
 
 
+
+def test_singular_column_groups_return_to_cholesky_once_full_rank(monkeypatch):
+    # the same model at init (LayerNorm biases zero: the weights' column Grams are singular), then
+    # with random LayerNorm biases as training leaves them (full rank): the eigh solve that finds
+    # them full rank clears the plan's flag, and the step after tries Cholesky again; every step
+    # matches the oracle.
+    eigh_only_calls = []
+    orig = projection.gram.ExplicitGroup.solve_columns
+
+    def spy(self, rtol, eigh_only=False, refused=None):
+        eigh_only_calls.append(eigh_only)
+        return orig(self, rtol, eigh_only, refused)
+
+    monkeypatch.setattr(projection.gram.ExplicitGroup, "solve_columns", spy)
+    torch.manual_seed(41)
+    model = Stack(d=4, depth=3)
+    gen = torch.Generator().manual_seed(42)
+    og = OrthoGrad(model, alpha=0.0)
+    seen = []
+    for step in range(4):
+        if step == 2:
+            with torch.no_grad():
+                for b in model.blocks:
+                    b[0].bias.copy_(torch.randn(4, generator=gen))
+        retain, unlearn = _data(gen, 24, Bu=5)
+        _oracle_step(og, model, retain, unlearn, step, before=eigh_only_calls.clear)
+        seen.append((any(eigh_only_calls), any(og._plan_cache.plan.singular)))
+    # (eigh_only used, singular afterwards) per step: learned at 0, used at 1, cleared at 2
+    assert seen == [(False, True), (True, True), (True, False), (False, False)], seen
+
 def test_singular_single_column_terms_go_to_eigh_and_stay_exact(monkeypatch):
     # a 3-class head: its bias's rows (softmax gradients) sum to zero, its 12 weights' rows lie in
     # an 8-dim subspace; neither shares a size with another tensor (single terms), both have fewer

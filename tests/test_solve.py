@@ -100,6 +100,12 @@ def test_eigh_only_matches_the_oracle_and_refused_reports_cholesky(chunk, monkey
     refused = []
     solve_psd(K[[0, 3]], b[[0, 3]], rt[[0, 3]], refused=refused)  # rank 3 and 5 of 7: both refused
     assert refused == [True]
+    # under eigh_only, ``refused`` says whether no matrix kept every eigenvalue (the flag that
+    # sends a group back to Cholesky once it is full rank; matrix 2: sigma ratios to 1e-4, rtol 1e-3)
+    for ks, want in (([0, 3], [True]), ([0, 1, 3], [False]), ([1], [False]), ([2], [True])):
+        refused = []
+        solve_psd(K[ks], b[ks], rt[ks], eigh_only=True, refused=refused)
+        assert refused == want, (ks, refused)
 
 
 def test_matrix_right_hand_side():

@@ -364,7 +364,8 @@ def _solve(T, U, scope, Kr: _Rows, b, rtols, groups, col_groups, plan: Plan):
     """(c [m, B], rt, the global K or None): the batched solve, one thread on the CPU (B x B).
     ``col_groups``: the groups solved from their column Grams (per-tensor scope); the plan's
     ``singular`` and ``singles_singular``: whether those column Grams were all singular last time
-    (updated)."""
+    (updated from this solve: a Gram singular at init, e.g. after a LayerNorm whose bias is still
+    zero, returns to the Cholesky path once training has made it full rank)."""
     singular = plan.singular
     Kg = None
     K = Kr.K
@@ -389,13 +390,13 @@ def _solve(T, U, scope, Kr: _Rows, b, rtols, groups, col_groups, plan: Plan):
         if col:
             refused: list = []
             got_c = solve_columns([T[k].G for k in col], [U[k] for k in col], [rtols[k] for k in col], plan.singles_singular, refused)
-            plan.singles_singular = plan.singles_singular or (bool(refused) and all(refused))
+            plan.singles_singular = bool(refused) and all(refused)  # as found by this solve
             for k, ck in zip(col, got_c):
                 c[k] = ck
         for gi in col_groups:
             g, refused = groups[gi], []
             c[g.rows] = g.solve_columns(rtols[g.ks[0]], singular[gi], refused)
-            singular[gi] = singular[gi] or (bool(refused) and all(refused))
+            singular[gi] = bool(refused) and all(refused)
     return c, rt, Kg
 
 

@@ -82,7 +82,8 @@ def solve_psd(K: Tensor, b: Tensor, rtol, eigh_only: bool = False, refused: Opti
     matrix). Well-conditioned matrices (all eigenvalues above the cutoff, proven by a bound) are
     solved by Cholesky; the rest by eigh. ``eigh_only``: every matrix by eigh (the same result;
     for matrices known to be singular, e.g. by the last step's solve). ``refused``: a list that
-    gets, per chunk, whether the Cholesky path refused every matrix (a host sync either way).
+    gets, per chunk, whether the Cholesky path refused every matrix (under ``eigh_only``: whether
+    no matrix had full rank; a host sync either way).
     """
     n = K.shape[-1]
     per = max(1, SOLVE_CHUNK_BYTES // max(1, n * n * 8))
@@ -99,7 +100,10 @@ def solve_psd(K: Tensor, b: Tensor, rtol, eigh_only: bool = False, refused: Opti
     if eigh_only:
         B, m = K.shape[-1], bb.shape[-1]
         rt = rtol.reshape(-1, 1) if isinstance(rtol, Tensor) and rtol.numel() > 1 else rtol
-        c = _eigh_solve(K.reshape(-1, B, B), bb.reshape(-1, B, m), rt).reshape(bb.shape)
+        full: list = []
+        c = _eigh_solve(K.reshape(-1, B, B), bb.reshape(-1, B, m), rt, full).reshape(bb.shape)
+        if refused is not None:  # no matrix of full rank: Cholesky would refuse them all again
+            refused.append(not bool(full[0].any()))
         return c.squeeze(-1) if vec else c
     c, ok = _well_conditioned_solve(K, bb, rtol)
     if refused is None:
@@ -155,10 +159,13 @@ def solve_columns_stacked(G: Tensor, u: Tensor, rtol, eigh_only: bool = False, r
     return (G @ y.unsqueeze(-1)).squeeze(-1)
 
 
-def _eigh_solve(K: Tensor, bb: Tensor, rtol) -> Tensor:
+def _eigh_solve(K: Tensor, bb: Tensor, rtol, full: Optional[list] = None) -> Tensor:
+    """c = K^+ bb by eigh; ``full``: a list that gets, per matrix, whether it kept every eigenvalue."""
     w, V = _eigh(K)
     wmax = w[..., -1:].clamp_min(0)
     keep = w > (rtol * rtol) * wmax
+    if full is not None:
+        full.append(keep.all(-1))
     inv = torch.where(keep, 1.0 / torch.where(keep, w, torch.ones_like(w)), torch.zeros_like(w))
     return V @ (inv.unsqueeze(-1) * (V.transpose(-1, -2) @ bb))
 
