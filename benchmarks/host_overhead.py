@@ -5,8 +5,13 @@
 
 depth 37 gives 152 tensors (a ViT-tiny's count). Prints the median ``project_()`` wall time over
 ``--steps`` contract-order steps and its share per tensor (and the main thread's CPU time, steadier
-on a shared machine); ``--profile`` adds a cProfile of the
-projections alone. Diagnostic tool, not part of the timed suite.
+on a shared machine), for two states (their steps alternate) of the LayerNorms: ``trained`` (weights near 1, biases near 0,
+drawn at random, as any training step leaves them) and ``init`` (weight 1, bias 0). At init every
+LayerNorm output sums to zero, so each following width-4 Linear's 16 x 16 column Gram is singular
+and 38 of them go to LAPACK's eigh every step (~1 ms of compute, not launch overhead); in the
+``trained`` state 35 of them are full rank and take the Cholesky path (3 stay singular, the head's
+among them: its output gradients, softmax rows, sum to zero). ``--state`` picks one;
+``--profile`` adds a cProfile of the projections alone. Diagnostic tool, not part of the timed suite.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import io
 import pstats
 import statistics
 import time
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -39,6 +45,61 @@ class Stack(nn.Module):
         return self.head(h)
 
 
+def build(d: int, depth: int, state: str, seed: int = 0) -> Stack:
+    """The stack with its LayerNorms at ``init`` (weight 1, bias 0) or ``trained`` (random)."""
+    torch.manual_seed(seed)
+    model = Stack(d, depth)
+    if state == "trained":
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for b in model.blocks:
+                b[0].weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
+                b[0].bias.copy_(0.1 * torch.randn(d, generator=g))
+    return model
+
+
+def stepper(model: nn.Module, B: int, Bu: int) -> Callable[[Optional[cProfile.Profile]], Tuple[float, float, int]]:
+    """``step(prof=None)``: one contract-order step of ``model``; returns (wall s, main-thread CPU
+    s) of its ``project_()`` and the number of tensors projected (``prof``: profiled)."""
+    from orthograd_fast import OrthoGrad
+
+    g = torch.Generator().manual_seed(0)
+    xr, yr = torch.randn(B, 5, generator=g), torch.randint(0, 4, (B,), generator=g)
+    xu, yu = torch.randn(Bu, 5, generator=g), torch.randint(0, 4, (Bu,), generator=g)
+    og = OrthoGrad(model, alpha=0.0, backend="torch")
+    loss = nn.CrossEntropyLoss()
+
+    def step(prof=None):
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            loss(model(xr), yr).backward()
+        loss(model(xu), yu).backward()
+        t, c = time.perf_counter(), time.thread_time()
+        if prof is not None:
+            prof.enable()
+        og.project_()
+        if prof is not None:
+            prof.disable()
+        return time.perf_counter() - t, time.thread_time() - c, og.stats["tensors"]
+
+    return step
+
+
+def measure(models: List[nn.Module], B: int, Bu: int, steps: int) -> List[Tuple[float, float, int]]:
+    """Per model: (median wall s, median main-thread CPU s, tensors) of ``project_()`` over
+    ``steps`` contract-order steps, after 3 warm-up steps; the models' steps alternate, so a
+    busy spell of a shared machine falls on all of them alike."""
+    steps_of = [stepper(m, B, Bu) for m in models]
+    for _ in range(3):
+        for st in steps_of:
+            st()
+    times: List[list] = [[] for _ in models]
+    for _ in range(steps):
+        for st, ts in zip(steps_of, times):
+            ts.append(st())
+    return [(statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts), ts[-1][2]) for ts in times]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=37)
@@ -47,51 +108,29 @@ def main(argv=None):
     ap.add_argument("--Bu", type=int, default=16)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--state", choices=("trained", "init", "both"), default="both")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
 
-    from orthograd_fast import OrthoGrad
-
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = Stack(args.d, args.depth)
-    g = torch.Generator().manual_seed(0)
-    xr, yr = torch.randn(args.B, 5, generator=g), torch.randint(0, 4, (args.B,), generator=g)
-    xu, yu = torch.randn(args.Bu, 5, generator=g), torch.randint(0, 4, (args.Bu,), generator=g)
-    og = OrthoGrad(model, alpha=0.0, backend="torch")
-    loss = nn.CrossEntropyLoss()
-
-    def step(pr=None):
-        model.zero_grad(set_to_none=True)
-        with og.retain():
-            loss(model(xr), yr).backward()
-        loss(model(xu), yu).backward()
-        t, c = time.perf_counter(), time.thread_time()
-        if pr is not None:
-            pr.enable()
-        og.project_()
-        if pr is not None:
-            pr.disable()
-        return time.perf_counter() - t, time.thread_time() - c
-
-    for _ in range(3):
-        step()
-    times = [step() for _ in range(args.steps)]
-    n = og.stats["tensors"]
-    med = statistics.median(t for t, _ in times)
-    cpu = statistics.median(c for _, c in times)
-    print(
-        f"project_() {med * 1e3:.2f} ms for {n} tensors: {med / n * 1e6:.1f} us per tensor, main-thread CPU "
-        f"{cpu / n * 1e6:.1f} us per tensor (median of {args.steps}, B={args.B}, Bu={args.Bu}, d={args.d}, "
-        f"torch threads {torch.get_num_threads()})"
-    )
+    states = ("trained", "init") if args.state == "both" else (args.state,)
+    got = measure([build(args.d, args.depth, st) for st in states], args.B, args.Bu, args.steps)
+    for state, (med, cpu, n) in zip(states, got):
+        print(
+            f"[{state:7s}] project_() {med * 1e3:.2f} ms for {n} tensors: {med / n * 1e6:.1f} us per tensor, "
+            f"main-thread CPU {cpu / n * 1e6:.1f} us per tensor (median of {args.steps}, B={args.B}, Bu={args.Bu}, "
+            f"d={args.d}, torch threads {torch.get_num_threads()})"
+        )
     if args.profile:
-        pr = cProfile.Profile()
-        for _ in range(args.steps):
-            step(pr)
-        s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
-        print(s.getvalue())
+        for state in states:
+            pr, step = cProfile.Profile(), stepper(build(args.d, args.depth, state), args.B, args.Bu)
+            for _ in range(3):
+                step()
+            for _ in range(args.steps):
+                step(pr)
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
+            print(f"[{state}] cProfile of the projections\n{s.getvalue()}")
 
 
 if __name__ == "__main__":

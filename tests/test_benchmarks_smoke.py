@@ -231,6 +231,33 @@ def test_order_memory_unlearn_first_is_lighter():
     assert got["plain"] < got["unlearn first"], got
 
 
+def test_host_overhead_states_differ_in_the_singular_grams(capsys, monkeypatch):
+    # benchmarks/host_overhead.py: at init (LayerNorm bias 0) the 16 x 16 column Grams of the
+    # LayerNorm-fed width-4 Linears are singular and go to eigh; in the 'trained' state only the
+    # head's still does (its output gradients, softmax rows, sum to zero), as does the head bias's
+    # 4 x 4 Gram in both states
+    from benchmarks import host_overhead
+    from orthograd_fast.engine import solve
+
+    batches = []
+    orig = solve._eigh
+
+    def spy(K):
+        batches.append(tuple(K.shape))
+        return orig(K)
+
+    monkeypatch.setattr(solve, "_eigh", spy)
+    for state, want16 in (("init", 3 + 1), ("trained", 1)):
+        batches.clear()
+        [(_, _, n)] = host_overhead.measure([host_overhead.build(4, 3, state)], 24, 5, 2)
+        assert n == 3 * 4 + 4  # 3 blocks of LayerNorm + Linear, the input and head layers
+        last = batches[-2:]  # the last projection's eigh batches
+        assert sorted(last) == sorted([(1, 4, 4), (want16, 16, 16)]), (state, batches)
+    host_overhead.main(["--depth", "2", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "[trained] project_()" in out and "[init   ] project_()" in out, out
+
+
 def test_profile_step_runs_and_attributes_every_route(capsys):
     # benchmarks/profile_step.py wraps the core's PerSampleGrads methods at run time; a signature change
     # in the core must not break it (it did once: results carried a TypeError traceback)
