@@ -5,13 +5,14 @@
 
 depth 37 gives 152 tensors (a ViT-tiny's count). Prints the median ``project_()`` wall time over
 ``--steps`` contract-order steps and its share per tensor (and the main thread's CPU time, steadier
-on a shared machine), for two states (their steps alternate) of the LayerNorms: ``trained`` (weights near 1, biases near 0,
-drawn at random, as any training step leaves them) and ``init`` (weight 1, bias 0). At init every
-LayerNorm output sums to zero, so each following width-4 Linear's 16 x 16 column Gram is singular
-and 38 of them go to LAPACK's eigh every step (~1 ms of compute, not launch overhead); in the
-``trained`` state 35 of them are full rank and take the Cholesky path (3 stay singular, the head's
-among them: its output gradients, softmax rows, sum to zero). ``--state`` picks one;
-``--profile`` adds a cProfile of the projections alone. Diagnostic tool, not part of the timed suite.
+on a shared machine), for two states of the LayerNorms, their steps alternating: ``trained``
+(weights near 1, biases near 0, drawn at random, as any training step leaves them) and ``init``
+(weight 1, bias 0). At init every LayerNorm output sums to zero, so each following width-4
+Linear's 16 x 16 column Gram is singular and 38 of them go to LAPACK's eigh every step (~1 ms of
+compute, not launch overhead); in the ``trained`` state 35 of them are full rank and take the
+Cholesky path (3 stay singular, the head's among them: its output gradients, softmax rows, sum to
+zero). ``--state`` picks one; ``--profile`` adds a cProfile of the projections alone. Diagnostic
+tool, not part of the timed suite.
 """
 
 from __future__ import annotations
