@@ -108,6 +108,27 @@ def test_eigh_only_matches_the_oracle_and_refused_reports_cholesky(chunk, monkey
         assert refused == want, (ks, refused)
 
 
+def test_cholesky_certificate_is_sound_and_takes_well_conditioned_matrices():
+    # the fast path's bound: ok only where every eigenvalue passes the cutoff (else the Cholesky
+    # solve would differ from the eigh route), and ok for spectra well inside it; per-matrix rtol
+    rng = np.random.default_rng(17)
+    n, m = 6, 60
+    lo = 10.0 ** rng.uniform(-14, 0, m)  # the smallest eigenvalue / the largest
+    Ks = []
+    for r in lo:
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        Ks.append(Q @ np.diag(np.r_[1.0, r, 10 ** rng.uniform(np.log10(r), 0, n - 2)]) @ Q.T)
+    K = torch.from_numpy(np.stack(Ks))
+    rt = torch.from_numpy(10.0 ** rng.uniform(-7, -2, m))
+    _, ok = solve._well_conditioned_solve(K, torch.ones(m, n, 1, dtype=torch.float64), rt.square())
+    ratio = torch.from_numpy(lo)
+    assert not bool((ok & (ratio <= rt.square())).any())  # sound: nothing below the cutoff passes
+    # the bound loses at most a factor n on lambda_min and one on lambda_max: n^2 in all
+    clear = ratio > 2 * n * n * rt.square()
+    assert bool(clear.any()) and bool(ok[clear].all()), (ok, ratio / rt.square())
+    assert not bool(ok.all())
+
+
 def test_matrix_right_hand_side():
     rng = np.random.default_rng(11)
     G = _rows(rng, 6, 20)
