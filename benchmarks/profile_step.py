@@ -170,6 +170,11 @@ def main(argv=None):
     print("```")
 
 
+def _group_label(g) -> str:
+    """A group of explicit terms in the schedule: its member's name when it has one member."""
+    return f"{g.terms[0].name} (explicit)" if len(g.ks) == 1 else f"group of {len(g.ks)} explicit"
+
+
 def _print_schedule(og_step, _gram) -> None:
     """One more OrthoGrad step with the projection's jobs timed on the thread that ran them: each
     term's Gram and coefficients (and, for held rows, its whole projection) and each explicit
@@ -199,7 +204,7 @@ def _print_schedule(og_step, _gram) -> None:
     saved = [
         (P, "gram_coef", timed_method(P, "gram_coef", lambda t: f"{t.name} ({t.mode})")),
         (P, "project_held_", timed_method(P, "project_held_", lambda t: f"{t.name} (held passes)")),
-        (ExplicitGroup, "gram_coef", timed_method(ExplicitGroup, "gram_coef", lambda g: f"group of {len(g.ks)} explicit")),
+        (ExplicitGroup, "gram_coef", timed_method(ExplicitGroup, "gram_coef", _group_label)),
     ]
     # every item of every side-by-side map too (a term that runs alone spreads its column blocks
     # over the threads): counted in the threads' busy time, not listed

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-import orthograd_fast.engine.projection as projection
 import orthograd_fast.engine.gram as gram
+import orthograd_fast.engine.solve as solve
 from engine_helpers import compare
 from models import MODELS, ce, make
 from oracle import oracle_direction, oracle_grads
@@ -151,9 +151,9 @@ def test_batch_larger_than_tensor(scope, monkeypatch):
     g = torch.Generator().manual_seed(1)
     xr, yr = torch.randn(11, 3, generator=g), torch.randint(0, 2, (11,), generator=g)
     xu, yu = torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)
-    sizes = []  # which tensors took the column solve
-    real = projection.solve_columns
-    monkeypatch.setattr(projection, "solve_columns", lambda Gs, *a: sizes.extend(G.shape[1] for G in Gs) or real(Gs, *a))
+    sizes = []  # which tensors took the column solve (groups and single terms alike)
+    real = solve.solve_columns_stacked
+    monkeypatch.setattr(solve, "solve_columns_stacked", lambda G, *a: sizes.extend([G.shape[2]] * G.shape[0]) or real(G, *a))
     err, orth, _ = compare(model, ce, (xr, yr), (xu, yu), scope=scope, backend="torch")
     assert err <= REL and orth <= ORTH
     # tensor scope: the biases (4, 2) and the second weight (8) have fewer entries than the 11

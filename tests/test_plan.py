@@ -209,19 +209,25 @@ def test_singular_column_groups_go_to_eigh_until_full_rank(monkeypatch):
     assert seen == [(False, True), (True, True), (True, False), (False, False)], seen
 
 
-def test_singular_single_column_terms_go_to_eigh_and_stay_exact(monkeypatch):
+@pytest.mark.parametrize("alone", ["group_of_one", "single"])
+def test_terms_alone_in_their_size_go_to_eigh_and_stay_exact(alone, monkeypatch):
     # a 3-class head: its bias's rows (softmax gradients) sum to zero, its 12 weights' rows lie in
-    # an 8-dim subspace; neither shares a size with another tensor (single terms), both have fewer
-    # entries than B = 19 samples. The first projection learns that Cholesky refuses them, the
-    # next solves them by eigh directly; both match the oracle.
-    calls = []
-    orig = projection.solve_columns
+    # an 8-dim subspace; neither shares a size with another tensor, both have fewer entries than
+    # B = 19 samples. By default each is a group of one (its own flag); with groups from two
+    # members on they are single terms, solved together (one flag). The first projection learns
+    # that Cholesky refuses them, the next solves them by eigh directly; both match the oracle.
+    import orthograd_fast.engine.solve as solve
 
-    def spy(Gs, us, rtols, eigh_only=False, refused=None):
-        calls.append((len(Gs), eigh_only))
-        return orig(Gs, us, rtols, eigh_only, refused)
+    if alone == "single":
+        monkeypatch.setattr(projection, "GROUP_MIN", 2)  # the tensors that share a size still grouped
+    calls = []  # (matrices, columns, eigh_only) per batched column solve
+    orig = solve.solve_columns_stacked
 
-    monkeypatch.setattr(projection, "solve_columns", spy)
+    def spy(G, u, rtol, eigh_only=False, refused=None):
+        calls.append((G.shape[0], G.shape[2], eigh_only))
+        return orig(G, u, rtol, eigh_only, refused)
+
+    monkeypatch.setattr(solve, "solve_columns_stacked", spy)
     torch.manual_seed(38)
     model = Stack(d=4, depth=3, classes=3)
     gen = torch.Generator().manual_seed(39)
@@ -230,9 +236,16 @@ def test_singular_single_column_terms_go_to_eigh_and_stay_exact(monkeypatch):
         retain = (torch.randn(19, 5, generator=gen), torch.randint(0, 3, (19,), generator=gen))
         unlearn = (torch.randn(5, 5, generator=gen), torch.randint(0, 3, (5,), generator=gen))
         _oracle_step(og, model, retain, unlearn, step, before=calls.clear)
-        assert len(calls) == 1 and calls[0][0] >= 2, calls  # head.weight, head.bias (and inp.weight)
-        assert calls[0][1] == (step == 1), calls
-    assert og._plan_cache.plan.singles_singular
+        head = sorted((n, e) for m, n, e in calls if n in (3, 12))
+        assert head == [(3, step == 1), (12, step == 1)], calls  # head.bias, head.weight
+    plan = og._plan_cache.plan
+    if alone == "single":
+        assert plan.singles_singular and all(len(ks) > 1 for ks, _, _ in plan.spec), plan
+    else:
+        assert not plan.single_ks, plan  # every tensor in a group, the two head tensors alone in theirs
+        names = {ks[0]: og._params[ks[0]][0] for ks, _, _ in plan.spec if len(ks) == 1}
+        flags = {names[ks[0]]: f for (ks, _, _), f in zip(plan.spec, plan.singular) if ks[0] in names}
+        assert flags == {"inp.weight": False, "head.weight": True, "head.bias": True}, flags  # (inp.weight: B x B)
 
 
 class _SmallOneToken(nn.Module):

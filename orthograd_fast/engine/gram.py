@@ -138,6 +138,7 @@ class PerSampleGrads:
     # approx: True when K is accumulated in float32 (Triton); factor_dtype: dtype of the captured
     # factors (picks the default rank tolerance); use: the one dense factored use (tile and ghost
     # routes; None otherwise); uses: the uses evaluated one by one (tokens, lookup and conv routes)
+    route: Route
     mode: str
     approx: bool
     factor_dtype: torch.dtype
@@ -161,12 +162,16 @@ class PerSampleGrads:
         self.name = name
         self.param = param
         self.numel = param.numel()
-        self.B = uses[0].B
         self.backend = backend
         self._gram_source = None  # weakref: the weight term refers to this one (shared_bias)
-        self.weight_D = uses[0].weight_D if len(uses) == 1 and isinstance(uses[0], ExplicitRows) else None
-        self.route: Route = self._choose(uses)
-        r = self.route
+        u = uses[0]
+        if len(uses) == 1 and type(u) is ExplicitRows:  # rows given (most tensors of a model): no choice
+            self.B, self.weight_D = u.G.shape[0], u.weight_D
+            r = self.route = ExplicitRoute(param, self.B, uses)
+        else:
+            self.B = u.B
+            self.weight_D = u.weight_D if len(uses) == 1 and isinstance(u, ExplicitRows) else None
+            r = self.route = self._choose(uses)
         self.mode, self.approx, self.factor_dtype, self.use, self.uses = r.name, r.approx, r.factor_dtype, r.use, r.uses
 
     @property
@@ -182,8 +187,6 @@ class PerSampleGrads:
 
     def _choose(self, uses: list) -> Route:
         p, B = self.param, self.B
-        if len(uses) == 1 and type(uses[0]) is ExplicitRows:  # rows given (biases, norms, compacted)
-            return ExplicitRoute(p, B, uses)
         convs = [u for u in uses if isinstance(u, ConvFactors)]
         if convs and B * self.numel > EXPLICIT_MAX:
             same = len({(u.shape, u.groups) for u in convs}) == 1

@@ -28,8 +28,11 @@ from .solve import COLUMN_MIN_RTOL, resolve_rtol, solve_columns, solve_psd
 # runs on one intra-op thread, beside other terms (orthograd_fast.engine.threads.run_spread).
 SMALL_TERM_WORK = 1 << 25
 # explicit terms of one size grouped from this many members on (below: per-term jobs), and at
-# most this many bytes of stacked float64 rows per group (a group's stack is a copy of its rows)
-GROUP_MIN = 2
+# most this many bytes of stacked float64 rows per group (a group's stack is a copy of its rows).
+# 1: a term alone in its size is a group of one too: its update in float64 without the
+# amplification check, no B x B Gram when it takes the column solve, its own singular flag
+# (host benchmark, 152 tensors: 0.97x of the time with 2)
+GROUP_MIN = 1
 GROUP_MAX_BYTES = 32 << 20
 
 
@@ -179,10 +182,13 @@ def project(
             wait = _Wait(k, pending[1])
         else:  # not held here: nothing to wait for
             pending[1]()
-    hold, prefetched = [], 0
+    hold, holders, prefetched = [], [], 0
     for k, t in enumerate(T):
         r = t.route
-        if not r.holds or (wait is not None and k == wait.k):  # never holds rows / untouched until its job
+        if not r.holds:  # never holds rows
+            continue
+        holders.append(t)
+        if wait is not None and k == wait.k:  # untouched until its job
             continue
         if r.rows is not None:  # prepared by the prefetch: kept where held, else dropped
             if holding and k not in X:
@@ -200,7 +206,7 @@ def project(
             prefetched += 1
         stats["prefetched"] = prefetched  # terms whose rows and K were formed before (prefetch)
     finally:
-        for t in T:
+        for t in holders:
             if t.route.rows is not None:
                 t.drop_rows()  # held rows live for one projection at most
     return out, stats
@@ -379,11 +385,12 @@ def _solve(T, U, scope, Kr: _Rows, b, rtols, groups, col_groups, plan: Plan):
         # materialized tensors with fewer entries than samples: the same c from their n x n
         # column Gram (K is rank-deficient there: no B x B eigh every step)
         # (groups of explicit terms: one batched column solve per group)
-        in_groups = {k for gi in col_groups for k in groups[gi].ks}
-        col = [k for k, t in enumerate(T) if t.mode == "explicit" and t.numel < t.B and rtols[k] >= COLUMN_MIN_RTOL and k not in in_groups]
+        # (terms outside the groups: the plan's single_ks)
+        col = [k for k in plan.single_ks if T[k].mode == "explicit" and T[k].numel < T[k].B and rtols[k] >= COLUMN_MIN_RTOL]
         if not (col or col_groups):
             return solve_psd(K, b, rt), rt, Kg
-        rest = sorted(set(range(len(T))) - set(col) - in_groups)
+        cols, colg = set(col), set(col_groups)
+        rest = sorted([k for k in plan.single_ks if k not in cols] + [k for gi, g in enumerate(groups) if gi not in colg for k in g.ks])
         c = torch.empty_like(b)
         if rest:
             c[rest] = solve_psd(Kr.at(rest), b[rest], rt[rest])

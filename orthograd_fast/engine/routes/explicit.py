@@ -120,13 +120,15 @@ def stacked_rows(terms: list) -> Tensor:
     and their ``G`` become views of the stack (formed when asked), instead of a widening and a
     view per member."""
     routes = [t.route for t in terms]
-    uses = [r._G_uses if r._G is None and r._stacked is None else None for r in routes]
-    if not all(u is not None and len(u) == 1 and type(u[0]) is ExplicitRows for u in uses):
-        return torch.stack([t.G for t in terms])
-    dts = {u[0].G.dtype for u in uses}
-    if len(dts) > 1:
-        return torch.stack([t.G for t in terms])
-    G = torch.stack([u[0].G for u in uses]).double()
+    rows = []  # each member's one given ExplicitRows, while all have one of one dtype
+    dt = None
+    for r in routes:
+        u = r._G_uses if r._G is None and r._stacked is None else None
+        if u is None or len(u) != 1 or type(u[0]) is not ExplicitRows or (dt is not None and u[0].G.dtype != dt):
+            return torch.stack([t.G for t in terms])
+        dt = u[0].G.dtype
+        rows.append(u[0].G)
+    G = torch.stack(rows).double()
     for j, r in enumerate(routes):
         r._stacked, r._G_uses = (G, j), None
     return G
