@@ -11,8 +11,10 @@ on a shared machine), for two states of the LayerNorms, their steps alternating:
 Linear's 16 x 16 column Gram is singular and 38 of them go to LAPACK's eigh every step (~1 ms of
 compute, not launch overhead); in the ``trained`` state 35 of them are full rank and take the
 Cholesky path (3 stay singular, the head's among them: its output gradients, softmax rows, sum to
-zero). ``--state`` picks one; ``--profile`` adds a cProfile of the projections alone. Diagnostic
-tool, not part of the timed suite.
+zero). ``--state`` picks one; ``--profile`` adds a cProfile of the projections alone; ``--rev REV``
+times a git revision's code instead, paired step by step with this tree's on copies of the same
+model (the ratio a change made, free of the machine's drift). Diagnostic tool, not part of the
+timed suite.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import pathlib
 import pstats
 import statistics
+import tempfile
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -59,11 +63,13 @@ def build(d: int, depth: int, state: str, seed: int = 0) -> Stack:
     return model
 
 
-def stepper(model: nn.Module, B: int, Bu: int) -> Callable[[Optional[cProfile.Profile]], Tuple[float, float, int]]:
+def stepper(model: nn.Module, B: int, Bu: int, og_class=None) -> Callable[[Optional[cProfile.Profile]], Tuple[float, float, int]]:
     """``step(prof=None)``: one contract-order step of ``model``; returns (wall s, main-thread CPU
-    s) of its ``project_()`` and the number of tensors projected (``prof``: profiled)."""
+    s) of its ``project_()`` and the number of tensors projected (``prof``: profiled).
+    ``og_class``: the OrthoGrad class to use (another revision's; default this tree's)."""
     from orthograd_fast import OrthoGrad
 
+    OrthoGrad = og_class or OrthoGrad
     g = torch.Generator().manual_seed(0)
     xr, yr = torch.randn(B, 5, generator=g), torch.randint(0, 4, (B,), generator=g)
     xu, yu = torch.randn(Bu, 5, generator=g), torch.randint(0, 4, (Bu,), generator=g)
@@ -86,11 +92,12 @@ def stepper(model: nn.Module, B: int, Bu: int) -> Callable[[Optional[cProfile.Pr
     return step
 
 
-def measure(models: List[nn.Module], B: int, Bu: int, steps: int) -> List[Tuple[float, float, int]]:
+def measure(models: List[nn.Module], B: int, Bu: int, steps: int, og_classes=None) -> List[Tuple[float, float, int]]:
     """Per model: (median wall s, median main-thread CPU s, tensors) of ``project_()`` over
     ``steps`` contract-order steps, after 3 warm-up steps; the models' steps alternate, so a
-    busy spell of a shared machine falls on all of them alike."""
-    steps_of = [stepper(m, B, Bu) for m in models]
+    busy spell of a shared machine falls on all of them alike. ``og_classes``: per model, the
+    OrthoGrad class (default this tree's)."""
+    steps_of = [stepper(m, B, Bu, c) for m, c in zip(models, og_classes or [None] * len(models))]
     for _ in range(3):
         for st in steps_of:
             st()
@@ -99,6 +106,20 @@ def measure(models: List[nn.Module], B: int, Bu: int, steps: int) -> List[Tuple[
         for st, ts in zip(steps_of, times):
             ts.append(st())
     return [(statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts), ts[-1][2]) for ts in times]
+
+
+def paired(B: int, Bu: int, steps: int, d: int, depth: int, state: str, og_classes) -> Tuple[float, float, float]:
+    """Two OrthoGrad classes on copies of one model, steps alternating (which goes first swaps
+    every step): (median project_() s of each, median of the per-step ratios first / second)."""
+    steps_of = [stepper(build(d, depth, state), B, Bu, c) for c in og_classes]
+    for _ in range(3):
+        for st in steps_of:
+            st()
+    ts: List[list] = [[], []]
+    for i in range(steps):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            ts[j].append(steps_of[j]()[0])
+    return statistics.median(ts[0]), statistics.median(ts[1]), statistics.median(a / b for a, b in zip(*ts))
 
 
 def main(argv=None):
@@ -111,10 +132,25 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--state", choices=("trained", "init", "both"), default="both")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--rev", default=None, help="also time a git revision's code, paired step by step with this tree's")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     states = ("trained", "init") if args.state == "both" else (args.state,)
+    if args.rev is not None:
+        import orthograd_fast
+
+        from .ab_rev import load_revision
+
+        with tempfile.TemporaryDirectory() as tmp:
+            old = load_revision(args.rev, pathlib.Path(__file__).resolve().parents[1], pathlib.Path(tmp))
+            for state in states:
+                new_s, old_s, r = paired(args.B, args.Bu, args.steps, args.d, args.depth, state, [orthograd_fast.OrthoGrad, old.OrthoGrad])
+                print(
+                    f"[{state:7s}] this tree {new_s * 1e3:.2f} ms, {args.rev} {old_s * 1e3:.2f} ms per project_(); "
+                    f"paired median this tree / {args.rev} {r:.3f} ({args.steps} steps each, alternating)"
+                )
+        return
     got = measure([build(args.d, args.depth, st) for st in states], args.B, args.Bu, args.steps)
     for state, (med, cpu, n) in zip(states, got):
         print(

@@ -397,3 +397,11 @@ def test_ab_rev_compares_the_working_tree_with_a_revision(capsys):
     out = capsys.readouterr().out
     assert "current / HEAD" in out and "plain" in out, out
     assert "ogf_rev" in sys.modules and sys.modules["ogf_rev"].OrthoGrad is not None
+    # a real-zoo model, with its own loss; and the host benchmark's paired mode
+    ab_rev.main(["--rev", "HEAD", "--model", "lstm", "--B", "4", "--Bu", "2", "--rounds", "1", "--order", "contract"])
+    assert "lstm B=4" in capsys.readouterr().out
+    from benchmarks import host_overhead
+
+    host_overhead.main(["--rev", "HEAD", "--depth", "2", "--steps", "2", "--state", "trained"])
+    out = capsys.readouterr().out
+    assert "[trained] this tree" in out and "paired median this tree / HEAD" in out, out
