@@ -92,12 +92,11 @@ def stepper(model: nn.Module, B: int, Bu: int, og_class=None) -> Callable[[Optio
     return step
 
 
-def measure(models: List[nn.Module], B: int, Bu: int, steps: int, og_classes=None) -> List[Tuple[float, float, int]]:
+def measure(models: List[nn.Module], B: int, Bu: int, steps: int) -> List[Tuple[float, float, int]]:
     """Per model: (median wall s, median main-thread CPU s, tensors) of ``project_()`` over
     ``steps`` contract-order steps, after 3 warm-up steps; the models' steps alternate, so a
-    busy spell of a shared machine falls on all of them alike. ``og_classes``: per model, the
-    OrthoGrad class (default this tree's)."""
-    steps_of = [stepper(m, B, Bu, c) for m, c in zip(models, og_classes or [None] * len(models))]
+    busy spell of a shared machine falls on all of them alike."""
+    steps_of = [stepper(m, B, Bu) for m in models]
     for _ in range(3):
         for st in steps_of:
             st()

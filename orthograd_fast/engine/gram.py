@@ -168,9 +168,8 @@ class PerSampleGrads:
         if len(uses) == 1 and type(u) is ExplicitRows:  # rows given (most tensors of a model): no choice
             self.B, self.weight_D = u.G.shape[0], u.weight_D
             r = self.route = ExplicitRoute(param, self.B, uses)
-        else:
-            self.B = u.B
-            self.weight_D = u.weight_D if len(uses) == 1 and isinstance(u, ExplicitRows) else None
+        else:  # (weight_D: only one given ExplicitRows carries one)
+            self.B, self.weight_D = u.B, None
             r = self.route = self._choose(uses)
         self.mode, self.approx, self.factor_dtype, self.use, self.uses = r.name, r.approx, r.factor_dtype, r.use, r.uses
 
