@@ -116,6 +116,45 @@ def test_convs_over_few_positions_take_tiles_of_the_unfolded_input(scope, monkey
     assert og._terms[model.c1.weight].mode == "conv" and err <= REL and orth <= ORTH, (err, orth)
 
 
+class _OnePositionCNN(nn.Module):
+    """A convolution over a 1 x 1 output map (one position, as a late stage's at a small image
+    size) between a convolution and a Linear head with a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 5, 4)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+
+def test_one_position_conv_is_unfolded_in_its_job_not_when_terms_are_built(monkeypatch):
+    # a one-position convolution on the ghost route looks like a one-token layer to the bias
+    # pairing (gram.share_bias_grams); building the terms must not unfold it on the caller's
+    # thread (its token form is formed in its Gram job), and the result stays exact
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)
+    monkeypatch.setattr(gram, "choose_route", lambda *a: gram.GHOST)
+    torch.manual_seed(4)
+    model = _OnePositionCNN()
+    gen = torch.Generator().manual_seed(9)
+    retain = (torch.randn(7, 3, 4, 4, generator=gen), torch.randint(0, 3, (7,), generator=gen))
+    unlearn = (torch.randn(5, 3, 4, 4, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+    og = OrthoGrad(model, backend="torch")
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    terms = og._build_terms()
+    t = terms[model.c2.weight]
+    assert t.mode == gram.GHOST and type(t.use).__name__ == "ConvOuter" and t.use.a_shape[1] == 1
+    assert t.use._form is None, "the terms' construction unfolded the convolution's input"
+    assert terms[model.head.bias].gram_source is terms[model.head.weight]  # the pairing still runs
+    og.reset()
+    err, orth, og = compare(model, ce, retain, unlearn, backend="torch")
+    assert og._terms[model.c2.weight].use._form is not None  # formed by the projection
+    assert err <= REL and orth <= ORTH, (err, orth)
+
+
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("T", [1, 3])
 def test_nearly_collinear_rows_factored(scope, T, monkeypatch):

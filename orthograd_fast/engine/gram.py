@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import held_rows
-from .conv_factors import ConvFactors
+from .conv_factors import ConvFactors, ConvOuter
 from .factors import ExplicitRows, OuterFactors, merge_tokens
 from .route import GHOST, TILE, choose_route, choose_route_fused
 from .routes.base import EXACT_UPDATE_TOL, Route, update_amplification
@@ -92,15 +92,18 @@ def share_bias_grams(terms: List["PerSampleGrads"]) -> None:
     """Pair each one-token weight (ghost route, T = G = 1, on the torch path) with its bias, whose
     per-sample rows are the weight's D: the weight's job computes D D^T once for both and reads D
     from the bias's float64 rows (MLP, B = 64: 3 of 15 float64 B x B x 1024 products per step)."""
-    weights = {}
+    # biases first: only a dense rule's bias carries its weight's D (a convolution's token form,
+    # unfolded on first use, never is one; reading its D here would unfold it on the caller's
+    # thread: ResNet, B = 32, 3 stage-4 convolutions, ~5 ms per step at the retain exit)
+    biases = {id(t.weight_D): t for t in terms if t.weight_D is not None and t.mode == "explicit"}
+    if not biases:
+        return
     for t in terms:
         u = t.use
-        if t.mode == GHOST and u is not None and u.ids is None and u.a_shape[1] == 1 and u.a_shape[2] == 1 and not t._on_triton():
-            weights[id(u.D)] = t
-    for t in terms:
-        h = weights.get(id(t.weight_D)) if t.weight_D is not None else None
-        if h is not None and t.mode == "explicit" and t.weight_D.shape[-1] == t.numel and t.B == h.B and h.shared_bias is None:
-            h.shared_bias, t.gram_source = t, h
+        if t.mode == GHOST and u is not None and not isinstance(u, ConvOuter) and u.ids is None and u.a_shape[1] == 1 and u.a_shape[2] == 1 and not t._on_triton():
+            b = biases.get(id(u.D))
+            if b is not None and b.weight_D.shape[-1] == b.numel and b.B == t.B and t.shared_bias is None and b.gram_source is None:
+                t.shared_bias, b.gram_source = b, t
 
 
 def can_hold_rows(t: "PerSampleGrads") -> bool:
