@@ -97,6 +97,8 @@ def machine_lines(data: dict) -> List[str]:
     mi = data.get("orthograd", {}).get("machine") or data.get("machine_info", {}).get("orthograd") or {}
     bmi = data.get("machine_info", {})
     cpu = mi.get("cpu_model") or bmi.get("cpu", {}).get("brand_raw") or bmi.get("processor", "?")
+    detail = ", ".join(x for x in (mi.get("cpu_family_model"), mi.get("cpu_capability") and f"torch CPU capability {mi['cpu_capability']}") if x)
+    cpu = f"{cpu} ({detail})" if detail else cpu
     lines = [
         f"- Machine: {cpu}, {mi.get('cpu_count', '?')} cores (torch threads {mi.get('torch_threads', '?')}), "
         f"{mi.get('mem_total_gib', '?')} GiB RAM" + (f"; GPU {mi['cuda_device']} (CUDA {mi.get('cuda_version')})" if mi.get("cuda_device") else ""),

@@ -277,11 +277,31 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_family_model() -> Optional[str]:
+    """'family F model M' from /proc/cpuinfo (hosts sold under one name differ: an AMD EPYC guest
+    may be Zen 3 or Zen 4, whose AVX-512 speeds up the plain step's GEMMs more than ours)."""
+    fam = mod = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu family"):
+                    fam = line.split(":", 1)[1].strip()
+                elif line.startswith("model") and not line.startswith("model name"):
+                    mod = line.split(":", 1)[1].strip()
+                if fam is not None and mod is not None:
+                    return f"family {fam} model {mod}"
+    except OSError:
+        pass
+    return None
+
+
 def machine_info(device: str = "cpu") -> dict:
     import platform
 
     info = {
         "cpu_model": _cpu_model(),
+        "cpu_family_model": _cpu_family_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the SIMD level torch's kernels use
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
