@@ -27,6 +27,8 @@ from .engine import checks as _checks
 from .engine import distributed as _distributed
 from .engine import prefetch as _prefetch
 from .engine import projection as _projection
+from .engine import retain_span as _retain_span
+from .engine import threads as _threads
 from .engine import triton_ops as _triton_ops
 from .engine.capture import Capture, find_units
 from .engine.fallback import FallbackLog
@@ -143,7 +145,10 @@ class OrthoGrad:
         On leaving it (normally or by an exception) the hooks are removed and every ``.grad`` is
         what it was before; the retain gradient is kept aside for ``alpha``. Several blocks before
         one ``project_()`` accumulate (B_total = the sum; gbar_r = the mean of the blocks'). The
-        unlearn backward may come before (lighter on memory) or after the block(s).
+        unlearn backward may come before (lighter on memory) or after the block(s). Where the
+        prefetch starts (CPU, the contract's order: README), the factors' per-sample rows are
+        built on its thread while the unlearn pass runs, and an error there is raised by
+        ``project_()``.
         """
         self._begin_block("og.retain() blocks cannot be nested", retain=True)
         # Until the first projection has checked the capture, the parameters run with their real
@@ -156,7 +161,11 @@ class OrthoGrad:
             # the first span keeps <retain gradient, u> only where u is already there (og.forget()
             # first), unless such a check was deferred before (u changed before project_())
             dots = not self._capture_checked and not self._dots_deferred
-            with self._span.block(cap, keep_gradients=self.alpha > 0 or not self._capture_checked, lean=self._lean, exempt=real, dots=dots):
+            # the builds of the block's uses go to the prefetch thread, beside the unlearn pass
+            defer = _retain_span.DEFER_BUILD and self._prefetch_ok() and not _threads.autocast_on()
+            with self._span.block(
+                cap, keep_gradients=self.alpha > 0 or not self._capture_checked, lean=self._lean, exempt=real, dots=dots, defer=defer
+            ):
                 yield self
         finally:
             self._in_retain = False
@@ -170,7 +179,18 @@ class OrthoGrad:
         unlearn pass runs (CPU, per-tensor scope, torch backend, no DDP, several intra-op threads).
         Not when some .grad is already there: the unlearn pass came first (og.forget() first, the
         README's order) and project_() comes next, with nothing to overlap."""
-        if (
+        if not self._prefetch_ok():
+            return
+        if self._span.pending is not None:  # the block's uses are still to build: there first
+            self._prefetch = _prefetch.Prefetch(None, self._row_buffers, setup=self._prefetch_pick)
+            return
+        picked = self._prefetch_pick()
+        if picked:
+            self._prefetch = _prefetch.Prefetch(picked, self._row_buffers)
+
+    def _prefetch_ok(self) -> bool:
+        """Whether leaving retain() starts the prefetch (see :meth:`_start_prefetch`)."""
+        return not (
             self.prefetch_bytes <= 0
             or any(p.grad is not None for _, p in self._params)
             or self.scope != "tensor"
@@ -178,17 +198,19 @@ class OrthoGrad:
             or self._group is not None
             or torch.get_num_threads() < _prefetch.MIN_THREADS
             or any(p.device.type != "cpu" for _, p in self._params)
-        ):
-            return
+        )
+
+    def _prefetch_pick(self) -> list:
+        """The span's terms (built here, on the prefetch thread when the block's uses were left to
+        it) and the ones the prefetch prepares; [] when building them fails (project_() builds
+        them again and raises it there, as without prefetch)."""
         try:
-            terms = self._build_terms(internal=True)
-        except Exception:  # noqa: BLE001 - project_() builds them again and raises it there, as without prefetch
+            terms = self._make_terms(internal=True)
+        except Exception:  # noqa: BLE001 - see above
             self._terms = None
-            return
+            return []
         ts = list(terms.values())
-        picked = _prefetch.pick(ts, _projection.term_rtols(self.rtol, ts, exact_gram=True), self.prefetch_bytes)
-        if picked:
-            self._prefetch = _prefetch.Prefetch(picked, self._row_buffers)
+        return _prefetch.pick(ts, _projection.term_rtols(self.rtol, ts, exact_gram=True), self.prefetch_bytes)
 
     def _finish_prefetch(self, discard: bool = False) -> None:
         """Wait for the background preparation (``discard``: and drop what it prepared)."""
@@ -264,6 +286,10 @@ class OrthoGrad:
         changed since the retain pass (``internal``: the prefetch's call on leaving retain(), which
         leaves that check to the next one; after it the parameters may change: prepare())."""
         self._finish_prefetch()  # the background thread works on the terms until here
+        return self._make_terms(internal)
+
+    def _make_terms(self, internal: bool) -> Dict[Tensor, PerSampleGrads]:
+        """:meth:`_build_terms` without stopping the prefetch (the prefetch thread's own call)."""
         if self._terms is not None and not internal and not self._terms_checked:
             self._span.check_versions()
         if self._terms is None:

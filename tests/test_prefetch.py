@@ -273,3 +273,122 @@ def test_the_thread_runs_at_the_lowest_priority_and_the_caller_does_not(eager, m
     og.project_()
     assert seen and all(n == 19 for n in seen), seen
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+# --- the retain block's builds on the prefetch thread (retain_span.DEFER_BUILD) -------------------
+class NormsAndHeads(nn.Module):
+    """A convolution, a batch norm in eval mode, a LayerNorm over tokens, a one-token Linear
+    large enough to stay factored (B * numel > gram.EXPLICIT_MAX at B = 7) and a small head:
+    every kind of build the block leaves (norm rows, bias sums, small rows, one-token factors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6).eval()
+        self.ln = nn.LayerNorm(6)
+        self.tok = nn.Linear(6, 6)
+        self.wide = nn.Linear(6 * 5 * 5, 7000)
+        self.head = nn.Linear(7000, 4)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))  # [B, 6, 5, 5]
+        t = self.tok(self.ln(h.flatten(2).transpose(1, 2)))  # 25 tokens of 6
+        return self.head(torch.tanh(self.wide(t.flatten(1)))) / 10
+
+
+def _norms_data(g, B=7, Bu=3):
+    return (
+        (torch.randn(B, 3, 5, 5, generator=g), torch.randint(0, 4, (B,), generator=g)),
+        (torch.randn(Bu, 3, 5, 5, generator=g), torch.randint(0, 4, (Bu,), generator=g)),
+    )
+
+
+@pytest.fixture
+def background(monkeypatch):
+    """The prefetch (and with it the deferred build) on any thread count; every term it picks
+    prepared before the projection takes over (counts independent of timing)."""
+    monkeypatch.setattr(prefetch, "MIN_THREADS", 1)
+    monkeypatch.setattr(prefetch, "DRAIN", True)
+
+
+def _builds_on(monkeypatch) -> list:
+    """The names of the threads that run op_capture.build_uses from now on."""
+    import orthograd_fast.engine.op_capture as op_capture
+
+    seen = []
+    orig = op_capture.build_uses
+
+    def spy(*a, **kw):
+        seen.append(threading.current_thread().name)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(op_capture, "build_uses", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["norms", "tokens", "convs"])
+def test_block_builds_on_the_prefetch_thread_and_give_the_same_step(name, background, monkeypatch):
+    import orthograd_fast.engine.retain_span as retain_span
+
+    seen = _builds_on(monkeypatch)
+    steps, windows = {}, {}
+    for defer in (True, False):
+        monkeypatch.setattr(retain_span, "DEFER_BUILD", defer)
+        g = torch.Generator().manual_seed(31)
+        torch.manual_seed(32)
+        model = {"norms": NormsAndHeads, "tokens": Tokens, "convs": Convs}[name]()
+        retain, unlearn = _norms_data(g) if name == "norms" else _data(name, g)
+        og = OrthoGrad(model, backend="torch")
+        seen.clear()
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        win = og._unlearn.window  # the armed unlearn capture: its layers chosen on leaving
+        windows[defer] = sorted(n for n, p in model.named_parameters() if win is not None and any(p is w for w in win.weights))
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        og.project_()
+        assert seen == (["orthograd-prefetch"] if defer else ["MainThread"]), (defer, seen)
+        steps[defer] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        _assert_exact(model, retain, unlearn, tag=(name, defer))
+    for n in steps[True]:  # the same builds, one intra-op thread each either way: the same bits
+        assert torch.equal(steps[True][n], steps[False][n]), n
+    assert windows[True] == windows[False]
+    if name == "norms":
+        assert windows[True] == ["wide.weight"]  # the one large one-token weight
+
+
+def test_deferred_build_failure_is_raised_by_project_and_leaves_the_object_usable(background, monkeypatch):
+    import orthograd_fast.engine.op_capture as op_capture
+
+    g = torch.Generator().manual_seed(41)
+    torch.manual_seed(42)
+    model = NormsAndHeads()
+    retain, unlearn = _norms_data(g)
+    og = OrthoGrad(model, backend="torch")
+    orig = op_capture._build_all
+
+    def boom(recs):
+        raise RuntimeError("build failed")
+
+    monkeypatch.setattr(op_capture, "_build_all", boom)
+    with og.retain():  # the build runs later: leaving the block does not raise
+        ce(model(retain[0]), retain[1]).mean().backward()
+    assert all(p.grad is None for p in model.parameters())  # .grad put back
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    u = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="build failed"):
+        og.project_()
+    assert all(torch.equal(p.grad, u[n]) for n, p in model.named_parameters())  # untouched
+    monkeypatch.setattr(op_capture, "_build_all", orig)
+    og.reset()
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    ref, G, uu = oracle_direction(model, ce, retain, unlearn)
+    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
+    assert orthogonality(G, {n: -d for n, d in got.items()}, uu) <= ORTH

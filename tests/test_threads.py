@@ -323,7 +323,7 @@ class _Norms(nn.Module):
 
 
 def test_retain_exit_builds_side_by_side_with_the_serial_result(monkeypatch):
-    from orthograd_fast.engine import op_capture
+    from orthograd_fast.engine import op_capture, retain_span
 
     gen = torch.Generator().manual_seed(5)
     retain = (torch.randn(9, 7, 6, generator=gen), torch.randint(0, 4, (9,), generator=gen))
@@ -340,6 +340,7 @@ def test_retain_exit_builds_side_by_side_with_the_serial_result(monkeypatch):
 
     monkeypatch.setattr(og_threads, "map_balanced", spy)
     monkeypatch.setattr(op_capture, "BUILD_SPREAD_MIN", 0)  # these records are tiny
+    monkeypatch.setattr(retain_span, "DEFER_BUILD", False)  # built on leaving, not on the prefetch thread
     try:
         grads = []
         for serial in (False, True):
@@ -367,7 +368,7 @@ def test_retain_exit_builds_side_by_side_with_the_serial_result(monkeypatch):
 def test_retain_exit_builds_small_records_in_the_calling_thread(monkeypatch):
     # below BUILD_SPREAD_MIN output-gradient elements in all, handing the builds to threads costs
     # more than they do: they run in order on the caller's thread, at one intra-op thread
-    from orthograd_fast.engine import op_capture
+    from orthograd_fast.engine import op_capture, retain_span
 
     gen = torch.Generator().manual_seed(6)
     retain = (torch.randn(9, 7, 6, generator=gen), torch.randint(0, 4, (9,), generator=gen))
@@ -386,6 +387,7 @@ def test_retain_exit_builds_small_records_in_the_calling_thread(monkeypatch):
 
     monkeypatch.setattr(og_threads, "map_balanced", spy)
     monkeypatch.setattr(op_capture.OpRecord, "__init__", init)
+    monkeypatch.setattr(retain_span, "DEFER_BUILD", False)  # built on leaving, not on the prefetch thread
     try:
         model = _Norms()
         og = OrthoGrad(model)

@@ -172,6 +172,7 @@ class Capture:
         self.handles = []
         self.error: Optional[BaseException] = None
         self.dense_verdict: tuple = ({}, set())  # OpContext.dense_verdict(), kept by finish()
+        self.one_token: set = set()  # finish(defer=True): op_capture.one_token_weights of the block
 
     # --- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -291,8 +292,11 @@ class Capture:
         return h
 
     # --- factors -----------------------------------------------------------------------------
-    def finish(self) -> Dict[Tensor, list]:
-        """Per trainable parameter, the list of per-sample uses seen in this block."""
+    def finish(self, defer: bool = False):
+        """Per trainable parameter, the list of per-sample uses seen in this block. ``defer``: the
+        operation records' builds are left to the caller: a callable returning the same dict
+        (it holds what it needs; call it once, on any thread, after :meth:`release` too), and
+        ``one_token`` (:func:`op_capture.one_token_weights`) is set now."""
         uses: Dict[Tensor, list] = {}
         any_grad = False
         B = self.B
@@ -310,19 +314,34 @@ class Capture:
                 for dev, dt in call.autocast:
                     stack.enter_context(torch.autocast(dev, dtype=dt))
                 fallback.merge(uses, fallback.fallback_uses(u.module, names, call, B, u.name))
-        op_uses = op_capture.build_uses(self.ctx, [f for f, _ in self._flagged])
+        flagged = [f for f, _ in self._flagged]
+        recs = op_capture.reached(self.ctx)
+        op_uses = op_capture.build_uses(recs, flagged) if not defer else {}
         self.dense_verdict = self.ctx.dense_verdict()
-        any_grad = any_grad or bool(op_uses)
-        for p, us in op_uses.items():
-            uses.setdefault(p, []).extend(us)
+        any_grad = any_grad or bool(op_uses) or (defer and bool(recs))
+        rnn: Dict[Tensor, list] = {}
         for rc in self.rnn_calls:
             rnn_uses = rc.uses(B)
             any_grad = any_grad or bool(rnn_uses)
             for p, us in rnn_uses.items():
-                uses.setdefault(p, []).extend(us)
+                rnn.setdefault(p, []).extend(us)
         if not any_grad:
             raise CaptureError(
                 "og.retain(): no gradient reached any layer inside the block. Call "
                 "retain_loss.backward() inside `with og.retain():` (the loss must depend on the model)."
             )
-        return uses
+        if not defer:
+            _merge(uses, op_uses)
+            return _merge(uses, rnn)
+        self.one_token = op_capture.one_token_weights(recs, flagged) - {id(p) for p in rnn} - {id(p) for p in uses}
+
+        def later() -> Dict[Tensor, list]:  # the same order of uses as above
+            return _merge(_merge(uses, op_capture.build_uses(recs, flagged)), rnn)
+
+        return later
+
+
+def _merge(into: Dict[Tensor, list], new: Dict[Tensor, list]) -> Dict[Tensor, list]:
+    for p, us in new.items():
+        into.setdefault(p, []).extend(us)
+    return into

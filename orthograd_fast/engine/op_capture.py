@@ -54,12 +54,15 @@ class Frame:
 class OpRecord:
     """One intercepted call: ``build(output_gradient)`` -> {param: [uses]} on leaving retain()."""
 
-    def __init__(self, build: Callable, owners: List[Tensor], frames: tuple, name: str):
+    def __init__(self, build: Callable, owners: List[Tensor], frames: tuple, name: str, one_token: Optional[Tensor] = None):
         self.build = build
         self.owners = owners
         self.frames = frames
         self.name = name
         self.grad: Optional[Tensor] = None
+        # the parameter whose use this record builds as one one-token dense factor (a Linear on
+        # [B, I] inputs), known before the build (one_token_weights)
+        self.one_token = one_token
 
     def hook(self, g):
         self.grad = g.detach() if self.grad is None else self.grad + g.detach()
@@ -192,8 +195,9 @@ class OpContext:
                 ok[k] = (m, w, tr)
         return ok, bad
 
-    def record(self, func, out, operands, build):
-        """Register the output gradient hook of a rule's call and keep its record."""
+    def record(self, func, out, operands, build, one_token: Optional[Tensor] = None):
+        """Register the output gradient hook of a rule's call and keep its record (``one_token``:
+        see OpRecord)."""
         owners = []
         for t in operands:
             for p in self.space.owners(t) if isinstance(t, Tensor) else ():
@@ -203,7 +207,7 @@ class OpContext:
             self.uses_of[id(p)] = self.uses_of.get(id(p), 0) + 1
         out = anchored(out, owners if self.space.lean else [])
         if isinstance(out, Tensor) and out.requires_grad:
-            rec = OpRecord(build, owners, tuple(self.frames), rules.op_name(func))
+            rec = OpRecord(build, owners, tuple(self.frames), rules.op_name(func), one_token)
             out.register_hook(rec.hook)
             self.records.append(rec)
         return out
@@ -408,12 +412,27 @@ def _build_all(recs: List[OpRecord]) -> List[Dict[Tensor, list]]:
     return threads.side_by_side(lambda rec: rec.build(rec.grad), recs, cost, recs[0].grad.device)
 
 
-def build_uses(ctx: OpContext, flagged: List[Frame]) -> Dict[Tensor, list]:
-    """{param: [uses]} of every record whose output gradient arrived; records of parameters a
+def reached(ctx: OpContext) -> List[OpRecord]:
+    """The records whose output gradient arrived (the ones :func:`build_uses` builds)."""
+    return [rec for rec in ctx.records if rec.grad is not None]
+
+
+def one_token_weights(recs: List[OpRecord], flagged: List[Frame]) -> set:
+    """id() of the parameters whose every reached record builds one one-token dense factor (and
+    that no flagged frame replays): what :func:`build_uses` will give them, known before it runs."""
+    replayed = {k for f in flagged for k in f.params}
+    per: Dict[int, bool] = {}
+    for rec in recs:
+        for p in rec.owners:
+            per[id(p)] = per.get(id(p), True) and rec.one_token is p
+    return {k for k, v in per.items() if v and k not in replayed}
+
+
+def build_uses(recs: List[OpRecord], flagged: List[Frame]) -> Dict[Tensor, list]:
+    """{param: [uses]} of the reached records ``recs`` (:func:`reached`); records of parameters a
     flagged frame replays by the fallback are dropped (the replay covers that call whole)."""
     uses: Dict[Tensor, list] = {}
     flagged_ids = {id(f): f for f in flagged}
-    recs = [rec for rec in ctx.records if rec.grad is not None]
     for rec, built in zip(recs, _build_all(recs)):
         for p, us in built.items():
             if any(id(f) in flagged_ids and id(p) in f.params for f in rec.frames):
@@ -430,4 +449,4 @@ def build_uses(ctx: OpContext, flagged: List[Frame]) -> Dict[Tensor, list]:
     return uses
 
 
-__all__ = ["OpContext", "OpMode", "OpRecord", "Frame", "frame_hooks", "build_uses", "PerSample"]
+__all__ = ["OpContext", "OpMode", "OpRecord", "Frame", "frame_hooks", "build_uses", "reached", "one_token_weights", "PerSample"]

@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -90,23 +90,44 @@ def pick(terms: list, rtols: List[float], budget: int) -> list:
 
 
 class Prefetch:
-    """The background thread preparing ``picked`` [(term, rtol)] into buffers of ``bufs``."""
+    """The background thread preparing ``picked`` [(term, rtol)] into buffers of ``bufs``;
+    ``setup``: instead of ``picked``, a callable the thread runs first that returns them (it
+    builds the retain block's uses and the terms: retain_span.DEFER_BUILD); :meth:`handoff` and
+    :meth:`finish` wait for it."""
 
-    def __init__(self, picked: list, bufs: RowBuffers):
-        self._todo = picked
+    def __init__(self, picked: Optional[list], bufs: RowBuffers, setup: Optional[Callable[[], list]] = None):
+        self._todo = picked or []
+        self._setup = setup
+        self._ready = threading.Event()  # the setup has run
         self._bufs = bufs
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._current = None  # the term being prepared
-        for t, rt in picked:
-            t.route.hold, t.route.hold_rtol = True, rt
+        if setup is None:
+            self._mark()
+            self._ready.set()
         self._thread: Optional[threading.Thread] = threading.Thread(target=self._run, name="orthograd-prefetch", daemon=True)
         _live.add(self)
         self._thread.start()
 
+    def _mark(self) -> None:
+        for t, rt in self._todo:
+            t.route.hold, t.route.hold_rtol = True, rt
+
     def _run(self) -> None:
         _lowest_priority()
         with torch.no_grad(), threads.one_thread(True):
+            if self._setup is not None:
+                picked: list = []
+                try:
+                    picked = self._setup()  # (its own errors: reported by project_())
+                finally:
+                    self._setup = None
+                    with self._lock:
+                        if not self._stop.is_set():
+                            self._todo = picked
+                            self._mark()
+                    self._ready.set()
             for t, _ in self._todo:
                 with self._lock:
                     if self._stop.is_set():
@@ -127,6 +148,8 @@ class Prefetch:
         with self._lock:
             if not DRAIN:
                 self._stop.set()
+        self._ready.wait()  # the terms are the setup's until it has run
+        with self._lock:
             return self._current if not DRAIN else None
 
     def finish(self) -> None:

@@ -11,7 +11,8 @@ parameter's version at capture. :meth:`RetainSpan.terms` turns it into one
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Tuple
+import threading
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,6 +26,10 @@ from .factors import ExplicitRows, OuterFactors, explicit_rows_many
 from .gram import PerSampleGrads
 
 _HALF = (torch.float16, torch.bfloat16)
+# leaving retain() where the prefetch starts (CPU, contract order): the operation records' builds
+# and the small tensors' rows run on the prefetch thread, in the core the unlearn pass leaves idle,
+# instead of between the retain backward and the unlearn pass (False: on leaving, as elsewhere)
+DEFER_BUILD = True
 
 
 def is_half(u) -> bool:
@@ -32,6 +37,37 @@ def is_half(u) -> bool:
     if type(u) is ExplicitRows:  # the common case (biases, norm weights, compacted rows): one dtype
         return u.G.dtype in _HALF
     return any(t is not None and t.dtype in _HALF for t in (getattr(u, "G", None), getattr(u, "A", None), getattr(u, "D", None)))
+
+
+class Deferred:
+    """``fn()`` run once, by whichever thread comes first: the prefetch thread while the unlearn
+    pass runs, or the first reader (:meth:`result`), which otherwise waits for it. Its exception
+    is raised to every reader."""
+
+    def __init__(self, fn: Callable):
+        self._fn: Optional[Callable] = fn
+        self._claim = threading.Lock()
+        self._done = threading.Event()
+        self._out = None
+        self._err: Optional[BaseException] = None
+
+    def run(self) -> None:
+        if not self._claim.acquire(blocking=False):
+            return  # under way (or done) on another thread
+        try:
+            self._out = self._fn()
+        except BaseException as e:  # noqa: BLE001 - raised to the readers
+            self._err = e
+        finally:
+            self._fn = None
+            self._done.set()
+
+    def result(self):
+        self.run()
+        self._done.wait()
+        if self._err is not None:
+            raise self._err
+        return self._out
 
 
 class RetainSpan:
@@ -51,6 +87,10 @@ class RetainSpan:
         self.half_seen = False  # a half-precision factor was folded into float64 rows (compact)
         self.half = False  # any captured factor was half precision (set by terms())
         self._terms: Optional[Dict[Tensor, PerSampleGrads]] = None
+        # the last block's uses while their build runs (block(defer=True)); its entry in
+        # ``blocks`` holds None until :meth:`settle`
+        self._pending: Optional[Deferred] = None
+        self._pending_one_token: set = set()
 
     @property
     def size(self) -> int:
@@ -67,6 +107,7 @@ class RetainSpan:
             )
 
     def reset(self) -> None:
+        self._pending = None  # (its thread, the prefetch's, was joined before: api._reset_span)
         self.half_seen = False
         self.blocks.clear()
         self.gsum.clear()
@@ -74,19 +115,41 @@ class RetainSpan:
         self.versions.clear()
         self._terms = None
 
-    def add_block(self, B: int, uses: Dict[Tensor, list]) -> None:
-        """A finished retain() block joins the span (refused past ``max_retain`` samples)."""
+    def settle(self) -> None:
+        """The last block's uses, built (on this thread if the prefetch has not started them;
+        their build's error is raised here)."""
+        d = self._pending
+        if d is not None:
+            uses = d.result()
+            self._pending = None
+            self.blocks[-1] = (self.blocks[-1][0], uses)
+
+    @property
+    def pending(self) -> Optional[Deferred]:
+        """The last block's build while it is left to run (None once settled)."""
+        return self._pending
+
+    def add_block(self, B: int, uses, one_token: Optional[set] = None) -> None:
+        """A finished retain() block joins the span (refused past ``max_retain`` samples).
+        ``uses``: {param: uses}, or a callable that builds them (Capture.finish(defer=True)):
+        left to :attr:`pending` with ``one_token`` (id() of its one-token weights) known now."""
+        self.settle()
         if self.size + B > self.max_retain:
             raise OrthoGradError(
                 f"retain span of {self.size + B} samples exceeds max_retain={self.max_retain}: the "
                 f"factors are kept until project_() (roughly B x activations of memory) and the solve is "
                 f"B^3. Call project_() more often or raise OrthoGrad(max_retain=...)."
             )
-        self.blocks.append((B, self._small_as_rows(uses, B)))
+        if callable(uses):
+            self._pending = Deferred(lambda: self._small_as_rows(uses(), B))
+            self._pending_one_token = one_token or set()
+            self.blocks.append((B, None))
+        else:
+            self.blocks.append((B, self._small_as_rows(uses, B)))
         self._terms = None  # terms built before (the prefetch's) describe the span without it
 
     @contextlib.contextmanager
-    def block(self, cap, *, keep_gradients: bool, lean: set, exempt: set, dots: bool = False) -> Iterator[None]:
+    def block(self, cap, *, keep_gradients: bool, lean: set, exempt: set, dots: bool = False, defer: bool = False) -> Iterator[None]:
         """One retain() block around the capture ``cap``: ``.grad`` set aside and put back exactly
         (also on an exception), the block's factors and (``keep_gradients``) its retain gradients
         added to the span. ``lean``: parameters whose retain gradient is never formed, except
@@ -94,7 +157,9 @@ class RetainSpan:
         that already holds its unlearn gradient u keeps only <retain gradient, u> (what the capture
         check reads; its retain gradient is needed for nothing else), taken by a hook as the
         gradient arrives and freed: no second model-sized gradient alive (MLP, B = 64, first step:
-        peak 1.42x -> 1.08x of a plain step)."""
+        peak 1.42x -> 1.08x of a plain step). ``defer``: the operation records' builds and the
+        small tensors' rows are left to :attr:`pending` (the prefetch thread forms them while the
+        unlearn pass runs); every check and the gradients' restore still run here."""
         params = self.params
         saved = {p: p.grad for _, p in params}
         # DDP: with gradient_as_bucket_view=True the reducer writes the retain gradient
@@ -112,9 +177,9 @@ class RetainSpan:
         try:
             yield
             cap.detach()
-            uses = cap.finish()
+            uses = cap.finish(defer=defer)
             check_lean(lean, params, exempt=exempt)  # a refused block leaves no factors
-            self.add_block(cap.B, uses)
+            self.add_block(cap.B, uses, cap.one_token)
             for p, d in block_dots.items():
                 prev = self.gdots.get(p)
                 self.gdots[p] = d if prev is None else prev.merged(d)
@@ -165,6 +230,9 @@ class RetainSpan:
         replace the coefficient GEMM (the ghost route; a window keeps one-token calls only)."""
         if not self.blocks:
             return set()
+        if self._pending is not None:  # known before the build: large one-token weights
+            B = self.blocks[-1][0]
+            return {id(p) for _, p in self.params if id(p) in self._pending_one_token and B * p.numel() > gram.EXPLICIT_MAX}
         return {
             id(p)
             for p, us in self.blocks[-1][1].items()
@@ -204,6 +272,7 @@ class RetainSpan:
             )
         if self._terms is not None:
             return self._terms
+        self.settle()
         self.check_versions()
         blocks = self.blocks
         if len(blocks) > 1 or self.group is not None:
