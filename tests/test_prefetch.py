@@ -390,3 +390,26 @@ def test_deferred_build_failure_is_raised_by_project_and_leaves_the_object_usabl
     ce(model(unlearn[0]), unlearn[1]).mean().backward()
     og.project_()
     _assert_exact(model, retain, unlearn, "after reset")
+
+
+@pytest.mark.parametrize("limit,where", [(16912, "orthograd-prefetch"), (16911, "MainThread")])
+def test_deferral_keeps_at_most_DEFER_MAX_BYTES_of_small_tensors_output_gradients(limit, where, background, monkeypatch):
+    # the output gradients the deferral keeps alive into the unlearn pass: those of the records
+    # whose parameters all become rows (conv, batch norm, LayerNorm and tok: [7, 6, 5, 5] or
+    # [7, 25, 6] float32, 4200 bytes each; head: [7, 4], 112), not the wide layer's (its weight
+    # stays factored): 16912 bytes; one byte less and the block builds on leaving
+    import orthograd_fast.engine.retain_span as retain_span
+
+    monkeypatch.setattr(retain_span, "DEFER_MAX_BYTES", limit)
+    seen = _builds_on(monkeypatch)
+    g = torch.Generator().manual_seed(51)
+    torch.manual_seed(52)
+    model = NormsAndHeads()
+    retain, unlearn = _norms_data(g)
+    og = OrthoGrad(model, backend="torch")
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    assert seen == [where], seen
+    _assert_exact(model, retain, unlearn, where)

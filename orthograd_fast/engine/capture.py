@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -173,6 +173,7 @@ class Capture:
         self.error: Optional[BaseException] = None
         self.dense_verdict: tuple = ({}, set())  # OpContext.dense_verdict(), kept by finish()
         self.one_token: set = set()  # finish(defer=True): op_capture.one_token_weights of the block
+        self.deferred_bytes = 0  # finish(defer=True): see there
 
     # --- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -292,11 +293,13 @@ class Capture:
         return h
 
     # --- factors -----------------------------------------------------------------------------
-    def finish(self, defer: bool = False):
+    def finish(self, defer: bool = False, small: Optional[Callable[[Tensor], bool]] = None):
         """Per trainable parameter, the list of per-sample uses seen in this block. ``defer``: the
         operation records' builds are left to the caller: a callable returning the same dict
         (it holds what it needs; call it once, on any thread, after :meth:`release` too), and
-        ``one_token`` (:func:`op_capture.one_token_weights`) is set now."""
+        ``one_token`` (:func:`op_capture.one_token_weights`) and ``deferred_bytes`` are set now:
+        the output gradients of the records whose parameters are all ``small`` (turned into
+        rows by their build, then freed; the deferral keeps them until then)."""
         uses: Dict[Tensor, list] = {}
         any_grad = False
         B = self.B
@@ -334,6 +337,9 @@ class Capture:
             _merge(uses, op_uses)
             return _merge(uses, rnn)
         self.one_token = op_capture.one_token_weights(recs, flagged) - {id(p) for p in rnn} - {id(p) for p in uses}
+        self.deferred_bytes = sum(
+            r.grad.numel() * r.grad.element_size() for r in recs if r.owners and small is not None and all(small(p) for p in r.owners)
+        )
 
         def later() -> Dict[Tensor, list]:  # the same order of uses as above
             return _merge(_merge(uses, op_capture.build_uses(recs, flagged)), rnn)

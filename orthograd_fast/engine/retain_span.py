@@ -30,6 +30,11 @@ _HALF = (torch.float16, torch.bfloat16)
 # and the small tensors' rows run on the prefetch thread, in the core the unlearn pass leaves idle,
 # instead of between the retain backward and the unlearn pass (False: on leaving, as elsewhere)
 DEFER_BUILD = True
+# ... unless the output gradients it would keep alive into the unlearn pass (those of the records
+# of small tensors, which their rows replace) exceed this many bytes: a large model's early batch
+# norms hold B x C x H x W each (ResNet-50 at 224 px, B = 32: ~100 MiB per layer); then built on
+# leaving, as before
+DEFER_MAX_BYTES = 64 << 20
 
 
 def is_half(u) -> bool:
@@ -177,7 +182,9 @@ class RetainSpan:
         try:
             yield
             cap.detach()
-            uses = cap.finish(defer=defer)
+            uses = cap.finish(defer=defer, small=lambda p: cap.B * p.numel() <= gram.EXPLICIT_MAX)
+            if callable(uses) and cap.deferred_bytes > DEFER_MAX_BYTES:
+                uses = uses()  # too much memory kept into the unlearn pass: built now
             check_lean(lean, params, exempt=exempt)  # a refused block leaves no factors
             self.add_block(cap.B, uses, cap.one_token)
             for p, d in block_dots.items():
