@@ -54,12 +54,18 @@ from .routes.triton import TritonGhostRoute, TritonTileRoute, kernels_take
 
 __all__ = [
     "CONV_TILE_BYTES", "EXACT_UPDATE_TOL", "EXPLICIT_MAX", "GHOST", "LOOKUP_ROUTE", "SPARSE_LOOKUP", "TILE",
-    "TILE_SLAB_BYTES", "ExplicitGroup", "PerSampleGrads", "hold_rows", "share_bias_grams",
+    "TILE_SLAB_BYTES", "ExplicitGroup", "PerSampleGrads", "hold_rows", "materialized", "share_bias_grams",
     "update_amplification",
 ]
 
 # Tensors with B * numel at or below this many elements are materialized (fp64, exact).
 EXPLICIT_MAX = 1 << 18
+
+
+def materialized(B: int, numel: int) -> bool:
+    """Whether a tensor of ``numel`` entries at ``B`` samples is small enough to take float64 rows
+    (the explicit route; RetainSpan forms them on leaving retain())."""
+    return B * numel <= EXPLICIT_MAX
 # Embedding tables take the lookup route (per-sample rows, a slab at a time) wherever it costs
 # fewer flops than the token route; False forces the token route (tests).
 LOOKUP_ROUTE = True
@@ -190,7 +196,7 @@ class PerSampleGrads:
     def _choose(self, uses: list) -> Route:
         p, B = self.param, self.B
         convs = [u for u in uses if isinstance(u, ConvFactors)]
-        if convs and B * self.numel > EXPLICIT_MAX:
+        if convs and not materialized(B, self.numel):
             same = len({(u.shape, u.groups) for u in convs}) == 1
             tile = len(convs) == len(uses) and same and self.backend != "triton" and self._conv_route(convs) == TILE
             if tile and not _unfolded_tiles(convs):
@@ -199,7 +205,7 @@ class PerSampleGrads:
             # token form (unfolded in the term's job)
             uses = [u.outer_later() if isinstance(u, ConvFactors) else u for u in uses]
         outer = [u for u in uses if isinstance(u, OuterFactors)]
-        if len(outer) < len(uses) or B * self.numel <= EXPLICIT_MAX or self._mixed_orientation(outer):
+        if len(outer) < len(uses) or materialized(B, self.numel) or self._mixed_orientation(outer):
             return ExplicitRoute(p, B, uses)  # float64 rows, formed on first use (in its job)
         if SPARSE_LOOKUP and SparseLookupRoute.takes(outer):
             # lookups only: products of the rows two samples share (B M d), never B x V x d

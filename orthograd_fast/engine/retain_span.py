@@ -182,7 +182,7 @@ class RetainSpan:
         try:
             yield
             cap.detach()
-            uses = cap.finish(defer=defer, small=lambda p: cap.B * p.numel() <= gram.EXPLICIT_MAX)
+            uses = cap.finish(defer=defer, small=lambda p: gram.materialized(cap.B, p.numel()))
             if callable(uses) and cap.deferred_bytes > DEFER_MAX_BYTES:
                 uses = uses()  # too much memory kept into the unlearn pass: built now
             check_lean(lean, params, exempt=exempt)  # a refused block leaves no factors
@@ -239,7 +239,7 @@ class RetainSpan:
             return set()
         if self._pending is not None:  # known before the build: large one-token weights
             B = self.blocks[-1][0]
-            return {id(p) for _, p in self.params if id(p) in self._pending_one_token and B * p.numel() > gram.EXPLICIT_MAX}
+            return {id(p) for _, p in self.params if id(p) in self._pending_one_token and not gram.materialized(B, p.numel())}
         return {
             id(p)
             for p, us in self.blocks[-1][1].items()
@@ -247,11 +247,11 @@ class RetainSpan:
         }
 
     def _small_as_rows(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:
-        """Small tensors (B * numel <= gram.EXPLICIT_MAX, the ones PerSampleGrads materializes anyway)
-        become their float64 per-sample rows now, so the layer inputs and output gradients behind
-        them are freed before the unlearn pass (a first conv's output gradient is B x C x H x W,
-        its weight's rows only B x numel)."""
-        small = [p for p, us in uses.items() if B * p.numel() <= gram.EXPLICIT_MAX and not all(isinstance(u, ExplicitRows) for u in us)]
+        """Small tensors (gram.materialized, the ones PerSampleGrads materializes anyway) become
+        their float64 per-sample rows now, so the layer inputs and output gradients behind them
+        are freed (a first conv's output gradient is B x C x H x W, its weight's rows only B x
+        numel): before the unlearn pass, or early in it where the prefetch thread builds them."""
+        small = [p for p, us in uses.items() if gram.materialized(B, p.numel()) and not all(isinstance(u, ExplicitRows) for u in us)]
         for p in small:
             self.half_seen = self.half_seen or any(is_half(u) for u in uses[p])
         rows = dict(zip(small, explicit_rows_many([uses[p] for p in small])))
