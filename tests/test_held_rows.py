@@ -12,6 +12,7 @@ from engine_helpers import compare, og_direction
 from models import ce
 from oracle import oracle_direction, oracle_grads, orthogonality, project_out
 from orthograd_fast import OrthoGrad
+from tolerance import assert_close
 
 REL = 1e-4
 ORTH = 1e-5
@@ -318,3 +319,29 @@ def test_blocks_of_a_term_alone_run_side_by_side(tile, name, monkeypatch):
     scale = sum(float(v.norm()) ** 2 for v in one.values()) ** 0.5  # a tensor inside the span has ~0
     for k in one:
         assert float((two[k] - one[k]).norm()) < 1e-6 * scale, k
+
+
+@pytest.mark.parametrize("n", [1, 6, 7, 8, 23])
+def test_chunked_gemv_matches_float64_on_ragged_lengths(n, monkeypatch):
+    # Y r over column chunks of 7 (one partial chunk, exact multiples, fewer columns than a chunk),
+    # on a column block of a wider row-major buffer, as the held blocks are
+    monkeypatch.setattr(held_rows, "MV_CHUNK", 7)
+    g = torch.Generator().manual_seed(n)
+    wide = torch.randn(5, n + 9, generator=g)
+    Y, r = wide[:, 4 : 4 + n], torch.randn(n, generator=g)
+    b = held_rows._mv(Y, r)
+    assert b.dtype == torch.float64 and b.shape == (5,)
+    assert_close(b, Y.double() @ r.double(), dtype=torch.float32, reduction_len=n)
+
+
+def test_chunked_gemv_of_long_rows_is_accurate_to_float32_resolution():
+    # The first update inherits b's rounding as a span component (docs/math.md section 11). One
+    # float32 GEMV over 2^18 columns rounded b by 2.4e-7 to 3.2e-7 of |y_i| |r| here (measured);
+    # the chunks summed in float64, 1e-8 to 3e-8.
+    g = torch.Generator().manual_seed(3)
+    n = (1 << 18) + 1234
+    Y = (torch.randn(8, n + 40, generator=g) + 0.3)[:, 17 : 17 + n]
+    r = torch.randn(n, generator=g) + 0.3
+    exact = Y.double() @ r.double()
+    rel = (held_rows._mv(Y, r) - exact).abs() / (Y.double().norm(dim=1) * r.double().norm())
+    assert float(rel.max()) <= held_rows.EPS32, float(rel.max())

@@ -55,6 +55,23 @@ def _sum(xs: List[Tensor]) -> Tensor:
     return out
 
 
+# b = Y r is summed in float64 over column chunks of this many columns: one float32 GEMV's
+# rounding grows with its length (measured, B = 32, n = 16384 / 65536 / 262144: 7e-8 / 2e-7 /
+# 4e-7 of |y_i| |r|; at 262144 in these chunks 1e-8 to 3e-8), and the first update inherits it
+# as a span component the passes must then remove (on the LSTM's tiles one pass fewer per term)
+MV_CHUNK = 16384
+
+
+def _mv(Y: Tensor, r: Tensor) -> Tensor:
+    """Y r, float64 [B], of float32 rows Y [B, n] (a row-major view) and r [n]: float32 GEMVs over
+    MV_CHUNK columns, summed in float64."""
+    n = Y.shape[1]
+    b = torch.mv(Y[:, :MV_CHUNK], r[:MV_CHUNK]).double()
+    for s in range(MV_CHUNK, n, MV_CHUNK):
+        b += torch.mv(Y[:, s : s + MV_CHUNK], r[s : s + MV_CHUNK])
+    return b
+
+
 def fits(B: int, numel: int) -> bool:
     """Whether B float32 rows of ``numel`` fit :data:`MAX_BYTES`."""
     return 4 * B * numel <= MAX_BYTES
@@ -135,7 +152,7 @@ class HeldRows:
         def job(blk):
             off, n, form = blk
             Y = form()
-            return (off, Y), (Y @ Y.t()).double(), None if r is None else torch.mv(Y, r[off : off + n]).double()
+            return (off, Y), (Y @ Y.t()).double(), None if r is None else _mv(Y, r[off : off + n])
 
         got = threads.side_by_side(job, blocks, [n for _, n, _ in blocks], device)
         b = None if r is None else _sum([g[2] for g in got])
@@ -161,7 +178,7 @@ class HeldRows:
 
     def coef(self, r: Tensor) -> Tensor:
         """b = Y r, float64 [B]."""
-        return _sum(self._map(lambda off, Y: torch.mv(Y, r[off : off + Y.shape[1]]).double()))
+        return _sum(self._map(lambda off, Y: _mv(Y, r[off : off + Y.shape[1]])))
 
     def _sub(self, r: Tensor, c: Tensor, beta: float, alpha: float) -> None:
         """r <- beta * r + alpha * Y^T c."""
@@ -180,7 +197,7 @@ class HeldRows:
                 rj.copy_(torch.addmv(rj.double(), Y.t().double(), c, alpha=-1.0))
             else:
                 rj.addmv_(Y.t(), c32, alpha=-1.0)
-            return torch.mv(Y, rj).double()
+            return _mv(Y, rj)
 
         return _sum(self._map(sweep))
 
