@@ -240,6 +240,42 @@ def test_project_stops_the_thread_after_its_current_term(eager, monkeypatch):
     _assert_exact(model, retain, unlearn)
 
 
+def test_the_job_that_waits_for_the_thread_is_taken_first(eager, monkeypatch):
+    # The thread runs at the lowest priority: while the projection's jobs keep every core busy it
+    # barely runs. The job that waits for its term goes first, so its thread's core goes to the
+    # prefetch while another thread takes every other term (it used to go last: a core then
+    # idled at the end of the projection while the prefetch finished alone).
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two torch threads: the projection runs its jobs side by side on them")
+    monkeypatch.setattr(prefetch, "DRAIN", False)
+    real_prepare, real_gram = gram.PerSampleGrads.prepare_held, gram.PerSampleGrads.gram_coef
+    started = threading.Event()
+    under_way = []  # the parameter of the term the thread was preparing when project_() came
+    ran = {}  # id(parameter) -> the thread that formed its Gram and coefficients
+
+    def slow(self, buf):
+        under_way.append(self.param)
+        started.set()
+        threading.Event().wait(0.3)  # project_() comes while the first term is under way
+        return real_prepare(self, buf)
+
+    def logged(self, U, b=None):
+        ran[id(self.param)] = threading.get_ident()
+        return real_gram(self, U, b)
+
+    monkeypatch.setattr(gram.PerSampleGrads, "prepare_held", slow)
+    monkeypatch.setattr(gram.PerSampleGrads, "gram_coef", logged)
+    model, og, retain, unlearn = _retained(10)
+    assert started.wait(30)
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    assert og.stats["prefetched"] == 1 and og.stats["held_rows"] == 3, og.stats
+    waiting = ran.pop(id(under_way[0]))
+    assert len(ran) >= 2 and set(ran.values()) == {next(iter(ran.values()))}, ran  # one thread took the rest
+    assert waiting not in ran.values()
+    _assert_exact(model, retain, unlearn)
+
+
 @pytest.mark.parametrize("forget", [False, True])
 def test_no_prefetch_when_the_unlearn_pass_came_first(eager, forget):
     # u is already in .grad when retain() ends: project_() comes next, nothing to overlap

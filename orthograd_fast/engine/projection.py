@@ -13,6 +13,7 @@ in as callables; nothing here reads or writes the facade.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -291,8 +292,10 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
     res = _threads.run_spread(
         gram_job,
         jobs + list(enumerate(groups)),
-        # (the prefetch's term last: its job waits for the thread, the others need not)
-        [0 if wait is not None and k == wait.k else T[k].work(k in X) for k in jobs] + [g.work() for g in groups],
+        # (the prefetch's term first: its job waits for the thread, whose lowest priority starves
+        # it while the other jobs keep every core busy; waiting first hands it the waiting
+        # thread's core instead of a lone core at the end)
+        [math.inf if wait is not None and k == wait.k else T[k].work(k in X) for k in jobs] + [g.work() for g in groups],
         nthreads,
         # while a thread waits for the prefetch, a dominant term runs beside it on one core rather
         # than on all cores after it (the waiting thread's core goes to the prefetch meanwhile)
