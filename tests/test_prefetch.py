@@ -218,25 +218,33 @@ def test_prefetch_off_and_bad_sizes(eager):
     assert og.stats["prefetched"] == 0 and og.row_buffer_bytes == 0
 
 
-def test_project_stops_the_thread_after_its_current_term(eager, monkeypatch):
-    # project_() does not wait for every picked term: the thread finishes the one it is on, the
-    # projection forms the others itself
+def _project_while_preparing(monkeypatch, seed: int):
+    """A step of the Tokens model whose project_() comes while the thread is 0.3 s into its first
+    term: (model, retain, unlearn, that term's parameter)."""
     monkeypatch.setattr(prefetch, "DRAIN", False)
     real = gram.PerSampleGrads.prepare_held
-
     started = threading.Event()
+    under_way = []
 
     def slow(self, buf):
+        under_way.append(self.param)
         started.set()
-        threading.Event().wait(0.3)  # project_() comes while the first term is under way
+        threading.Event().wait(0.3)
         return real(self, buf)
 
     monkeypatch.setattr(gram.PerSampleGrads, "prepare_held", slow)
-    model, og, retain, unlearn = _retained(9)
+    model, og, retain, unlearn = _retained(seed)
     assert started.wait(30)
     ce(model(unlearn[0]), unlearn[1]).mean().backward()
     og.project_()
     assert og.stats["prefetched"] == 1 and og.stats["held_rows"] == 3, og.stats
+    return model, retain, unlearn, under_way[0]
+
+
+def test_project_stops_the_thread_after_its_current_term(eager, monkeypatch):
+    # project_() does not wait for every picked term: the thread finishes the one it is on, the
+    # projection forms the others itself
+    model, retain, unlearn, _ = _project_while_preparing(monkeypatch, 9)
     _assert_exact(model, retain, unlearn)
 
 
@@ -247,30 +255,16 @@ def test_the_job_that_waits_for_the_thread_is_taken_first(eager, monkeypatch):
     # idled at the end of the projection while the prefetch finished alone).
     if torch.get_num_threads() < 2:
         pytest.skip("needs two torch threads: the projection runs its jobs side by side on them")
-    monkeypatch.setattr(prefetch, "DRAIN", False)
-    real_prepare, real_gram = gram.PerSampleGrads.prepare_held, gram.PerSampleGrads.gram_coef
-    started = threading.Event()
-    under_way = []  # the parameter of the term the thread was preparing when project_() came
+    real = gram.PerSampleGrads.gram_coef
     ran = {}  # id(parameter) -> the thread that formed its Gram and coefficients
-
-    def slow(self, buf):
-        under_way.append(self.param)
-        started.set()
-        threading.Event().wait(0.3)  # project_() comes while the first term is under way
-        return real_prepare(self, buf)
 
     def logged(self, U, b=None):
         ran[id(self.param)] = threading.get_ident()
-        return real_gram(self, U, b)
+        return real(self, U, b)
 
-    monkeypatch.setattr(gram.PerSampleGrads, "prepare_held", slow)
     monkeypatch.setattr(gram.PerSampleGrads, "gram_coef", logged)
-    model, og, retain, unlearn = _retained(10)
-    assert started.wait(30)
-    ce(model(unlearn[0]), unlearn[1]).mean().backward()
-    og.project_()
-    assert og.stats["prefetched"] == 1 and og.stats["held_rows"] == 3, og.stats
-    waiting = ran.pop(id(under_way[0]))
+    model, retain, unlearn, under_way = _project_while_preparing(monkeypatch, 10)
+    waiting = ran.pop(id(under_way))
     assert len(ran) >= 2 and set(ran.values()) == {next(iter(ran.values()))}, ran  # one thread took the rest
     assert waiting not in ran.values()
     _assert_exact(model, retain, unlearn)
