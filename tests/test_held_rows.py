@@ -345,3 +345,26 @@ def test_chunked_gemv_of_long_rows_is_accurate_to_float32_resolution():
     exact = Y.double() @ r.double()
     rel = (held_rows._mv(Y, r) - exact).abs() / (Y.double().norm(dim=1) * r.double().norm())
     assert float(rel.max()) <= held_rows.EPS32, float(rel.max())
+
+
+def test_held_gram_inverse_and_amplification_match_float64(tile):
+    # make(): K^-1 from a Cholesky factor once the extreme eigenvalues pass the screen;
+    # amplification(): routes.base.update_amplification read on the host, cancelling terms included
+    from orthograd_fast.engine.routes.base import update_amplification
+
+    g = torch.Generator().manual_seed(21)
+    Y = torch.randn(7, 301, generator=g) + 0.5 * torch.randn(1, 301, generator=g)
+    K = (Y.double() @ Y.double().t())
+    rows = held_rows.HeldRows.make([(0, Y)], K, 1e-6, None)
+    assert rows is not None
+    assert_close(K @ rows.Kinv, torch.eye(7, dtype=torch.float64), dtype=torch.float32, reduction_len=7)
+    c = torch.randn(7, generator=g, dtype=torch.float64)
+    assert rows.amplification(c) == pytest.approx(float(update_amplification(K, c)), rel=1e-12)
+    assert rows.amplification(torch.zeros(7, dtype=torch.float64)) == 0.0
+    # rank-deficient rows: a combination with a zero update and nonzero terms
+    Y2 = torch.cat([Y[:6], (Y[0] - Y[1]).unsqueeze(0)]).double()
+    K2 = Y2 @ Y2.t()
+    assert held_rows.HeldRows.make([(0, Y2.float())], K2, 1e-6, None) is None  # refused: singular
+    r2 = held_rows.HeldRows([(0, Y2.float())], K2, torch.eye(7, dtype=torch.float64), None)  # (K^-1 unused here)
+    cancel = torch.tensor([1.0, -1.0, 0, 0, 0, 0, -1.0], dtype=torch.float64)
+    assert float(update_amplification(K2, cancel)) > 1e6 and r2.amplification(cancel) > 1e6

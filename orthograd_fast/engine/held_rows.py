@@ -131,6 +131,7 @@ class HeldRows:
 
     def __init__(self, blocks: List[Tuple[int, Tensor]], K: Tensor, Kinv: Tensor, slot: Optional[_Slot]):
         self.blocks, self.K, self.Kinv, self._slot = blocks, K, Kinv, slot
+        self._norms = K.diagonal().clamp_min(0).sqrt()  # |g_i|
         self.passes = 0  # re-projection passes the last apply_ made
 
     def close(self) -> None:
@@ -162,15 +163,27 @@ class HeldRows:
     def make(cls, blocks: List[Tuple[int, Tensor]], K: Tensor, rtol: float, slot: Optional[_Slot]) -> Optional["HeldRows"]:
         """Rows held with K (:meth:`gram_coef`), or None when K is not :func:`usable` (the caller then
         takes the float64 route; the scratch is given back)."""
-        # a non-finite K: the float64 route reports it by name
-        if bool(torch.isfinite(K).all()):
-            lam, V = torch.linalg.eigh(K)
-            n = sum(Y.shape[1] for _, Y in blocks)
-            if usable(n, float(lam[0]), float(lam[-1]), rtol):  # CPU only: no device sync
-                return cls(blocks, K, (V / lam) @ V.t(), slot)
+        # A non-finite K (a non-finite sum) goes to the float64 route, which reports it by name.
+        # The extreme eigenvalues decide; K^-1 comes from a Cholesky factor (a usable K is well
+        # conditioned): on 32 x 32 Grams 60 + 40 us against 105-173 us for the eigenvectors.
+        # CPU only: the host reads cost no device sync.
+        if math.isfinite(float(K.sum())):
+            lo, hi = torch.linalg.eigvalsh(K)[[0, -1]].tolist()
+            if usable(sum(Y.shape[1] for _, Y in blocks), lo, hi, rtol):
+                L, info = torch.linalg.cholesky_ex(K)
+                if int(info) == 0:
+                    return cls(blocks, K, torch.cholesky_inverse(L), slot)
         if slot is not None:
             slot.busy = False
         return None
+
+    def amplification(self, c: Tensor) -> float:
+        """routes.base.update_amplification(K, c) read on the host at once: sum_i |c_i| |g_i| /
+        |sum_i c_i g_i| (inf for cancelling terms with a zero update)."""
+        total, size2 = float(c.abs() @ self._norms), float(c @ (self.K @ c))
+        if size2 > 0:
+            return total / math.sqrt(size2)
+        return math.inf if total > 0 else 0.0
 
     def _map(self, fn: Callable[[int, Tensor], R]) -> List[R]:
         """[fn(offset, Y_j)] over the blocks, side by side like :meth:`gram_coef`'s."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import held_rows
-from .base import EXACT_UPDATE_TOL, Route, update_amplification
+from .base import EXACT_UPDATE_TOL, Route
 
 
 class HeldRoute(Route):
@@ -105,7 +105,7 @@ class HeldRoute(Route):
         and the route is set back to float64 (the next gram_coef forms its Gram again)."""
         rows = self.rows
         c = rows.Kinv @ b
-        exact = bool(update_amplification(rows.K, c + shift) * held_rows.EPS32 > EXACT_UPDATE_TOL)
+        exact = rows.amplification(c + shift) * held_rows.EPS32 > EXACT_UPDATE_TOL
         r, back = self._flat(U)
         ok = rows.apply_(r, c, scale, exact, shift)
         if ok and back is not None:
