@@ -127,7 +127,7 @@ def usable(n: int, lam_min: float, lam_max: float, rtol: float) -> bool:
 class HeldRows:
     """The rows as float32 column blocks Y_j [B, n_j] (columns off_j .. off_j + n_j of the flat
     tensor; views of the thread's :func:`scratch`, at most BLOCK_BYTES each: a GEMM's working set),
-    with K^-1 (float64, from K's eigendecomposition) and the pass count."""
+    with K^-1 (float64, from a Cholesky factor of K) and the pass count."""
 
     def __init__(self, blocks: List[Tuple[int, Tensor]], K: Tensor, Kinv: Tensor, slot: Optional[_Slot]):
         self.blocks, self.K, self.Kinv, self._slot = blocks, K, Kinv, slot
