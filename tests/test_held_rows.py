@@ -347,14 +347,14 @@ def test_chunked_gemv_of_long_rows_is_accurate_to_float32_resolution():
     assert float(rel.max()) <= held_rows.EPS32, float(rel.max())
 
 
-def test_held_gram_inverse_and_amplification_match_float64(tile):
+def test_held_gram_inverse_and_amplification_match_float64():
     # make(): K^-1 from a Cholesky factor once the extreme eigenvalues pass the screen;
     # amplification(): routes.base.update_amplification read on the host, cancelling terms included
     from orthograd_fast.engine.routes.base import update_amplification
 
     g = torch.Generator().manual_seed(21)
     Y = torch.randn(7, 301, generator=g) + 0.5 * torch.randn(1, 301, generator=g)
-    K = (Y.double() @ Y.double().t())
+    K = Y.double() @ Y.double().t()
     rows = held_rows.HeldRows.make([(0, Y)], K, 1e-6, None)
     assert rows is not None
     assert_close(K @ rows.Kinv, torch.eye(7, dtype=torch.float64), dtype=torch.float32, reduction_len=7)

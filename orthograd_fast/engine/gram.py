@@ -64,8 +64,10 @@ EXPLICIT_MAX = 1 << 18
 
 def materialized(B: int, numel: int) -> bool:
     """Whether a tensor of ``numel`` entries at ``B`` samples is small enough to take float64 rows
-    (the explicit route; RetainSpan forms them on leaving retain())."""
+    (the explicit route; RetainSpan forms them on leaving retain(), or on the prefetch thread)."""
     return B * numel <= EXPLICIT_MAX
+
+
 # Embedding tables take the lookup route (per-sample rows, a slab at a time) wherever it costs
 # fewer flops than the token route; False forces the token route (tests).
 LOOKUP_ROUTE = True
