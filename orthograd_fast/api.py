@@ -62,7 +62,9 @@ class OrthoGrad:
         prefetch_mb: on the CPU, leaving ``retain()`` starts one background thread that forms the
             large tensors' float32 per-sample rows and their Grams while the unlearn pass runs
             (:mod:`orthograd_fast.engine.prefetch`), up to this many MiB of rows, kept from step
-            to step; 0: off. Per-tensor scope, torch backend, not under DDP.
+            to step; 0: off. Per-tensor scope, torch backend, not under DDP. Until ``project_()``
+            (or ``reset()``, the next block) the thread that left ``retain()`` runs on one
+            intra-op thread fewer: the prefetch has that core.
     """
 
     def __init__(
@@ -222,6 +224,7 @@ class OrthoGrad:
         """Common entry of retain() and forget(): a new span after a projection, model checks."""
         if self._in_retain:
             raise OrthoGradError(nested)
+        _threads.give_back_own()  # an intra-op thread lent to a prefetch whose end ran elsewhere
         self._unlearn.disarm()
         if self._projected:  # a new span starts after a projection
             self._reset_span()
@@ -270,6 +273,7 @@ class OrthoGrad:
         self._unlearn.disarm(keep=False)
         self._reset_span()
         self._row_buffers.clear()
+        _threads.give_back_own()
 
     close = reset  # every hook this object holds goes with its factors (also on deletion)
 
@@ -336,6 +340,7 @@ class OrthoGrad:
         if self._projected:
             raise OrthoGradError("og.project_() was already applied to this retain pass; run a new `with og.retain():` "
                                  "pass before projecting again (project_vectors() can reuse the factors).")
+        _threads.give_back_own()  # this thread's full intra-op count for the projection
         self._unlearn.disarm()  # the armed unlearn capture's factors join the span; its hooks go
         # the projection takes the prefetch over: no new term, and the one under way is waited
         # for in its own job (the other terms need not)

@@ -73,6 +73,19 @@ def _fixed_seeds():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_kept():
+    """A test leaves torch's intra-op count as it found it (the prefetch lends one of the caller's
+    threads until project_() / reset(): a test that leaves the window open must close it)."""
+    n = torch.get_num_threads()
+    yield
+    left = torch.get_num_threads()
+    if left != n:
+        torch.set_num_threads(n)
+        pytest.fail(f"the test left torch's intra-op thread count at {left} (found {n}); end an open og.retain() "
+                    "window with og.project_() or og.reset()")
+
+
 def _one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -291,3 +291,4 @@ def test_no_window_when_no_layer_can_use_factors():
     with og.retain():
         ce(model(retain[0]), retain[1]).mean().backward()
     assert not _hooks_left(model)
+    og.reset()  # the window closed (the prefetch gives back its thread)

@@ -12,6 +12,7 @@ from torch import nn
 
 import orthograd_fast.engine.gram as gram
 import orthograd_fast.engine.prefetch as prefetch
+from orthograd_fast.engine import threads as og_threads
 from engine_helpers import compare, og_direction
 from models import ce
 from oracle import oracle_direction, orthogonality
@@ -176,9 +177,11 @@ def test_a_failed_preparation_takes_the_usual_route(eager, monkeypatch):
     assert err <= REL and orth <= ORTH, (err, orth)
 
 
-def test_a_refused_gram_goes_to_float64(eager):
+def test_a_refused_gram_goes_to_float64(eager, monkeypatch):
     # nearly collinear rows: the float32 Gram cannot be refined (held_rows.usable); the prepared
-    # rows go and the float64 route decides, as without the prefetch
+    # rows go and the float64 route decides, as without the prefetch (the caller's thread count
+    # kept as without it: the same bits of u)
+    monkeypatch.setattr(prefetch, "LEND", False)
     model, retain, unlearn = collinear(1e-5 * 3, seed=2)  # cond(K) ~ 3e10
     og, got = og_direction(model, linear_loss, retain, unlearn, backend="torch")
     assert og.stats["prefetched"] == 0 and og.stats["held_rows"] == 0, og.stats
@@ -305,6 +308,95 @@ def test_the_thread_runs_at_the_lowest_priority_and_the_caller_does_not(eager, m
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
 
+@pytest.fixture
+def lend_n():
+    """This thread's intra-op count (the test skipped where nothing can be lent), set back after
+    the test whatever it left (a failure must not leave later tests on fewer threads)."""
+    n = torch.get_num_threads()
+    if n < 2:
+        pytest.skip("needs two torch threads: with one there is none to lend")
+    if not og_threads.per_thread_counts():
+        pytest.skip("this torch build exposes no per-thread OpenMP / MKL setters: nothing is lent")
+    yield n
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("end", ["project", "reset", "new_block", "unlearn_raises"])
+def test_the_caller_lends_one_thread_until_project(eager, end, lend_n):
+    # Between retain() and project_() the thread that left the block runs on n - 1 intra-op
+    # threads (the prefetch has a core of its own); every way out of the window gives it back,
+    # an unlearn pass that raises included, and the step stays exact
+    n = lend_n
+    model, og, retain, unlearn = _retained(14)
+    assert torch.get_num_threads() == n - 1
+    if end == "unlearn_raises":
+        with pytest.raises(RuntimeError, match="user error"):
+            model(unlearn[0])
+            raise RuntimeError("user error")
+        assert torch.get_num_threads() == n - 1  # still lent: the window is open
+    if end == "reset":
+        og.reset()
+    elif end == "new_block" or end == "unlearn_raises":
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            assert torch.get_num_threads() == n
+            ce(model(retain[0]), retain[1]).mean().backward()
+        assert torch.get_num_threads() == n - 1  # lent again by the new block's prefetch
+    if end != "reset":
+        ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        og.project_()
+        _assert_exact(model, retain, unlearn, tag=end)
+    assert torch.get_num_threads() == n
+
+
+def test_a_count_the_caller_set_meanwhile_is_kept(eager, lend_n):
+    n = lend_n
+    model, og, retain, unlearn = _retained(15)
+    torch.set_num_threads(n + 1)  # (a count other than the lent n - 1, which it cannot tell apart)
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    og.project_()
+    assert torch.get_num_threads() == n + 1
+    _assert_exact(model, retain, unlearn)
+
+
+def test_a_projection_on_another_thread_leaves_the_lend_to_the_lenders_next_call(eager, lend_n):
+    # a thread's intra-op count is its own: project_() elsewhere cannot give it back; the lender's
+    # next call into the object does (here the next retain block)
+    n = lend_n
+    model, og, retain, unlearn = _retained(17)
+    ce(model(unlearn[0]), unlearn[1]).mean().backward()
+    seen = {}
+
+    def project():
+        seen["count"] = torch.get_num_threads()
+        og.project_()
+
+    t = threading.Thread(target=project)
+    t.start()
+    t.join()
+    assert seen["count"] == n  # the other thread's own count, untouched
+    _assert_exact(model, retain, unlearn)
+    assert torch.get_num_threads() == n - 1
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        assert torch.get_num_threads() == n
+        ce(model(retain[0]), retain[1]).mean().backward()
+    og.reset()
+    assert torch.get_num_threads() == n
+
+
+def test_no_thread_is_lent_without_the_prefetch(eager, lend_n):
+    n = lend_n
+    g = torch.Generator().manual_seed(16)
+    model = Tokens()
+    retain, _ = _data("tokens", g)
+    og = OrthoGrad(model, backend="torch", prefetch_mb=0)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    assert torch.get_num_threads() == n
+
+
 # --- the retain block's builds on the prefetch thread (retain_span.DEFER_BUILD) -------------------
 class NormsAndHeads(nn.Module):
     """A convolution, a batch norm in eval mode, a LayerNorm over tokens, a one-token Linear
@@ -364,6 +456,8 @@ def test_block_builds_on_the_prefetch_thread_and_give_the_same_step(name, backgr
     import orthograd_fast.engine.retain_span as retain_span
 
     seen = _builds_on(monkeypatch)
+    # (the unlearn pass on the caller's full thread count either way: the same bits of u)
+    monkeypatch.setattr(prefetch, "LEND", False)
     steps, windows = {}, {}
     for defer in (True, False):
         monkeypatch.setattr(retain_span, "DEFER_BUILD", defer)

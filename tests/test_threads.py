@@ -426,3 +426,45 @@ def test_side_by_side_runs_on_the_callers_thread_under_autocast():
         assert len(set(where)) == 2  # and spread without it
     finally:
         torch.set_num_threads(n)
+
+
+def test_lend_one_lowers_only_the_callers_count_and_gives_it_back():
+    n = torch.get_num_threads()
+    if n < 2:
+        pytest.skip("needs two torch threads: with one there is none to lend")
+    if not og_threads.per_thread_counts():
+        pytest.skip("this torch build exposes no per-thread OpenMP / MKL setters: lend_one lends nothing")
+    lent = og_threads.lend_one()
+    try:
+        assert torch.get_num_threads() == n - 1
+        other = {}
+
+        def elsewhere():  # another thread: its own count, and it cannot give the caller's back
+            other["count"] = torch.get_num_threads()
+            other["gave"] = lent.give_back()
+
+        t = threading.Thread(target=elsewhere)
+        t.start()
+        t.join()
+        assert other == {"count": n, "gave": False}
+        assert torch.get_num_threads() == n - 1
+        assert og_threads.lend_one() is None  # one lend per thread at a time
+        assert torch.get_num_threads() == n - 1
+    finally:
+        assert lent.give_back()
+    assert torch.get_num_threads() == n
+    assert lent.give_back() and torch.get_num_threads() == n  # twice: no change
+    again = og_threads.lend_one()  # lent again, given back by the thread's own call
+    assert torch.get_num_threads() == n - 1
+    og_threads.give_back_own()
+    assert torch.get_num_threads() == n and again.give_back() and torch.get_num_threads() == n
+
+
+def test_lend_one_lends_nothing_from_a_single_thread():
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert og_threads.lend_one() is None
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)

@@ -3,16 +3,24 @@
 Between leaving ``og.retain()`` and ``og.project_()`` the user runs the unlearn forward and
 backward. The large terms' float32 rows and K = Y Y^T (held_rows) depend on the retain factors
 only, so one background thread forms them meanwhile, largest first, within a byte budget; the
-projection then reads each prepared term's rows once for b and updates from them. The unlearn
-pass leaves part of the cores idle (Python between ops, single-threaded kernels: measured on 2
-cores, 1.24 to 1.47 busy cores during the zoo's unlearn passes), and the background GEMMs fill it.
+projection then reads each prepared term's rows once for b and updates from them.
+
+The thread that left the block lends the prefetch one of its intra-op threads until ``project_()``
+(:func:`threads.lend_one`, that thread's own OpenMP / MKL count): the unlearn pass runs on the
+others and the prefetch on a core of its own. Without it the prefetch had only what the unlearn
+pass left idle, which its parallel regions take back op by op (measured on 2 cores: 1.17 to 1.54
+busy cores during the zoo's unlearn passes; the LSTM's largest term, ~11 ms of work, took 20 to
+40 ms and finished after the unlearn pass). The unlearn pass pays where its ops use the pool
+well: on 2 cores the zoo's plain unlearn passes (B = 16) ran 0.65x (MobileNetV2) to 1.45x (GPT-2)
+as long on one thread as on two; every model's step was as fast or faster with the lend.
 
 The rows live in buffers kept across steps (:class:`RowBuffers`: a fresh allocation of tens of MiB
 faults in every page again each step). The thread holds one intra-op thread and touches only the
-terms it was given. ``project_()`` stops it from taking another term (:meth:`Prefetch.handoff`) and
-waits for the term under way only in that term's own job; a new retain block, ``og.reset()`` and
-the interpreter's exit stop and join it (:meth:`Prefetch.finish`). A term whose preparation fails
-keeps no rows: the projection then takes its usual route, which reports any error by name.
+terms it was given. ``project_()`` gives the lent thread back, stops the prefetch from taking
+another term (:meth:`Prefetch.handoff`) and waits for the term under way only in that term's own
+job; a new retain block, ``og.reset()`` and the interpreter's exit stop and join it
+(:meth:`Prefetch.finish`). A term whose preparation fails keeps no rows: the projection then
+takes its usual route, which reports any error by name.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ MIN_THREADS = 2
 # finish() lets the thread prepare every picked term instead of stopping it (tests: counts that do
 # not depend on how far the thread got while the unlearn pass ran)
 DRAIN = False
+# the thread that leaves retain() lends the prefetch one of its intra-op threads until project_()
+# (threads.lend_one): the unlearn pass runs on the others and the prefetch on a core of its own
+LEND = True
 # terms below this many multiply-adds are not worth a background job (Python-bound: they would hold
 # the GIL the user's forward needs)
 MIN_WORK = 1 << 22
@@ -96,6 +107,8 @@ class Prefetch:
     :meth:`finish` wait for it."""
 
     def __init__(self, picked: Optional[list], bufs: RowBuffers, setup: Optional[Callable[[], list]] = None):
+        # the caller's thread runs on one intra-op thread fewer until handoff() / finish()
+        self._lent = threads.lend_one() if LEND else None
         self._todo = picked or []
         self._setup = setup
         self._ready = threading.Event()  # the setup has run
@@ -148,18 +161,26 @@ class Prefetch:
         with self._lock:
             if not DRAIN:
                 self._stop.set()
+        self._give_back()
         self._ready.wait()  # the terms are the setup's until it has run
         with self._lock:
             return self._current if not DRAIN else None
 
     def finish(self) -> None:
         """Stop after the current term and wait for the thread."""
+        self._give_back()
         if self._thread is not None:
             if not DRAIN:
                 self._stop.set()
             self._thread.join()
             self._thread = None
             _live.discard(self)
+
+    def _give_back(self) -> None:
+        """The lent intra-op thread back to the thread that started this (a call from another
+        thread leaves it to a later one from there: a thread's count is its own)."""
+        if self._lent is not None and self._lent.give_back():
+            self._lent = None
 
     def discard(self) -> None:
         """finish(), then drop every prepared row (the terms are not projected)."""

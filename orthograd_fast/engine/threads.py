@@ -127,6 +127,65 @@ def set_intra_op(n: int) -> Optional[int]:
     return None
 
 
+def per_thread_counts() -> bool:
+    """Whether this process can set a thread's intra-op count on its own (OpenMP's and MKL's
+    per-thread setters found; :func:`set_intra_op` then leaves the process-wide pool alone)."""
+    global _omp_set, _mkl_local
+    if _omp_set is None:
+        _omp_set = _find_omp_set() or False
+    if _mkl_local is None:
+        _mkl_local = _find_mkl_local()
+    return bool(_omp_set) and _mkl_local is not False
+
+
+# the outstanding lend of each thread (thread ident -> LentThread): one at a time per thread
+_lent: dict = {}
+
+
+class LentThread:
+    """One intra-op thread the calling thread lent to a background job (:func:`lend_one`)."""
+
+    def __init__(self, n: int, mkl_before: Optional[int]):
+        self.n, self.mkl_before = n, mkl_before
+        self.ident = threading.get_ident()
+
+    def give_back(self) -> bool:
+        """The lending thread's count as it was. False where called from another thread (a
+        thread's count is its own: the lend stays outstanding until the lender calls
+        :func:`give_back_own` or this); a count the caller changed meanwhile
+        (torch.set_num_threads) to another value than n - 1 is left as the caller set it."""
+        if threading.get_ident() != self.ident:
+            return False
+        if _lent.get(self.ident) is self:
+            del _lent[self.ident]
+            if torch.get_num_threads() == self.n - 1:
+                set_intra_op(self.n)
+                if self.mkl_before is not None and _mkl_local:
+                    _mkl_local[0](self.mkl_before)  # MKL's own setting as it was (0: its global count)
+        return True
+
+
+def lend_one() -> Optional[LentThread]:
+    """The calling thread's intra-op count lowered by one, so that a background thread of one
+    intra-op thread has a core of its own; None (nothing changed) with fewer than two threads,
+    while this thread has a lend outstanding, or without per-thread setters (torch.set_num_threads
+    would resize the process's pool)."""
+    n = torch.get_num_threads()
+    if n < 2 or threading.get_ident() in _lent or not per_thread_counts():
+        return None
+    lent = LentThread(n, set_intra_op(n - 1))
+    _lent[lent.ident] = lent
+    return lent
+
+
+def give_back_own() -> None:
+    """The calling thread's outstanding lend given back (one its background job's end left
+    outstanding because that end ran on another thread)."""
+    lent = _lent.get(threading.get_ident())
+    if lent is not None:
+        lent.give_back()
+
+
 @contextlib.contextmanager
 def one_thread(on: bool) -> Iterator[None]:
     """The calling thread's intra-op pool at one thread inside the block (when ``on``), restored
