@@ -117,9 +117,14 @@ class LSTMLayer(torch.autograd.Function):
         i, f, _, o = gates.split(H, dim=2)
         # every elementwise factor of the recurrence, for all steps at once:
         # dc += dh * P; D_{i,f,g} = dc * Q; D_o = dh * R; dc <- dc * f; dh <- D_t w_hh
-        P = o * (1 - tc * tc)
-        Q = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2)  # [B, T, 3, H]
-        R = tc * o * (1 - o)
+        # (two passes over [B, T, H] each, Q written in place: these passes are memory-bound, and
+        # the plainer 13 products and a stack took 2.2 ms of the layer's ~10 ms backward)
+        P = torch.addcmul(o, o * tc, tc, value=-1)  # o (1 - tc^2)
+        Q = torch.empty(B, T, 3, H, dtype=x.dtype, device=x.device)
+        torch.mul(g, torch.addcmul(i, i, i, value=-1), out=Q[:, :, 0])  # g i (1 - i)
+        torch.mul(c_prev, torch.addcmul(f, f, f, value=-1), out=Q[:, :, 1])  # c_prev f (1 - f)
+        torch.addcmul(i, i * g, g, value=-1, out=Q[:, :, 2])  # i (1 - g^2)
+        R = tc * torch.addcmul(o, o, o, value=-1)  # tc o (1 - o)
         D = torch.empty(B, T, 4 * H, dtype=x.dtype, device=x.device)
         steps = range(T) if ctx.reverse else range(T - 1, -1, -1)
 
