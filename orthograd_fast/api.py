@@ -224,7 +224,8 @@ class OrthoGrad:
         """Common entry of retain() and forget(): a new span after a projection, model checks."""
         if self._in_retain:
             raise OrthoGradError(nested)
-        _threads.give_back_own()  # an intra-op thread lent to a prefetch whose end ran elsewhere
+        if retain:  # (og.forget() after retain(): the unlearn pass the lend is for)
+            _threads.give_back_own()  # an intra-op thread lent to a prefetch whose end ran elsewhere
         self._unlearn.disarm()
         if self._projected:  # a new span starts after a projection
             self._reset_span()

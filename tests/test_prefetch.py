@@ -322,7 +322,7 @@ def lend_n():
         torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("end", ["project", "reset", "new_block", "unlearn_raises"])
+@pytest.mark.parametrize("end", ["project", "forget", "reset", "new_block", "unlearn_raises"])
 def test_the_caller_lends_one_thread_until_project(eager, end, lend_n):
     # Between retain() and project_() the thread that left the block runs on n - 1 intra-op
     # threads (the prefetch has a core of its own); every way out of the window gives it back,
@@ -343,7 +343,13 @@ def test_the_caller_lends_one_thread_until_project(eager, end, lend_n):
             assert torch.get_num_threads() == n
             ce(model(retain[0]), retain[1]).mean().backward()
         assert torch.get_num_threads() == n - 1  # lent again by the new block's prefetch
-    if end != "reset":
+    if end == "forget":  # the unlearn pass inside og.forget(): still the window the lend is for
+        with og.forget():
+            assert torch.get_num_threads() == n - 1
+            ce(model(unlearn[0]), unlearn[1]).mean().backward()
+        og.project_()
+        _assert_exact(model, retain, unlearn, tag=end)
+    elif end != "reset":
         ce(model(unlearn[0]), unlearn[1]).mean().backward()
         og.project_()
         _assert_exact(model, retain, unlearn, tag=end)
