@@ -18,6 +18,11 @@ CASES = [  # nd, C, O, spatial, kernel, stride, padding, dilation, groups
     (2, 3, 6, (10, 7), (3, 2), (2, 1), (2, 1), (1, 2), 3),
     (1, 4, 8, (12,), (5,), (2,), (2,), (2,), 4),
     (2, 6, 4, (7, 8), (2, 3), (1, 2), (0, 1), (2, 1), 2),
+    # depthwise with padding as wide as the output gradient (a late stage's 7 x 7 on 2 x 2 maps:
+    # x padded before the grouped convolution), uneven per axis, strided, and 1-d
+    (2, 6, 6, (2, 3), (7, 5), (1, 1), (3, 2), (1, 1), 6),
+    (2, 4, 8, (2, 2), (3, 3), (2, 1), (2, 2), (1, 1), 4),
+    (1, 3, 3, (2,), (5,), (1,), (2,), (1,), 3),
     # 1 x 1 without padding (the batched-GEMM tiles), strided and not, 2-d and 1-d
     (2, 5, 7, (6, 9), (1, 1), (1, 1), (0, 0), (1, 1), 1),
     (2, 3, 6, (7, 10), (1, 1), (2, 3), (0, 0), (1, 1), 1),
