@@ -8,11 +8,12 @@ projection then reads each prepared term's rows once for b and updates from them
 The thread that left the block lends the prefetch one of its intra-op threads until ``project_()``
 (:func:`threads.lend_one`, that thread's own OpenMP / MKL count): the unlearn pass runs on the
 others and the prefetch on a core of its own. Without it the prefetch had only what the unlearn
-pass left idle, which its parallel regions take back op by op (measured on 2 cores: 1.17 to 1.54
-busy cores during the zoo's unlearn passes; the LSTM's largest term, ~11 ms of work, took 20 to
-40 ms and finished after the unlearn pass). The unlearn pass pays where its ops use the pool
-well: on 2 cores the zoo's plain unlearn passes (B = 16) ran 0.65x (MobileNetV2) to 1.45x (GPT-2)
-as long on one thread as on two; every model's step was as fast or faster with the lend.
+pass left idle, which its parallel regions take back op by op (measured on 2 cores: 1.05 to 1.58
+busy cores during the zoo's unlearn passes; the LSTM's largest term, ~18 ms of one core's work,
+took 20 to 40 ms and finished after the unlearn pass). The unlearn pass pays where its ops use
+the pool well: on 2 cores the zoo's plain unlearn passes (B = 16) ran 0.65x (MobileNetV2) to
+1.45x (GPT-2) as long on one thread as on two; every model's step was as fast or faster with
+the lend.
 
 The rows live in buffers kept across steps (:class:`RowBuffers`: a fresh allocation of tens of MiB
 faults in every page again each step). The thread holds one intra-op thread and touches only the
