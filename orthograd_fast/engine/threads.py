@@ -108,13 +108,9 @@ def set_intra_op(n: int) -> Optional[int]:
     MKL's GEMMs read MKL's count, not OpenMP's (measured on 2 cores: a 1024 x 1024 GEMM after
     the OpenMP setting alone still ran on both, 155 GFLOP/s against 88 on one). Returns MKL's
     thread-local count before the call (0: MKL's global one) where it set it, else None."""
-    global _omp_set, _mkl_local
+    global _omp_set
     torch.get_num_threads()  # a new thread's first query initializes its count: do it before
-    if _omp_set is None:
-        _omp_set = _find_omp_set() or False
-    if _mkl_local is None:
-        _mkl_local = _find_mkl_local()
-    if _omp_set and _mkl_local is not False:
+    if per_thread_counts():
         _omp_set(n)
         ok, prev = torch.get_num_threads() == n, None
         if _mkl_local:
@@ -138,6 +134,14 @@ def per_thread_counts() -> bool:
     return bool(_omp_set) and _mkl_local is not False
 
 
+def _restore(n: int, mkl_before: Optional[int]) -> None:
+    """The calling thread's count back at ``n``, and MKL's own setting as it was before the
+    :func:`set_intra_op` call that returned ``mkl_before`` (0: its global count)."""
+    set_intra_op(n)
+    if mkl_before is not None and _mkl_local:
+        _mkl_local[0](mkl_before)
+
+
 # the outstanding lend of each thread (thread ident -> LentThread): one at a time per thread
 _lent: dict = {}
 
@@ -159,9 +163,7 @@ class LentThread:
         if _lent.get(self.ident) is self:
             del _lent[self.ident]
             if torch.get_num_threads() == self.n - 1:
-                set_intra_op(self.n)
-                if self.mkl_before is not None and _mkl_local:
-                    _mkl_local[0](self.mkl_before)  # MKL's own setting as it was (0: its global count)
+                _restore(self.n, self.mkl_before)
         return True
 
 
@@ -198,9 +200,7 @@ def one_thread(on: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        set_intra_op(n)
-        if mkl_before is not None and _mkl_local:
-            _mkl_local[0](mkl_before)  # MKL's own setting as it was (0: its global count)
+        _restore(n, mkl_before)
 
 
 def _workers(n: int) -> ThreadPoolExecutor:
