@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .engine import checks as _checks
 from .engine import distributed as _distributed
+from .engine import layer_buffers as _layer_buffers
 from .engine import prefetch as _prefetch
 from .engine import projection as _projection
 from .engine import retain_span as _retain_span
@@ -274,6 +275,7 @@ class OrthoGrad:
         self._unlearn.disarm(keep=False)
         self._reset_span()
         self._row_buffers.clear()
+        _layer_buffers.release()
         _threads.give_back_own()
 
     close = reset  # every hook this object holds goes with its factors (also on deletion)

@@ -106,3 +106,27 @@ def test_lstm_layer_in_one_piece_under_autocast():
     cpu = torch.device("cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert lstm_layer.batch_parts(64, cpu) == [(0, 64)]
+
+
+def test_lstm_layer_pooled_buffers_two_forwards_before_the_backwards():
+    # two calls in flight at once take different buffers; a later step reuses them (layer_buffers)
+    g = torch.Generator().manual_seed(11)
+    B, T, I, H = 3, 4, 5, 6
+    w_ih, w_hh, bias = torch.randn(4 * H, I, generator=g), torch.randn(4 * H, H, generator=g), torch.randn(4 * H, generator=g)
+    for step in range(2):
+        runs = []
+        for k in range(2):
+            x = torch.randn(B, T, I, generator=g, requires_grad=True)
+            h0, c0 = torch.randn(B, H, generator=g), torch.randn(B, H, generator=g)
+            sink = GateGrads()
+            out, _, _ = LSTMLayer.apply(x, h0, c0, w_ih, w_hh, bias, sink, bool(k))
+            runs.append((x, h0, c0, sink, out))
+        for k, (x, h0, c0, sink, out) in enumerate(runs):
+            wo = torch.randn(B, T, H, generator=g)
+            (out * wo).sum().backward()
+            ref = [x.detach().double().requires_grad_(True), h0.double(), c0.double(), w_ih.double(), w_hh.double(), bias.double()]
+            out_r, _, _, pres = unrolled(*ref, bool(k))
+            (out_r * wo.double()).sum().backward()
+            torch.testing.assert_close(out.double(), out_r, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(x.grad.double(), ref[0].grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(sink.g.double(), torch.stack([p.grad for p in pres], 1), rtol=1e-4, atol=1e-5)

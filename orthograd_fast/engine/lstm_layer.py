@@ -9,7 +9,11 @@ step (the recurrence itself; the next step's output gradient rides in the step's
 D straight into one [B, T, 4H] tensor. Both loops take their per-step views from one ``unbind``
 per tensor: made per step, the views cost about as much as the steps' small ops (measured, B = 32,
 T = 32, H = 256, 2 cores: the layer's forward and backward 4.5% faster, the LSTM's OrthoGrad step
-4-7%). Gate order and formulas are PyTorch's (i, f, g, o; c = f c + i g; h = o tanh(c)).
+4-7%). Gate order and formulas are PyTorch's (i, f, g, o; c = f c + i g; h = o tanh(c)); the
+forward takes tanh(g) as 2 sigmoid(2 g) - 1 from the step's one sigmoid over its gates (g's
+weight rows doubled, exact), which drops a tanh per step. On the CPU the gates, states and
+gradients live in buffers kept from step to step (:mod:`orthograd_fast.engine.layer_buffers`;
+the output handed back is fresh).
 
 On the CPU both recurrences run in batch parts side by side, one intra-op thread each
 (:func:`batch_parts`): the samples' recurrences are independent, and a step's ops (a [B, H] x
@@ -27,6 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import threads
+from .layer_buffers import take
 
 # samples per part below which the steps are not split further
 MIN_PART_ROWS = 8
@@ -72,38 +77,49 @@ class LSTMLayer(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, bias, sink: GateGrads, reverse: bool, *anchors):
         B, T, I = x.shape
         H = w_hh.shape[1]
-        gx = x.reshape(B * T, I) @ w_ih.t()
+        # g's rows doubled (exact in floating point): one sigmoid over a step's whole row then
+        # gives sigmoid(2 g) in g's slot, and tanh(g) = 2 sigmoid(2 g) - 1 rides in c's update
+        # (a step's tanh of [B, H] costs about five of its multiplies)
+        g2 = slice(2 * H, 3 * H)
+        if threads.autocast_on():  # (the product's dtype is autocast's)
+            gx = x.reshape(B * T, I) @ w_ih.t()
+        else:  # the layer's buffers come from the thread's pool (layer_buffers), out only fresh
+            gx = torch.mm(x.reshape(B * T, I), w_ih.t(), out=take("gx", (B * T, 4 * H), x))
         if bias is not None:
             gx += bias
         gx = gx.view(B, T, 4 * H)
-        new = lambda *shape: torch.empty(*shape, dtype=x.dtype, device=x.device)  # noqa: E731
-        # sigmoid(i f . o) with g's slot unused; tanh(g); c_t; tanh(c_t); h_t
-        gates, gg, cs, tc, out = new(B, T, 4 * H), new(B, T, H), new(B, T, H), new(B, T, H), new(B, T, H)
-        wt = w_hh.t()
+        gx[:, :, g2] *= 2
+        w2 = w_hh.clone()
+        w2[g2] *= 2
+        # sigmoid(i f . o) with sigmoid(2 g) in g's slot; tanh(g); c_t; tanh(c_t); h_t
+        gates, gg, cs, tc = take("gates", (B, T, 4 * H), x), take("gg", (B, T, H), x), take("cs", (B, T, H), x), take("tc", (B, T, H), x)
+        out = torch.empty(B, T, H, dtype=x.dtype, device=x.device)
+        wt = w2.t()
         steps = range(T - 1, -1, -1) if reverse else range(T)
 
         def run(b0, b1):  # the steps of samples b0 .. b1 - 1, into their rows of the outputs
             h, c = h0[b0:b1], c0[b0:b1]
             # every step's views made at once (one op per tensor, not one per step: the steps are
             # small enough that making views per step costs as much as their arithmetic)
-            S, X, G = gates[b0:b1].unbind(1), gx[b0:b1].unbind(1), gg[b0:b1].unbind(1)
-            SG = gates[b0:b1, :, 2 * H : 3 * H].unbind(1)
-            SI, SF, SO = (gates[b0:b1, :, k * H : (k + 1) * H].unbind(1) for k in (0, 1, 3))
+            S, X = gates[b0:b1].unbind(1), gx[b0:b1].unbind(1)
+            SI, SF, SG, SO = (gates[b0:b1, :, k * H : (k + 1) * H].unbind(1) for k in range(4))
             C, TC, OUT = cs[b0:b1].unbind(1), tc[b0:b1].unbind(1), out[b0:b1].unbind(1)
             for t in steps:
                 torch.addmm(X[t], h, wt, out=S[t])  # pre-activations, in place of the gates
-                torch.tanh(SG[t], out=G[t])  # g (its slot of the gates then holds sigmoid(g): unused)
                 torch.sigmoid(S[t], out=S[t])
-                c = torch.mul(SF[t], c, out=C[t]).addcmul_(SI[t], G[t])
+                # c = f c + i tanh(g) = f c + 2 i sigmoid(2 g) - i
+                c = torch.mul(SF[t], c, out=C[t]).addcmul_(SI[t], SG[t], value=2).sub_(SI[t])
                 h = torch.mul(SO[t], torch.tanh(c, out=TC[t]), out=OUT[t])
+            torch.mul(gates[b0:b1, :, g2], 2, out=gg[b0:b1]).sub_(1)  # tanh(g) of every step
             return h, c
 
         h, c = _by_parts(run, B, x.device)
         # the state each position's step started from: the neighbour's in step order, h0 / c0 first
+        h_prev, c_prev = take("h_prev", (B, T, H), x), take("c_prev", (B, T, H), x)
         if reverse:
-            h_prev, c_prev = torch.cat([out[:, 1:], h0[:, None]], 1), torch.cat([cs[:, 1:], c0[:, None]], 1)
+            torch.cat([out[:, 1:], h0[:, None]], 1, out=h_prev), torch.cat([cs[:, 1:], c0[:, None]], 1, out=c_prev)
         else:
-            h_prev, c_prev = torch.cat([h0[:, None], out[:, :-1]], 1), torch.cat([c0[:, None], cs[:, :-1]], 1)
+            torch.cat([h0[:, None], out[:, :-1]], 1, out=h_prev), torch.cat([c0[:, None], cs[:, :-1]], 1, out=c_prev)
         sink.h_prev = h_prev
         ctx.sink, ctx.reverse = sink, reverse
         ctx.save_for_backward(x, w_ih, w_hh, gates, gg, c_prev, h_prev, tc)
@@ -119,13 +135,15 @@ class LSTMLayer(torch.autograd.Function):
         # dc += dh * P; D_{i,f,g} = dc * Q; D_o = dh * R; dc <- dc * f; dh <- D_t w_hh
         # (two passes over [B, T, H] each, Q written in place: these passes are memory-bound, and
         # the plainer 13 products and a stack took 2.2 ms of the layer's ~10 ms backward)
-        P = torch.addcmul(o, o * tc, tc, value=-1)  # o (1 - tc^2)
-        Q = torch.empty(B, T, 3, H, dtype=x.dtype, device=x.device)
-        torch.mul(g, torch.addcmul(i, i, i, value=-1), out=Q[:, :, 0])  # g i (1 - i)
-        torch.mul(c_prev, torch.addcmul(f, f, f, value=-1), out=Q[:, :, 1])  # c_prev f (1 - f)
-        torch.addcmul(i, i * g, g, value=-1, out=Q[:, :, 2])  # i (1 - g^2)
-        R = tc * torch.addcmul(o, o, o, value=-1)  # tc o (1 - o)
-        D = torch.empty(B, T, 4 * H, dtype=x.dtype, device=x.device)
+        # (the factors and D in buffers of the thread's pool, layer_buffers; tmp: each product's
+        # intermediate)
+        tmp, P, Q, R = take("tmp", (B, T, H), tc), take("P", (B, T, H), tc), take("Q", (B, T, 3, H), tc), take("R", (B, T, H), tc)
+        torch.addcmul(o, torch.mul(o, tc, out=tmp), tc, value=-1, out=P)  # o (1 - tc^2)
+        torch.mul(g, torch.addcmul(i, i, i, value=-1, out=tmp), out=Q[:, :, 0])  # g i (1 - i)
+        torch.mul(c_prev, torch.addcmul(f, f, f, value=-1, out=tmp), out=Q[:, :, 1])  # c_prev f (1 - f)
+        torch.addcmul(i, torch.mul(i, g, out=tmp), g, value=-1, out=Q[:, :, 2])  # i (1 - g^2)
+        torch.mul(tc, torch.addcmul(o, o, o, value=-1, out=tmp), out=R)  # tc o (1 - o)
+        D = take("D", (B, T, 4 * H), tc)
         steps = range(T) if ctx.reverse else range(T - 1, -1, -1)
 
         def run(b0, b1):  # the steps of samples b0 .. b1 - 1, into their rows of D

@@ -1,0 +1,72 @@
+"""CPU buffers of a layer's forward and backward (the LSTM layer's gates, states and gradients),
+kept from step to step and handed out again once nothing refers to them.
+
+On the CPU a fresh allocation of a few MiB comes from the system and faults in every page again
+when first written (measured, LSTM B = 32, T = 32, H = 256 on 2 cores: its forward and backward
+allocate ~23 MiB per step; with the buffers kept, its OrthoGrad step 0.94x to 0.99x the time,
+paired, median of three runs 0.978x). The pool lends views of its buffers: a buffer is taken
+again only when no tensor other than the pool's own refers to its storage (read through torch's
+storage use count), so a buffer saved for a backward still to come, or kept by the projection, is
+never overwritten. Each thread has its own pool of at most POOL_BYTES; :func:`release` frees the
+calling thread's (``OrthoGrad.reset()``). Elsewhere than the CPU, and where torch does not expose
+the use count, every call allocates.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+# bytes of buffers one thread keeps (beyond them a call allocates as usual)
+POOL_BYTES = 64 << 20
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_local = threading.local()
+
+
+class _Pool:
+    def __init__(self):
+        self.bufs: Dict[Tuple, List[Tensor]] = {}
+        self.nbytes = 0
+        self.free_count: Optional[int] = None  # the use count of a buffer only the pool refers to
+
+
+def _pool() -> _Pool:
+    pool = getattr(_local, "pool", None)
+    if pool is None:
+        pool = _local.pool = _Pool()
+    return pool
+
+
+def _count(t: Tensor) -> int:
+    return _use_count(t.untyped_storage()._cdata)
+
+
+def take(name: str, shape: Sequence[int], like: Tensor) -> Tensor:
+    """An uninitialized tensor of ``shape`` with ``like``'s dtype and device: on the CPU a view of
+    a pooled buffer named ``name`` that nothing else refers to, else a fresh one (pooled while the
+    thread's pool has room)."""
+    shape = tuple(shape)
+    if like.device.type != "cpu" or _use_count is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    pool = _pool()
+    held = pool.bufs.setdefault((name, shape, like.dtype), [])
+    if pool.free_count is None:
+        pool.free_count = _count(torch.empty(1))  # the pool's own reference (and the reading's)
+    for buf in held:
+        if _count(buf) == pool.free_count:
+            return buf.view(shape)
+    buf = torch.empty(shape, dtype=like.dtype)
+    size = buf.numel() * buf.element_size()
+    if pool.nbytes + size <= POOL_BYTES:
+        held.append(buf)
+        pool.nbytes += size
+    return buf.view(shape)
+
+
+def release() -> None:
+    """Free the calling thread's pooled buffers (a buffer still in use lives on with its user)."""
+    _local.pool = None
