@@ -81,16 +81,20 @@ class LSTMLayer(torch.autograd.Function):
         # gives sigmoid(2 g) in g's slot, and tanh(g) = 2 sigmoid(2 g) - 1 rides in c's update
         # (a step's tanh of [B, H] costs about five of its multiplies)
         g2 = slice(2 * H, 3 * H)
+        w_ih2, w2 = take("w_ih", w_ih.shape, w_ih).copy_(w_ih), take("w_hh", w_hh.shape, w_hh).copy_(w_hh)
+        b2 = bias.clone() if bias is not None else None
+        for w in (w_ih2, w2, b2):
+            if w is not None:
+                w[g2] *= 2
+        x2 = x.reshape(B * T, I)
         if threads.autocast_on():  # (the product's dtype is autocast's)
-            gx = x.reshape(B * T, I) @ w_ih.t()
+            gx = x2 @ w_ih2.t()
+            if b2 is not None:
+                gx += b2
         else:  # the layer's buffers come from the thread's pool (layer_buffers), out only fresh
-            gx = torch.mm(x.reshape(B * T, I), w_ih.t(), out=take("gx", (B * T, 4 * H), x))
-        if bias is not None:
-            gx += bias
+            gx = take("gx", (B * T, 4 * H), x)
+            torch.addmm(b2, x2, w_ih2.t(), out=gx) if b2 is not None else torch.mm(x2, w_ih2.t(), out=gx)
         gx = gx.view(B, T, 4 * H)
-        gx[:, :, g2] *= 2
-        w2 = w_hh.clone()
-        w2[g2] *= 2
         # sigmoid(i f . o) with sigmoid(2 g) in g's slot; tanh(g); c_t; tanh(c_t); h_t
         gates, gg, cs, tc = take("gates", (B, T, 4 * H), x), take("gg", (B, T, H), x), take("cs", (B, T, H), x), take("tc", (B, T, H), x)
         out = torch.empty(B, T, H, dtype=x.dtype, device=x.device)
@@ -131,22 +135,27 @@ class LSTMLayer(torch.autograd.Function):
         x, w_ih, w_hh, gates, g, c_prev, h_prev, tc = ctx.saved_tensors
         B, T, H = tc.shape
         i, f, _, o = gates.split(H, dim=2)
-        # every elementwise factor of the recurrence, for all steps at once:
-        # dc += dh * P; D_{i,f,g} = dc * Q; D_o = dh * R; dc <- dc * f; dh <- D_t w_hh
-        # (two passes over [B, T, H] each, Q written in place: these passes are memory-bound, and
-        # the plainer 13 products and a stack took 2.2 ms of the layer's ~10 ms backward)
-        # (the factors and D in buffers of the thread's pool, layer_buffers; tmp: each product's
+        # the factors and D in buffers of the thread's pool (layer_buffers; tmp: each product's
         # intermediate)
         tmp, P, Q, R = take("tmp", (B, T, H), tc), take("P", (B, T, H), tc), take("Q", (B, T, 3, H), tc), take("R", (B, T, H), tc)
-        torch.addcmul(o, torch.mul(o, tc, out=tmp), tc, value=-1, out=P)  # o (1 - tc^2)
-        torch.mul(g, torch.addcmul(i, i, i, value=-1, out=tmp), out=Q[:, :, 0])  # g i (1 - i)
-        torch.mul(c_prev, torch.addcmul(f, f, f, value=-1, out=tmp), out=Q[:, :, 1])  # c_prev f (1 - f)
-        torch.addcmul(i, torch.mul(i, g, out=tmp), g, value=-1, out=Q[:, :, 2])  # i (1 - g^2)
-        torch.mul(tc, torch.addcmul(o, o, o, value=-1, out=tmp), out=R)  # tc o (1 - o)
         D = take("D", (B, T, 4 * H), tc)
         steps = range(T) if ctx.reverse else range(T - 1, -1, -1)
 
+        def factors(rows):
+            """Every elementwise factor of the recurrence for all steps of the samples ``rows``:
+            dc += dh * P; D_{i,f,g} = dc * Q; D_o = dh * R; dc <- dc * f; dh <- D_t w_hh (two
+            passes over [B, T, H] each, Q written in place: these passes are memory-bound, and the
+            plainer 13 products and a stack took 2.2 ms of the layer's ~10 ms backward; per part
+            on its own thread, no wake-up of the intra-op pool per product)."""
+            o_, tc_, i_, f_, g_, cp_, tm = (v[rows] for v in (o, tc, i, f, g, c_prev, tmp))
+            torch.addcmul(o_, torch.mul(o_, tc_, out=tm), tc_, value=-1, out=P[rows])  # o (1 - tc^2)
+            torch.mul(g_, torch.addcmul(i_, i_, i_, value=-1, out=tm), out=Q[rows, :, 0])  # g i (1 - i)
+            torch.mul(cp_, torch.addcmul(f_, f_, f_, value=-1, out=tm), out=Q[rows, :, 1])  # c_prev f (1 - f)
+            torch.addcmul(i_, torch.mul(i_, g_, out=tm), g_, value=-1, out=Q[rows, :, 2])  # i (1 - g^2)
+            torch.mul(tc_, torch.addcmul(o_, o_, o_, value=-1, out=tm), out=R[rows])  # tc o (1 - o)
+
         def run(b0, b1):  # the steps of samples b0 .. b1 - 1, into their rows of D
+            factors(slice(b0, b1))
             dh, dc = dh_n[b0:b1].clone(), dc_n[b0:b1].clone()
             dc3 = dc.unsqueeze(1)
             # every step's views made at once, as in the forward
