@@ -92,3 +92,19 @@ def test_release_and_other_devices_allocate(monkeypatch):
     assert layer_buffers._pool().nbytes == 0 and layer_buffers.take("r", (8,), like).shape == (8,)
     assert layer_buffers._pool().nbytes == 0
     del p
+
+
+def test_a_full_pool_drops_free_buffers_of_other_shapes(monkeypatch):
+    # a sequence length that changes: the old length's free buffers make room for the new one's
+    monkeypatch.setattr(layer_buffers, "POOL_BYTES", 100 * 4)
+    like = torch.randn(1)
+    old = layer_buffers.take("g", (60,), like)
+    del old
+    busy = layer_buffers.take("h", (30,), like)  # in use: stays
+    new = layer_buffers.take("g", (70,), like)
+    pool = layer_buffers._pool()
+    assert pool.nbytes == (30 + 70) * 4
+    assert [b.numel() for b in pool.bufs[("g", (70,), like.dtype)]] == [70]
+    assert ("g", (60,), like.dtype) not in pool.bufs
+    assert _ptr(pool.bufs[("h", (30,), like.dtype)][0]) == _ptr(busy)
+    del new

@@ -7,8 +7,9 @@ allocate ~23 MiB per step; with the buffers kept, its OrthoGrad step 0.94x to 0.
 paired, median of three runs 0.978x). The pool lends views of its buffers: a buffer is taken
 again only when no tensor other than the pool's own refers to its storage (read through torch's
 storage use count), so a buffer saved for a backward still to come, or kept by the projection, is
-never overwritten. Each thread has its own pool of at most POOL_BYTES; :func:`release` frees the
-calling thread's (``OrthoGrad.reset()``). Elsewhere than the CPU, and where torch does not expose
+never overwritten. Each thread has its own pool of at most POOL_BYTES (a buffer that would not
+fit first drops the free ones, oldest first: sequence lengths that change); :func:`release` frees
+the calling thread's (``OrthoGrad.reset()``). Elsewhere than the CPU, and where torch does not expose
 the use count, every call allocates.
 """
 
@@ -61,10 +62,26 @@ def take(name: str, shape: Sequence[int], like: Tensor) -> Tensor:
             return buf.view(shape)
     buf = torch.empty(shape, dtype=like.dtype)
     size = buf.numel() * buf.element_size()
+    if pool.nbytes + size > POOL_BYTES:
+        _evict(pool, POOL_BYTES - size)  # free buffers of other shapes (a sequence length that changed)
     if pool.nbytes + size <= POOL_BYTES:
         held.append(buf)
         pool.nbytes += size
     return buf.view(shape)
+
+
+def _evict(pool: _Pool, target: int) -> None:
+    """Drop pooled buffers nothing refers to, oldest first, until the pool holds at most
+    ``target`` bytes."""
+    for key, held in list(pool.bufs.items()):
+        for buf in list(held):
+            if pool.nbytes <= target:
+                return
+            if _count(buf) == pool.free_count:
+                held.remove(buf)
+                pool.nbytes -= buf.numel() * buf.element_size()
+        if not held:
+            del pool.bufs[key]
 
 
 def release() -> None:
