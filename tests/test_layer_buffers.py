@@ -108,3 +108,19 @@ def test_a_full_pool_drops_free_buffers_of_other_shapes(monkeypatch):
     assert ("g", (60,), like.dtype) not in pool.bufs
     assert _ptr(pool.bufs[("h", (30,), like.dtype)][0]) == _ptr(busy)
     del new
+
+
+def test_eviction_of_one_buffer_among_several_of_a_shape(monkeypatch):
+    # the pool drops the free one of two same-shape buffers, keeps the busy one and stays counted
+    monkeypatch.setattr(layer_buffers, "POOL_BYTES", 100 * 4)
+    like = torch.randn(1)
+    a = layer_buffers.take("s", (40,), like)
+    b = layer_buffers.take("s", (40,), like)  # a is busy: a second buffer
+    pb = _ptr(b)
+    del b
+    c = layer_buffers.take("t", (50,), like)  # 80 + 50 > 100: b's buffer goes, a's stays
+    pool = layer_buffers._pool()
+    kept = pool.bufs[("s", (40,), like.dtype)]
+    assert [_ptr(x) for x in kept] == [_ptr(a)] and pb != _ptr(a)
+    assert pool.nbytes == sum(x.numel() * 4 for v in pool.bufs.values() for x in v) == 90 * 4
+    del c
