@@ -72,18 +72,16 @@ def test_the_pool_keeps_at_most_its_budget(monkeypatch):
     like = torch.randn(1)
     a = layer_buffers.take("a", (60,), like)
     b = layer_buffers.take("b", (60,), like)  # over the budget: fresh, not kept
-    pa, pb = _ptr(a), _ptr(b)
+    pa = _ptr(a)
     del a, b
     assert _ptr(layer_buffers.take("a", (60,), like)) == pa
     assert layer_buffers._pool().nbytes == 240
     assert "b" not in {k[0] for k, v in layer_buffers._pool().bufs.items() if v}
-    del pb
 
 
 def test_release_and_other_devices_allocate(monkeypatch):
     like = torch.randn(2)
     a = layer_buffers.take("r", (8,), like)
-    p = _ptr(a)
     del a
     layer_buffers.release()
     assert layer_buffers._pool().nbytes == 0
@@ -91,7 +89,6 @@ def test_release_and_other_devices_allocate(monkeypatch):
     monkeypatch.setattr(layer_buffers, "_use_count", None)
     assert layer_buffers._pool().nbytes == 0 and layer_buffers.take("r", (8,), like).shape == (8,)
     assert layer_buffers._pool().nbytes == 0
-    del p
 
 
 def test_a_full_pool_drops_free_buffers_of_other_shapes(monkeypatch):
@@ -122,5 +119,5 @@ def test_eviction_of_one_buffer_among_several_of_a_shape(monkeypatch):
     pool = layer_buffers._pool()
     kept = pool.bufs[("s", (40,), like.dtype)]
     assert [_ptr(x) for x in kept] == [_ptr(a)] and pb != _ptr(a)
-    assert pool.nbytes == sum(x.numel() * 4 for v in pool.bufs.values() for x in v) == 90 * 4
+    assert pool.nbytes == 90 * 4
     del c

@@ -31,8 +31,11 @@ _local = threading.local()
 class _Pool:
     def __init__(self):
         self.bufs: Dict[Tuple, List[Tensor]] = {}
-        self.nbytes = 0
         self.free_count: Optional[int] = None  # the use count of a buffer only the pool refers to
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for held in self.bufs.values() for b in held)
 
 
 def _pool() -> _Pool:
@@ -67,25 +70,25 @@ def take(name: str, shape: Sequence[int], like: Tensor) -> Tensor:
         _evict(pool, POOL_BYTES - size)  # free buffers of other shapes (a sequence length that changed)
     if pool.nbytes + size <= POOL_BYTES:
         pool.bufs.setdefault(key, []).append(buf)  # (the eviction may have dropped the key's list)
-        pool.nbytes += size
     return buf.view(shape)
 
 
 def _evict(pool: _Pool, target: int) -> None:
     """Drop pooled buffers nothing refers to, oldest first, until the pool holds at most
     ``target`` bytes (lists rebuilt by position: a tensor's == compares its elements)."""
+    left = pool.nbytes
     for key in list(pool.bufs):
         keep = []
         for buf in pool.bufs[key]:
-            if pool.nbytes > target and _count(buf) == pool.free_count:
-                pool.nbytes -= buf.numel() * buf.element_size()
+            if left > target and _count(buf) == pool.free_count:
+                left -= buf.numel() * buf.element_size()
             else:
                 keep.append(buf)
         if keep:
             pool.bufs[key] = keep
         else:
             del pool.bufs[key]
-        if pool.nbytes <= target:
+        if left <= target:
             return
 
 
