@@ -368,3 +368,55 @@ def test_held_gram_inverse_and_amplification_match_float64():
     r2 = held_rows.HeldRows([(0, Y2.float())], K2, torch.eye(7, dtype=torch.float64), None)  # (K^-1 unused here)
     cancel = torch.tensor([1.0, -1.0, 0, 0, 0, 0, -1.0], dtype=torch.float64)
     assert float(update_amplification(K2, cancel)) > 1e6 and r2.amplification(cancel) > 1e6
+
+
+@pytest.mark.parametrize("write_between", [False, True])
+def test_a_transposed_weight_updates_the_gradient_it_is_handed(write_between):
+    """A weight stored transposed (W [I, O]) is copied to the rows' layout for b and again for the
+    update only when the gradient was written in between: either way the update projects the
+    gradient it is handed, written back in W's layout (float64 per-sample oracle)."""
+    from orthograd_fast.engine.factors import OuterFactors
+    from orthograd_fast.engine.routes.tile import TileRoute
+
+    g = torch.Generator().manual_seed(11 + write_between)
+    B, T, O, I = 6, 7, 10, 13
+    A, D = torch.randn(B, T, 1, I, generator=g), torch.randn(B, T, 1, O, generator=g)
+    route = TileRoute(torch.zeros(I, O), B, OuterFactors(A, D, None, (1, O, I), True), 1 << 20)
+    route.hold = True
+    route.prepare_held(torch.empty(B * O * I))
+    assert route.rows is not None
+    U = torch.randn(I, O, generator=g)
+    b = route.coef(U)
+    if write_between:  # the gradient scaled after its coefficients, and b with it
+        U.mul_(-1.5)
+        b = b * -1.5
+    u = U.double().reshape(-1).clone()
+    assert route.project_held_(U, b)
+    Gs = torch.einsum("bto,bti->bio", D[:, :, 0].double(), A[:, :, 0].double()).reshape(B, -1)  # g_i as W [I, O]
+    expect = project_out(Gs, u).view(I, O)
+    assert_close(U, expect, dtype=torch.float32, reduction_len=T * B, scale=float(expect.abs().max()))
+    assert orthogonality({"W": Gs}, {"W": U.double().reshape(-1)}, {"W": u}) <= ORTH
+
+
+def test_a_transposed_weight_is_copied_once_per_projection(tile, monkeypatch):
+    """Through the projection, the copy b was taken from serves the update: a transposed weight's
+    gradient is put in the rows' layout once per step (with the passes' result still the oracle's:
+    test_held_rows_match_the_oracle)."""
+    from orthograd_fast.engine.routes.held import HeldRoute
+
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = Tokens()
+    retain, unlearn = _data("tokens", g)
+    copies = []
+    flat = HeldRoute._flat
+
+    def counted(self, U):
+        r, back = flat(self, U)
+        copies.append(back is not None)
+        return r, back
+
+    monkeypatch.setattr(HeldRoute, "_flat", counted)
+    og, _ = og_direction(model, ce, retain, unlearn, backend="torch")
+    assert og._terms[model.W].hold and og.stats["held_rows"] >= 3
+    assert sum(copies) == 1, copies  # W's: one copy for b and the update

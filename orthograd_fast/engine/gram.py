@@ -318,12 +318,14 @@ class PerSampleGrads:
         """Tile, conv and lookup terms of float32 factors on the CPU, off the Triton kernels."""
         return self.route.can_hold()
 
-    def project_held_(self, U: Tensor, b: Tensor, scale: float = 1.0, shift: float = 0.0) -> bool:
+    def project_held_(self, U: Tensor, b: Tensor, scale: float = 1.0, shift: float = 0.0, source: Optional[Tensor] = None) -> bool:
         """U <- scale * (P_perp U - shift * sum_i g_i) in place from the held rows (in the term's own
         job, right after :meth:`gram_coef`); the rows are dropped. False when the re-projection
         passes did not converge: U is then partly updated (the caller works on a copy) and the
-        term is set back to the float64 route (the next :meth:`gram_coef` forms its Gram again)."""
-        return self.route.project_held_(U, b, scale, shift)
+        term is set back to the float64 route (the next :meth:`gram_coef` forms its Gram again).
+        ``source``: the tensor U is a copy of, when b came from it (its copy in the rows' layout,
+        if b made one, serves again)."""
+        return self.route.project_held_(U, b, scale, shift, source)
 
     def prepare_held(self, buf: Tensor) -> None:
         """Form the float32 rows into ``buf`` and K from them before u is known (the prefetch,

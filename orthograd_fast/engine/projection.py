@@ -265,7 +265,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         K, b = t.gram_coef(U[k])
         if t.rows is not None:
             Uk = U[k].clone()  # passes that do not converge leave the vector as it was
-            if t.project_held_(Uk, b, scale, S[k] if S else 0.0):
+            if t.project_held_(Uk, b, scale, S[k] if S else 0.0, source=U[k]):
                 staged[k] = Uk
             else:  # the float64 route, then the batched solve and update like any term
                 K, b = t.gram_coef(U[k])
