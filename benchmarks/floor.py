@@ -77,6 +77,7 @@ class ParamFloor:
     route: str
     extra: float  # flops over the plain step (route cost - the retain weight gradient + solve)
     costs: Dict[str, float] = field(default_factory=dict)  # route -> flops before the lean credit
+    credit: float = 0.0  # the retain weight gradient's flops, subtracted (lean retain skips it)
 
 
 @dataclass
@@ -97,6 +98,9 @@ class Floor:
         return {
             "B": self.B, "Bu": self.Bu, "plain_flops": self.plain, "plain_retain_flops": self.plain_retain,
             "plain_unlearn_flops": self.plain_unlearn, "extra_flops": self.extra, "floor_ratio": self.ratio,
+            # the retain weight gradients the floor subtracts, counted at the plain step's mean rate
+            # like every flop (a fused kernel may form them for far less: see the README's LSTM)
+            "retain_wgrad_credit_flops": sum(p.credit for p in self.params),
             "routes": {r: sum(1 for p in self.params if p.route == r) for r in sorted({p.route for p in self.params})},
             "top": [
                 {"param": p.name, "route": p.route, "extra_flops": p.extra}
@@ -243,7 +247,7 @@ def param_floor(name: str, numel: int, uses: List[Use], B: int, Bu: int) -> Para
     if uses and all(u.kind == LOOKUP and u.ids is not None for u in uses):
         costs["sparse"] = _sparse_lookup(uses, B)
     route = min(costs, key=costs.get)
-    return ParamFloor(name, numel, uses, route, costs[route] - form + solve, costs)
+    return ParamFloor(name, numel, uses, route, costs[route] - form + solve, costs, form)
 
 
 def _sparse_lookup(uses: List[Use], B: int) -> float:

@@ -271,6 +271,18 @@ def test_profile_step_runs_and_attributes_every_route(capsys):
     assert rows, out
 
 
+def test_wgrad_cost_reports_the_floors_credit(capsys):
+    # benchmarks/wgrad_cost.py: the retain weight gradients' cost against the floor's credit for them
+    from benchmarks import wgrad_cost
+
+    r = wgrad_cost.measure("lstm", rounds=1, B=4, Bu=2)
+    assert r["plain_ms"] > 0 and r["floor"] > 1.0
+    # the credit: 2 B T numel per LSTM weight over the plain step's flops, a share well inside (0, 1)
+    assert 0.05 < r["credit_share"] < 0.5, r
+    wgrad_cost.main(["--models", "lstm", "--rounds", "1"])
+    assert "| lstm |" in capsys.readouterr().out
+
+
 def test_profile_step_schedule_lists_every_term_and_restores_the_core(capsys):
     # --schedule times one projection's jobs per thread by wrapping the core's methods at run
     # time: every term of the MLP has a job, each thread's busy + idle time spans the jobs, and

@@ -178,3 +178,7 @@ def test_lstm_flops_are_counted():
     assert f.plain_retain == pytest.approx(3 * lstm_fwd + head + 2 * head)
     by = {p.name: p for p in f.params}
     assert by["lstm.weight_hh_l0"].uses[0].kind == DENSE and by["lstm.weight_hh_l0"].uses[0].T == 5
+    # the credit: each weight's retain gradient, 2 B T numel (input-to-hidden 16 x 3, hidden 16 x 4)
+    assert by["lstm.weight_ih_l0"].credit == pytest.approx(2 * 2 * 5 * 16 * 3)
+    assert by["lstm.weight_hh_l0"].credit == pytest.approx(2 * 2 * 5 * 16 * 4)
+    assert f.as_dict()["retain_wgrad_credit_flops"] == pytest.approx(sum(p.credit for p in f.params))
