@@ -8,9 +8,10 @@ Per real-zoo model, the plain retain fwd+bwd (B = 32) is timed two ways, alterna
 first parameter only: the backward still runs through every layer for the input gradients, but no
 other weight gradient is formed). ``full - lean`` is what the weight gradients cost the plain step;
 the floor counts their flops (``retain_wgrad_credit_flops``) at the plain step's mean rate, that is
-``credit / plain flops x plain step``. Where a fused kernel forms them for much less than that
-(``nn.LSTM``: its backward computes them inside the recurrence), measured / floor reads high by
-the difference: the floor's one rate, not the engine. Diagnostic tool, not part of the timed suite.
+``credit / plain flops x plain step``. Where the plain step does not get faster without them
+(``nn.LSTM``: its fused backward takes the same time either way) while the exact step must replace
+that kernel anyway, measured / floor reads high by the difference. Diagnostic tool, not part of
+the timed suite.
 """
 
 from __future__ import annotations
