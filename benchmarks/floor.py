@@ -99,7 +99,7 @@ class Floor:
             "B": self.B, "Bu": self.Bu, "plain_flops": self.plain, "plain_retain_flops": self.plain_retain,
             "plain_unlearn_flops": self.plain_unlearn, "extra_flops": self.extra, "floor_ratio": self.ratio,
             # the retain weight gradients the floor subtracts, counted at the plain step's mean rate
-            # like every flop (a fused kernel may form them for far less: see the README's LSTM)
+            # like every flop (a fused kernel may take as long without them: the README's LSTM)
             "retain_wgrad_credit_flops": sum(p.credit for p in self.params),
             "routes": {r: sum(1 for p in self.params if p.route == r) for r in sorted({p.route for p in self.params})},
             "top": [
