@@ -1,16 +1,16 @@
-"""CPU buffers of a layer's forward and backward (the LSTM layer's gates, states and gradients),
-kept from step to step and handed out again once nothing refers to them.
+"""CPU buffers of a layer's forward and backward (the LSTM layer's gates, states and gradients), kept
+from step to step and handed out again once nothing refers to them.
 
-On the CPU a fresh allocation of a few MiB comes from the system and faults in every page again
-when first written (measured, LSTM B = 32, T = 32, H = 256 on 2 cores: its forward and backward
-allocate ~23 MiB per step; in processes of one code each, 60 pairs, its OrthoGrad step read
-1.364x-1.417x a plain step with the buffers kept against 1.377x-1.451x without). The pool lends views of its buffers: a buffer is taken
-again only when no tensor other than the pool's own refers to its storage (read through torch's
-storage use count), so a buffer saved for a backward still to come, or kept by the projection, is
-never overwritten. Each thread has its own pool of at most POOL_BYTES (a buffer that would not
-fit first drops the free ones, oldest first: sequence lengths that change); :func:`release` frees
-the calling thread's (``OrthoGrad.reset()``). Elsewhere than the CPU, and where torch does not
-expose the use count, every call allocates.
+On the CPU a fresh allocation of a few MiB comes from the system and faults in every page again when
+first written (measured, LSTM B = 32, T = 32, H = 256 on 2 cores: its forward and backward allocate
+~23 MiB per step; in processes of one code each, 60 pairs, its OrthoGrad step read 1.364x-1.417x a
+plain step with the buffers kept against 1.377x-1.451x without). The pool lends views of its
+buffers: a buffer is taken again only when no tensor other than the pool's own refers to its storage
+(read through torch's storage use count), so a buffer saved for a backward still to come, or kept by
+the projection, is never overwritten. Each thread has its own pool of at most POOL_BYTES (a buffer
+that would not fit first drops the free ones, oldest first: sequence lengths that change);
+:func:`release` frees the calling thread's (``OrthoGrad.reset()``). Elsewhere than the CPU, and
+where torch does not expose the use count, every call allocates.
 """
 
 from __future__ import annotations
