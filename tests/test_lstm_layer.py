@@ -102,10 +102,6 @@ def test_lstm_layer_detached_weights_get_no_gradient():
     assert sink.g is not None and sink.g.shape == (2, 3, 8) and bool(sink.g.abs().sum() > 0)
 
 
-def test_lstm_layer_in_one_piece_under_autocast():
-    cpu = torch.device("cpu")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lstm_layer.batch_parts(64, cpu) == [(0, 64)]
 
 
 def test_lstm_layer_pooled_buffers_two_forwards_before_the_backwards():

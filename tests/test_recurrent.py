@@ -1,11 +1,14 @@
 """nn.LSTM / nn.GRU / nn.RNN: exact per-sample gradients from the unrolled forward (oracle)."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
-from engine_helpers import compare
+from engine_helpers import autocast_ok, compare
 from models import ce
+from oracle import oracle_direction, orthogonality
 from orthograd_fast import OrthoGrad
 from orthograd_fast.errors import CaptureError
 
@@ -83,3 +86,51 @@ def test_recurrent_mismatch_is_an_error():
         with og.retain():
             ce(model(retain[0]), retain[1]).mean().backward()
     assert "forward" not in model.rnn.__dict__
+
+
+# in half precision, per tensor relative to ||d*|| + ||u|| (as test_mixed_precision): the half
+# rounding of the unlearn gradient and of the head's factors (measured worst, bf16: 8.6e-3, at most
+# 0.29 of this bound; orthogonality 1.4e-3)
+REL_HALF, ORTH_HALF = 3e-2, 3e-2
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("kind,layers,bidir,batch_first", CASES)
+@pytest.mark.parametrize("half", ["autocast-bf16", "autocast-fp16", "bf16-weights"])
+def test_recurrent_in_half_precision_runs_in_float32(kind, layers, bidir, batch_first, scope, half):
+    # under autocast, or with bf16 weights, the retain pass runs the unrolled recurrence in float32
+    # with autocast off: per op it would round differently from the fused module (a raw dtype error
+    # for the LSTM under autocast, a failed first-call check otherwise); the outputs come back in
+    # the input's dtype, and the direction stays within the half precision's own error
+    dtype = torch.float16 if half == "autocast-fp16" else torch.bfloat16
+    autocast = half.startswith("autocast")
+    if autocast and not autocast_ok(dtype):
+        pytest.skip(f"CPU autocast to {dtype} is not supported by this torch build")
+    if dtype == torch.float16 and kind == "lstm":
+        pytest.skip("the fused CPU LSTM itself refuses fp16 autocast (oneDNN), so the unlearn pass cannot run")
+    model, retain, unlearn = make(kind, layers, bidir, batch_first, seed=5)
+    if not autocast:
+        model = model.to(dtype)
+        retain, unlearn = (retain[0].to(dtype), retain[1]), (unlearn[0].to(dtype), unlearn[1])
+    run = (lambda: torch.autocast("cpu", dtype=dtype)) if autocast else contextlib.nullcontext
+    og = OrthoGrad(model, scope=scope, backend="torch")
+    model.zero_grad(set_to_none=True)
+    with og.retain():
+        with run():
+            out = model(retain[0])
+        assert out.dtype == dtype  # the head ran in the half dtype, on the recurrence's output
+        ce(out.float(), retain[1]).mean().backward()
+    with run():
+        out = model(unlearn[0])
+    ce(out.float(), unlearn[1]).mean().backward()
+    u_half = {n: p.grad.reshape(-1).double().clone() for n, p in model.named_parameters()}
+    og.project_()
+    got = {n: p.grad.reshape(-1).double() for n, p in model.named_parameters()}
+    ref, G, u = oracle_direction(model, ce, retain, unlearn, scope=scope)
+    for n in got:
+        scale = float(ref[n].norm() + u[n].norm()) + 1e-30
+        err = float((got[n] - ref[n]).norm()) / scale
+        bound = max(REL_HALF, 2 * float((u_half[n] - u[n]).norm()) / scale)
+        assert err <= bound, f"{kind}/{scope}/{half} '{n}': direction error {err:.2e} > {bound:.2e}"
+    assert orthogonality(G, {n: -got[n] for n in got}, u, scope) <= ORTH_HALF
+    assert og.stats["fallback"] == []

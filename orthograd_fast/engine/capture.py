@@ -216,21 +216,28 @@ class Capture:
         m = unit.module
         if not torch.is_grad_enabled():
             return type(m).forward(m, *args, **kwargs)
-        call = recurrent.RecurrentCall(m, unit.name, self.lean_ops)
-        # the unrolled steps need no operation capture (the call records its own uses): run them
-        # outside the mode, then tag the outputs with the input's batch layout
-        with torch._C.DisableTorchFunction():
-            out = call.forward(*args, **kwargs)
         x = args[0] if args else kwargs.get("input")
+        # in at least float32 and outside autocast, the steps and the check alike (recurrent.
+        # full_precision); the outputs back in the input's dtype
+        dtype = recurrent.compute_dtype(m)
+        call = recurrent.RecurrentCall(m, unit.name, self.lean_ops, dtype)
+        run_args, run_kwargs, precision = recurrent.full_precision(x, dtype, args, kwargs)
+        with precision:
+            # the unrolled steps need no operation capture (the call records its own uses): run
+            # them outside the mode, then tag the outputs with the input's batch layout
+            with torch._C.DisableTorchFunction():
+                out = call.forward(*run_args, **run_kwargs)
+            if not unit.checked:
+                recurrent.check_against_module(m, unit.name, out, run_args, run_kwargs, dtype)
+                unit.checked = True
+        if isinstance(x, Tensor) and x.is_floating_point() and dtype is not None and x.dtype != dtype:
+            out = recurrent.as_dtype(out, x.dtype)
         prov, lay = self.ctx.prov, self.ctx.prov.layout(x, self.B)
         if lay is not None and lay[0] == 1:
             outs, _ = tree_flatten(out)
             prov.mark(outs[0], lay)  # the output sequence: the input's layout
             for h in outs[1:]:
                 prov.mark(h, (1, 1))  # h_n / c_n: [layers * directions, B, H]
-        if not unit.checked:
-            recurrent.check_against_module(m, unit.name, out, args, kwargs)
-            unit.checked = True
         self.rnn_calls.append(call)
         return out
 

@@ -39,10 +39,8 @@ MIN_PART_ROWS = 8
 
 def batch_parts(B: int, device: torch.device) -> List[Tuple[int, int]]:
     """[(b0, b1)]: the batch rows each part's recurrence runs on: one part per intra-op thread on
-    the CPU (at least MIN_PART_ROWS samples each), one part elsewhere and under autocast."""
-    # (under autocast, whose state is per thread, in one piece: the ops run as the caller's would)
-    cpu = device.type == "cpu" and not threads.autocast_on()
-    n = min(torch.get_num_threads(), B // MIN_PART_ROWS) if cpu else 1
+    the CPU (at least MIN_PART_ROWS samples each), one part elsewhere."""
+    n = min(torch.get_num_threads(), B // MIN_PART_ROWS) if device.type == "cpu" else 1
     n = max(1, n)
     return [(B * k // n, B * (k + 1) // n) for k in range(n)]
 
@@ -71,7 +69,9 @@ class LSTMLayer(torch.autograd.Function):
     h0, c0 [B, H], w_ih [4H, I], w_hh [4H, H] and ``bias`` [4H] (both biases summed, or None);
     ``reverse``: the steps run from the last position to the first (outputs stay in time order).
     ``anchors``: parameters that make the outputs part of the graph when the weights were handed
-    out detached (lean retain); they get no gradient."""
+    out detached (lean retain); they get no gradient. Inputs and weights share one dtype, autocast
+    off (the caller's part: recurrent.full_precision; its state is per thread, and the parts run
+    on worker threads)."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, bias, sink: GateGrads, reverse: bool, *anchors):
@@ -87,13 +87,9 @@ class LSTMLayer(torch.autograd.Function):
             if w is not None:
                 w[g2] *= 2
         x2 = x.reshape(B * T, I)
-        if threads.autocast_on():  # (the product's dtype is autocast's)
-            gx = x2 @ w_ih2.t()
-            if b2 is not None:
-                gx += b2
-        else:  # the layer's buffers come from the thread's pool (layer_buffers), out only fresh
-            gx = take("gx", (B * T, 4 * H), x)
-            torch.addmm(b2, x2, w_ih2.t(), out=gx) if b2 is not None else torch.mm(x2, w_ih2.t(), out=gx)
+        # the layer's buffers come from the thread's pool (layer_buffers), out only fresh
+        gx = take("gx", (B * T, 4 * H), x)
+        torch.addmm(b2, x2, w_ih2.t(), out=gx) if b2 is not None else torch.mm(x2, w_ih2.t(), out=gx)
         gx = gx.view(B, T, 4 * H)
         # sigmoid(i f . o) with sigmoid(2 g) in g's slot; tanh(g); c_t; tanh(c_t); h_t
         gates, gg, cs, tc = take("gates", (B, T, 4 * H), x), take("gg", (B, T, H), x), take("cs", (B, T, H), x), take("tc", (B, T, H), x)

@@ -21,11 +21,14 @@ r * (W_hn h + b_hn)).
 
 from __future__ import annotations
 
-from typing import Dict, List
+import contextlib
+import copy
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from .batch_layout import tensors_in
 from .param_space import anchored
@@ -58,17 +61,19 @@ class _Grads:
 class RecurrentCall:
     """One call of a recurrent module: the unrolled forward and what it recorded."""
 
-    def __init__(self, module: nn.RNNBase, name: str, lean: bool):
+    def __init__(self, module: nn.RNNBase, name: str, lean: bool, dtype: Optional[torch.dtype] = None):
         self.module = module
         self.name = name
         self.lean = lean
+        self.dtype = dtype  # the recurrence's dtype (compute_dtype): half weights are cast to it
         self.parts: List[tuple] = []  # (weight name, bias name, A [B, T, I], [grad holders per token])
 
     def _w(self, name):
         p = getattr(self.module, name, None)
         if p is None:
             return None
-        return p.detach() if self.lean and p.requires_grad else p
+        p = p.detach() if self.lean and p.requires_grad else p
+        return p.to(self.dtype) if self.dtype is not None and p.dtype != self.dtype else p
 
     def _real(self):
         return [p for p in self.module.parameters() if p.requires_grad] if self.lean else []
@@ -183,6 +188,47 @@ class RecurrentCall:
         return uses
 
 
+def compute_dtype(module: nn.RNNBase) -> Optional[torch.dtype]:
+    """The dtype the retain pass runs the module's recurrence in: its weights' dtype, float32 for
+    half-precision weights (None: no floating parameter)."""
+    dt = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dt is not None and torch.finfo(dt).bits < 32:
+        return torch.float32
+    return dt
+
+
+def full_precision(x, dtype: Optional[torch.dtype], args: tuple, kwargs: dict):
+    """(args, kwargs, context) to run the unrolled recurrence in: the floating inputs cast to
+    ``dtype`` (:func:`compute_dtype`) and, under autocast for the input's device, a context that
+    turns autocast off.
+
+    Per operation, autocast would run the unrolled steps partly in the half dtype, and the fused
+    module rounds its own way (on the CPU under autocast: LSTM and RNN in the half dtype, GRU in
+    float32; with bf16 weights its kernels' own accumulation), so neither reproduces the other.
+    The retain pass computes the recurrence and its per-sample gradients in at least float32
+    instead (the unlearn pass runs the module as the caller wrote it), checks it against the module
+    run the same way (:func:`check_against_module`), and hands its outputs back in the input's
+    dtype."""
+    if dtype is None or not isinstance(x, Tensor):
+        return args, kwargs, contextlib.nullcontext()
+
+    def cast(v):
+        if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != dtype:
+            return v.to(dtype)
+        if isinstance(v, tuple) and not hasattr(v, "_fields"):  # hx = (h0, c0); not a PackedSequence
+            return tuple(cast(w) for w in v)
+        return v
+
+    dev = x.device.type
+    ctx = torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}, ctx
+
+
+def as_dtype(out, dtype: torch.dtype):
+    """The module's outputs (out, h_n) or (out, (h_n, c_n)) with their tensors in ``dtype``."""
+    return tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, out)
+
+
 def _rnn_step(mode, pre):
     """One RNN step's hidden state from its pre-activation (both products and biases)."""
     return torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
@@ -198,10 +244,23 @@ def _gru_cell(gx, gh, h):
     return (1 - z) * n + z * h
 
 
-def check_against_module(module: nn.RNNBase, name: str, got, args, kwargs) -> None:
-    """The unrolled forward must reproduce the fused module (first call of each module)."""
+def _in_dtype(module: nn.RNNBase, dtype: Optional[torch.dtype]) -> nn.RNNBase:
+    """The module itself, or where its weights are in another dtype a shallow copy holding copies
+    of them in ``dtype`` (the module is not touched; a deep copy would also copy the retain block's
+    capture, which its patched forward refers to)."""
+    if dtype is None or all(p.dtype == dtype for p in module._parameters.values() if p is not None):
+        return module
+    ref = copy.copy(module)
+    ref._parameters = {n: None if p is None else nn.Parameter(p.detach().to(dtype), requires_grad=False) for n, p in module._parameters.items()}
+    ref._flat_weights = [ref._parameters.get(n) for n in module._flat_weights_names]
+    return ref
+
+
+def check_against_module(module: nn.RNNBase, name: str, got, args, kwargs, dtype: Optional[torch.dtype] = None) -> None:
+    """The unrolled forward must reproduce the fused module (first call of each module), both in
+    ``dtype`` (:func:`compute_dtype`; half weights: :func:`_in_dtype`)."""
     with torch.no_grad():
-        ref = type(module).forward(module, *args, **kwargs)
+        ref = type(module).forward(_in_dtype(module, dtype), *args, **kwargs)
     flat_got = tensors_in(got)
     flat_ref = tensors_in(ref)
     ok = len(flat_got) == len(flat_ref) and all(
