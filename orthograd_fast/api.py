@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .engine import checkpointing as _checkpointing
 from .engine import checks as _checks
 from .engine import distributed as _distributed
 from .engine import layer_buffers as _layer_buffers
@@ -166,10 +167,17 @@ class OrthoGrad:
             dots = not self._capture_checked and not self._dots_deferred
             # the builds of the block's uses go to the prefetch thread, beside the unlearn pass
             defer = _retain_span.DEFER_BUILD and self._prefetch_ok() and not _threads.autocast_on()
-            with self._span.block(
+            # (Hugging Face's activation checkpointing off for the block: engine/checkpointing.py)
+            with _checkpointing.hf_flags_off(self.model), self._span.block(
                 cap, keep_gradients=self.alpha > 0 or not self._capture_checked, lean=self._lean, exempt=real, dots=dots, defer=defer
             ):
-                yield self
+                try:
+                    yield self
+                except Exception as e:
+                    err = _checkpointing.explain(e)
+                    if err is None:
+                        raise
+                    raise err from e
         finally:
             self._in_retain = False
         self._unlearn.observe(*cap.dense_verdict)

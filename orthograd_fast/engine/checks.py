@@ -96,5 +96,7 @@ def check_capture(
         if (gsum.get(p) is not None and bool(gsum[p].abs().max() > 0)) or (p in gdots and bool(gdots[p].nonzero)):
             raise CaptureError(
                 f"parameter '{name}' received a retain gradient, but no module that owns it saw the retain "
-                "forward: it is used outside its module's forward. Route the use through a module, or freeze it."
+                "forward: it is used outside its module's forward. Route the use through a module, or freeze it. "
+                "(Or its module ran under torch.no_grad() and again in the backward: activation checkpointing "
+                "with use_reentrant=True. Turn checkpointing off for the retain pass.)"
             )
