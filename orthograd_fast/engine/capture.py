@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import fallback, op_capture, recurrent
 from .param_space import ParamSpace
@@ -259,13 +259,20 @@ class Capture:
                 )
         self.fallback_log.add(u.name, type(u.module).__name__, frame.unknown, sum(p.numel() for p in u.parameters()))
         call = Call(args=_detach(args), kwargs=_detach(kwargs), output=_detach(output), autocast=_autocast_state())
-        outs, _ = tree_flatten(output)
+        outs, spec = tree_flatten(output)
         call.grads = [None] * len(outs)
-        for k, o in enumerate(outs):
-            if isinstance(o, Tensor) and o.requires_grad:
-                o.register_hook(self._grad_hook(call, k))
+        hooked = [k for k, o in enumerate(outs) if isinstance(o, Tensor) and o.requires_grad]
+        # One output may be computed from another inside the module (an LSTM cell's h from its c):
+        # a hook on that one would also see the gradient the other sends back through the module,
+        # which the replay counts again. The rest of the model gets aliases instead, whose hooks
+        # see only what comes from outside.
+        alias = len(hooked) > 1
+        if alias:
+            outs = [o.view_as(o) if k in hooked else o for k, o in enumerate(outs)]
+        for k in hooked:
+            outs[k].register_hook(self._grad_hook(call, k))
         self._flagged.append((frame, call))
-        return None
+        return tree_unflatten(outs, spec) if alias else None
 
     def _root_pre(self, module, args, kwargs):
         self.root_calls += 1
