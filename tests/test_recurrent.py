@@ -134,3 +134,40 @@ def test_recurrent_in_half_precision_runs_in_float32(kind, layers, bidir, batch_
         assert err <= bound, f"{kind}/{scope}/{half} '{n}': direction error {err:.2e} > {bound:.2e}"
     assert orthogonality(G, {n: -got[n] for n in got}, u, scope) <= ORTH_HALF
     assert og.stats["fallback"] == []
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell stepped by hand over the sequence (a seq2seq decoder's pattern)."""
+
+    def __init__(self, kind, bias=True, state=True, H=5, classes=4):
+        super().__init__()
+        cls = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn_tanh": nn.RNNCell, "rnn_relu": nn.RNNCell}[kind]
+        extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+        self.cell, self.kind, self.state, self.H = cls(3, H, bias=bias, **extra), kind, state, H
+        self.head = nn.Linear(H, classes)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        hx = None
+        if self.state:  # a state the model makes (else the cell makes its own zeros)
+            h = torch.tanh(x[:, 0, :1]).expand(B, self.H)
+            hx = (h, 0.5 * h) if self.kind == "lstm" else h
+        for t in range(T):
+            hx = self.cell(x[:, t], hx)
+        return self.head(hx[0] if self.kind == "lstm" else hx)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("bias,state", [(True, True), (False, False)])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_recurrent_cells_in_a_loop_match_oracle(kind, bias, state, scope):
+    # each step's two linear maps captured as dense uses (rules/cells.py), no torch.func fallback;
+    # the LSTM cell's h is computed from its c inside the step
+    torch.manual_seed(8)
+    g = torch.Generator().manual_seed(8)
+    model = CellLoop(kind, bias, state)
+    retain = (torch.randn(5, 4, 3, generator=g), torch.randint(0, 4, (5,), generator=g))
+    unlearn = (torch.randn(3, 4, 3, generator=g), torch.randint(0, 4, (3,), generator=g))
+    err, _, og = compare(model, ce, retain, unlearn, scope=scope, alpha=0.3, backend="torch")
+    assert err <= REL, f"{kind}/{bias}/{state}/{scope}: relative error {err:.2e}"
+    assert og.stats["fallback"] == []

@@ -331,6 +331,9 @@ class OpMode(TorchFunctionMode):
             return out
         if func in rules.MHA_FUNCS:
             return self._attention(func, args, kwargs, leaves, spec)
+        if func in rules.CELLS:  # one recurrent step: its linear maps are captured as such
+            with self:  # (the mode is popped while it handles a call)
+                return rules.CELLS[func](*args, **kwargs)
         rule = rules.RULES.get(func)
         if rule is not None:
             out = rule(ctx, func, args, kwargs)

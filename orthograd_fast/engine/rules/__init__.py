@@ -8,7 +8,8 @@ the batched form it knows (e.g. an embedding lookup with ids shared by all sampl
 computation on parameters only, see :mod:`orthograd_fast.engine.param_space`).
 
 One module per family: :mod:`.dense` (linear, matmul, addmm, bilinear, embedding),
-:mod:`.conv`, :mod:`.norm` (norms, PReLU), :mod:`.per_sample` (einsum, attention).
+:mod:`.conv`, :mod:`.norm` (norms, PReLU), :mod:`.per_sample` (einsum, attention); :mod:`.cells`
+writes the recurrent cells out as their linear maps (``CELLS``, captured like ``MHA_FUNCS``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import UnsupportedModule  # re-exported
+from .cells import CELLS
 from .conv import conv, conv_transpose
 from .dense import addmm, bilinear, embedding, getitem, linear, matmul
 from .norm import batch_norm, group_norm, layer_norm, prelu, rms_norm
@@ -98,4 +100,4 @@ def op_name(func) -> str:
     return f"{mod}.{name}" if mod else f"Tensor.{name}"
 
 
-__all__ = ["RULES", "BROADCAST", "CONCAT", "MHA_FORWARD", "MHA_FUNCS", "op_name", "UnsupportedModule"]
+__all__ = ["RULES", "BROADCAST", "CONCAT", "CELLS", "MHA_FORWARD", "MHA_FUNCS", "op_name", "UnsupportedModule"]
