@@ -178,23 +178,25 @@ class ParamSpace:
         params = self.owners(t)
         env = {id(p): p.detach().to(rows.dtype).requires_grad_(True) for p in params}
         with torch.enable_grad():
-            val = self._value(t, env)
+            val = self._value(t, env, rows.dtype)
             gs = torch.autograd.grad(
                 val, [env[id(p)] for p in params], rows.reshape(B, *t.shape).to(val.dtype),
                 is_grads_batched=True, allow_unused=True,
             )
         return {p: (g.reshape(B, -1) if g is not None else torch.zeros(B, p.numel(), dtype=rows.dtype)) for p, g in zip(params, gs)}
 
-    def _value(self, t, env):
+    def _value(self, t, env, dtype=None):
+        """``t`` recomputed from the parameters in ``env``; the floating constants it meets (a
+        spectral norm's power-iteration vectors, an identity) in ``dtype``, the parameters' own."""
         b = self.base(t)
         if b is None:
-            return t
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
         kind, obj = b
         if kind == "param":
             root, v = obj, env[id(obj)]
         else:
             root, func, args, kwargs, index = obj
-            a, kw = tree_map(lambda x: self._value(x, env) if isinstance(x, Tensor) else x, (args, kwargs))
+            a, kw = tree_map(lambda x: self._value(x, env, dtype) if isinstance(x, Tensor) else x, (args, kwargs))
             v = tensors_in(func(*a, **kw))[index]
         if t is root or same_view(t, root):
             return v
