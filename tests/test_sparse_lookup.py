@@ -97,3 +97,41 @@ def test_sparse_gram_equals_explicit_rows(chunk, factored, monkeypatch):
     G = rows.reshape(B, -1)
     torch.testing.assert_close(K, G @ G.t(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b, G @ U.double().reshape(-1), rtol=1e-12, atol=1e-12)
+
+
+class Bags(nn.Module):
+    """nn.EmbeddingBag over [B, L] ids (one bag per sample): ``mode`` sum / mean, a padding row,
+    per-sample weights from the input (sum)."""
+
+    def __init__(self, mode, padding_idx, weighted, V=400, d=16, classes=4):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(V, d, mode=mode, padding_idx=padding_idx)
+        self.weighted = weighted
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        ids = x[:, :-1]
+        dt = self.bag.weight.dtype
+        w = torch.sigmoid(x[:, -1:].to(dt) - ids.to(dt) / 10) if self.weighted else None
+        return self.head(torch.tanh(self.bag(ids, per_sample_weights=w)))
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("mode,padding_idx,weighted", [("sum", None, False), ("mean", None, False), ("mean", 0, False), ("sum", 0, True)])
+def test_embedding_bag_is_a_lookup(mode, padding_idx, weighted, scope, monkeypatch):
+    # each of a bag's ids carries the bag's output gradient (mean: over its non-padding ids; sum:
+    # times its weight): a lookup on the sparse route, no torch.func fallback; repeated and padding
+    # ids (a bag of padding only included)
+    monkeypatch.setattr(gram, "EXPLICIT_MAX", 0)  # factored routes for the small table too
+    torch.manual_seed(10)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randint(0, 5, (6, 8), generator=g)
+    x[0, :-1] = 0  # a bag of padding (or of id 0) only
+    retain = (x, torch.randint(0, 4, (6,), generator=g))
+    unlearn = (torch.randint(0, 400, (3, 8), generator=g), torch.randint(0, 4, (3,), generator=g))
+    model = Bags(mode, padding_idx, weighted)
+    err, orth, og = compare(model, ce, retain, unlearn, scope=scope, alpha=0.3, backend="torch")
+    assert err <= REL, f"{mode}/{padding_idx}/{weighted}/{scope}: relative error {err:.2e}"
+    assert og.stats["fallback"] == []
+    if scope == "tensor":
+        assert og._terms[model.bag.weight].mode == "sparse"

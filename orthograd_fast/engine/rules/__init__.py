@@ -7,7 +7,7 @@ the uses are built on leaving ``retain()``. A rule returns ``NotImplemented`` wh
 the batched form it knows (e.g. an embedding lookup with ids shared by all samples: then it is a
 computation on parameters only, see :mod:`orthograd_fast.engine.param_space`).
 
-One module per family: :mod:`.dense` (linear, matmul, addmm, bilinear, embedding),
+One module per family: :mod:`.dense` (linear, matmul, addmm, bilinear, embedding, bags),
 :mod:`.conv`, :mod:`.norm` (norms, PReLU), :mod:`.per_sample` (einsum, attention); :mod:`.cells`
 writes the recurrent cells out as their linear maps (``CELLS``, captured like ``MHA_FUNCS``).
 """
@@ -24,7 +24,7 @@ from torch import Tensor
 from ...errors import UnsupportedModule  # re-exported
 from .cells import CELLS
 from .conv import conv, conv_transpose
-from .dense import addmm, bilinear, embedding, getitem, linear, matmul
+from .dense import addmm, bilinear, embedding, embedding_bag, getitem, linear, matmul
 from .norm import batch_norm, group_norm, layer_norm, prelu, rms_norm
 from .per_sample import attention, einsum
 
@@ -49,6 +49,7 @@ RULES: Dict[Callable, Callable] = {
     F.batch_norm: batch_norm,
     torch.batch_norm: batch_norm,
     F.embedding: embedding,
+    F.embedding_bag: embedding_bag,
     Tensor.__getitem__: getitem,
     torch.prelu: prelu,
     torch.bilinear: bilinear,

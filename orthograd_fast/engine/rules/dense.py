@@ -143,6 +143,65 @@ def embedding(ctx, func, args, kwargs):
     return ctx.record(func, out, [w], build)
 
 
+_BAG_ARGS = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+             "per_sample_weights", "include_last_offset", "padding_idx")
+
+
+def embedding_bag(ctx, func, args, kwargs):
+    """``F.embedding_bag`` over batched ids [B, L] (one bag per sample, no offsets), mode sum or
+    mean: an embedding lookup whose L tokens each carry their bag's output gradient (mean: over the
+    bag's count of ids other than ``padding_idx``; sum: times ``per_sample_weights``). Other forms
+    (offsets, mode max) go to the fallback or say why."""
+    a = {n: arg(args, kwargs, i, n) for i, n in enumerate(_BAG_ARGS)}
+    ids, w, psw, padding_idx = a["input"], a["weight"], a["per_sample_weights"], a["padding_idx"]
+    if a["max_norm"] is not None or a["scale_grad_by_freq"]:
+        raise UnsupportedModule(
+            f"{ctx.where()}: embedding bag with max_norm or scale_grad_by_freq: the table is renormalized in place / "
+            "its gradient depends on the token counts of the whole batch, so per-sample gradients are not defined. "
+            "Use max_norm=None and scale_grad_by_freq=False."
+        )
+    mode = a["mode"] if a["mode"] is not None else "mean"
+    if (
+        ctx.seq_first
+        or a["offsets"] is not None
+        or mode not in ("sum", "mean")
+        or not isinstance(ids, Tensor)
+        or ids.dim() != 2
+        or not ctx.is_data(ids)
+        or (isinstance(psw, Tensor) and ctx.space.base(psw) is not None)
+    ):
+        return NotImplemented
+    kind, p = ctx.space.base(w)
+    if kind != "param" or not same_view(w, p):
+        return NotImplemented
+    args = list(args)
+    if len(args) > 1:
+        args[1] = ctx.use(w)
+    else:
+        kwargs = dict(kwargs, weight=ctx.use(w))
+    out = func(*args, **kwargs)
+    B, idsd = ctx.B, ids.detach()
+    pswd = psw.detach() if isinstance(psw, Tensor) else None
+
+    def build(gy):
+        V, d = p.shape
+        L = idsd.shape[1]
+        rows = gy.reshape(B, 1, d).expand(B, L, d)
+        keep = None
+        if padding_idx is not None:
+            keep = (idsd != (padding_idx if padding_idx >= 0 else V + padding_idx)).to(gy.dtype)
+        if mode == "mean":
+            n = keep.sum(1) if keep is not None else torch.full((B,), float(L), dtype=gy.dtype, device=gy.device)
+            rows = rows / n.clamp_min(1)[:, None, None]
+        if pswd is not None:
+            rows = rows * pswd.reshape(B, L, 1).to(gy.dtype)
+        if keep is not None:
+            rows = rows * keep[:, :, None]
+        return {p: [OuterFactors(rows.contiguous()[:, :, None, :], None, idsd, (1, V, d))]}
+
+    return ctx.record(func, out, [w], build)
+
+
 def getitem(ctx, func, args, kwargs):
     """``weight[ids]`` with batched ids: an embedding lookup. With ids shared by all samples (Swin's
     relative-position index into its bias table): a lookup of parameters only, mapped back as an
