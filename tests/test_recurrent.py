@@ -171,3 +171,75 @@ def test_recurrent_cells_in_a_loop_match_oracle(kind, bias, state, scope):
     err, _, og = compare(model, ce, retain, unlearn, scope=scope, alpha=0.3, backend="torch")
     assert err <= REL, f"{kind}/{bias}/{state}/{scope}: relative error {err:.2e}"
     assert og.stats["fallback"] == []
+
+
+class PackedSeq(nn.Module):
+    """Variable-length sequences through pack_padded_sequence (unsorted), the recurrent module, its
+    final state and (``use_out``) its unpacked outputs. x [B, T, 4]: features, then the length."""
+
+    def __init__(self, kind, layers, bidir, use_out, state=False, H=5, classes=4):
+        super().__init__()
+        cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind]
+        self.rnn = cls(3, H, num_layers=layers, bidirectional=bidir, batch_first=True)
+        self.use_out, self.state = use_out, state
+        self.head = nn.Linear(H + ((2 if bidir else 1) * H if use_out else 0), classes)
+
+    def forward(self, x):
+        lengths = x[:, 0, 3].long()
+        packed = nn.utils.rnn.pack_padded_sequence(x[..., :3], lengths.cpu(), batch_first=True, enforce_sorted=False)
+        hx = None
+        if self.state:  # an initial state per sample, in the caller's batch order
+            r = self.rnn
+            h0 = torch.tanh(x[:, 0, :1]).expand(-1, r.hidden_size)
+            h0 = h0.unsqueeze(0).expand(r.num_layers * (2 if r.bidirectional else 1), -1, -1).contiguous()
+            hx = (h0, 0.5 * h0) if r.mode == "LSTM" else h0
+        out, h = self.rnn(packed, hx)
+        feats = [(h[0] if isinstance(h, tuple) else h)[-1]]
+        if self.use_out:
+            feats.append(nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0].sum(1))
+        return self.head(torch.cat(feats, -1))
+
+
+def _packed_data(g, B, T=6):
+    x = torch.randn(B, T, 4, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0] = T  # the padded length is the longest
+    x[:, :, 3] = lengths[:, None].float()
+    return x, torch.randint(0, 4, (B,), generator=g)
+
+
+@pytest.mark.parametrize("use_out,state", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("kind,layers,bidir", [("lstm", 1, False), ("lstm", 2, True), ("gru", 2, True), ("rnn", 1, True)])
+def test_packed_sequences_match_oracle(kind, layers, bidir, use_out, state):
+    # each sample's state stops at its own last step (the reverse direction starts there): the
+    # oracle packs each sample alone
+    torch.manual_seed(12)
+    g = torch.Generator().manual_seed(12)
+    model = PackedSeq(kind, layers, bidir, use_out, state)
+    err, _, og = compare(model, ce, _packed_data(g, 5), _packed_data(g, 3), alpha=0.3, backend="torch")
+    assert err <= REL, f"{kind}/{layers}/{bidir}/{use_out}/{state}: relative error {err:.2e}"
+    assert og.stats["fallback"] == []
+
+
+def test_packed_sequences_under_autocast():
+    if not autocast_ok(torch.bfloat16):
+        pytest.skip("CPU autocast to bfloat16 is not supported by this torch build")
+    torch.manual_seed(13)
+    g = torch.Generator().manual_seed(13)
+    model = PackedSeq("lstm", 1, True, True)
+    retain, unlearn = _packed_data(g, 5), _packed_data(g, 3)
+    og = OrthoGrad(model, backend="torch")
+    with og.retain():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(retain[0])
+        ce(out.float(), retain[1]).mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(unlearn[0])
+    ce(out.float(), unlearn[1]).mean().backward()
+    u_half = {n: p.grad.reshape(-1).double().clone() for n, p in model.named_parameters()}
+    og.project_()
+    ref, _, u = oracle_direction(model, ce, retain, unlearn)
+    for n, p in model.named_parameters():
+        scale = float(ref[n].norm() + u[n].norm()) + 1e-30
+        err = float((p.grad.reshape(-1).double() - ref[n]).norm()) / scale
+        assert err <= max(REL_HALF, 2 * float((u_half[n] - u[n]).norm()) / scale), n

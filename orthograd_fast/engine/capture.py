@@ -232,8 +232,13 @@ class Capture:
                 unit.checked = True
         if isinstance(x, Tensor) and x.is_floating_point() and dtype is not None and x.dtype != dtype:
             out = recurrent.as_dtype(out, x.dtype)
-        prov, lay = self.ctx.prov, self.ctx.prov.layout(x, self.B)
-        if lay is not None and lay[0] == 1:
+        prov = self.ctx.prov
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            # h_n / c_n: [layers * directions, B, H] in the caller's batch order (the packed output
+            # sequence is no batch-first tensor)
+            for h in tree_flatten(out[1])[0]:
+                prov.mark(h, (1, 1))
+        elif (lay := prov.layout(x, self.B)) is not None and lay[0] == 1:
             outs, _ = tree_flatten(out)
             prov.mark(outs[0], lay)  # the output sequence: the input's layout
             for h in outs[1:]:

@@ -15,6 +15,10 @@ layer and direction:
   (:mod:`orthograd_fast.engine.lstm_layer`). (The capture runs the unrolled forward outside its
   operation mode and tags only the outputs.)
 
+A PackedSequence input is padded (in the caller's batch order) and each sample's state stops at
+its last step, both directions (PyTorch's packed semantics); the LSTM then takes the per-step path
+with hooks, like GRU, and the outputs are packed again like the input.
+
 Gate order and formulas are PyTorch's (LSTM i, f, g, o; GRU r, z, n with the hidden bias inside
 r * (W_hn h + b_hn)).
 """
@@ -91,19 +95,24 @@ class RecurrentCall:
 
     def forward(self, input, hx=None):
         m = self.module
-        if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise UnsupportedModule(
-                f"module '{self.name}' ({type(m).__name__}): a PackedSequence input in the retain pass is not supported; "
-                "pass a padded batch-first tensor (mask the padded steps in the loss)."
-            )
-        if input.dim() != 3:
+        packed = isinstance(input, nn.utils.rnn.PackedSequence)
+        if not packed and input.dim() != 3:
             raise CaptureError(f"module '{self.name}' ({type(m).__name__}): the retain pass needs a batched input [B, T, I]")
         if m.dropout and m.training and m.num_layers > 1:
             raise UnsupportedModule(
                 f"module '{self.name}' ({type(m).__name__}) applies dropout between layers in training mode; use "
                 "module.eval() or dropout=0 for the retain pass."
             )
-        x = input if m.batch_first else input.transpose(0, 1)
+        mask = None  # [B, T]: the steps each sample has (a PackedSequence input)
+        if packed:
+            # the sequences padded in the caller's batch order (hx and h_n are in it too); a
+            # sample's state stops at its last step (PyTorch's packed semantics, both directions)
+            x, lengths = nn.utils.rnn.pad_packed_sequence(input, batch_first=True)
+            if self.dtype is not None and x.is_floating_point() and x.dtype != self.dtype:
+                x = x.to(self.dtype)
+            mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
+        else:
+            x = input if m.batch_first else input.transpose(0, 1)
         B, T, _ = x.shape
         L, nd, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
         lstm = m.mode == "LSTM"
@@ -128,12 +137,19 @@ class RecurrentCall:
                 A_ih, g_ih = [], []
                 # the steps' gate inputs by one unbind: its backward stacks their gradients once,
                 # where an index per step would fill a zero [B, T, G] gradient per step
-                if m.mode == "GRU":  # the hidden bias sits inside r * (W_hn h + b_hn): per-step hooks
+                if m.mode == "GRU" or (lstm and mask is not None):
+                    # GRU: the hidden bias sits inside r * (W_hn h + b_hn); an LSTM over packed
+                    # sequences: a state that stops at each sample's last step. Per-step hooks.
                     A_hh, g_hh = [], []
                     gx = self._linear(layer_in, wih, bih, A_ih, g_ih).unbind(1)
                     for t in steps:
                         gh = self._linear(h, whh, bhh, A_hh, g_hh)
-                        h = _gru_cell(gx[t], gh, h)
+                        if lstm:
+                            h_t, c_t = _lstm_cell(gx[t], gh, c)
+                            c = _masked(mask, t, c_t, c)
+                        else:
+                            h_t = _gru_cell(gx[t], gh, h)
+                        h = _masked(mask, t, h_t, h)
                         hs[t] = h
                     self.parts.append((wih, bih, A_ih, g_ih, False))
                     self.parts.append((whh, bhh, A_hh, g_hh, True))
@@ -150,19 +166,22 @@ class RecurrentCall:
                     prev = []  # h_{t-1} of each step, in step order
                     for t in steps:
                         prev.append(h)
-                        h = _rnn_step(m.mode, torch.addmm(gx[t], h, Wt))
+                        h = _masked(mask, t, _rnn_step(m.mode, torch.addmm(gx[t], h, Wt)), h)
                         hs[t] = h
                     if d:  # tokens in time order, like gates_x
                         prev.reverse()
                     self.parts.append((wih, bih, A_ih, g_ih, False))
                     self.parts.append((whh, bhh, [torch.stack(prev, 1).detach()], g_ih, False))
-                outs.append(hs if lstm else torch.stack(hs, 1))
+                outs.append(hs if isinstance(hs, Tensor) else torch.stack(hs, 1))
                 hn.append(h)
                 cn.append(c)
             layer_in = torch.cat(outs, -1) if nd == 2 else outs[0]
             if m.dropout and layer < L - 1 and m.training:
                 layer_in = F.dropout(layer_in, m.dropout, True)
-        out = layer_in if m.batch_first else layer_in.transpose(0, 1)
+        if packed:
+            out = _repack(layer_in, input)
+        else:
+            out = layer_in if m.batch_first else layer_in.transpose(0, 1)
         h_n = torch.stack(hn)
         return (out, (h_n, torch.stack(cn))) if lstm else (out, h_n)
 
@@ -209,12 +228,16 @@ def full_precision(x, dtype: Optional[torch.dtype], args: tuple, kwargs: dict):
     instead (the unlearn pass runs the module as the caller wrote it), checks it against the module
     run the same way (:func:`check_against_module`), and hands its outputs back in the input's
     dtype."""
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        x = x.data
     if dtype is None or not isinstance(x, Tensor):
         return args, kwargs, contextlib.nullcontext()
 
     def cast(v):
         if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != dtype:
             return v.to(dtype)
+        if isinstance(v, nn.utils.rnn.PackedSequence) and v.data.is_floating_point() and v.data.dtype != dtype:
+            return nn.utils.rnn.PackedSequence(v.data.to(dtype), v.batch_sizes, v.sorted_indices, v.unsorted_indices)
         if isinstance(v, tuple) and not hasattr(v, "_fields"):  # hx = (h0, c0); not a PackedSequence
             return tuple(cast(w) for w in v)
         return v
@@ -227,6 +250,27 @@ def full_precision(x, dtype: Optional[torch.dtype], args: tuple, kwargs: dict):
 def as_dtype(out, dtype: torch.dtype):
     """The module's outputs (out, h_n) or (out, (h_n, c_n)) with their tensors in ``dtype``."""
     return tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, out)
+
+
+def _masked(mask: Optional[Tensor], t: int, new: Tensor, old: Tensor) -> Tensor:
+    """The state after step ``t``: ``new`` for the samples that have the step, else ``old``."""
+    return new if mask is None else torch.where(mask[:, t, None], new, old)
+
+
+def _repack(padded: Tensor, like: nn.utils.rnn.PackedSequence) -> nn.utils.rnn.PackedSequence:
+    """``padded`` [B, T, F] (the caller's batch order) as a PackedSequence laid out like ``like``:
+    time-major, each step's sequences in ``like``'s sorted order (the padded steps dropped)."""
+    p = padded if like.sorted_indices is None else padded.index_select(0, like.sorted_indices)
+    p = p.transpose(0, 1)
+    data = torch.cat([p[t, :n] for t, n in enumerate(like.batch_sizes.tolist())])
+    return nn.utils.rnn.PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+def _lstm_cell(gx, gh, c):
+    """(h, c) of one LSTM step from the input's and the hidden state's gate products (i, f, g, o)."""
+    i, f, g, o = (gx + gh).chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def _rnn_step(mode, pre):
