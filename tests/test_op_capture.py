@@ -408,3 +408,34 @@ def test_use_hidden_from_the_operations_is_an_error_on_the_first_projection():
     ce(model(x[:2]), y[:2]).mean().backward()
     with pytest.raises(CaptureError, match="1.w"):
         og.project_()
+
+
+class InstanceNormNet(nn.Module):
+    def __init__(self, dims, track):
+        super().__init__()
+        conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if dims == 2 else (nn.Conv1d, nn.InstanceNorm1d)
+        # (no conv bias: the norm takes each channel's mean out, so its gradient is exactly zero)
+        self.conv, self.norm = conv(3, 4, 3, padding=1, bias=False), norm(4, affine=True, track_running_stats=track)
+        self.head = nn.Linear(4 * (36 if dims == 2 else 7), 3)
+        if track:  # running statistics that are not the identity
+            with torch.no_grad():
+                self.norm.running_mean.normal_()
+                self.norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("dims,track,train", [(2, False, False), (1, False, True), (2, True, False), (2, True, True)])
+def test_instance_norm_affine_is_captured(dims, track, train):
+    # per-sample statistics (or, in eval with running statistics, an affine x-hat): the weight's
+    # rows without the torch.func fallback
+    torch.manual_seed(11)
+    g = torch.Generator().manual_seed(11)
+    shape = (3, 6, 6) if dims == 2 else (3, 7)
+    model = InstanceNormNet(dims, track).train(train)
+    retain = (torch.randn(5, *shape, generator=g), torch.randint(0, 3, (5,), generator=g))
+    unlearn = (torch.randn(3, *shape, generator=g), torch.randint(0, 3, (3,), generator=g))
+    err, _, og = compare(model, ce, retain, unlearn, alpha=0.3, backend="torch")
+    assert err <= REL, f"{dims}/{track}/{train}: relative error {err:.2e}"
+    assert og.stats["fallback"] == []

@@ -25,7 +25,7 @@ from ...errors import UnsupportedModule  # re-exported
 from .cells import CELLS
 from .conv import conv, conv_transpose
 from .dense import addmm, bilinear, embedding, embedding_bag, getitem, linear, matmul
-from .norm import batch_norm, group_norm, layer_norm, prelu, rms_norm
+from .norm import batch_norm, group_norm, instance_norm, layer_norm, prelu, rms_norm
 from .per_sample import attention, einsum
 
 RULES: Dict[Callable, Callable] = {
@@ -47,6 +47,7 @@ RULES: Dict[Callable, Callable] = {
     F.group_norm: group_norm,
     torch.group_norm: group_norm,
     F.batch_norm: batch_norm,
+    F.instance_norm: instance_norm,
     torch.batch_norm: batch_norm,
     F.embedding: embedding,
     F.embedding_bag: embedding_bag,

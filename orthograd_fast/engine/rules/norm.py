@@ -79,6 +79,18 @@ def batch_norm(ctx, func, args, kwargs):
     return _norm(ctx, func, args, kwargs, x, w, b, None, True, stats)
 
 
+def instance_norm(ctx, func, args, kwargs):
+    """Per-sample, per-channel statistics (``use_input_stats``): x-hat is per sample; with running
+    statistics instead (eval mode, ``track_running_stats``) it is affine in x, as for batch norm."""
+    x, rm, rv = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "running_mean"), arg(args, kwargs, 2, "running_var")
+    w, b = arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
+    use_input, eps = arg(args, kwargs, 5, "use_input_stats", True), arg(args, kwargs, 7, "eps", 1e-5)
+    if use_input or rm is None or rv is None:
+        return _norm(ctx, func, args, kwargs, x, w, b, lambda xf: F.instance_norm(xf, eps=eps), True)
+    stats = (rm.detach().to(torch.float64, copy=True), rv.detach().to(torch.float64, copy=True).add_(eps).rsqrt_())
+    return _norm(ctx, func, args, kwargs, x, w, b, None, True, stats)
+
+
 def rms_norm(ctx, func, args, kwargs):
     x, shape = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "normalized_shape")
     w, eps = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "eps")
