@@ -207,3 +207,37 @@ def test_layout_rules():
     assert prov.layout(p, B) == (1, 1)
     # a reshape of a tensor whose batch is not on dim 0 has no known layout
     assert prov.fold(_op(prov, B, torch.Tensor.reshape, t, (B * B, 5)), B) is None
+
+
+def test_reductions_move_the_batch_dim():
+    # a sequence-first [T, B, F] reduced over time: the batch moves to dim 0; reduced over the
+    # batch (or everything): no batch; with T == B the shape alone would mislead
+    B, prov = 3, Provenance()
+    x = torch.randn(B, 4, 5)
+    prov.mark(x)
+    t = _op(prov, B, torch.Tensor.transpose, x, 0, 1)  # [4, B, 5]: (1, 1)
+    assert prov.layout(_op(prov, B, torch.Tensor.sum, t, 0), B) == (1, 0)
+    assert prov.layout(_op(prov, B, torch.mean, t, (0, 2)), B) == (1, 0)
+    assert prov.layout(_op(prov, B, torch.Tensor.mean, t, 0, True), B) == (1, 1)  # keepdim
+    assert prov.layout(_op(prov, B, torch.amax, t, -1), B) == (1, 1)
+    assert prov.layout(_op(prov, B, torch.Tensor.max, t, 0)[0], B) == (1, 0)
+    assert prov.layout(_op(prov, B, torch.max, t, t), B) == (1, 1)  # elementwise
+    assert prov.layout(_op(prov, B, torch.Tensor.sum, t, 1), B) is None  # over the samples
+    s = torch.randn(B, B, 5)
+    prov.mark(s)
+    assert prov.layout(_op(prov, B, torch.Tensor.sum, s, 0), B) is None  # [B, 5]: not the batch
+    assert prov.layout(_op(prov, B, torch.Tensor.sum, s, 1), B) == (1, 0)
+    assert prov.layout(_op(prov, B, torch.Tensor.logsumexp, s, -1), B) == (1, 0)
+
+
+def test_unpacked_sequences_are_batched():
+    # nn.utils.rnn.pad_packed_sequence's padded output: one sequence per sample on dim 0 or 1,
+    # whatever the packed data's tag
+    B, prov = 3, Provenance()
+    x = torch.randn(B, 4, 2)
+    lengths = torch.tensor([4, 2, 3])
+    prov.mark(x)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    for first in (True, False):
+        out = _op(prov, B, torch._pad_packed_sequence, packed.data, packed.batch_sizes, first, 0.0, 4)
+        assert prov.layout(out[0], B) == (1, 0 if first else 1)

@@ -174,15 +174,17 @@ def test_recurrent_cells_in_a_loop_match_oracle(kind, bias, state, scope):
 
 
 class PackedSeq(nn.Module):
-    """Variable-length sequences through pack_padded_sequence (unsorted), the recurrent module, its
-    final state and (``use_out``) its unpacked outputs. x [B, T, 4]: features, then the length."""
+    """Variable-length sequences through pack_padded_sequence (unsorted), the recurrent module, and
+    ``use_out``: its final state ("h"), its outputs unpacked batch-first ("out") or time-first
+    ("out_t"), or both ("both"). x [B, T, 4]: features, then the length."""
 
     def __init__(self, kind, layers, bidir, use_out, state=False, H=5, classes=4):
         super().__init__()
         cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind]
         self.rnn = cls(3, H, num_layers=layers, bidirectional=bidir, batch_first=True)
         self.use_out, self.state = use_out, state
-        self.head = nn.Linear(H + ((2 if bidir else 1) * H if use_out else 0), classes)
+        D = 2 if bidir else 1
+        self.head = nn.Linear({"h": H, "out": D * H, "out_t": D * H, "both": H + D * H}[use_out], classes)
 
     def forward(self, x):
         lengths = x[:, 0, 3].long()
@@ -194,9 +196,13 @@ class PackedSeq(nn.Module):
             h0 = h0.unsqueeze(0).expand(r.num_layers * (2 if r.bidirectional else 1), -1, -1).contiguous()
             hx = (h0, 0.5 * h0) if r.mode == "LSTM" else h0
         out, h = self.rnn(packed, hx)
-        feats = [(h[0] if isinstance(h, tuple) else h)[-1]]
-        if self.use_out:
+        feats = []
+        if self.use_out in ("h", "both"):
+            feats.append((h[0] if isinstance(h, tuple) else h)[-1])
+        if self.use_out in ("out", "both"):
             feats.append(nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0].sum(1))
+        if self.use_out == "out_t":  # [T, B, F]: the samples on dim 1
+            feats.append(nn.utils.rnn.pad_packed_sequence(out)[0].sum(0))
         return self.head(torch.cat(feats, -1))
 
 
@@ -208,7 +214,7 @@ def _packed_data(g, B, T=6):
     return x, torch.randint(0, 4, (B,), generator=g)
 
 
-@pytest.mark.parametrize("use_out,state", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("use_out,state", [("h", False), ("out", False), ("out_t", False), ("both", True)])
 @pytest.mark.parametrize("kind,layers,bidir", [("lstm", 1, False), ("lstm", 2, True), ("gru", 2, True), ("rnn", 1, True)])
 def test_packed_sequences_match_oracle(kind, layers, bidir, use_out, state):
     # each sample's state stops at its own last step (the reverse direction starts there): the
@@ -226,7 +232,7 @@ def test_packed_sequences_under_autocast():
         pytest.skip("CPU autocast to bfloat16 is not supported by this torch build")
     torch.manual_seed(13)
     g = torch.Generator().manual_seed(13)
-    model = PackedSeq("lstm", 1, True, True)
+    model = PackedSeq("lstm", 1, True, "out")
     retain, unlearn = _packed_data(g, 5), _packed_data(g, 3)
     og = OrthoGrad(model, backend="torch")
     with og.retain():

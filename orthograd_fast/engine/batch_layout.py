@@ -52,11 +52,20 @@ _UNSQUEEZES = {Tensor.unsqueeze, torch.unsqueeze}
 _SQUEEZES = {Tensor.squeeze, torch.squeeze}
 _UNBINDS = {Tensor.unbind, torch.unbind, Tensor.__iter__}
 _MOVEDIMS = {Tensor.movedim, torch.movedim, Tensor.moveaxis, torch.moveaxis}
+# Reductions over given dims (max / min: only with a dim, else elementwise or whole): a dim before
+# the batch's that goes moves it left (a sequence-first [T, B, F] summed over time: [B, F])
+_REDUCES = {f for name in ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "max", "min")
+            for f in (getattr(torch, name, None), getattr(Tensor, name, None)) if f is not None}
+_MAXMIN = {torch.max, Tensor.max, torch.min, Tensor.min}
 
+
+# Unpacking a PackedSequence (inside nn.utils.rnn.pad_packed_sequence): one sequence per sample,
+# on dim 0 or 1 (batch_first); the index_select that follows puts them in the caller's order.
+_PAD_PACKED = getattr(torch, "_pad_packed_sequence", None)
 
 # Operations whose output layout is not the input's: everything else keeps the batch dim in place.
 _MOVES = (RESHAPE_FUNCS | _SWAPS | _PERMUTES | _ROLLS | _JOINS | _STACKS | _UNSQUEEZES | _SQUEEZES | _UNBINDS
-          | _MOVEDIMS | {Tensor.__getitem__})
+          | _MOVEDIMS | _REDUCES | {Tensor.__getitem__})
 _METHOD_WRAPPER = type(Tensor.mT.__get__)  # attribute reads (``.mT``, ``.T``, ``._base``)
 
 
@@ -114,6 +123,9 @@ class Provenance:
         # called for every operation of the retain forward: the common case (an elementwise op on
         # a batched tensor) stays on the first few lines
         tags = self._tags
+        if func is _PAD_PACKED and _PAD_PACKED is not None:
+            self._unpacked(args, kwargs, out, B)
+            return
         for t in leaves:
             if isinstance(t, Tensor):
                 e = tags.get(id(t))
@@ -147,6 +159,15 @@ class Provenance:
             src = leaves[0] if leaves and isinstance(leaves[0], Tensor) else None
             if src is not None and (src.dim() < o.dim() or src.shape[0] == 1):
                 self.mark(o)
+
+    def _unpacked(self, args, kwargs, out, B: Optional[int]) -> None:
+        """The padded sequences of a PackedSequence (``torch._pad_packed_sequence``): batched, one
+        sequence per sample on dim 0 (batch_first) or 1, whatever the packed data's tag."""
+        outs = tensors_in(out)
+        batch_first = args[2] if len(args) > 2 else kwargs.get("batch_first", False)
+        d = 0 if batch_first else 1
+        if outs and B is not None and outs[0].dim() > d and outs[0].shape[d] == B:
+            self.mark(outs[0], (1, d))
 
     def clear(self) -> None:
         self._tags.clear()
@@ -221,6 +242,17 @@ def _out_layout(func, args, kwargs, src: Tensor, lay, o: Tensor, B: Optional[int
     if func in _UNBINDS:
         dim = (_dims_arg(args, kwargs, 1, "dim") or (0,))[0] % n if func is not Tensor.__iter__ else 0
         return None if dim == d else (k, d - 1 if dim < d else d)
+    if func in _REDUCES and args and args[0] is src:
+        dims = _dims_arg(args, kwargs, 1, "dim")
+        if dims is not None and all(isinstance(x, int) and not isinstance(x, bool) for x in dims):
+            dims = {x % n for x in dims}
+            if d in dims:
+                return None  # the samples reduced together
+            keep = args[2] if len(args) > 2 and isinstance(args[2], bool) else kwargs.get("keepdim", False)
+            return (k, d if keep else d - sum(1 for x in dims if x < d))
+        if dims is None and func not in _MAXMIN:
+            return None  # a reduction over every dim
+        # (max / min of two tensors: elementwise, the general rule below)
     if d == 0 and o.shape[0] != src.shape[0]:
         return None
     if d > 0 and (o.dim() != n or o.shape[d] != src.shape[d]):

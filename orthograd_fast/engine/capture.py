@@ -230,8 +230,9 @@ class Capture:
             if not unit.checked:
                 recurrent.check_against_module(m, unit.name, out, run_args, run_kwargs, dtype)
                 unit.checked = True
-        if isinstance(x, Tensor) and x.is_floating_point() and dtype is not None and x.dtype != dtype:
-            out = recurrent.as_dtype(out, x.dtype)
+        xd = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+        if isinstance(xd, Tensor) and xd.is_floating_point() and dtype is not None and xd.dtype != dtype:
+            out = recurrent.as_dtype(out, xd.dtype)
         prov = self.ctx.prov
         if isinstance(x, nn.utils.rnn.PackedSequence):
             # h_n / c_n: [layers * directions, B, H] in the caller's batch order (the packed output
