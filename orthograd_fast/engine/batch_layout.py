@@ -61,7 +61,7 @@ _MAXMIN = {torch.max, Tensor.max, torch.min, Tensor.min}
 
 # Unpacking a PackedSequence (inside nn.utils.rnn.pad_packed_sequence): one sequence per sample,
 # on dim 0 or 1 (batch_first); the index_select that follows puts them in the caller's order.
-_PAD_PACKED = getattr(torch, "_pad_packed_sequence", None)
+_PAD_PACKED = torch._pad_packed_sequence
 
 # Operations whose output layout is not the input's: everything else keeps the batch dim in place.
 _MOVES = (RESHAPE_FUNCS | _SWAPS | _PERMUTES | _ROLLS | _JOINS | _STACKS | _UNSQUEEZES | _SQUEEZES | _UNBINDS
@@ -123,7 +123,7 @@ class Provenance:
         # called for every operation of the retain forward: the common case (an elementwise op on
         # a batched tensor) stays on the first few lines
         tags = self._tags
-        if func is _PAD_PACKED and _PAD_PACKED is not None:
+        if func is _PAD_PACKED:
             self._unpacked(args, kwargs, out, B)
             return
         for t in leaves:

@@ -21,6 +21,7 @@ import contextlib
 from typing import Iterator, Optional
 
 from torch import nn
+from torch.utils.checkpoint import CheckpointError
 
 from ..errors import CaptureError
 
@@ -46,10 +47,6 @@ def hf_flags_off(model: nn.Module) -> Iterator[int]:
 
 def explain(err: BaseException) -> Optional[CaptureError]:
     """A CaptureError for torch's checkpoint error raised in the retain backward, else None."""
-    try:
-        from torch.utils.checkpoint import CheckpointError
-    except ImportError:  # pragma: no cover - torch without it
-        return None
     if not isinstance(err, CheckpointError):
         return None
     return CaptureError(

@@ -107,9 +107,8 @@ class RecurrentCall:
         if packed:
             # the sequences padded in the caller's batch order (hx and h_n are in it too); a
             # sample's state stops at its last step (PyTorch's packed semantics, both directions)
+            # (its data already in the recurrence's dtype: full_precision)
             x, lengths = nn.utils.rnn.pad_packed_sequence(input, batch_first=True)
-            if self.dtype is not None and x.is_floating_point() and x.dtype != self.dtype:
-                x = x.to(self.dtype)
             mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
         else:
             x = input if m.batch_first else input.transpose(0, 1)

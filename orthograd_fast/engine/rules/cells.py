@@ -38,12 +38,8 @@ def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 # the cell operation -> its written-out step
 CELLS = {
-    getattr(torch, name): fn
-    for name, fn in (
-        ("lstm_cell", lstm_cell),
-        ("gru_cell", gru_cell),
-        ("rnn_tanh_cell", rnn_tanh_cell),
-        ("rnn_relu_cell", rnn_relu_cell),
-    )
-    if hasattr(torch, name)
+    torch.lstm_cell: lstm_cell,
+    torch.gru_cell: gru_cell,
+    torch.rnn_tanh_cell: rnn_tanh_cell,
+    torch.rnn_relu_cell: rnn_relu_cell,
 }
