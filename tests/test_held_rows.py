@@ -68,7 +68,7 @@ def _data(name, g, B=7, Bu=3):
     if name == "tied":
         x = (torch.randint(0, 37, (B, 5), generator=g), torch.randint(0, 37, (Bu, 5), generator=g))
     else:
-        shape = (5, 13) if name == "tokens" else (3, 6, 5)
+        shape = (5, 13) if name in ("tokens", "wide") else (3, 6, 5)
         x = (torch.randn(B, *shape, generator=g), torch.randn(Bu, *shape, generator=g))
     return (
         (x[0], torch.randint(0, classes, (B,), generator=g)),
@@ -83,12 +83,13 @@ def tile(monkeypatch):
     monkeypatch.setattr(gram, "choose_route", lambda *a: gram.TILE)
 
 
-@pytest.mark.parametrize("name", ["tokens", "convs", "tied"])
+@pytest.mark.parametrize("name", ["tokens", "wide", "convs", "tied"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_held_rows_match_the_oracle(tile, name, alpha):
     g = torch.Generator().manual_seed(sum(map(ord, name)) + int(10 * alpha))
     torch.manual_seed(int(torch.randint(0, 1000, (1,), generator=g)))
-    model = {"tokens": Tokens, "convs": Convs, "tied": TiedLM}[name]()
+    # "wide": the first layer has more outputs than inputs
+    model = {"tokens": Tokens, "wide": lambda: Tokens(I=13, H=19), "convs": Convs, "tied": TiedLM}[name]()
     retain, unlearn = _data(name, g)
     err, orth, og = compare(model, ce, retain, unlearn, scope="tensor", alpha=alpha, backend="torch")
     # three weights on the tile/conv/lookup routes (the biases are explicit rows); a small, badly
@@ -370,18 +371,23 @@ def test_held_gram_inverse_and_amplification_match_float64():
     assert float(update_amplification(K2, cancel)) > 1e6 and r2.amplification(cancel) > 1e6
 
 
+@pytest.mark.parametrize("layout", ["own", "copied"])
+@pytest.mark.parametrize("O, I", [(10, 13), (17, 6)])
 @pytest.mark.parametrize("write_between", [False, True])
-def test_a_transposed_weight_updates_the_gradient_it_is_handed(write_between):
-    """A weight stored transposed (W [I, O]) is copied to the rows' layout for b and again for the
-    update only when the gradient was written in between: either way the update projects the
-    gradient it is handed, written back in W's layout (float64 per-sample oracle)."""
+def test_a_transposed_weight_updates_the_gradient_it_is_handed(write_between, O, I, layout):
+    """A weight stored transposed (W [I, O]) has its rows held in its own layout ("own"); held as
+    [O, I] tiles ("copied") its gradient is copied to the rows' layout for b and again for the
+    update only when it was written in between. Either way the update projects the gradient it is
+    handed, written back in W's layout (float64 per-sample oracle)."""
     from orthograd_fast.engine.factors import OuterFactors
     from orthograd_fast.engine.routes.tile import TileRoute
 
-    g = torch.Generator().manual_seed(11 + write_between)
-    B, T, O, I = 6, 7, 10, 13
+    g = torch.Generator().manual_seed(11 + write_between + O)
+    B, T = 6, 7
     A, D = torch.randn(B, T, 1, I, generator=g), torch.randn(B, T, 1, O, generator=g)
     route = TileRoute(torch.zeros(I, O), B, OuterFactors(A, D, None, (1, O, I), True), 1 << 20)
+    if layout == "copied":
+        route._flipped = lambda: False
     route.hold = True
     route.prepare_held(torch.empty(B * O * I))
     assert route.rows is not None
@@ -398,12 +404,16 @@ def test_a_transposed_weight_updates_the_gradient_it_is_handed(write_between):
     assert orthogonality({"W": Gs}, {"W": U.double().reshape(-1)}, {"W": u}) <= ORTH
 
 
-def test_a_transposed_weight_is_copied_once_per_projection(tile, monkeypatch):
-    """Through the projection, the copy b was taken from serves the update: a transposed weight's
-    gradient is put in the rows' layout once per step (with the passes' result still the oracle's:
-    test_held_rows_match_the_oracle)."""
+@pytest.mark.parametrize("layout", ["own", "copied"])
+def test_a_transposed_weight_is_copied_at_most_once_per_projection(tile, monkeypatch, layout):
+    """A transposed weight's rows are held in its own layout: b and the update read its gradient
+    without a copy. Held as [O, I] tiles, the copy b was taken from serves the update: one copy per
+    step (with the passes' result still the oracle's: test_held_rows_match_the_oracle)."""
     from orthograd_fast.engine.routes.held import HeldRoute
+    from orthograd_fast.engine.routes.tile import TileRoute
 
+    if layout == "copied":
+        monkeypatch.setattr(TileRoute, "_flipped", lambda self: False)
     g = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
     model = Tokens()
@@ -419,4 +429,36 @@ def test_a_transposed_weight_is_copied_once_per_projection(tile, monkeypatch):
     monkeypatch.setattr(HeldRoute, "_flat", counted)
     og, _ = og_direction(model, ce, retain, unlearn, backend="torch")
     assert og._terms[model.W].hold and og.stats["held_rows"] >= 3
-    assert sum(copies) == 1, copies  # W's: one copy for b and the update
+    assert sum(copies) == (1 if layout == "copied" else 0), copies  # W's: one copy for b and the update
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("O, I", [(23, 5), (5, 23), (9, 9)])
+def test_held_tiles_in_either_orientation_project_exactly(O, I, transposed, monkeypatch):
+    """Tiles held as [O, I] or, for a weight stored [I, O], as their transposes (the weight's own
+    layout), in ragged blocks of a few rows: K, b and the update against the float64 per-sample
+    oracle, orthogonality read directly."""
+    from orthograd_fast.engine.factors import OuterFactors
+    from orthograd_fast.engine.routes.tile import TileRoute
+
+    g = torch.Generator().manual_seed(O * 31 + I + transposed)
+    B, T = 7, 4
+    A, D = torch.randn(B, T, 1, I, generator=g), torch.randn(B, T, 1, O, generator=g)
+    rows, cols = (I, O) if transposed else (O, I)  # the held tiles' rows and their length
+    monkeypatch.setattr(held_rows, "BLOCK_BYTES", 4 * B * cols * 3)  # 3 rows per block, a ragged last
+    shape = (I, O) if transposed else (O, I)
+    route = TileRoute(torch.zeros(shape), B, OuterFactors(A, D, None, (1, O, I), transposed), 1 << 20)
+    assert route._flipped() == transposed
+    route.hold = True
+    U = torch.randn(shape, generator=g)
+    K, b = route.gram_coef(U)
+    assert route.rows is not None and len(route.rows.blocks) == -(-rows // 3)
+    Go = torch.einsum("bto,bti->boi", D[:, :, 0].double(), A[:, :, 0].double())  # g_i as [O, I]
+    Gs = (Go.transpose(1, 2) if transposed else Go).reshape(B, -1)  # in the parameter's layout
+    u = U.double().reshape(-1).clone()
+    assert_close(K, Gs @ Gs.T, dtype=torch.float32, reduction_len=O * I, scale=float((Gs @ Gs.T).abs().max()))
+    assert_close(b, Gs @ u, dtype=torch.float32, reduction_len=O * I, scale=float(Gs.norm(dim=1).max() * u.norm()))
+    assert route.project_held_(U, b)
+    expect = project_out(Gs, u).view(shape)
+    assert_close(U, expect, dtype=torch.float32, reduction_len=T * B, scale=float(expect.abs().max()))
+    assert orthogonality({"W": Gs}, {"W": U.double().reshape(-1)}, {"W": u}) <= ORTH
