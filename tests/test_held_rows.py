@@ -444,9 +444,8 @@ def test_held_tiles_in_either_orientation_project_exactly(O, I, transposed, monk
     g = torch.Generator().manual_seed(O * 31 + I + transposed)
     B, T = 7, 4
     A, D = torch.randn(B, T, 1, I, generator=g), torch.randn(B, T, 1, O, generator=g)
-    rows, cols = (I, O) if transposed else (O, I)  # the held tiles' rows and their length
+    shape = rows, cols = (I, O) if transposed else (O, I)  # the parameter: the held tiles' rows, their length
     monkeypatch.setattr(held_rows, "BLOCK_BYTES", 4 * B * cols * 3)  # 3 rows per block, a ragged last
-    shape = (I, O) if transposed else (O, I)
     route = TileRoute(torch.zeros(shape), B, OuterFactors(A, D, None, (1, O, I), transposed), 1 << 20)
     assert route._flipped() == transposed
     route.hold = True
