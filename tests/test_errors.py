@@ -89,6 +89,22 @@ def test_batchnorm_training_mode():
     assert _hooks(model) == 0
 
 
+@pytest.mark.parametrize("layer", ["embedding", "bag"])
+@pytest.mark.parametrize("option", [dict(max_norm=1.0), dict(scale_grad_by_freq=True)])
+def test_renormalized_lookup_refused(layer, option):
+    # max_norm renormalizes the table in place; scale_grad_by_freq scales by the batch's token counts
+    torch.manual_seed(3)
+    emb = (nn.Embedding if layer == "embedding" else nn.EmbeddingBag)(11, 4, **option)
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(8, 3)) if layer == "embedding" else nn.Sequential(emb, nn.Linear(4, 3))
+    ids = torch.randint(0, 11, (5, 2))
+    og = OrthoGrad(model)
+    what = "embedding" if layer == "embedding" else "embedding bag"
+    with pytest.raises(UnsupportedModule, match=f"{what} with max_norm or scale_grad_by_freq.*Use max_norm=None"):
+        with og.retain():
+            ce(model(ids), torch.randint(0, 3, (5,))).mean().backward()
+    assert _hooks(model) == 0
+
+
 def test_project_twice():
     model, (xr, yr), (xu, yu) = make("mlp")
     og = OrthoGrad(model)

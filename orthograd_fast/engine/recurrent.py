@@ -39,6 +39,7 @@ from .param_space import anchored
 from ..errors import CaptureError, UnsupportedModule
 from .factors import ExplicitRows, OuterFactors
 from .lstm_layer import GateGrads, LSTMLayer
+from .rules.cells import gru_gates, lstm_gates
 
 # relative / absolute tolerance of the first-call check against the fused module (float32 rounding)
 CHECK_RTOL, CHECK_ATOL = 1e-4, 1e-5
@@ -144,10 +145,10 @@ class RecurrentCall:
                     for t in steps:
                         gh = self._linear(h, whh, bhh, A_hh, g_hh)
                         if lstm:
-                            h_t, c_t = _lstm_cell(gx[t], gh, c)
+                            h_t, c_t = lstm_gates(gx[t], gh, c)
                             c = _masked(mask, t, c_t, c)
                         else:
-                            h_t = _gru_cell(gx[t], gh, h)
+                            h_t = gru_gates(gx[t], gh, h)
                         h = _masked(mask, t, h_t, h)
                         hs[t] = h
                     self.parts.append((wih, bih, A_ih, g_ih, False))
@@ -265,26 +266,9 @@ def _repack(padded: Tensor, like: nn.utils.rnn.PackedSequence) -> nn.utils.rnn.P
     return nn.utils.rnn.PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
-def _lstm_cell(gx, gh, c):
-    """(h, c) of one LSTM step from the input's and the hidden state's gate products (i, f, g, o)."""
-    i, f, g, o = (gx + gh).chunk(4, -1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
-
-
 def _rnn_step(mode, pre):
     """One RNN step's hidden state from its pre-activation (both products and biases)."""
     return torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
-
-
-def _gru_cell(gx, gh, h):
-    """One GRU step from the input's and the hidden state's gate products (PyTorch's r, z, n)."""
-    xr, xz, xn = gx.chunk(3, -1)
-    hr, hz, hn = gh.chunk(3, -1)
-    r = torch.sigmoid(xr + hr)
-    z = torch.sigmoid(xz + hz)
-    n = torch.tanh(xn + r * hn)
-    return (1 - z) * n + z * h
 
 
 def _in_dtype(module: nn.RNNBase, dtype: Optional[torch.dtype]) -> nn.RNNBase:

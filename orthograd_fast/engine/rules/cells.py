@@ -11,21 +11,33 @@ import torch
 import torch.nn.functional as F
 
 
-def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
-    """(h', c') of one LSTM step from x [B, I] and hx = (h, c) [B, H]."""
-    h, c = hx
-    i, f, g, o = (F.linear(input, w_ih, b_ih) + F.linear(h, w_hh, b_hh)).chunk(4, 1)
+def lstm_gates(gx, gh, c):
+    """(h', c') of one LSTM step from the input's and the hidden state's gate products (i, f, g, o),
+    biases included (also the unrolled recurrence's step: engine/recurrent.py)."""
+    i, f, g, o = (gx + gh).chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
-def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
-    """h' of one GRU step from x [B, I] and h [B, H]."""
-    xr, xz, xn = F.linear(input, w_ih, b_ih).chunk(3, 1)
-    hr, hz, hn = F.linear(hx, w_hh, b_hh).chunk(3, 1)
+def gru_gates(gx, gh, h):
+    """h' of one GRU step from the input's and the hidden state's gate products (r, z, n), biases
+    included: the hidden bias sits inside r * (W_hn h + b_hn)."""
+    xr, xz, xn = gx.chunk(3, -1)
+    hr, hz, hn = gh.chunk(3, -1)
     r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
-    return (1 - z) * n + z * hx
+    return (1 - z) * n + z * h
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """(h', c') of one LSTM step from x [B, I] and hx = (h, c) [B, H]."""
+    h, c = hx
+    return lstm_gates(F.linear(input, w_ih, b_ih), F.linear(h, w_hh, b_hh), c)
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """h' of one GRU step from x [B, I] and h [B, H]."""
+    return gru_gates(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), hx)
 
 
 def rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):

@@ -111,12 +111,7 @@ def embedding(ctx, func, args, kwargs):
     if ctx.seq_first:
         return NotImplemented
     padding_idx = arg(args, kwargs, 2, "padding_idx")
-    if arg(args, kwargs, 3, "max_norm") is not None or arg(args, kwargs, 5, "scale_grad_by_freq", False):
-        raise UnsupportedModule(
-            f"{ctx.where()}: embedding with max_norm or scale_grad_by_freq: the table is renormalized in place / its "
-            "gradient depends on the token counts of the whole batch, so per-sample gradients are not defined. "
-            "Use max_norm=None and scale_grad_by_freq=False."
-        )
+    _refuse_renorm(ctx, "embedding", arg(args, kwargs, 3, "max_norm"), arg(args, kwargs, 5, "scale_grad_by_freq", False))
     kind, p = ctx.space.base(w)
     if kind != "param" or not same_view(w, p):
         return NotImplemented
@@ -135,12 +130,31 @@ def embedding(ctx, func, args, kwargs):
         V, d = p.shape
         flat = idsd.reshape(B, -1)
         rows = gy.reshape(B, -1, d)
-        if padding_idx is not None:
-            pad = padding_idx if padding_idx >= 0 else V + padding_idx
-            rows = rows * (flat != pad).unsqueeze(-1).to(rows.dtype)
+        keep = _not_padding(flat, padding_idx, V, rows.dtype)
+        if keep is not None:
+            rows = rows * keep.unsqueeze(-1)
         return {p: [OuterFactors(rows[:, :, None, :], None, flat, (1, V, d))]}
 
     return ctx.record(func, out, [w], build)
+
+
+def _refuse_renorm(ctx, what: str, max_norm, scale_grad_by_freq) -> None:
+    """A lookup whose table is renormalized in place or whose gradient is scaled by the batch's token
+    counts has no per-sample gradients: say so."""
+    if max_norm is not None or scale_grad_by_freq:
+        raise UnsupportedModule(
+            f"{ctx.where()}: {what} with max_norm or scale_grad_by_freq: the table is renormalized in place / its "
+            "gradient depends on the token counts of the whole batch, so per-sample gradients are not defined. "
+            "Use max_norm=None and scale_grad_by_freq=False."
+        )
+
+
+def _not_padding(ids: Tensor, padding_idx, V: int, dtype: torch.dtype):
+    """1 where ``ids`` is not ``padding_idx`` (negative: counted from the end of a V-row table), 0
+    where it is, in ``dtype``; None without a padding index."""
+    if padding_idx is None:
+        return None
+    return (ids != (padding_idx if padding_idx >= 0 else V + padding_idx)).to(dtype)
 
 
 _BAG_ARGS = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
@@ -154,12 +168,7 @@ def embedding_bag(ctx, func, args, kwargs):
     (offsets, mode max) go to the fallback or say why."""
     a = {n: arg(args, kwargs, i, n) for i, n in enumerate(_BAG_ARGS)}
     ids, w, psw, padding_idx = a["input"], a["weight"], a["per_sample_weights"], a["padding_idx"]
-    if a["max_norm"] is not None or a["scale_grad_by_freq"]:
-        raise UnsupportedModule(
-            f"{ctx.where()}: embedding bag with max_norm or scale_grad_by_freq: the table is renormalized in place / "
-            "its gradient depends on the token counts of the whole batch, so per-sample gradients are not defined. "
-            "Use max_norm=None and scale_grad_by_freq=False."
-        )
+    _refuse_renorm(ctx, "embedding bag", a["max_norm"], a["scale_grad_by_freq"])
     mode = a["mode"] if a["mode"] is not None else "mean"
     if (
         ctx.seq_first
@@ -187,9 +196,7 @@ def embedding_bag(ctx, func, args, kwargs):
         V, d = p.shape
         L = idsd.shape[1]
         rows = gy.reshape(B, 1, d).expand(B, L, d)
-        keep = None
-        if padding_idx is not None:
-            keep = (idsd != (padding_idx if padding_idx >= 0 else V + padding_idx)).to(gy.dtype)
+        keep = _not_padding(idsd, padding_idx, V, gy.dtype)
         if mode == "mean":
             n = keep.sum(1) if keep is not None else torch.full((B,), float(L), dtype=gy.dtype, device=gy.device)
             rows = rows / n.clamp_min(1)[:, None, None]

@@ -74,9 +74,13 @@ def batch_norm(ctx, func, args, kwargs):
             "share the batch mean and variance, so per-sample gradients do not exist. Put the module in eval mode "
             "(module.eval()) for the retain pass, or use GroupNorm/LayerNorm."
         )
-    # float64 copies taken now (the buffers are the module's): two ops each, on C entries
-    stats = (rm.detach().to(torch.float64, copy=True), rv.detach().to(torch.float64, copy=True).add_(eps).rsqrt_())
-    return _norm(ctx, func, args, kwargs, x, w, b, None, True, stats)
+    return _norm(ctx, func, args, kwargs, x, w, b, None, True, _running_stats(rm, rv, eps))
+
+
+def _running_stats(rm, rv, eps):
+    """(mean, 1 / sqrt(var + eps)) of running statistics, float64 copies taken now (the buffers
+    are the module's): two ops each, on C entries."""
+    return rm.detach().to(torch.float64, copy=True), rv.detach().to(torch.float64, copy=True).add_(eps).rsqrt_()
 
 
 def instance_norm(ctx, func, args, kwargs):
@@ -87,8 +91,7 @@ def instance_norm(ctx, func, args, kwargs):
     use_input, eps = arg(args, kwargs, 5, "use_input_stats", True), arg(args, kwargs, 7, "eps", 1e-5)
     if use_input or rm is None or rv is None:
         return _norm(ctx, func, args, kwargs, x, w, b, lambda xf: F.instance_norm(xf, eps=eps), True)
-    stats = (rm.detach().to(torch.float64, copy=True), rv.detach().to(torch.float64, copy=True).add_(eps).rsqrt_())
-    return _norm(ctx, func, args, kwargs, x, w, b, None, True, stats)
+    return _norm(ctx, func, args, kwargs, x, w, b, None, True, _running_stats(rm, rv, eps))
 
 
 def rms_norm(ctx, func, args, kwargs):
