@@ -182,7 +182,7 @@ class OrthoGrad:
             self._in_retain = False
         self._unlearn.observe(*cap.dense_verdict)
         # the unlearn backward that follows keeps its factors, for the layers that can use them
-        self._unlearn.arm(self._units, self._span.one_token_weights())
+        self._unlearn.arm(self._units, self._span.blocks[-1][0], self._span.dense_tokens())
         self._start_prefetch()
 
     def _start_prefetch(self) -> None:

@@ -266,8 +266,8 @@ def _armed(p):
 
 
 def test_armed_window_only_on_layers_whose_factors_can_be_used(factored, unlearn_coef_calls):
-    # a window keeps one-token calls only: the token layer gets no hooks, the head does; the
-    # direction is the oracle's either way
+    # the token layer (B T (I + O) > O I: its factors cost more than the GEMM) gets no hooks, the
+    # head does; the direction is the oracle's either way
     gen = torch.Generator().manual_seed(31)
     model = _TokensThenHead()
     retain = (torch.randn(11, 5, 7, generator=gen), torch.randint(0, 20, (11,), generator=gen))
@@ -280,6 +280,52 @@ def test_armed_window_only_on_layers_whose_factors_can_be_used(factored, unlearn
     err, orth, _ = compare(model, ce, retain, unlearn, scope="tensor", alpha=0.0, backend="torch")
     assert err <= REL and orth <= ORTH, (err, orth)
     assert set(unlearn_coef_calls) == {"head.weight"}, unlearn_coef_calls
+
+
+class _FewTokens(nn.Module):
+    """A dense layer over 2 x 2 positions per sample (a late ConvNeXt stage, channels last) whose
+    B T (I + O) < O I, then a head on the pooled features."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.mid = nn.Linear(96, 128)
+        self.head = nn.Linear(128, 20)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(x)).mean((1, 2)))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_few_token_layer_armed_and_exact(alpha, factored, unlearn_coef_calls):
+    # the few-token layer keeps its calls over several tokens, and its coefficients come from them
+    gen = torch.Generator().manual_seed(41)
+    model = _FewTokens()
+    retain = (torch.randn(11, 2, 2, 96, generator=gen), torch.randint(0, 20, (11,), generator=gen))
+    unlearn = (torch.randn(6, 2, 2, 96, generator=gen), torch.randint(0, 20, (6,), generator=gen))
+    og = OrthoGrad(model, alpha=alpha)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    assert _armed(model.mid.weight) and _armed(model.head.weight)
+    og.reset()
+    assert not _hooks_left(model)
+    for step in range(2):  # the second projection checks rows of .grad instead of the GEMM's b
+        err, orth, _ = compare(model, ce, retain, unlearn, scope="tensor", alpha=alpha, backend="torch")
+        assert err <= REL and orth <= ORTH, (step, err, orth)
+    assert set(unlearn_coef_calls) == {"mid.weight", "head.weight"}, unlearn_coef_calls
+    assert not _hooks_left(model)
+
+
+def test_window_picks_layers_by_tokens():
+    # one token: always; a few: where B T (I + O) < O I; many: never
+    assert unlearn_factors.worth_a_window(32, [1, 1], (8, 8)) == "one"
+    assert unlearn_factors.worth_a_window(32, [4], (1024, 256)) == "many"  # 128 * 1280 < 262144
+    assert unlearn_factors.worth_a_window(32, [2, 2], (1024, 256)) == "many"
+    assert unlearn_factors.worth_a_window(32, [16], (512, 128)) is None  # 512 * 640 > 65536
+    assert unlearn_factors.worth_a_window(32, [1, 4], (64, 64)) is None
 
 
 def test_no_window_when_no_layer_can_use_factors():

@@ -172,7 +172,7 @@ class Capture:
         self.handles = []
         self.error: Optional[BaseException] = None
         self.dense_verdict: tuple = ({}, set())  # OpContext.dense_verdict(), kept by finish()
-        self.one_token: set = set()  # finish(defer=True): op_capture.one_token_weights of the block
+        self.dense_tokens: dict = {}  # finish(defer=True): op_capture.dense_tokens of the block
         self.deferred_bytes = 0  # finish(defer=True): see there
 
     # --- hooks -------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ class Capture:
         """Per trainable parameter, the list of per-sample uses seen in this block. ``defer``: the
         operation records' builds are left to the caller: a callable returning the same dict
         (it holds what it needs; call it once, on any thread, after :meth:`release` too), and
-        ``one_token`` (:func:`op_capture.one_token_weights`) and ``deferred_bytes`` are set now:
+        ``dense_tokens`` (:func:`op_capture.dense_tokens`) and ``deferred_bytes`` are set now:
         the output gradients of the records whose parameters are all ``small`` (turned into
         rows by their build, then freed; the deferral keeps them until then)."""
         uses: Dict[Tensor, list] = {}
@@ -356,7 +356,8 @@ class Capture:
         if not defer:
             _merge(uses, op_uses)
             return _merge(uses, rnn)
-        self.one_token = op_capture.one_token_weights(recs, flagged) - {id(p) for p in rnn} - {id(p) for p in uses}
+        other = {id(p) for p in rnn} | {id(p) for p in uses}
+        self.dense_tokens = {k: v for k, v in op_capture.dense_tokens(recs, flagged).items() if k not in other}
         self.deferred_bytes = sum(
             r.grad.numel() * r.grad.element_size() for r in recs if r.owners and small is not None and all(small(p) for p in r.owners)
         )

@@ -3,7 +3,9 @@
 A window keeps, for one-token calls of dense layers (a module whose call is one F.linear / addmm
 from its input to its output, as the retain capture confirms: nn.Linear, transformers' Conv1D; a
 call whose input has one row per sample, as in an MLP or a classifier head), the layer input and
-output gradient: the unlearn gradient of the weight is then ``sum_k d_k a_k^T`` over those calls. It also
+output gradient: the unlearn gradient of the weight is then ``sum_k d_k a_k^T`` over those calls.
+Layers the window is told to (``many``: a few tokens per sample) also keep calls over several
+tokens, as one row per token (the sum over rows is the same however they group into samples). It also
 follows every tracked weight's ``.grad`` through the backward:
 
 * a pre-hook sees ``.grad`` just before each accumulation: it must be None (first pass of the
@@ -46,10 +48,12 @@ class ForgetWindow:
     ``layers``: (module, weight, transposed) of the dense layers (transposed: the weight is stored
     [in, out]; None: not known yet, read from the shapes where the weight is not square).
     ``expected``: per weight, the (.grad, version) an earlier window left (the first accumulation
-    here must start from it; a weight without one must start from None)."""
+    here must start from it; a weight without one must start from None). ``many``: id() of the
+    weights whose calls over several tokens are kept too."""
 
-    def __init__(self, layers: List[Tuple[nn.Module, Tensor, bool]], expected: Dict[Tensor, tuple], max_bytes: int):
+    def __init__(self, layers: List[Tuple[nn.Module, Tensor, bool]], expected: Dict[Tensor, tuple], max_bytes: int, many: frozenset = frozenset()):
         self.layers = {id(m): (m, w, tr) for m, w, tr in layers}
+        self.many = many
         self.weights = list({id(w): w for _, w, _ in layers}.values())
         self.expected = expected
         self.max_bytes = int(max_bytes)
@@ -84,8 +88,8 @@ class ForgetWindow:
             x is None
             or not x.is_floating_point()
             or x.dim() < 2
-            or x[0].numel() != x.shape[-1]
-            or output.shape[0] != x.shape[0]
+            or output.shape[:-1] != x.shape[:-1]
+            or (x[0].numel() != x.shape[-1] and id(layer[1]) not in self.many)
         ):
             self.partial.add(layer[1])
             return None
@@ -133,20 +137,20 @@ class ForgetWindow:
             for c in calls:
                 if c.gy is None:
                     continue  # a forward whose output never reached a backward
-                B = c.x.shape[0]
-                if c.gy.shape[0] != B or c.x.numel() != B * I or c.gy.numel() != B * O:
+                n = c.x.numel() // max(1, I)  # rows: samples, or samples x tokens
+                if c.x.shape[-1] != I or c.gy.shape != c.x.shape[:-1] + (O,):
                     self.partial.add(w)
                     continue
-                out.setdefault(w, []).append(OuterFactors(c.x.reshape(B, 1, 1, I), c.gy.reshape(B, 1, 1, O), None, (1, O, I), transposed))
+                out.setdefault(w, []).append(OuterFactors(c.x.reshape(n, 1, 1, I), c.gy.reshape(n, 1, 1, O), None, (1, O, I), transposed))
         return out
 
 
 def _orientation(w: Tensor, call: _Call) -> Optional[bool]:
     """Whether ``w`` is stored [in, out] (True) or [out, in] (False), read from one call's input
-    [B, I] and output gradient [B, O]; None where the shapes cannot tell (I == O)."""
+    [..., I] and output gradient [..., O]; None where the shapes cannot tell (I == O)."""
     if call.gy is None:
         return None
-    I, O = call.x[0].numel(), call.gy[0].numel()
+    I, O = call.x.shape[-1], call.gy.shape[-1]
     if I == O:
         return None
     if tuple(w.shape) == (I, O):

@@ -54,15 +54,16 @@ class Frame:
 class OpRecord:
     """One intercepted call: ``build(output_gradient)`` -> {param: [uses]} on leaving retain()."""
 
-    def __init__(self, build: Callable, owners: List[Tensor], frames: tuple, name: str, one_token: Optional[Tensor] = None):
+    def __init__(self, build: Callable, owners: List[Tensor], frames: tuple, name: str, dense: Optional[Tensor] = None, tokens: int = 0):
         self.build = build
         self.owners = owners
         self.frames = frames
         self.name = name
         self.grad: Optional[Tensor] = None
-        # the parameter whose use this record builds as one one-token dense factor (a Linear on
-        # [B, I] inputs), known before the build (one_token_weights)
-        self.one_token = one_token
+        # the parameter whose use this record builds as one dense factor of the weight itself (a
+        # Linear), over ``tokens`` tokens per sample: known before the build (dense_tokens)
+        self.dense = dense
+        self.tokens = tokens
 
     def hook(self, g):
         self.grad = g.detach() if self.grad is None else self.grad + g.detach()
@@ -195,9 +196,9 @@ class OpContext:
                 ok[k] = (m, w, tr)
         return ok, bad
 
-    def record(self, func, out, operands, build, one_token: Optional[Tensor] = None):
-        """Register the output gradient hook of a rule's call and keep its record (``one_token``:
-        see OpRecord)."""
+    def record(self, func, out, operands, build, dense: Optional[Tensor] = None, tokens: int = 0):
+        """Register the output gradient hook of a rule's call and keep its record (``dense``,
+        ``tokens``: see OpRecord)."""
         owners = []
         for t in operands:
             for p in self.space.owners(t) if isinstance(t, Tensor) else ():
@@ -207,7 +208,7 @@ class OpContext:
             self.uses_of[id(p)] = self.uses_of.get(id(p), 0) + 1
         out = anchored(out, owners if self.space.lean else [])
         if isinstance(out, Tensor) and out.requires_grad:
-            rec = OpRecord(build, owners, tuple(self.frames), rules.op_name(func), one_token)
+            rec = OpRecord(build, owners, tuple(self.frames), rules.op_name(func), dense, tokens)
             out.register_hook(rec.hook)
             self.records.append(rec)
         return out
@@ -420,15 +421,17 @@ def reached(ctx: OpContext) -> List[OpRecord]:
     return [rec for rec in ctx.records if rec.grad is not None]
 
 
-def one_token_weights(recs: List[OpRecord], flagged: List[Frame]) -> set:
-    """id() of the parameters whose every reached record builds one one-token dense factor (and
-    that no flagged frame replays): what :func:`build_uses` will give them, known before it runs."""
+def dense_tokens(recs: List[OpRecord], flagged: List[Frame]) -> Dict[int, List[int]]:
+    """{id(param): tokens per sample of each record} of the parameters whose every reached record
+    builds one dense factor of the weight itself (and that no flagged frame replays): what
+    :func:`build_uses` will give them, known before it runs."""
     replayed = {k for f in flagged for k in f.params}
-    per: Dict[int, bool] = {}
+    per: Dict[int, Optional[List[int]]] = {}
     for rec in recs:
         for p in rec.owners:
-            per[id(p)] = per.get(id(p), True) and rec.one_token is p
-    return {k for k, v in per.items() if v and k not in replayed}
+            ts = per.get(id(p), [])
+            per[id(p)] = ts + [rec.tokens] if ts is not None and rec.dense is p else None
+    return {k: v for k, v in per.items() if v and k not in replayed}
 
 
 def build_uses(recs: List[OpRecord], flagged: List[Frame]) -> Dict[Tensor, list]:
@@ -452,4 +455,4 @@ def build_uses(recs: List[OpRecord], flagged: List[Frame]) -> Dict[Tensor, list]
     return uses
 
 
-__all__ = ["OpContext", "OpMode", "OpRecord", "Frame", "frame_hooks", "build_uses", "reached", "one_token_weights", "PerSample"]
+__all__ = ["OpContext", "OpMode", "OpRecord", "Frame", "frame_hooks", "build_uses", "reached", "dense_tokens", "PerSample"]

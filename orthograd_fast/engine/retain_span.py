@@ -95,7 +95,7 @@ class RetainSpan:
         # the last block's uses while their build runs (block(defer=True)); its entry in
         # ``blocks`` holds None until :meth:`settle`
         self._pending: Optional[Deferred] = None
-        self._pending_one_token: set = set()
+        self._pending_tokens: Dict[int, List[int]] = {}
 
     @property
     def size(self) -> int:
@@ -134,10 +134,10 @@ class RetainSpan:
         """The last block's build while it is left to run (None once settled)."""
         return self._pending
 
-    def add_block(self, B: int, uses, one_token: Optional[set] = None) -> None:
+    def add_block(self, B: int, uses, dense_tokens: Optional[Dict[int, List[int]]] = None) -> None:
         """A finished retain() block joins the span (refused past ``max_retain`` samples).
         ``uses``: {param: uses}, or a callable that builds them (Capture.finish(defer=True)):
-        left to :attr:`pending` with ``one_token`` (id() of its one-token weights) known now."""
+        left to :attr:`pending` with ``dense_tokens`` (:meth:`dense_tokens` of the block) known now."""
         self.settle()
         if self.size + B > self.max_retain:
             raise OrthoGradError(
@@ -147,7 +147,7 @@ class RetainSpan:
             )
         if callable(uses):
             self._pending = Deferred(lambda: self._small_as_rows(uses(), B))
-            self._pending_one_token = one_token or set()
+            self._pending_tokens = dense_tokens or {}
             self.blocks.append((B, None))
         else:
             self.blocks.append((B, self._small_as_rows(uses, B)))
@@ -186,7 +186,7 @@ class RetainSpan:
             if callable(uses) and cap.deferred_bytes > DEFER_MAX_BYTES:
                 uses = uses()  # too much memory kept into the unlearn pass: built now
             check_lean(lean, params, exempt=exempt)  # a refused block leaves no factors
-            self.add_block(cap.B, uses, cap.one_token)
+            self.add_block(cap.B, uses, cap.dense_tokens)
             for p, d in block_dots.items():
                 prev = self.gdots.get(p)
                 self.gdots[p] = d if prev is None else prev.merged(d)
@@ -231,19 +231,20 @@ class RetainSpan:
             out[name] = g
         return out
 
-    def one_token_weights(self) -> set:
-        """id() of the parameters whose uses in the last block are all one-token dense factors (an
-        MLP layer, a classifier head) left as factors: the only ones whose unlearn factors can
-        replace the coefficient GEMM (the ghost route; a window keeps one-token calls only)."""
+    def dense_tokens(self) -> Dict[int, List[int]]:
+        """{id(param): tokens per sample of each use} of the parameters whose uses in the last
+        block are all dense factors of the weight itself over one token group (a Linear) left as
+        factors: the only ones whose unlearn factors can replace the coefficient GEMM (the ghost
+        route; :meth:`UnlearnFactors.arm` picks the ones worth a window)."""
         if not self.blocks:
-            return set()
-        if self._pending is not None:  # known before the build: large one-token weights
+            return {}
+        if self._pending is not None:  # known before the build (small weights become rows)
             B = self.blocks[-1][0]
-            return {id(p) for _, p in self.params if id(p) in self._pending_one_token and not gram.materialized(B, p.numel())}
+            return {id(p): self._pending_tokens[id(p)] for _, p in self.params if id(p) in self._pending_tokens and not gram.materialized(B, p.numel())}
         return {
-            id(p)
+            id(p): [u.a_shape[1] for u in us]
             for p, us in self.blocks[-1][1].items()
-            if us and all(type(u) is OuterFactors and u.one_token for u in us)
+            if us and all(type(u) is OuterFactors and u.ids is None and u.a_shape[2] == 1 for u in us)
         }
 
     def _small_as_rows(self, uses: Dict[Tensor, list], B: int) -> Dict[Tensor, list]:

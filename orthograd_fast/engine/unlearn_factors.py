@@ -28,6 +28,18 @@ CHECK_ROWS = 4
 MAX_BYTES = 256 << 20
 
 
+def worth_a_window(B: int, tokens: List[int], shape: Tuple[int, ...]) -> Optional[str]:
+    """Whether a dense weight of ``shape`` whose retain uses had ``tokens`` tokens per sample each
+    (B samples) gets an armed window: "one" (every use one token: an MLP layer or a head), "many"
+    (a few tokens, B T (I + O) < O I: b from B x B_u token products is cheaper than the GEMM when
+    the unlearn pass has about as many tokens as the retain block, e.g. a late stage of a
+    ConvNeXt over 2 x 2 positions; its calls over several tokens are kept), else None."""
+    if all(t == 1 for t in tokens):
+        return "one"
+    O, I = shape
+    return "many" if B * sum(tokens) * (I + O) < O * I else None
+
+
 class UnlearnFactors:
     """og.forget() factors of the current span, {param: [OuterFactors]}, and the state around them.
 
@@ -70,11 +82,13 @@ class UnlearnFactors:
             if k not in self.not_dense:
                 self.dense[k] = v
 
-    def start(self, units, only: Optional[set] = None) -> Optional[ForgetWindow]:
+    def start(self, units, only: Optional[set] = None, many: frozenset = frozenset()) -> Optional[ForgetWindow]:
         """Hooks of one unlearn window (an og.forget() block or the armed capture), attached, on the
         dense layers retain blocks have confirmed; before any retain block, on every module owning
         just a 2-D weight (and a bias): factors of one that is not confirmed by the projection are
-        not used (:meth:`usable`). ``only``: id() of the weights worth a window (else all)."""
+        not used (:meth:`usable`). ``only``: id() of the weights worth a window (else all);
+        ``many``: id() of those whose calls over several tokens are kept too (else one-token calls
+        only)."""
         owners: Dict[int, int] = {}
         for u in units:
             for q in u.module.parameters(recurse=u.whole):
@@ -97,7 +111,7 @@ class UnlearnFactors:
             layers.append((m, w, self.dense[id(w)][2] if id(w) in self.dense else None))
         if not layers:
             return None
-        win = ForgetWindow(layers, dict(self.grad_seen), MAX_BYTES)
+        win = ForgetWindow(layers, dict(self.grad_seen), MAX_BYTES, many)
         win.attach()
         return win
 
@@ -129,16 +143,19 @@ class UnlearnFactors:
             if win is not None:
                 self.finish(win, ok)
 
-    def arm(self, units, only: Optional[set] = None) -> None:
+    def arm(self, units, B: int, tokens: Dict[int, List[int]]) -> None:
         """On leaving retain(): keep an unlearn capture attached until project_() (or reset(), the
         next retain() or forget(), close()), unless an og.forget() block ran in this span.
-        ``only``: id() of the weights whose factors could be used (RetainSpan.one_token_weights):
-        a window on the others costs hooks in the unlearn pass for nothing (measured: 3-4% of
-        the step on ViT, BERT and Whisper, whose dense layers all have many tokens); no window
-        when there is none."""
+        ``tokens`` (RetainSpan.dense_tokens of the block of B samples): the window goes on the
+        weights whose factors could be used (:func:`worth_a_window`): a window on the others
+        costs hooks in the unlearn pass for nothing (measured: 3-4% of the step on ViT, BERT and
+        Whisper, whose dense layers all have many tokens); no window when there is none."""
         if not self.arm_enabled or self.arm_off or self.explicit or self.window is not None:
             return
-        self.window = self.start(units, only)
+        shapes = {id(p): p.shape for _, p in self.params if p.dim() == 2}
+        kinds = {k: worth_a_window(B, ts, shapes[k]) for k, ts in tokens.items() if k in shapes}
+        only = {k for k, v in kinds.items() if v is not None}
+        self.window = self.start(units, only, frozenset(k for k, v in kinds.items() if v == "many"))
 
     def disarm(self, keep: bool = True) -> None:
         """Detach the armed capture; ``keep``: its factors join the span (else dropped)."""

@@ -63,9 +63,9 @@ def _dense(ctx, func, out, x: Tensor, w: Tensor, b, transposed: bool):
             return merge(uses, {b: [ExplicitRows(D[:, 0], weight_D=D4)]})
         return merge(uses, bias_uses(space, b, D))
 
-    # one token per sample and the weight itself: the build gives it one one-token factor
-    one = w if xd.numel() == B * xd.shape[-1] and _own(space, w) else None
-    out = ctx.record(func, out, [w, b], build, one_token=one)
+    # the weight itself: the build gives it one dense factor over this many tokens per sample
+    own = _own(space, w)
+    out = ctx.record(func, out, [w, b], build, dense=w if own else None, tokens=xd.numel() // max(1, B * xd.shape[-1]) if own else 0)
     ctx.note_dense(x, out, w, transposed)
     return out
 
