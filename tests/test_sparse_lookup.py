@@ -97,6 +97,8 @@ def test_sparse_gram_equals_explicit_rows(chunk, factored, monkeypatch):
     G = rows.reshape(B, -1)
     torch.testing.assert_close(K, G @ G.t(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b, G @ U.double().reshape(-1), rtol=1e-12, atol=1e-12)
+    U2 = torch.randn(V, d, generator=gen)  # a later b reuses the entries K was formed from
+    torch.testing.assert_close(term.coef(U2), G @ U2.double().reshape(-1), rtol=1e-12, atol=1e-12)
 
 
 class Bags(nn.Module):
