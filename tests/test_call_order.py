@@ -319,6 +319,43 @@ def test_few_token_layer_armed_and_exact(alpha, factored, unlearn_coef_calls):
     assert not _hooks_left(model)
 
 
+class _ClassToken(nn.Module):
+    """Tokens, then a dense layer on the class token's column ``h[:, 0]`` (a strided view: BERT's
+    pooler, ViT's head), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(6)
+        self.tok = nn.Linear(7, 48)
+        self.pool = nn.Linear(48, 48)
+        self.head = nn.Linear(48, 20)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        h = torch.tanh(self.tok(x))
+        return self.head(torch.tanh(self.pool(h[:, 0])))
+
+
+def test_class_token_layer_armed_and_exact(factored, unlearn_coef_calls):
+    # the pooler's input is a strided view of the tokens: still one dense op from its input
+    gen = torch.Generator().manual_seed(43)
+    model = _ClassToken()
+    retain = (torch.randn(11, 5, 7, generator=gen), torch.randint(0, 20, (11,), generator=gen))
+    unlearn = (torch.randn(6, 5, 7, generator=gen), torch.randint(0, 20, (6,), generator=gen))
+    og = OrthoGrad(model, alpha=0.0)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    assert _armed(model.pool.weight) and not _armed(model.tok.weight)
+    og.reset()
+    for step in range(2):
+        err, orth, _ = compare(model, ce, retain, unlearn, scope="tensor", alpha=0.0, backend="torch")
+        assert err <= REL and orth <= ORTH, (step, err, orth)
+    assert "pool.weight" in set(unlearn_coef_calls), unlearn_coef_calls
+    assert not _hooks_left(model)
+
+
 def test_window_picks_layers_by_tokens():
     # one token: always; a few: where B T (I + O) < O I; many: never
     assert unlearn_factors.worth_a_window(32, [1, 1], (8, 8)) == "one"

@@ -93,7 +93,8 @@ class ForgetWindow:
         ):
             self.partial.add(layer[1])
             return None
-        call = _Call(x.detach())
+        # (a strided view, e.g. a class token's column, is copied: it would keep its whole base alive)
+        call = _Call(x.detach() if x.is_contiguous() else x.detach().clone())
         output.register_hook(call.grad_hook)
         self.calls[id(module)].append(call)
         self._held += x.numel() * x.element_size() + output.numel() * output.element_size()

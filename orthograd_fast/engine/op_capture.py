@@ -390,11 +390,14 @@ def frame_hooks(ctx: OpContext, unit, module: nn.Module, params: set, on_exit: C
 
 
 def _memory(t) -> Optional[tuple]:
-    """(address, numel) of a contiguous tensor, else None: two tensors with equal (not None) values
-    are one another up to a reshape, the same elements in the same order."""
-    if not isinstance(t, Tensor) or not t.is_contiguous():
+    """(address, numel, dtype) of a contiguous tensor, (address, shape, strides, dtype) of another
+    (a class token's column ``h[:, 0]``), None for a non-tensor: two tensors with equal (not None)
+    values are one another up to a reshape, the same elements in the same order."""
+    if not isinstance(t, Tensor):
         return None
-    return (t.data_ptr(), t.numel(), t.dtype)
+    if t.is_contiguous():
+        return (t.data_ptr(), t.numel(), t.dtype)
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
 
 # Records whose output gradients hold fewer elements than this in all build in the calling
