@@ -299,13 +299,14 @@ class _FewTokens(nn.Module):
         return self.head(torch.tanh(self.mid(x)).mean((1, 2)))
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.4])
-def test_few_token_layer_armed_and_exact(alpha, factored, unlearn_coef_calls):
+@pytest.mark.parametrize("alpha,grid", [(0.0, (2, 2)), (0.4, (2, 2)), (0.0, (3, 2))])
+def test_few_token_layer_armed_and_exact(alpha, grid, factored, unlearn_coef_calls):
     # the few-token layer keeps its calls over several tokens, and its coefficients come from them
+    # (also when the unlearn inputs have another number of positions than the retain block's)
     gen = torch.Generator().manual_seed(41)
     model = _FewTokens()
     retain = (torch.randn(11, 2, 2, 96, generator=gen), torch.randint(0, 20, (11,), generator=gen))
-    unlearn = (torch.randn(6, 2, 2, 96, generator=gen), torch.randint(0, 20, (6,), generator=gen))
+    unlearn = (torch.randn(6, *grid, 96, generator=gen), torch.randint(0, 20, (6,), generator=gen))
     og = OrthoGrad(model, alpha=alpha)
     with og.retain():
         ce(model(retain[0]), retain[1]).mean().backward()
