@@ -116,6 +116,10 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     settings["cases"] = [[c[0], c[1], list(c[2]) if len(c) > 2 and c[2] else None] for c in settings["cases"]]
     info = dict(sess.machine)
     info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if "host_probe_start" in info:
+        from benchmarks.runner import host_probe
+
+        info["host_probe_end"] = host_probe()
     output_json["orthograd"] = {"settings": settings, "machine": info, "rows": sess.rows}
 
 

@@ -79,6 +79,10 @@ def run(set_name: str = "real-cpu", models=None, budget=None, paired_rounds=None
     settings["cases"] = [[c[0], c[1], list(c[2]) if len(c) > 2 and c[2] else None] for c in settings["cases"]]
     machine = dict(sess.machine)
     machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if "host_probe_start" in machine:
+        from .runner import host_probe
+
+        machine["host_probe_end"] = host_probe()
     machine["run_seconds"] = round(time.perf_counter() - t0, 1)
     return {
         "datetime": datetime.now(timezone.utc).isoformat(),

@@ -121,6 +121,14 @@ def machine_lines(data: dict) -> List[str]:
         if max(la0[0], (la1 or [0])[0]) > 1.25 * cores:  # the run itself accounts for ~cores
             warn = " -- **machine was loaded by other processes: absolute times are noisy; prefer the paired ratios**"
         lines.append(f"- Load average (1/5/15 min) at start {la0}" + (f", at end {la1}" if la1 else "") + warn)
+    hp0, hp1 = mi.get("host_probe_start"), mi.get("host_probe_end")
+    if hp0:
+        both = [hp0] + ([hp1] if hp1 else [])
+        lines.append(
+            "- Host probe (one thread; start" + (" / end" if hp1 else "") + "): float32 512 x 512 GEMM "
+            + " / ".join(f"{h['sgemm_gflops']}" for h in both) + " GFLOP/s, 64 MiB copy "
+            + " / ".join(f"{h['copy_gbs']}" for h in both) + " GB/s"
+        )
     return lines
 
 

@@ -193,6 +193,20 @@ def test_report_on_synthetic_json(tmp_path):
     assert png.exists() and png.stat().st_size > 1000
 
 
+def test_host_probe_is_measured_and_reported():
+    from benchmarks import report
+    from benchmarks.runner import host_probe
+
+    n = torch.get_num_threads()
+    hp = host_probe()
+    assert hp["sgemm_gflops"] > 0.1 and hp["copy_gbs"] > 0.01, hp
+    assert torch.get_num_threads() == n  # the probe's one thread is given back
+    data = {"orthograd": {"machine": {"host_probe_start": {"sgemm_gflops": 81.2, "copy_gbs": 16.0},
+                                      "host_probe_end": {"sgemm_gflops": 40.5, "copy_gbs": 9.1}}}}
+    lines = report.machine_lines(data)
+    assert "- Host probe (one thread; start / end): float32 512 x 512 GEMM 81.2 / 40.5 GFLOP/s, 64 MiB copy 16.0 / 9.1 GB/s" in lines, lines
+
+
 def test_report_marks_noisy_medians():
     from benchmarks import report
 
