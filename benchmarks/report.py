@@ -123,11 +123,18 @@ def machine_lines(data: dict) -> List[str]:
         lines.append(f"- Load average (1/5/15 min) at start {la0}" + (f", at end {la1}" if la1 else "") + warn)
     hp0, hp1 = mi.get("host_probe_start"), mi.get("host_probe_end")
     if hp0:
+        from .runner import steal_share
+
         both = [hp0] + ([hp1] if hp1 else [])
+
+        def each(key):
+            return " / ".join(f"{h.get(key)}" for h in both)
+
+        steal = steal_share(hp0, hp1) if hp1 else None
         lines.append(
-            "- Host probe (one thread; start" + (" / end" if hp1 else "") + "): float32 512 x 512 GEMM "
-            + " / ".join(f"{h['sgemm_gflops']}" for h in both) + " GFLOP/s, 64 MiB copy "
-            + " / ".join(f"{h['copy_gbs']}" for h in both) + " GB/s"
+            "- Host probe (start" + (" / end" if hp1 else "") + f"): float32 512 x 512 GEMM {each('sgemm_gflops')} GFLOP/s on one "
+            + f"thread, {each('sgemm_gflops_all_threads')} on {mi.get('torch_threads', '?')}; 64 MiB copy {each('copy_gbs')} GB/s"
+            + (f"; steal time during the run {100 * steal:.1f}% of CPU time" if steal is not None else "")
         )
     return lines
 

@@ -296,18 +296,44 @@ def _cpu_family_model() -> Optional[str]:
 
 
 def host_probe() -> dict:
-    """The host's speed now, on one thread (~0.3 s): a float32 512 x 512 GEMM's GFLOP/s and a 64 MiB
-    copy's GB/s (read + write), best of a few. Taken at a run's start and end: a shared machine's
-    slow spells (other guests' work) show here, beside ratios that pairing keeps comparable."""
+    """The host's speed now (~0.5 s): a float32 512 x 512 GEMM's GFLOP/s on one thread and on
+    torch's threads, a 64 MiB copy's GB/s (read + write) on one thread, best of a few, and the
+    CPU time counters of /proc/stat (Linux) for :func:`steal_share`. Taken at a run's start and
+    end: a shared machine's slow spells (other guests' work) show here, beside ratios that pairing
+    keeps comparable."""
     a = torch.randn(512, 512)
     src = torch.empty(16 << 20)
     dst = torch.empty_like(src)
+    a @ a
+    gemm_all = min(_seconds(lambda: a @ a) for _ in range(20))
     with _one_thread():
         a @ a
         dst.copy_(src)
         gemm = min(_seconds(lambda: a @ a) for _ in range(20))
         copy = min(_seconds(lambda: dst.copy_(src)) for _ in range(5))
-    return {"sgemm_gflops": round(2 * 512**3 / gemm / 1e9, 1), "copy_gbs": round(2 * src.numel() * 4 / copy / 1e9, 1)}
+    flops = 2 * 512**3 / 1e9
+    return {"sgemm_gflops": round(flops / gemm, 1), "sgemm_gflops_all_threads": round(flops / gemm_all, 1),
+            "copy_gbs": round(2 * src.numel() * 4 / copy / 1e9, 1), "cpu_ticks": _cpu_ticks()}
+
+
+def _cpu_ticks() -> Optional[list]:
+    """The aggregate ``cpu`` line of /proc/stat (user nice system idle iowait irq softirq steal
+    ...), None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(start: dict, end: dict) -> Optional[float]:
+    """The share of CPU time the hypervisor gave other guests between two probes (steal / all
+    ticks), None without the counters."""
+    t0, t1 = start.get("cpu_ticks"), end.get("cpu_ticks")
+    if not t0 or not t1 or len(t0) < 8 or len(t1) < 8:
+        return None
+    total = sum(t1[:8]) - sum(t0[:8])
+    return (t1[7] - t0[7]) / total if total > 0 else None
 
 
 def _seconds(fn) -> float:

@@ -201,10 +201,16 @@ def test_host_probe_is_measured_and_reported():
     hp = host_probe()
     assert hp["sgemm_gflops"] > 0.1 and hp["copy_gbs"] > 0.01, hp
     assert torch.get_num_threads() == n  # the probe's one thread is given back
-    data = {"orthograd": {"machine": {"host_probe_start": {"sgemm_gflops": 81.2, "copy_gbs": 16.0},
-                                      "host_probe_end": {"sgemm_gflops": 40.5, "copy_gbs": 9.1}}}}
+    assert hp["sgemm_gflops_all_threads"] > 0.1
+    t0, t1 = [10, 0, 5, 80, 0, 0, 0, 5, 0, 0], [30, 0, 10, 140, 0, 0, 0, 20, 0, 0]  # steal 15 of 100 ticks
+    data = {"orthograd": {"machine": {
+        "torch_threads": 2,
+        "host_probe_start": {"sgemm_gflops": 81.2, "sgemm_gflops_all_threads": 160.3, "copy_gbs": 16.0, "cpu_ticks": t0},
+        "host_probe_end": {"sgemm_gflops": 40.5, "sgemm_gflops_all_threads": 70.1, "copy_gbs": 9.1, "cpu_ticks": t1}}}}
     lines = report.machine_lines(data)
-    assert "- Host probe (one thread; start / end): float32 512 x 512 GEMM 81.2 / 40.5 GFLOP/s, 64 MiB copy 16.0 / 9.1 GB/s" in lines, lines
+    want = ("- Host probe (start / end): float32 512 x 512 GEMM 81.2 / 40.5 GFLOP/s on one thread, 160.3 / 70.1 on 2; "
+            "64 MiB copy 16.0 / 9.1 GB/s; steal time during the run 15.0% of CPU time")
+    assert want in lines, lines
 
 
 def test_report_marks_noisy_medians():
