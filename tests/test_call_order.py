@@ -265,20 +265,33 @@ def _armed(p):
     return bool(getattr(p, "_post_accumulate_grad_hooks", None))
 
 
+def _batch(gen, *shape):
+    """Inputs of ``shape`` and labels of 20 classes."""
+    return torch.randn(*shape, generator=gen), torch.randint(0, 20, (shape[0],), generator=gen)
+
+
+def _armed_then_exact(model, retain, unlearn, armed, not_armed, alpha=0.0, steps=1):
+    """Leaving retain() arms windows on ``armed`` and not on ``not_armed``; then ``steps``
+    contract-order steps match the oracle (the second checks rows of .grad instead of the GEMM's
+    b) and leave no hook."""
+    og = OrthoGrad(model, alpha=alpha)
+    with og.retain():
+        ce(model(retain[0]), retain[1]).mean().backward()
+    assert all(_armed(p) for p in armed) and not any(_armed(p) for p in not_armed)
+    og.reset()
+    assert not _hooks_left(model)
+    for step in range(steps):
+        err, orth, _ = compare(model, ce, retain, unlearn, scope="tensor", alpha=alpha, backend="torch")
+        assert err <= REL and orth <= ORTH, (step, err, orth)
+    assert not _hooks_left(model)
+
+
 def test_armed_window_only_on_layers_whose_factors_can_be_used(factored, unlearn_coef_calls):
     # the token layer (B T (I + O) > O I: its factors cost more than the GEMM) gets no hooks, the
     # head does; the direction is the oracle's either way
     gen = torch.Generator().manual_seed(31)
     model = _TokensThenHead()
-    retain = (torch.randn(11, 5, 7, generator=gen), torch.randint(0, 20, (11,), generator=gen))
-    unlearn = (torch.randn(6, 5, 7, generator=gen), torch.randint(0, 20, (6,), generator=gen))
-    og = OrthoGrad(model, alpha=0.0)
-    with og.retain():
-        ce(model(retain[0]), retain[1]).mean().backward()
-    assert _armed(model.head.weight) and not _armed(model.tok.weight)
-    og.reset()
-    err, orth, _ = compare(model, ce, retain, unlearn, scope="tensor", alpha=0.0, backend="torch")
-    assert err <= REL and orth <= ORTH, (err, orth)
+    _armed_then_exact(model, _batch(gen, 11, 5, 7), _batch(gen, 6, 5, 7), [model.head.weight], [model.tok.weight])
     assert set(unlearn_coef_calls) == {"head.weight"}, unlearn_coef_calls
 
 
@@ -305,19 +318,9 @@ def test_few_token_layer_armed_and_exact(alpha, grid, factored, unlearn_coef_cal
     # (also when the unlearn inputs have another number of positions than the retain block's)
     gen = torch.Generator().manual_seed(41)
     model = _FewTokens()
-    retain = (torch.randn(11, 2, 2, 96, generator=gen), torch.randint(0, 20, (11,), generator=gen))
-    unlearn = (torch.randn(6, *grid, 96, generator=gen), torch.randint(0, 20, (6,), generator=gen))
-    og = OrthoGrad(model, alpha=alpha)
-    with og.retain():
-        ce(model(retain[0]), retain[1]).mean().backward()
-    assert _armed(model.mid.weight) and _armed(model.head.weight)
-    og.reset()
-    assert not _hooks_left(model)
-    for step in range(2):  # the second projection checks rows of .grad instead of the GEMM's b
-        err, orth, _ = compare(model, ce, retain, unlearn, scope="tensor", alpha=alpha, backend="torch")
-        assert err <= REL and orth <= ORTH, (step, err, orth)
+    retain, unlearn = _batch(gen, 11, 2, 2, 96), _batch(gen, 6, *grid, 96)
+    _armed_then_exact(model, retain, unlearn, [model.mid.weight, model.head.weight], [], alpha=alpha, steps=2)
     assert set(unlearn_coef_calls) == {"mid.weight", "head.weight"}, unlearn_coef_calls
-    assert not _hooks_left(model)
 
 
 class _ClassToken(nn.Module):
@@ -343,18 +346,8 @@ def test_class_token_layer_armed_and_exact(factored, unlearn_coef_calls):
     # the pooler's input is a strided view of the tokens: still one dense op from its input
     gen = torch.Generator().manual_seed(43)
     model = _ClassToken()
-    retain = (torch.randn(11, 5, 7, generator=gen), torch.randint(0, 20, (11,), generator=gen))
-    unlearn = (torch.randn(6, 5, 7, generator=gen), torch.randint(0, 20, (6,), generator=gen))
-    og = OrthoGrad(model, alpha=0.0)
-    with og.retain():
-        ce(model(retain[0]), retain[1]).mean().backward()
-    assert _armed(model.pool.weight) and not _armed(model.tok.weight)
-    og.reset()
-    for step in range(2):
-        err, orth, _ = compare(model, ce, retain, unlearn, scope="tensor", alpha=0.0, backend="torch")
-        assert err <= REL and orth <= ORTH, (step, err, orth)
+    _armed_then_exact(model, _batch(gen, 11, 5, 7), _batch(gen, 6, 5, 7), [model.pool.weight], [model.tok.weight], steps=2)
     assert "pool.weight" in set(unlearn_coef_calls), unlearn_coef_calls
-    assert not _hooks_left(model)
 
 
 def test_window_picks_layers_by_tokens():
