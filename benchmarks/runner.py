@@ -43,12 +43,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from orthograd_fast.engine.threads import one_thread
+
 from . import real_zoo, zoo
 from .memory import measure_peak
 from .oracle import compare, grads_as_dict, oracle_direction
 from .providers import PROVIDERS, make_provider, materialized_bytes, unavailable_reason
 
-__all__ = ["Settings", "BenchSession", "SETS", "StepTimeout", "mem_available_bytes", "machine_info"]
+__all__ = ["Settings", "BenchSession", "SETS", "StepTimeout", "mem_available_bytes", "machine_info", "host_probe", "steal_share"]
 
 ALL_MODELS = list(zoo.MODEL_NAMES)
 REAL_MODELS = list(real_zoo.MODEL_NAMES)
@@ -306,7 +308,8 @@ def host_probe() -> dict:
     dst = torch.empty_like(src)
     a @ a
     gemm_all = min(_seconds(lambda: a @ a) for _ in range(20))
-    with _one_thread():
+    # (the engine's per-thread setting: torch.set_num_threads would also clear oneDNN's cache)
+    with one_thread(True):
         a @ a
         dst.copy_(src)
         gemm = min(_seconds(lambda: a @ a) for _ in range(20))
@@ -340,17 +343,6 @@ def _seconds(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-class _one_thread:
-    """torch's intra-op threads set to 1 inside the block (and back)."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
 
 
 def machine_info(device: str = "cpu") -> dict:
