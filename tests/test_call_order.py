@@ -270,7 +270,7 @@ def _batch(gen, *shape):
     return torch.randn(*shape, generator=gen), torch.randint(0, 20, (shape[0],), generator=gen)
 
 
-def _armed_then_exact(model, retain, unlearn, armed, not_armed, alpha=0.0, steps=1):
+def _armed_then_exact(model, retain, unlearn, armed, not_armed, alpha=0.0, steps=1, scope="tensor"):
     """Leaving retain() arms windows on ``armed`` and not on ``not_armed``; then ``steps``
     contract-order steps match the oracle (the second checks rows of .grad instead of the GEMM's
     b) and leave no hook."""
@@ -281,7 +281,7 @@ def _armed_then_exact(model, retain, unlearn, armed, not_armed, alpha=0.0, steps
     og.reset()
     assert not _hooks_left(model)
     for step in range(steps):
-        err, orth, _ = compare(model, ce, retain, unlearn, scope="tensor", alpha=alpha, backend="torch")
+        err, orth, _ = compare(model, ce, retain, unlearn, scope=scope, alpha=alpha, backend="torch")
         assert err <= REL and orth <= ORTH, (step, err, orth)
     assert not _hooks_left(model)
 
@@ -312,14 +312,14 @@ class _FewTokens(nn.Module):
         return self.head(torch.tanh(self.mid(x)).mean((1, 2)))
 
 
-@pytest.mark.parametrize("alpha,grid", [(0.0, (2, 2)), (0.4, (2, 2)), (0.0, (3, 2))])
-def test_few_token_layer_armed_and_exact(alpha, grid, factored, unlearn_coef_calls):
+@pytest.mark.parametrize("alpha,grid,scope", [(0.0, (2, 2), "tensor"), (0.4, (2, 2), "tensor"), (0.0, (3, 2), "tensor"), (0.4, (2, 2), "global")])
+def test_few_token_layer_armed_and_exact(alpha, grid, scope, factored, unlearn_coef_calls):
     # the few-token layer keeps its calls over several tokens, and its coefficients come from them
     # (also when the unlearn inputs have another number of positions than the retain block's)
     gen = torch.Generator().manual_seed(41)
     model = _FewTokens()
     retain, unlearn = _batch(gen, 11, 2, 2, 96), _batch(gen, 6, *grid, 96)
-    _armed_then_exact(model, retain, unlearn, [model.mid.weight, model.head.weight], [], alpha=alpha, steps=2)
+    _armed_then_exact(model, retain, unlearn, [model.mid.weight, model.head.weight], [], alpha=alpha, steps=2, scope=scope)
     assert set(unlearn_coef_calls) == {"mid.weight", "head.weight"}, unlearn_coef_calls
 
 
