@@ -64,8 +64,8 @@ class SparseLookupRoute(UsesRoute):
 
     def _entries(self) -> Tuple[Tensor, Tensor, Tensor]:
         """(S [M, d] float64, table row [M], sample [M]) of the (row, sample) pairs that occur,
-        sorted by table row; formed once, for K, b and every later
-        b (a term's b is asked for again: og.forget()'s check, each projection of the span)."""
+        sorted by table row; formed once, for K and every b (a term's b is asked for again:
+        og.forget()'s check, each projection of the span)."""
         if self._S is None:
             B = self.B
             d = self.uses[0].shape[2]
