@@ -245,17 +245,22 @@ def test_next_retain_block_ends_the_window(factored, unlearn_coef_calls):
     assert _close(got, want) <= 1e-5
 
 
+def _draw(module: nn.Module, seed: int, scale: float) -> None:
+    """Every parameter of ``module`` drawn from N(0, scale^2), reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 class _TokensThenHead(nn.Module):
     """A dense layer over 5 tokens per sample, then a head on the pooled features."""
 
     def __init__(self):
         super().__init__()
-        g = torch.Generator().manual_seed(3)
         self.tok = nn.Linear(7, 24)
         self.head = nn.Linear(24, 20)  # B_u (I + O) < O I: its factors are cheaper than the GEMM
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        _draw(self, 3, 0.5)
 
     def forward(self, x):
         return self.head(torch.tanh(self.tok(x)).mean(1))
@@ -306,12 +311,9 @@ class _FewTokens(nn.Module):
 
     def __init__(self):
         super().__init__()
-        g = torch.Generator().manual_seed(5)
         self.mid = nn.Linear(96, 128)
         self.head = nn.Linear(128, 20)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        _draw(self, 5, 0.2)
 
     def forward(self, x):
         return self.head(torch.tanh(self.mid(x)).mean((1, 2)))
@@ -334,13 +336,10 @@ class _ClassToken(nn.Module):
 
     def __init__(self):
         super().__init__()
-        g = torch.Generator().manual_seed(6)
         self.tok = nn.Linear(7, 48)
         self.pool = nn.Linear(48, 48)
         self.head = nn.Linear(48, 20)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        _draw(self, 6, 0.3)
 
     def forward(self, x):
         h = torch.tanh(self.tok(x))

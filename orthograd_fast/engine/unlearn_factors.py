@@ -49,6 +49,7 @@ class UnlearnFactors:
 
     def __init__(self, params: List[Tuple[str, Tensor]], arm: bool):
         self.params = params
+        self._shapes = {id(p): tuple(p.shape) for _, p in params if p.dim() == 2}  # (worth_a_window)
         self.arm_enabled = arm
         self.factors: Dict[Tensor, list] = {}
         self.grad_seen: Dict[Tensor, tuple] = {}  # param -> (.grad object, its _version) at the window's exit
@@ -152,8 +153,7 @@ class UnlearnFactors:
         Whisper, whose dense layers all have many tokens); no window when there is none."""
         if not self.arm_enabled or self.arm_off or self.explicit or self.window is not None:
             return
-        shapes = {id(p): p.shape for _, p in self.params if p.dim() == 2}
-        kinds = {k: worth_a_window(B, ts, shapes[k]) for k, ts in tokens.items() if k in shapes}
+        kinds = {k: worth_a_window(B, ts, self._shapes[k]) for k, ts in tokens.items() if k in self._shapes}
         only = {k for k, v in kinds.items() if v is not None}
         self.window = self.start(units, only, frozenset(k for k, v in kinds.items() if v == "many"))
 
