@@ -188,6 +188,9 @@ class RecurrentCall:
     def uses(self, B: int) -> Dict[Tensor, list]:
         m = self.module
         uses: Dict[Tensor, list] = {}
+        # a bias's rows are its gates' gradients summed over the steps: an LSTM layer's and an
+        # RNN's input and hidden biases share one D, so they share the sum (one read of D)
+        sums: Dict[int, tuple] = {}  # id(D) -> (D, its sum): D kept, so no id is reused
         for wn, bn, A_rows, holders, per_step in self.parts:
             if all(h.g is None for h in holders):
                 continue
@@ -203,7 +206,10 @@ class RecurrentCall:
                 uses.setdefault(w, []).append(OuterFactors(A[:, :, None, :], D[:, :, None, :].to(A.dtype), None, (1, G, I)))
             b = getattr(m, bn) if bn else None
             if b is not None and b.requires_grad:
-                uses.setdefault(b, []).append(ExplicitRows(D.sum(1)))
+                got = sums.get(id(D))
+                if got is None:
+                    got = sums[id(D)] = (D, D.sum(1))
+                uses.setdefault(b, []).append(ExplicitRows(got[1]))
         return uses
 
 
