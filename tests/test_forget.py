@@ -242,3 +242,38 @@ def test_dense_layers_judged_by_their_call(forget, unlearn_first, factored, unle
     assert "a.weight" in calls and "b.weight" not in calls, calls
     assert id(model.b.weight) in og._unlearn.not_dense and id(model.a.weight) in og._unlearn.dense
     assert err <= REL and orth <= ORTH, (err, orth)
+
+
+@pytest.mark.parametrize("fuses", [1, 2])
+def test_row_check_reads_random_rows_against_the_factors(fuses, factored):
+    # the per-step check of og.forget()'s factors (GhostRoute.unlearn_rows_error), against the
+    # same rows formed in float64 here: small where U is the factors' sum, the perturbation's
+    # size where one row was changed (a loss term the factors do not see)
+    import threading
+
+    from orthograd_fast.engine.factors import OuterFactors
+    from orthograd_fast.engine.gram import PerSampleGrads
+
+    g = torch.Generator().manual_seed(41 + fuses)
+    O, I, B = 13, 9, 5
+    retain = OuterFactors(torch.randn(B, 1, 1, I, generator=g), torch.randn(B, 1, 1, O, generator=g), None, (1, O, I))
+    term = PerSampleGrads("w", torch.zeros(O, I), [retain])
+    assert term.mode == "ghost", term.mode
+    fu = [OuterFactors(torch.randn(n, 1, 1, I, generator=g), torch.randn(n, 1, 1, O, generator=g), None, (1, O, I)) for n in (3, 4)[:fuses]]
+    U64 = sum(f.D[:, 0, 0].double().t() @ f.A[:, 0, 0].double() for f in fu)
+    scale = sum(f.D[:, 0, 0].double().abs().t() @ f.A[:, 0, 0].double().norm(dim=1) for f in fu)
+    rows = 6
+
+    def check(U):
+        seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        got = float(term.unlearn_rows_error(fu, U.float(), rows, torch.Generator().manual_seed(seed), threading.Lock()))
+        idx = torch.randint(0, O, (rows,), generator=torch.Generator().manual_seed(seed))
+        want = float(((U.double()[idx] - U64[idx]).norm(dim=1) / scale[idx]).max())
+        return got, want, idx
+
+    got, want, _ = check(U64)
+    assert got <= 1e-6 and want <= 1e-15, (got, want)
+    bumped = U64.clone()
+    bumped += 0.05 * scale[:, None] * torch.randn(O, I, generator=g).sign() / I**0.5
+    got, want, idx = check(bumped)
+    assert want > 1e-2 and abs(got - want) <= 1e-5 * want + 1e-6, (got, want)

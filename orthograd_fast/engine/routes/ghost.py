@@ -152,12 +152,16 @@ class GhostRoute(Route):
             idx = torch.randint(0, O, (min(rows, O),), generator=gen)
         idx = idx.to(Uv.device)
         dt = torch.promote_types(Uv.dtype, torch.float32)
-        sub = Uv[idx].to(dt)
-        scale = torch.zeros(idx.numel(), dtype=dt, device=Uv.device)
+        # few ops: this runs in every weight's job, beside the others, and its ops are tiny (the
+        # interpreter, not the cores, is what the jobs share)
+        sub = Uv.index_select(0, idx).to(dt)
+        scale = None
         for f in fuses:
-            Bu = f.A.shape[0] * f.A.shape[1]
-            A = f.A.reshape(Bu, I).to(dt)
-            D = f.D.reshape(Bu, -1)[:, idx].to(dt)
-            sub = sub - D.t() @ A
-            scale += D.abs().t() @ torch.linalg.vector_norm(A, dim=1)
-        return (torch.linalg.vector_norm(sub, dim=1).double() / (scale.double() + 1e-30)).max()
+            A = f.A.reshape(-1, I).to(dt)
+            D = f.D.reshape(A.shape[0], -1).index_select(1, idx).to(dt)
+            sub = torch.addmm(sub, D.t(), A, alpha=-1.0)
+            s = D.abs().t() @ torch.linalg.vector_norm(A, dim=1)
+            scale = s if scale is None else scale.add_(s)
+        if scale is None:  # (no factors: any nonzero row is a mismatch)
+            scale = torch.zeros(idx.numel(), dtype=dt, device=Uv.device)
+        return (torch.linalg.vector_norm(sub, dim=1) / scale.add_(1e-30)).max().double()
