@@ -271,8 +271,8 @@ def test_row_check_reads_random_rows_against_the_factors(fuses, factored):
         want = float(((U.double()[idx] - U64[idx]).norm(dim=1) / scale[idx]).max())
         return got, want
 
-    got, want = check(U64)
-    assert got <= 1e-6 and want <= 1e-15, (got, want)
+    got, _ = check(U64)  # (U64's own rows: only the float32 rounding of U is left)
+    assert got <= 1e-6, got
     bumped = U64.clone()
     bumped += 0.05 * scale[:, None] * torch.randn(O, I, generator=g).sign() / I**0.5
     got, want = check(bumped)

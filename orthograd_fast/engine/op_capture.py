@@ -432,8 +432,12 @@ def dense_tokens(recs: List[OpRecord], flagged: List[Frame]) -> Dict[int, List[i
     per: Dict[int, Optional[List[int]]] = {}
     for rec in recs:
         for p in rec.owners:
-            ts = per.get(id(p), [])
-            per[id(p)] = ts + [rec.tokens] if ts is not None and rec.dense is p else None
+            ts = per.setdefault(id(p), [])
+            if ts is not None:  # (appended in place: a cell stepped T times has T records)
+                if rec.dense is p:
+                    ts.append(rec.tokens)
+                else:
+                    per[id(p)] = None
     return {k: v for k, v in per.items() if v and k not in replayed}
 
 

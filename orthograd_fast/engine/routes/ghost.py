@@ -141,9 +141,10 @@ class GhostRoute(Route):
 
     def unlearn_rows_error(self, fuses: List[OuterFactors], U: Tensor, rows: int, gen: torch.Generator, lock) -> Tensor:
         """How far ``rows`` random rows of U (the [O, I] view; drawn from ``gen`` under ``lock``)
-        are from the same rows of sum_k D_uk^T A_uk, relative to sum_k |d_kj| |a_k| (the rounding
-        scale of the backward's sum): a 0-d float64 tensor, small when the unlearn factors
-        describe U (no host sync). In float32 for float32 and half factors: the check's
+        are from the same rows of sum_k D_uk^T A_uk over ``fuses`` (at least one:
+        UnlearnFactors.usable), relative to sum_k |d_kj| |a_k| (the rounding scale of the
+        backward's sum): a 0-d float64 tensor, small when the unlearn factors describe U (no host
+        sync). In float32 for float32 and half factors: the check's
         tolerance (1e-3) is far above float32's rounding of these sums, and a float64 copy of
         every unlearn input costs more than the products (MLP, B = 64: ~1 ms per step)."""
         Uv = self.use.view(U)[0]
@@ -162,6 +163,4 @@ class GhostRoute(Route):
             sub = torch.addmm(sub, D.t(), A, alpha=-1.0)
             s = D.abs().t() @ torch.linalg.vector_norm(A, dim=1)
             scale = s if scale is None else scale.add_(s)
-        if scale is None:  # (no factors: any nonzero row is a mismatch)
-            scale = torch.zeros(idx.numel(), dtype=dt, device=Uv.device)
         return (torch.linalg.vector_norm(sub, dim=1) / scale.add_(1e-30)).max().double()
