@@ -29,7 +29,7 @@ if "torch" not in sys.modules:
 
 import pytest  # noqa: E402
 
-from benchmarks.runner import SETS, BenchSession, Settings, parse_overrides  # noqa: E402
+from benchmarks.runner import SETS, BenchSession, Settings, machine_info_end, parse_overrides  # noqa: E402
 
 _OPTS = [
     ("set", "cpu-quick", "benchmark set: " + ", ".join(SETS)),
@@ -114,12 +114,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
     settings = asdict(sess.s)
     settings["cases"] = [[c[0], c[1], list(c[2]) if len(c) > 2 and c[2] else None] for c in settings["cases"]]
-    info = dict(sess.machine)
-    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    if "host_probe_start" in info:
-        from benchmarks.runner import host_probe
-
-        info["host_probe_end"] = host_probe()
+    info = machine_info_end(sess.machine)
     output_json["orthograd"] = {"settings": settings, "machine": info, "rows": sess.rows}
 
 

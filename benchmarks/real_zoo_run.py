@@ -43,7 +43,7 @@ def run(set_name: str = "real-cpu", models=None, budget=None, paired_rounds=None
         time_limit=None) -> dict:
     """Run the set's cases; returns the JSON structure (``orthograd``: settings, machine, rows).
     ``time_limit``: seconds after which no new case starts (the rows so far are returned)."""
-    from .runner import BenchSession, CaseFailed, CaseSkipped, Settings, set_cases
+    from .runner import BenchSession, CaseFailed, CaseSkipped, Settings, machine_info_end, set_cases
 
     kw = {}
     if budget is not None:
@@ -77,12 +77,7 @@ def run(set_name: str = "real-cpu", models=None, budget=None, paired_rounds=None
         log(f"{model} B={B} {provider}: {what} ({time.perf_counter() - t:.1f} s)")
     settings = asdict(s)
     settings["cases"] = [[c[0], c[1], list(c[2]) if len(c) > 2 and c[2] else None] for c in settings["cases"]]
-    machine = dict(sess.machine)
-    machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    if "host_probe_start" in machine:
-        from .runner import host_probe
-
-        machine["host_probe_end"] = host_probe()
+    machine = machine_info_end(sess.machine)
     machine["run_seconds"] = round(time.perf_counter() - t0, 1)
     return {
         "datetime": datetime.now(timezone.utc).isoformat(),

@@ -50,7 +50,7 @@ from .memory import measure_peak
 from .oracle import compare, grads_as_dict, oracle_direction
 from .providers import PROVIDERS, make_provider, materialized_bytes, unavailable_reason
 
-__all__ = ["Settings", "BenchSession", "SETS", "StepTimeout", "mem_available_bytes", "machine_info", "host_probe", "steal_share"]
+__all__ = ["Settings", "BenchSession", "SETS", "StepTimeout", "mem_available_bytes", "machine_info", "machine_info_end", "host_probe", "steal_share"]
 
 ALL_MODELS = list(zoo.MODEL_NAMES)
 REAL_MODELS = list(real_zoo.MODEL_NAMES)
@@ -343,6 +343,16 @@ def _seconds(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def machine_info_end(start: dict) -> dict:
+    """:func:`machine_info` taken at a run's start, with what is read again at its end: the load
+    average and, where the start had one, the host probe."""
+    info = dict(start)
+    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if "host_probe_start" in info:
+        info["host_probe_end"] = host_probe()
+    return info
 
 
 def machine_info(device: str = "cpu") -> dict:

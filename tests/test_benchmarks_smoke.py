@@ -195,13 +195,17 @@ def test_report_on_synthetic_json(tmp_path):
 
 def test_host_probe_is_measured_and_reported():
     from benchmarks import report
-    from benchmarks.runner import host_probe
+    from benchmarks.runner import host_probe, machine_info_end
 
     n = torch.get_num_threads()
     hp = host_probe()
     assert hp["sgemm_gflops"] > 0.1 and hp["copy_gbs"] > 0.01, hp
     assert torch.get_num_threads() == n  # the probe's one thread is given back
     assert hp["sgemm_gflops_all_threads"] > 0.1
+    start = {"loadavg_start": [0.5, 0.5, 0.5], "host_probe_start": hp}
+    end = machine_info_end(start)  # the end of a run reads the probe again, the start is kept
+    assert end["host_probe_end"]["sgemm_gflops"] > 0.1 and end["host_probe_start"] is hp and "host_probe_end" not in start
+    assert "host_probe_end" not in machine_info_end({"loadavg_start": None})  # (no probe at the start: none at the end)
     t0, t1 = [10, 0, 5, 80, 0, 0, 0, 5, 0, 0], [30, 0, 10, 140, 0, 0, 0, 20, 0, 0]  # steal 15 of 100 ticks
     data = {"orthograd": {"machine": {
         "torch_threads": 2,
