@@ -5,6 +5,7 @@ check, timing with one round), and the report on a small synthetic JSON. No timi
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -418,6 +419,20 @@ def test_reference_qr_paired_with_torch():
         assert row["status"] == "ok", row
     assert row["ref_qr_paired_rounds"] == 2 and row["ref_qr_paired"] > 0
     assert row["ratio_to_plain"] is not None
+
+
+def test_ab_rev_orders_balance_positions_and_predecessors():
+    # every side at every position, and after every side (itself too, across rounds), equally often
+    from collections import Counter
+
+    from benchmarks.ab_rev import ORDERS
+
+    assert sorted(ORDERS) == sorted(itertools.permutations(range(3)))
+    flat = [i for order in ORDERS for i in order]
+    pairs = Counter(zip(flat, flat[1:] + flat[:1]))
+    assert len(pairs) == 9 and set(pairs.values()) == {2}, pairs
+    for side in range(3):
+        assert sorted(order.index(side) for order in ORDERS) == [0, 0, 1, 1, 2, 2]
 
 
 def test_ab_rev_compares_the_working_tree_with_a_revision(capsys):
