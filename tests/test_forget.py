@@ -2,6 +2,9 @@
 cases where the factors must not be used (modified .grad, accumulated .grad, tied to a module the
 block does not capture) or where they are wrong and the first use must say so."""
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -244,36 +247,176 @@ def test_dense_layers_judged_by_their_call(forget, unlearn_first, factored, unle
     assert err <= REL and orth <= ORTH, (err, orth)
 
 
-@pytest.mark.parametrize("fuses", [1, 2])
-def test_row_check_reads_random_rows_against_the_factors(fuses, factored):
-    # the per-step check of og.forget()'s factors (GhostRoute.unlearn_rows_error), against the
-    # same rows formed in float64 here: small where U is the factors' sum, the perturbation's
-    # size where U's rows were changed (a loss term the factors do not see)
-    import threading
-
-    from orthograd_fast.engine.factors import OuterFactors
+def _gemm_coef_names(monkeypatch):
+    """Names of the tensors whose coefficients <g_i, u> were formed by the GEMM over .grad."""
     from orthograd_fast.engine.gram import PerSampleGrads
 
-    g = torch.Generator().manual_seed(41 + fuses)
-    O, I, B = 13, 9, 5
-    retain = OuterFactors(torch.randn(B, 1, 1, I, generator=g), torch.randn(B, 1, 1, O, generator=g), None, (1, O, I))
-    term = PerSampleGrads("w", torch.zeros(O, I), [retain])
-    assert term.mode == "ghost", term.mode
-    fu = [OuterFactors(torch.randn(n, 1, 1, I, generator=g), torch.randn(n, 1, 1, O, generator=g), None, (1, O, I)) for n in (3, 4)[:fuses]]
-    U64 = sum(f.D[:, 0, 0].double().t() @ f.A[:, 0, 0].double() for f in fu)
-    scale = sum(f.D[:, 0, 0].double().abs().t() @ f.A[:, 0, 0].double().norm(dim=1) for f in fu)
-    rows = 6
+    names = []
+    orig = PerSampleGrads.coef
 
-    def check(U):
-        seed = int(torch.randint(0, 2**31, (1,), generator=g))
-        got = float(term.unlearn_rows_error(fu, U.float(), rows, torch.Generator().manual_seed(seed), threading.Lock()))
-        idx = torch.randint(0, O, (rows,), generator=torch.Generator().manual_seed(seed))
-        want = float(((U.double()[idx] - U64[idx]).norm(dim=1) / scale[idx]).max())
-        return got, want
+    def spy(self, U):
+        names.append(self.name)
+        return orig(self, U)
 
-    got, _ = check(U64)  # (U64's own rows: only the float32 rounding of U is left)
-    assert got <= 1e-6, got
-    bumped = U64.clone()
-    bumped += 0.05 * scale[:, None] * torch.randn(O, I, generator=g).sign() / I**0.5
-    got, want = check(bumped)
-    assert want > 1e-2 and abs(got - want) <= 1e-5 * want + 1e-6, (got, want)
+    monkeypatch.setattr(PerSampleGrads, "coef", spy)
+    return names
+
+
+class _Shared(nn.Module):
+    """A dense layer called twice in one forward: two weight gradients reach its accumulator."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            self.a, self.b, self.c = nn.Linear(17, 40), nn.Linear(40, 40), nn.Linear(40, 5)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+def _run_steps(model, og, gen, forget, steps=3, before_backward=None, unlearn_loss=None):
+    """OrthoGrad steps, the retain block first, the unlearn pass under og.forget() or armed; yields
+    (step, retain, unlearn, .grad after project_(), warnings)."""
+    for step in range(steps):
+        retain, unlearn = _data(gen)
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            ce(model(retain[0]), retain[1]).mean().backward()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            with og.forget() if forget else contextlib.nullcontext():
+                loss = (unlearn_loss or (lambda s, u: ce(model(u[0]), u[1]).mean()))(step, unlearn)
+                undo = before_backward(step) if before_backward else None
+                loss.backward()
+            try:
+                og.project_()
+            finally:
+                if undo is not None:
+                    undo.remove()
+        yield step, retain, unlearn, {n: q.grad.clone() for n, q in model.named_parameters()}, [str(x.message) for x in w]
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_certified_factors_need_no_check_after_the_first_projection(forget, factored, unlearn_coef_calls, monkeypatch):
+    # each window certifies that its weights' accumulations were exactly their layers' weight
+    # gradients: after the first projection (checked against the GEMM) no factored weight forms
+    # the GEMM; a tensor hook on a layer's output that changes its gradient (registered after the
+    # window's, by a forward hook) is what the GEMM consumed, so the factors stay exact
+    gemm = _gemm_coef_names(monkeypatch)
+    gen = torch.Generator().manual_seed(43)
+    model = WideMLP()
+    og = OrthoGrad(model)
+    weights = {"net.0.weight", "net.2.weight", "net.4.weight"}
+
+    def doubled(step, u):  # the unlearn forward only (the retain capture does not allow it)
+        h = model.net[2].register_forward_hook(lambda m, a, out: out.register_hook(lambda g: 2.0 * g) and None)
+        try:
+            return ce(model(u[0]), u[1]).mean()
+        finally:
+            h.remove()
+
+    for step, retain, unlearn, got, _ in _run_steps(model, og, gen, forget, unlearn_loss=doubled):
+        assert set(unlearn_coef_calls) == weights, unlearn_coef_calls
+        assert weights & set(gemm) == (weights if step == 0 else set()), (step, gemm)
+        assert not og._unlearn.uncertified
+        # against the oracle's u with the output gradient of net.2 doubled: its weight and bias,
+        # and every layer below it
+        u = oracle_unlearn_grad(model, ce, *unlearn)
+        for n in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"):
+            u[n] = 2.0 * u[n]
+        assert _close(got, _oracle_grad(model, retain, u=u)) <= ORACLE_REL
+        unlearn_coef_calls.clear()
+        gemm.clear()
+
+
+@pytest.mark.parametrize("forget", [True, False])
+@pytest.mark.parametrize("case", ["row_penalty", "hook_after", "called_twice"])
+def test_uncertified_factors_are_checked_against_the_gemm(case, forget, factored, unlearn_coef_calls, monkeypatch):
+    # what the certificate cannot explain is checked against the GEMM at every projection:
+    # a penalty on one row of one weight switched on at the second step (a few random rows of
+    # .grad would miss it), a hook on a weight registered after the window's that halves its
+    # gradient: the factors do not describe .grad (an error under og.forget(), a warning and the
+    # GEMM when armed); a layer called twice in one backward: exact, checked, no warning
+    gemm = _gemm_coef_names(monkeypatch)
+    gen = torch.Generator().manual_seed(44)
+    model = _Shared() if case == "called_twice" else WideMLP()
+    og = OrthoGrad(model)
+    target = model.b.weight if case == "called_twice" else model.net[2].weight
+    name = "b.weight" if case == "called_twice" else "net.2.weight"
+
+    def loss(step, u):
+        pen = 0.3 * model.net[2].weight[7].square().sum() if case == "row_penalty" and step >= 1 else 0.0
+        return ce(model(u[0]), u[1]).mean() + pen
+
+    def before_backward(step):
+        return target.register_hook(lambda g: 0.5 * g) if case == "hook_after" and step >= 1 else None
+
+    steps = _run_steps(model, og, gen, forget, before_backward=before_backward, unlearn_loss=loss)
+    for step, retain, unlearn, got, msgs in steps if not (forget and case != "called_twice") else ():
+        if not forget and case != "called_twice" and step >= 2:  # arming stopped at step 1
+            assert not unlearn_coef_calls and og._unlearn.window is None, unlearn_coef_calls
+        else:  # the factors, checked against the GEMM
+            assert name in unlearn_coef_calls and name in gemm, (step, unlearn_coef_calls, gemm)
+        warned = [m for m in msgs if "no longer armed" in m]
+        assert len(warned) == (1 if step == 1 and case != "called_twice" else 0), msgs
+        if case == "called_twice":
+            assert target in og._unlearn.uncertified
+        u = oracle_unlearn_grad(model, ce, *unlearn)  # u as .grad holds it, in float64
+        if case == "row_penalty" and step >= 1:
+            u[name] = u[name].reshape(target.shape) + 0.6 * torch.zeros_like(target, dtype=torch.float64).index_copy(0, torch.tensor([7]), target[7:8].detach().double())
+        elif case == "hook_after" and step >= 1:
+            u[name] = 0.5 * u[name]
+        assert _close(got, _oracle_grad(model, retain, u=u)) <= ORACLE_REL
+        unlearn_coef_calls.clear()
+        gemm.clear()
+    if forget and case != "called_twice":
+        assert next(steps)[0] == 0
+        with pytest.raises(CaptureError, match=name):
+            next(steps)
+    elif case != "called_twice":  # armed: the GEMM replaced the factors; the steps stay exact
+        assert og._unlearn.arm_off == name
+
+
+
+
+@pytest.mark.parametrize(
+    "form,found",
+    [
+        ("linear", True),  # AddmmBackward0 -> TBackward0 -> the accumulator
+        ("linear_nobias", True),  # MmBackward0 -> TBackward0
+        ("linear_tokens", True),  # ViewBackward0 -> AddmmBackward0 -> TBackward0
+        ("linear_bf16", True),  # ... -> TBackward0 -> ToCopyBackward0 (autocast's cast of the weight)
+        ("addmm_in_out", True),  # transformers' Conv1D: the weight [I, O] is addmm's mat2 itself
+        ("scaled_weight", False),  # F.linear(x, 2 w): a MulBackward0 on the way: no certificate
+        ("weight_first", False),  # w @ x: the weight is not the GEMM's last operand
+    ],
+)
+def test_weight_producer_follows_only_the_dense_graph(form, found):
+    # the node whose output is the weight gradient of one dense call, found only along the graph
+    # the certificate trusts; the gradient it hands on is what reaches the accumulator
+    from orthograd_fast.engine.forget_window import weight_producer
+
+    g = torch.Generator().manual_seed(45)
+    I, O = 7, 5
+    w = nn.Parameter(torch.randn((I, O) if form == "addmm_in_out" else (O, I), generator=g))
+    b = nn.Parameter(torch.randn(O, generator=g))
+    x = torch.randn(3, 4, I, generator=g) if form == "linear_tokens" else torch.randn(3, I, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=form == "linear_bf16"):
+        y = {
+            "linear": lambda: nn.functional.linear(x, w, b),
+            "linear_nobias": lambda: nn.functional.linear(x, w),
+            "linear_tokens": lambda: nn.functional.linear(x, w, b),
+            "linear_bf16": lambda: nn.functional.linear(x, w, b),
+            "addmm_in_out": lambda: torch.addmm(b, x, w),
+            "scaled_weight": lambda: nn.functional.linear(x, 2 * w, b),
+            "weight_first": lambda: (w @ x.t()).t(),
+        }[form]()
+    hand = weight_producer(y.grad_fn, w)
+    assert (hand is not None) == found, (form, y.grad_fn)
+    seen = {}
+    if found:
+        hand[0].register_hook(lambda gi, go: seen.update(handed=gi[hand[1]]) or None)
+    w.register_hook(lambda gr: seen.update(received=gr) or None)
+    y.float().square().sum().backward()
+    assert seen["received"] is seen.get("handed") if found else "received" in seen

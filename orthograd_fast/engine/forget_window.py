@@ -14,6 +14,18 @@ follows every tracked weight's ``.grad`` through the backward:
 * a post-accumulate hook records ``(.grad, ._version)`` after each accumulation, so any later
   change (clipping, replacement) is seen at ``project_()`` as a version or identity mismatch.
 
+Each kept call also tries to *certify* its weight's accumulations, so that later projections need
+no numeric check of the factors against ``.grad`` (:meth:`ForgetWindow.certified`). From the call's
+output node the autograd graph must be: reshapes, then the layer's GEMM (addmm / mm), then from its
+weight operand only transposes and autocast's cast down to the weight's accumulator. A post-hook on
+the output node takes the output gradient the GEMM consumes (the factor D, so a later hook that
+changes it is seen); one on the node that hands the weight its gradient keeps that tensor and its
+version. An accumulation is certified when the tensor the weight's accumulator receives *is* one of
+those, unchanged (any other consumer of the weight, such as a penalty term, makes autograd sum into a
+new tensor or bump the version) and the window's pre-hook is the weight's last. A weight is
+certified when every accumulation in the window was and every output gradient a call took was
+handed on in one of them.
+
 The layer hook is a process-wide module forward hook (filtered to the window's layers), not one
 stored on the modules: a ``copy.deepcopy`` or pickle of the model while a window is open carries
 no hook of it. Forwards without grad record nothing; forwards of any batch size may follow each
@@ -32,14 +44,39 @@ from .factors import OuterFactors
 
 
 class _Call:
-    __slots__ = ("x", "gy")
+    """One kept call: its input, the output gradient its GEMM consumed (summed over backwards) and
+    the certificate's counts (``taken``: output gradients taken; ``certified``: weight gradients
+    of this call that reached the accumulator unchanged; ``handed``: the last weight gradient its
+    producer node gave and that gradient's version, until an accumulation takes it)."""
+
+    __slots__ = ("x", "gy", "taken", "certified", "handed")
 
     def __init__(self, x: Tensor):
         self.x = x
         self.gy: Optional[Tensor] = None
+        self.taken = 0
+        self.certified = 0
+        self.handed: Optional[tuple] = None
 
-    def grad_hook(self, g: Tensor) -> None:
-        self.gy = g.detach() if self.gy is None else self.gy + g.detach()
+    def take_hook(self, nr: int):
+        """Post-hook of the output's node: the output gradient it consumed."""
+
+        def hook(grad_inputs, grad_outputs):
+            g = grad_outputs[nr]
+            if g is not None:
+                self.gy = g.detach() if self.gy is None else self.gy + g.detach()
+                self.taken += 1
+
+        return hook
+
+    def hand_hook(self, slot: int):
+        """Post-hook of the node that hands the weight its gradient (its input ``slot``)."""
+
+        def hook(grad_inputs, grad_outputs):
+            g = grad_inputs[slot]
+            self.handed = None if g is None else (g, g._version)
+
+        return hook
 
 
 class ForgetWindow:
@@ -61,15 +98,20 @@ class ForgetWindow:
         self.partial: set = set()  # weights of a layer with a call that was not kept (several tokens)
         self.seen: Dict[Tensor, Tuple[Tensor, int]] = {}  # weight -> (.grad, version) after its last accumulation
         self.bad: set = set()
+        self.uncertain: set = set()  # weights with an accumulation the certificate could not explain
         self.overflow = False
         self._held = 0
         self._handles: list = []
+        self._pre_ids: Dict[Tensor, int] = {}  # weight -> id of its pre-hook (must run last)
+        self._calls_of: Dict[Tensor, List[_Call]] = {w: [] for w in self.weights}
 
     # --- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
         self._handles.append(nn.modules.module.register_module_forward_hook(self._forward_hook))
         for p in self.weights:
-            self._handles.append(p.register_hook(self._pre_acc(p)))
+            h = p.register_hook(self._pre_acc(p))
+            self._pre_ids[p] = h.id
+            self._handles.append(h)
             self._handles.append(p.register_post_accumulate_grad_hook(self._post_acc))
 
     def detach(self) -> None:
@@ -93,10 +135,20 @@ class ForgetWindow:
         ):
             self.partial.add(layer[1])
             return None
+        top = output.grad_fn
+        if top is None:  # (an output that is a leaf: no node to take its gradient from)
+            self.partial.add(layer[1])
+            return None
         # (a strided view, e.g. a class token's column, is copied: it would keep its whole base alive)
         call = _Call(x.detach() if x.is_contiguous() else x.detach().clone())
-        output.register_hook(call.grad_hook)
+        top.register_hook(call.take_hook(output.output_nr))
+        hand = weight_producer(top, layer[1])
+        if hand is None:
+            self.uncertain.add(layer[1])
+        else:
+            hand[0].register_hook(call.hand_hook(hand[1]))
         self.calls[id(module)].append(call)
+        self._calls_of[layer[1]].append(call)
         self._held += x.numel() * x.element_size() + output.numel() * output.element_size()
         if self._held > self.max_bytes:
             self.give_up()
@@ -107,6 +159,8 @@ class ForgetWindow:
         self.overflow = True
         for v in self.calls.values():
             v.clear()
+        for v in self._calls_of.values():
+            v.clear()
         self._held = 0
 
     def _pre_acc(self, p: Tensor):
@@ -115,9 +169,34 @@ class ForgetWindow:
             g = p.grad
             if not (g is None if exp is None else (g is exp[0] and g._version == exp[1])):
                 self.bad.add(p)
+            if p not in self.uncertain and not self._certify(p, grad):
+                self.uncertain.add(p)
+            if p in self.uncertain:  # (the weight gradients handed on are not needed any more)
+                for c in self._calls_of[p]:
+                    c.handed = None
             return None
 
         return hook
+
+    def _certify(self, p: Tensor, grad: Tensor) -> bool:
+        """Whether ``grad``, about to be accumulated into ``p.grad``, is exactly the weight gradient
+        one kept call's producer node handed on (the certificate: see the module docstring)."""
+        hooks = getattr(p, "_backward_hooks", None)
+        if not hooks or next(reversed(hooks)) != self._pre_ids[p]:
+            return False  # a hook after this one could still change what is accumulated
+        for c in self._calls_of[p]:
+            h = c.handed
+            if h is not None and h[0] is grad and h[1] == grad._version:
+                c.handed = None  # (no reference kept: the accumulator may take the tensor over)
+                c.certified += 1
+                return True
+        return False
+
+    def certified(self, p: Tensor) -> bool:
+        """Every accumulation into ``p.grad`` in this window was one kept call's weight gradient,
+        unchanged, and every output gradient a call took reached the accumulator that way: then
+        ``p.grad`` gained exactly sum_k d_k a_k^T over the kept calls (what :meth:`uses` gives)."""
+        return p not in self.uncertain and all(c.taken == c.certified and c.handed is None for c in self._calls_of[p])
 
     def _post_acc(self, p: Tensor) -> None:
         if p.grad is not None:  # (an undefined gradient visits the accumulator without writing)
@@ -157,3 +236,42 @@ def _orientation(w: Tensor, call: _Call) -> Optional[bool]:
     if tuple(w.shape) == (I, O):
         return True
     return False if tuple(w.shape) == (O, I) else None
+
+
+# The certificate's graph between a dense layer's output and its weight's accumulator: reshapes of
+# the output (a call over tokens), the GEMM with the weight as its last operand (its slot), then
+# transposes (nn.Linear's w.t()) and autocast's cast of the weight.
+_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+_GEMM_SLOT = {"AddmmBackward0": 2, "MmBackward0": 1}
+_WEIGHT_SIDE = frozenset({"TBackward0", "ToCopyBackward0"})
+
+
+def weight_producer(top, w: Tensor) -> Optional[Tuple[object, int]]:
+    """(node, slot): the node whose input ``slot`` is the weight gradient of ``w`` from this call,
+    found along the graph that ``top`` (the call output's grad_fn) must have for the certificate;
+    None where the graph is any other (the call's weight gradient is then checked numerically)."""
+    try:
+        acc = torch.autograd.graph.get_gradient_edge(w).node
+    except (AttributeError, RuntimeError):  # (a torch without it; a weight that needs no grad)
+        return None
+    n = top
+    for _ in range(3):
+        name = type(n).__name__ if n is not None else ""
+        if name in _GEMM_SLOT:
+            break
+        if name not in _RESHAPES:
+            return None
+        n = n.next_functions[0][0]
+    else:
+        return None
+    slot = _GEMM_SLOT[name]
+    if len(n.next_functions) <= slot:
+        return None
+    node, m = n, n.next_functions[slot][0]
+    for _ in range(3):
+        if m is acc:
+            return node, slot
+        if m is None or type(m).__name__ not in _WEIGHT_SIDE:
+            return None
+        node, slot, m = m, 0, m.next_functions[0][0]
+    return None

@@ -308,11 +308,6 @@ class PerSampleGrads:
         """b_i = <g_i, u> from the unlearn factors, fp64 [B] (only where unlearn_coef_cheaper)."""
         return self.route.unlearn_coef(fuses)
 
-    def unlearn_rows_error(self, fuses: List[OuterFactors], U: Tensor, rows: int, gen: torch.Generator, lock) -> Tensor:
-        """How far random rows of U are from the unlearn factors' (0-d float64, no host sync;
-        the rows drawn from ``gen`` under ``lock``)."""
-        return self.route.unlearn_rows_error(fuses, U, rows, gen, lock)
-
     # --- held float32 rows (orthograd_fast.engine.held_rows; tile, conv and lookup routes) ------
     def can_hold(self) -> bool:
         """Tile, conv and lookup terms of float32 factors on the CPU, off the Triton kernels."""

@@ -120,8 +120,9 @@ def needs_exact(K: Tensor, c: Tensor, vecs: List[Tensor]) -> List[bool]:
 class Checks:
     """What the facade checks between the Gram jobs and the solve (orthograd_fast.engine.checks).
 
-    ``unlearn_error(term, factors, vec, K, b)``: how far one tensor's og.forget() factors are
-    from its .grad (a 0-d tensor, in the term's job); ``unlearn_factors(errs, got, terms, vecs)``:
+    ``unlearn_error(param, term, factors, vec, K, b)``: how far one tensor's og.forget() factors
+    are from its .grad (a 0-d tensor, in the term's job; None: certified, nothing to check);
+    ``unlearn_factors(errs, got, terms, vecs)``:
     the verdict on those errors (may replace entries of ``got``); both are needed when the
     projection is given og.forget() factors. ``capture(active, K, b, vecs)`` (first projection
     only, else None): the per-sample gradients against the retain gradient; ``nonfinite(active,
@@ -260,7 +261,9 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
             wait.prepared = t.route.rows is not None
         if k in X:  # (never held: see project())
             K, b = t.gram_coef(U[k], t.unlearn_coef(X[k]))
-            errs[k] = checks.unlearn_error(t, X[k], U[k], K, b)
+            e = checks.unlearn_error(active[k], t, X[k], U[k], K, b)
+            if e is not None:
+                errs[k] = e
             return K, b
         K, b = t.gram_coef(U[k])
         if t.rows is not None:
@@ -307,7 +310,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
         got[k] = gram_coef(k)
     if X:  # the og.forget() factors against .grad (by parameter: the facade's bookkeeping)
         by_param = {active[k]: got[k] for k in X}
-        checks.unlearn_factors({active[k]: errs[k] for k in X}, by_param, {active[k]: T[k] for k in X}, {active[k]: U[k] for k in X})
+        checks.unlearn_factors({active[k]: errs[k] for k in X if k in errs}, by_param, {active[k]: T[k] for k in X}, {active[k]: U[k] for k in X})
         for k in X:
             got[k] = by_param[active[k]]
     # K, b stacked in the plan's order (single terms, then each group's [m, B, B] as it came),

@@ -11,7 +11,6 @@ factors against ``.grad`` at each projection.
 from __future__ import annotations
 
 import contextlib
-import threading
 import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -21,8 +20,6 @@ from torch import Tensor
 from ..errors import CaptureError
 from .forget_window import ForgetWindow
 
-# rows of .grad compared with the unlearn factors at every projection after the first
-CHECK_ROWS = 4
 # Layer inputs an armed unlearn capture may hold (one-token dense layers: B_u x I each); past it
 # the window gives up and those weights use the coefficient GEMM.
 MAX_BYTES = 256 << 20
@@ -54,12 +51,13 @@ class UnlearnFactors:
         self.factors: Dict[Tensor, list] = {}
         self.grad_seen: Dict[Tensor, tuple] = {}  # param -> (.grad object, its _version) at the window's exit
         self.bad: set = set()
+        # params whose factors some window could not certify (ForgetWindow.certified): checked
+        # against the GEMM at every projection, not only the first
+        self.uncertified: set = set()
         self.explicit = False
         self.arm_off: Optional[str] = None
         self.window: Optional[ForgetWindow] = None
         self.checked = False
-        self._row_gen = torch.Generator().manual_seed(0)  # rows of the per-step check
-        self._row_lock = threading.Lock()  # the terms' jobs draw their rows from several threads
         # dense layers confirmed by retain blocks, id(weight) -> (module, weight, transposed), and
         # id(weight) of refuted ones (observe)
         self.dense: Dict[int, tuple] = {}
@@ -70,6 +68,7 @@ class UnlearnFactors:
         self.factors.clear()
         self.grad_seen.clear()
         self.bad.clear()
+        self.uncertified.clear()
 
     # --- windows ----------------------------------------------------------------------------------
     def observe(self, confirmed: Dict[int, tuple], refuted: set) -> None:
@@ -130,6 +129,8 @@ class UnlearnFactors:
                 continue
             self.factors.setdefault(p, []).extend(us)
             self.grad_seen[p] = win.seen[p]
+            if not win.certified(p):
+                self.uncertified.add(p)
 
     @contextlib.contextmanager
     def block(self, units) -> Iterator[None]:
@@ -185,20 +186,23 @@ class UnlearnFactors:
             out[p] = fu
         return out
 
-    def error(self, term, fu: list, U: Tensor, K: Tensor, b: Tensor) -> Tensor:
-        """How far one weight's unlearn factors ``fu`` are from its .grad ``U`` (0-d float64, no
-        host sync), in the term's own job beside the others: the first use compares the
-        coefficients ``b`` with the GEMM's (K: the term's Gram), later ones a few random rows of
-        .grad (a loss term that appears later, e.g. a penalty switched on after some steps)."""
-        if not self.checked:
-            return _coef_error(K, b, term.coef(U), U)
-        return term.unlearn_rows_error(fu, U, CHECK_ROWS, self._row_gen, self._row_lock)
+    def error(self, p: Tensor, term, fu: list, U: Tensor, K: Tensor, b: Tensor) -> Optional[Tensor]:
+        """How far the unlearn factors ``fu`` of weight ``p`` are from its .grad ``U`` (0-d float64,
+        no host sync), in the term's own job beside the others: the coefficients ``b`` against the
+        GEMM's (K: the term's Gram) at the first use, and at every later one where a window could
+        not certify the factors (a loss term that appears later, e.g. a penalty switched on after
+        some steps, or a layer called twice in one backward); None where they are certified."""
+        if self.checked and p not in self.uncertified:
+            return None
+        return _coef_error(K, b, term.coef(U), U)
 
     def verify(self, errs, got, terms, vecs, *, half: bool) -> None:
         """The unlearn factors must reproduce .grad (``errs`` {param: :meth:`error`}): a mismatch
         raises under og.forget(); factors of the armed capture are replaced by the GEMM (``got``
         {param: (K, b)} gets the GEMM's b from ``terms`` and ``vecs``) and arming stops for this
         object, with a warning."""
+        if not errs:
+            return
         tol = 3e-2 if half else 1e-3
         # one host sync; a NaN from a non-finite retain Gram is left to the finite check that follows
         bad = [p for p, e in zip(errs, torch.stack(list(errs.values())).tolist()) if e > tol or (e != e and bool(torch.isfinite(got[p][0]).all()))]

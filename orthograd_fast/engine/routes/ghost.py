@@ -139,28 +139,3 @@ class GhostRoute(Route):
                 b[b0:b1] += prod.sum(dim=(0, 2)).double().reshape(b1 - b0, T).sum(1)
         return b
 
-    def unlearn_rows_error(self, fuses: List[OuterFactors], U: Tensor, rows: int, gen: torch.Generator, lock) -> Tensor:
-        """How far ``rows`` random rows of U (the [O, I] view; drawn from ``gen`` under ``lock``)
-        are from the same rows of sum_k D_uk^T A_uk over ``fuses`` (at least one:
-        UnlearnFactors.usable), relative to sum_k |d_kj| |a_k| (the rounding scale of the
-        backward's sum): a 0-d float64 tensor, small when the unlearn factors describe U (no host
-        sync). In float32 for float32 and half factors: the check's
-        tolerance (1e-3) is far above float32's rounding of these sums, and a float64 copy of
-        every unlearn input costs more than the products (MLP, B = 64: ~1 ms per step)."""
-        Uv = self.use.view(U)[0]
-        O, I = Uv.shape
-        with lock:
-            idx = torch.randint(0, O, (min(rows, O),), generator=gen)
-        idx = idx.to(Uv.device)
-        dt = torch.promote_types(Uv.dtype, torch.float32)
-        # few ops: this runs in every weight's job, beside the others, and its ops are tiny (the
-        # interpreter, not the cores, is what the jobs share)
-        sub = Uv.index_select(0, idx).to(dt)
-        scale = None
-        for f in fuses:
-            A = f.A.reshape(-1, I).to(dt)
-            D = f.D.reshape(A.shape[0], -1).index_select(1, idx).to(dt)
-            sub = torch.addmm(sub, D.t(), A, alpha=-1.0)
-            s = D.abs().t() @ torch.linalg.vector_norm(A, dim=1)
-            scale = s if scale is None else scale.add_(s)
-        return (torch.linalg.vector_norm(sub, dim=1) / scale.add_(1e-30)).max().double()
