@@ -120,8 +120,9 @@ def needs_exact(K: Tensor, c: Tensor, vecs: List[Tensor]) -> List[bool]:
 class Checks:
     """What the facade checks between the Gram jobs and the solve (orthograd_fast.engine.checks).
 
-    ``unlearn_error(param, term, factors, vec, K, b)``: how far one tensor's og.forget() factors
-    are from its .grad (a 0-d tensor, in the term's job; None: certified, nothing to check);
+    ``unlearn_error(param, term, vec, K, b)``: how far one tensor's og.forget() factors (which
+    gave ``b``) are from its .grad (a 0-d tensor, in the term's job; None: certified, nothing to
+    check);
     ``unlearn_factors(errs, got, terms, vecs)``:
     the verdict on those errors (may replace entries of ``got``); both are needed when the
     projection is given og.forget() factors. ``capture(active, K, b, vecs)`` (first projection
@@ -261,7 +262,7 @@ def _project(active, T, U, out, scope, rtol, backend, checks, plan_cache, S, sca
             wait.prepared = t.route.rows is not None
         if k in X:  # (never held: see project())
             K, b = t.gram_coef(U[k], t.unlearn_coef(X[k]))
-            e = checks.unlearn_error(active[k], t, X[k], U[k], K, b)
+            e = checks.unlearn_error(active[k], t, U[k], K, b)
             if e is not None:
                 errs[k] = e
             return K, b

@@ -186,12 +186,13 @@ class UnlearnFactors:
             out[p] = fu
         return out
 
-    def error(self, p: Tensor, term, fu: list, U: Tensor, K: Tensor, b: Tensor) -> Optional[Tensor]:
-        """How far the unlearn factors ``fu`` of weight ``p`` are from its .grad ``U`` (0-d float64,
-        no host sync), in the term's own job beside the others: the coefficients ``b`` against the
-        GEMM's (K: the term's Gram) at the first use, and at every later one where a window could
-        not certify the factors (a loss term that appears later, e.g. a penalty switched on after
-        some steps, or a layer called twice in one backward); None where they are certified."""
+    def error(self, p: Tensor, term, U: Tensor, K: Tensor, b: Tensor) -> Optional[Tensor]:
+        """How far the unlearn factors of weight ``p`` are from its .grad ``U`` (0-d float64, no
+        host sync), in the term's own job beside the others: the coefficients ``b`` they gave
+        against the GEMM's (K: the term's Gram) at the first use, and at every later one where a
+        window could not certify the factors (a loss term that appears later, e.g. a penalty
+        switched on after some steps, or a layer called twice in one backward); None where they
+        are certified."""
         if self.checked and p not in self.uncertified:
             return None
         return _coef_error(K, b, term.coef(U), U)
