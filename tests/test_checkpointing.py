@@ -68,6 +68,27 @@ def test_hf_checkpointing_flags_restored_after_an_error():
     assert _flags(model) == before and any(before)
 
 
+def test_hf_checkpointing_switched_on_after_the_first_block_is_off_too():
+    # the modules carrying the flag are found once, on the first block, with the flag off: a
+    # gradient_checkpointing_enable() between steps is still turned off inside the next block
+    pytest.importorskip("transformers")
+    model, retain, unlearn, loss = hf_model("gpt2", seed=5)
+    model.train()
+    og = OrthoGrad(model)
+    for step in range(2):
+        if step == 1:
+            _enable(model.hf)
+            assert any(_flags(model))
+        before = _flags(model)
+        model.zero_grad(set_to_none=True)
+        with og.retain():
+            assert not any(_flags(model))
+            loss(model(retain[0]), retain[1]).mean().backward()
+        assert _flags(model) == before
+        loss(model(unlearn[0]), unlearn[1]).mean().backward()
+        og.project_()
+
+
 class RMSNorm(nn.Module):
     """A norm whose weight is multiplied in (captured by expanding it along the batch)."""
 

@@ -31,11 +31,18 @@ ADVICE = (
 )
 
 
+def flag_modules(model: nn.Module) -> list:
+    """The modules of ``model`` with Hugging Face's ``gradient_checkpointing`` attribute (its
+    models set it, False, when they are built; ``gradient_checkpointing_enable()`` turns it on)."""
+    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+
 @contextlib.contextmanager
-def hf_flags_off(model: nn.Module) -> Iterator[int]:
+def hf_flags_off(model: nn.Module, modules: Optional[list] = None) -> Iterator[int]:
     """Hugging Face's activation checkpointing off in ``model`` for the block (the number of
-    modules whose flag was on), restored on leaving it, also by an exception."""
-    on = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    modules whose flag was on), restored on leaving it, also by an exception. ``modules``: those
+    of :func:`flag_modules`, found once (else every module of ``model`` is read)."""
+    on = [m for m in (model.modules() if modules is None else modules) if getattr(m, "gradient_checkpointing", None) is True]
     for m in on:
         m.gradient_checkpointing = False
     try:

@@ -91,7 +91,7 @@ class UnlearnFactors:
         only)."""
         owners: Dict[int, int] = {}
         for u in units:
-            for q in u.module.parameters(recurse=u.whole):
+            for q in u.parameters():  # (its trainable ones, read once per unit)
                 owners[id(q)] = owners.get(id(q), 0) + 1
         layers = []
         for u in units:
