@@ -381,6 +381,61 @@ def test_uncertified_factors_are_checked_against_the_gemm(case, forget, factored
         assert og._unlearn.arm_off == name
 
 
+class _Branchy(nn.Module):
+    """Its middle layer scales its input when told to: one dense op from input to output in the
+    retain block, another computation in some unlearn passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(17, 40), nn.Linear(33, 5)
+        self.b = _ScaledWhenTold(40, 33)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class _ScaledWhenTold(nn.Linear):
+    scale = False
+
+    def forward(self, x):
+        return nn.functional.linear(2.0 * x if self.scale else x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_certificate_reads_the_gemm_input(forget, factored, unlearn_coef_calls):
+    # a module confirmed as one dense op by the retain capture whose unlearn pass, at the second
+    # step, feeds the GEMM another tensor than its input: the certificate sees that the GEMM did
+    # not read the input the window kept, and the GEMM check finds the factors wrong
+    gen = torch.Generator().manual_seed(46)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        model = _Branchy()
+    og = OrthoGrad(model)
+
+    def loss(step, u):
+        model.b.scale = step >= 1
+        try:
+            return ce(model(u[0]), u[1]).mean()
+        finally:
+            model.b.scale = False
+
+    steps = _run_steps(model, og, gen, forget, unlearn_loss=loss)
+    assert next(steps)[0] == 0 and "b.weight" in unlearn_coef_calls and not og._unlearn.uncertified
+    if forget:
+        with pytest.raises(CaptureError, match="b.weight"):
+            next(steps)
+    else:  # armed: a warning, the GEMM, and the step exact against u as .grad holds it
+        step, retain, unlearn, got, msgs = next(steps)
+        assert [m for m in msgs if "no longer armed" in m] and og._unlearn.arm_off == "b.weight", msgs
+        assert model.b.weight in og._unlearn.uncertified
+        u = oracle_unlearn_grad(model, ce, *unlearn)
+        model.b.scale = True
+        u_scaled = oracle_unlearn_grad(model, ce, *unlearn)
+        model.b.scale = False
+        assert _close(got, _oracle_grad(model, retain, u=u_scaled)) <= ORACLE_REL
+        assert _close(got, _oracle_grad(model, retain, u=u)) > 1e-2  # (the scaling did change u)
+
+
 @pytest.mark.parametrize(
     "form,found",
     [
@@ -418,6 +473,7 @@ def test_weight_producer_follows_only_the_dense_graph(form, found):
     seen = {}
     if found:
         hand[0].register_hook(lambda gi, go: seen.update(handed=gi[hand[1]]) or None)
+        assert type(hand[2]).__name__ in ("AddmmBackward0", "MmBackward0")
     w.register_hook(lambda gr: seen.update(received=gr) or None)
     y.float().square().sum().backward()
     assert "received" in seen

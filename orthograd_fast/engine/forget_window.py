@@ -17,7 +17,8 @@ follows every tracked weight's ``.grad`` through the backward:
 Each kept call also tries to *certify* its weight's accumulations, so that later projections need
 no numeric check of the factors against ``.grad`` (:meth:`ForgetWindow.certified`). From the call's
 output node the autograd graph must be: reshapes, then the layer's GEMM (addmm / mm), then from its
-weight operand only transposes and autocast's cast down to the weight's accumulator. A post-hook on
+weight operand only transposes and autocast's cast down to the weight's accumulator; and the GEMM
+must have read the call's input itself (its saved operand). A post-hook on
 the output node takes the output gradient the GEMM consumes (the factor D, so a later hook that
 changes it is seen); one on the node that hands the weight its gradient keeps that tensor and its
 version. An accumulation is certified when the tensor the weight's accumulator receives *is* one of
@@ -143,7 +144,7 @@ class ForgetWindow:
         call = _Call(x.detach() if x.is_contiguous() else x.detach().clone())
         top.register_hook(call.take_hook(output.output_nr))
         hand = weight_producer(top, layer[1])
-        if hand is None:
+        if hand is None or not _gemm_reads(hand[2], x):
             self.uncertain.add(layer[1])
         else:
             hand[0].register_hook(call.hand_hook(hand[1]))
@@ -246,10 +247,11 @@ _GEMM_SLOT = {"AddmmBackward0": 2, "MmBackward0": 1}
 _WEIGHT_SIDE = frozenset({"TBackward0", "ToCopyBackward0"})
 
 
-def weight_producer(top, w: Tensor) -> Optional[Tuple[object, int]]:
-    """(node, slot): the node whose input ``slot`` is the weight gradient of ``w`` from this call,
-    found along the graph that ``top`` (the call output's grad_fn) must have for the certificate;
-    None where the graph is any other (the call's weight gradient is then checked numerically)."""
+def weight_producer(top, w: Tensor) -> Optional[Tuple[object, int, object]]:
+    """(node, slot, gemm): the node whose input ``slot`` is the weight gradient of ``w`` from this
+    call, found along the graph that ``top`` (the call output's grad_fn) must have for the
+    certificate, and the GEMM's node on the way; None where the graph is any other (the call's
+    weight gradient is then checked numerically)."""
     try:
         acc = torch.autograd.graph.get_gradient_edge(w).node
     except (AttributeError, RuntimeError):  # (a torch without it; a weight that needs no grad)
@@ -267,11 +269,30 @@ def weight_producer(top, w: Tensor) -> Optional[Tuple[object, int]]:
     slot = _GEMM_SLOT[name]
     if len(n.next_functions) <= slot:
         return None
-    node, m = n, n.next_functions[slot][0]
+    gemm = node = n
+    m = n.next_functions[slot][0]
     for _ in range(3):
         if m is acc:
-            return node, slot
+            return node, slot, gemm
         if m is None or type(m).__name__ not in _WEIGHT_SIDE:
             return None
         node, slot, m = m, 0, m.next_functions[0][0]
     return None
+
+
+def _gemm_reads(gemm, x: Tensor) -> bool:
+    """Whether the GEMM of ``gemm`` (a node of :data:`_GEMM_SLOT`) multiplied the call's input ``x``
+    itself: its saved data operand is ``x``'s memory (up to a reshape), or, where autocast cast it,
+    equal to ``x`` in that dtype. A module whose forward changes its input before the GEMM in some
+    calls (one the retain capture saw as one dense op) fails it."""
+    try:
+        a = gemm._saved_mat1 if type(gemm).__name__ == "AddmmBackward0" else gemm._saved_self
+    except (AttributeError, RuntimeError):  # (not saved, or already freed)
+        return False
+    if not isinstance(a, Tensor) or a.numel() != x.numel() or a.shape[-1] != x.shape[-1]:
+        return False
+    if a.dtype != x.dtype:  # autocast: the cast copy the GEMM read
+        return bool(torch.equal(a, x.detach().to(a.dtype).reshape(a.shape)))
+    if x.is_contiguous():
+        return a.is_contiguous() and a.data_ptr() == x.data_ptr()
+    return a.data_ptr() == x.data_ptr() and a.shape == x.shape and a.stride() == x.stride()
