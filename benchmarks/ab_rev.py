@@ -11,9 +11,9 @@ orders in which every side comes at every position, and after every side (itself
 often (:data:`ORDERS`): alternating plain / current / revision with every other round reversed
 left current always second and never after itself, which read 1.009x-1.016x for the same code on
 both sides (MLP, 100 rounds). Printed: the median step of each and the medians of the per-round
-ratios current / plain, revision / plain and current / revision. ``--order forget``: the unlearn pass first under ``og.forget()`` (the synthetic
-zoo's order); ``contract``: the retain block first, then the unlearn backward (the real-model
-zoo's). Synthetic zoo models (``benchmarks.zoo``) and real-model zoo models
+ratios current / plain, revision / plain and current / revision. ``--order forget``: the unlearn
+pass first under ``og.forget()`` (the synthetic zoo's order); ``contract``: the retain block first,
+then the unlearn backward (the real-model zoo's). Synthetic zoo models (``benchmarks.zoo``) and real-model zoo models
 (``benchmarks.real_zoo``, e.g. ``--model lstm --B 32 --Bu 16 --order contract``) at their CPU
 size. On the real models the in-process pairs carry a bias of a few percent: the same code on both
 sides read 0.98x once (ViT, 20 rounds: current / plain 1.06 against 1.19 for the copy); for effects

@@ -100,7 +100,7 @@ class OrthoGrad:
         self._unlearn = UnlearnFactors(self._params, bool(arm_forget) and self._group is None)
         self._units = None  # capture units, found on the first block
         self._lean: set = set()  # parameters whose retain gradient is never formed (gbar from factors)
-        self._flag_modules: Optional[list] = None  # modules with HF's gradient_checkpointing flag
+        self._flag_modules: list = []  # modules with HF's gradient_checkpointing flag (first block)
         self._plan_cache = _projection.PlanCache()
         self._fallback_log = FallbackLog()  # torch.func fallback scopes seen (og.stats["fallback"])
         # the capture check (checks.check_capture) runs on the first projection only (the model's
@@ -169,7 +169,7 @@ class OrthoGrad:
             # the builds of the block's uses go to the prefetch thread, beside the unlearn pass
             defer = _retain_span.DEFER_BUILD and self._prefetch_ok() and not _threads.autocast_on()
             # (Hugging Face's activation checkpointing off for the block: engine/checkpointing.py)
-            with _checkpointing.hf_flags_off(self.model, self._flag_modules), self._span.block(
+            with _checkpointing.hf_flags_off(self._flag_modules), self._span.block(
                 cap, keep_gradients=self.alpha > 0 or not self._capture_checked, lean=self._lean, exempt=real, dots=dots, defer=defer
             ):
                 try:

@@ -38,11 +38,11 @@ def flag_modules(model: nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def hf_flags_off(model: nn.Module, modules: Optional[list] = None) -> Iterator[int]:
-    """Hugging Face's activation checkpointing off in ``model`` for the block (the number of
-    modules whose flag was on), restored on leaving it, also by an exception. ``modules``: those
-    of :func:`flag_modules`, found once (else every module of ``model`` is read)."""
-    on = [m for m in (model.modules() if modules is None else modules) if getattr(m, "gradient_checkpointing", None) is True]
+def hf_flags_off(modules: list) -> Iterator[int]:
+    """Hugging Face's activation checkpointing off for the block in ``modules`` (the model's
+    :func:`flag_modules`, found once), restored on leaving it, also by an exception; yields the
+    number of modules whose flag was on."""
+    on = [m for m in modules if getattr(m, "gradient_checkpointing", None) is True]
     for m in on:
         m.gradient_checkpointing = False
     try:

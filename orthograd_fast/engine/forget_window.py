@@ -104,7 +104,8 @@ class ForgetWindow:
         self._held = 0
         self._handles: list = []
         self._pre_ids: Dict[Tensor, int] = {}  # weight -> id of its pre-hook (must run last)
-        self._calls_of: Dict[Tensor, List[_Call]] = {w: [] for w in self.weights}
+        # weight -> its layer's calls (the same lists: start() gives each weight one layer)
+        self._calls_of: Dict[Tensor, List[_Call]] = {w: self.calls[id(m)] for m, w, _ in layers}
 
     # --- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -149,7 +150,6 @@ class ForgetWindow:
         else:
             hand[0].register_hook(call.hand_hook(hand[1]))
         self.calls[id(module)].append(call)
-        self._calls_of[layer[1]].append(call)
         self._held += x.numel() * x.element_size() + output.numel() * output.element_size()
         if self._held > self.max_bytes:
             self.give_up()
@@ -159,8 +159,6 @@ class ForgetWindow:
         """Too much held: drop the recorded calls; every weight falls back to the GEMM."""
         self.overflow = True
         for v in self.calls.values():
-            v.clear()
-        for v in self._calls_of.values():
             v.clear()
         self._held = 0
 
