@@ -144,8 +144,12 @@ class OrthoGrad:
 
     # --- capturing ----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def retain(self) -> Iterator["OrthoGrad"]:
+    def retain(self, batch_size: Optional[int] = None) -> Iterator["OrthoGrad"]:
         """Capture the per-layer factors of the retain backward run inside the block.
+
+        ``batch_size``: the number of retain samples, where dim 0 of the model's first tensor input
+        is not it (flat token ids with ``offsets`` for an ``nn.EmbeddingBag``: one bag per sample).
+        By default B is read from that input; the inputs with B rows on dim 0 carry the batch.
 
         On leaving it (normally or by an exception) the hooks are removed and every ``.grad`` is
         what it was before; the retain gradient is kept aside for ``alpha``. Several blocks before
@@ -155,12 +159,16 @@ class OrthoGrad:
         built on its thread while the unlearn pass runs, and an error there is raised by
         ``project_()``.
         """
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"og.retain(batch_size=...) takes the number of retain samples, a positive int; got {batch_size!r}")
         self._begin_block("og.retain() blocks cannot be nested", retain=True)
         # Until the first projection has checked the capture, the parameters run with their real
         # tensors: their retain gradient then shows any use the operations did not see (e.g. inside
         # a custom autograd.Function), which the capture check turns into an error.
         real = self._lean if not self._capture_checked else set()
-        cap = Capture(self.model, self._units, lean_ops=bool(self._lean) and not real, fallback_log=self._fallback_log)
+        cap = Capture(
+            self.model, self._units, lean_ops=bool(self._lean) and not real, fallback_log=self._fallback_log, batch_size=batch_size
+        )
         self._in_retain = True
         try:
             # the first span keeps <retain gradient, u> only where u is already there (og.forget()

@@ -155,6 +155,7 @@ class Capture:
         units: List[Unit],
         lean_ops: bool = False,
         fallback_log: Optional[fallback.FallbackLog] = None,
+        batch_size: Optional[int] = None,
     ):
         self.model = model
         self.units = units
@@ -168,6 +169,7 @@ class Capture:
         self.rnn_calls: List[recurrent.RecurrentCall] = []
         self._flagged: List[tuple] = []  # (op_capture.Frame, Call) replayed by the fallback
         self.B: Optional[int] = None
+        self.declared_B = batch_size  # og.retain(batch_size=...): B given, not read from the inputs
         self.root_calls = 0
         self.handles = []
         self.error: Optional[BaseException] = None
@@ -296,8 +298,10 @@ class Capture:
                 "come from one forward. Use one retain() block per micro-batch (they accumulate)."
             )
         leaves, _ = tree_flatten((args, kwargs))
+        if self.declared_B is not None:
+            self.B = self.declared_B
         for t in leaves:
-            if isinstance(t, Tensor) and t.dim() >= 1:
+            if self.B is None and isinstance(t, Tensor) and t.dim() >= 1:
                 self.B = t.shape[0]
                 break
         for t in leaves:  # the inputs carrying the batch on dim 0

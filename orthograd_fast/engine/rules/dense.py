@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..batch_layout import batch_major, same_view
-from ...errors import UnsupportedModule
+from ...errors import CaptureError, UnsupportedModule
 from ..factors import OuterFactors
 from ..factors import ExplicitRows
 from .common import arg, bias_uses, explicit, merge
@@ -161,52 +161,115 @@ _BAG_ARGS = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_
              "per_sample_weights", "include_last_offset", "padding_idx")
 
 
+# max mode keeps one token per output entry (B x d x d rows): above this many elements the 2-D
+# form goes to the fallback and the offsets form is refused
+BAG_MAX_ROWS = 1 << 24
+
+
 def embedding_bag(ctx, func, args, kwargs):
-    """``F.embedding_bag`` over batched ids [B, L] (one bag per sample, no offsets), mode sum or
-    mean: an embedding lookup whose L tokens each carry their bag's output gradient (mean: over the
-    bag's count of ids other than ``padding_idx``; sum: times ``per_sample_weights``). Other forms
-    (offsets, mode max) go to the fallback or say why."""
+    """``F.embedding_bag`` with one bag per sample: ids [B, L], or flat ids with ``offsets`` of B
+    bags (B + 1 entries with ``include_last_offset``; bag i is sample i). A lookup whose tokens
+    are the bag's ids (sum: each carries the bag's output gradient times its
+    ``per_sample_weights``; mean: divided by the bag's count of ids other than ``padding_idx``;
+    bags padded to the longest with zero rows), or for mode max one token per output entry: entry
+    (i, j) hands its gradient to column j of the row the max picked (an empty bag hands none)."""
     a = {n: arg(args, kwargs, i, n) for i, n in enumerate(_BAG_ARGS)}
-    ids, w, psw, padding_idx = a["input"], a["weight"], a["per_sample_weights"], a["padding_idx"]
+    ids, w, offsets, psw, padding_idx = a["input"], a["weight"], a["offsets"], a["per_sample_weights"], a["padding_idx"]
     _refuse_renorm(ctx, "embedding bag", a["max_norm"], a["scale_grad_by_freq"])
     mode = a["mode"] if a["mode"] is not None else "mean"
+    last = bool(a["include_last_offset"])
+    base = ctx.space.base(w)
     if (
         ctx.seq_first
-        or a["offsets"] is not None
-        or mode not in ("sum", "mean")
+        or mode not in ("sum", "mean", "max")
         or not isinstance(ids, Tensor)
-        or ids.dim() != 2
-        or not ctx.is_data(ids)
+        or base is None
+        or base[0] != "param"
+        or not same_view(w, base[1])
         or (isinstance(psw, Tensor) and ctx.space.base(psw) is not None)
     ):
         return NotImplemented
-    kind, p = ctx.space.base(w)
-    if kind != "param" or not same_view(w, p):
-        return NotImplemented
+    p, B = base[1], ctx.B
+    V, d = p.shape
+    if offsets is None:
+        if ids.dim() != 2 or not ctx.is_data(ids):
+            return NotImplemented
+        if mode == "max" and B * d * d > BAG_MAX_ROWS:
+            return NotImplemented
+        flat = ids.detach().reshape(-1)
+        L = ids.shape[1]
+        offs = torch.arange(0, flat.numel(), L, dtype=flat.dtype, device=flat.device)
+        starts, ends = offs, offs + L
+    else:
+        if ids.dim() != 1 or not isinstance(offsets, Tensor) or offsets.dim() != 1:
+            return NotImplemented  # (F.embedding_bag's own error says what is wrong)
+        bags = offsets.shape[0] - (1 if last else 0)
+        if bags != B:
+            declared = getattr(ctx.capture, "declared_B", None) is not None
+            raise CaptureError(
+                f"{ctx.where()}: embedding bag with offsets makes {bags} bags, one per sample, but the retain batch is "
+                f"B={B} (" + ("og.retain(batch_size=...)" if declared else "dim 0 of the model's first tensor input, "
+                f"shape {tuple(ids.shape)} when that is the flat ids") + "). Give the number of samples: "
+                "`with og.retain(batch_size=len(offsets)):` (one bag per sample; with include_last_offset, "
+                "len(offsets) - 1)."
+            )
+        if mode == "max" and B * d * d > BAG_MAX_ROWS:
+            raise CaptureError(
+                f"{ctx.where()}: embedding bag in mode max with offsets: its per-sample factors would hold "
+                f"B x d x d = {B * d * d} entries (above {BAG_MAX_ROWS}). Use a smaller retain batch (several "
+                "retain() blocks accumulate), mode sum or mean, or 2-D ids."
+            )
+        flat, offs = ids.detach(), offsets.detach().to(ids.dtype)
+        N = flat.numel()
+        starts = offs[:B]
+        ends = offs[1 : B + 1] if last else torch.cat([offs[1:], offs.new_full((1,), N)])
     args = list(args)
     if len(args) > 1:
         args[1] = ctx.use(w)
     else:
         kwargs = dict(kwargs, weight=ctx.use(w))
     out = func(*args, **kwargs)
-    B, idsd = ctx.B, ids.detach()
-    pswd = psw.detach() if isinstance(psw, Tensor) else None
+    if offsets is not None:
+        ctx.prov.mark(out)  # [B, d]: bag i is sample i
+    picked = None
+    if mode == "max":  # the rows the max picked, per output entry [B, d]
+        picked = torch.embedding_bag(w.detach(), flat, offs, False, 2, False, None, last and offsets is not None, padding_idx)[3]
+    pswd = psw.detach().reshape(-1) if isinstance(psw, Tensor) else None
 
     def build(gy):
-        V, d = p.shape
-        L = idsd.shape[1]
-        rows = gy.reshape(B, 1, d).expand(B, L, d)
-        keep = _not_padding(idsd, padding_idx, V, gy.dtype)
+        tok, wt = _bag_tokens(flat, starts, ends, padding_idx, V, gy.dtype)
+        if picked is not None:
+            rows = torch.diag_embed(gy.reshape(B, d) * (wt.sum(1) > 0).to(gy.dtype)[:, None])
+            return {p: [OuterFactors(rows[:, :, None, :], None, picked, (1, V, d))]}
         if mode == "mean":
-            n = keep.sum(1) if keep is not None else torch.full((B,), float(L), dtype=gy.dtype, device=gy.device)
-            rows = rows / n.clamp_min(1)[:, None, None]
+            wt = wt / wt.sum(1, keepdim=True).clamp_min(1)
         if pswd is not None:
-            rows = rows * pswd.reshape(B, L, 1).to(gy.dtype)
-        if keep is not None:
-            rows = rows * keep[:, :, None]
-        return {p: [OuterFactors(rows.contiguous()[:, :, None, :], None, idsd, (1, V, d))]}
+            wt = wt * _bag_gather(pswd, starts, ends, wt.shape[1]).to(gy.dtype)
+        rows = gy.reshape(B, 1, d) * wt[:, :, None]
+        return {p: [OuterFactors(rows[:, :, None, :], None, tok, (1, V, d))]}
 
     return ctx.record(func, out, [w], build)
+
+
+def _bag_gather(flat: Tensor, starts: Tensor, ends: Tensor, L: int) -> Tensor:
+    """[B, L]: bag i's entries of ``flat`` (``starts[i]`` to ``ends[i]``), padded with its entry 0."""
+    pos = torch.arange(L, device=flat.device)
+    idx = starts[:, None] + pos[None, :]
+    inside = idx < ends[:, None]
+    if flat.numel() == 0:
+        return flat.new_zeros(idx.shape)
+    return torch.where(inside, flat[idx.clamp(0, flat.numel() - 1)], flat.new_zeros(()))
+
+
+def _bag_tokens(flat: Tensor, starts: Tensor, ends: Tensor, padding_idx, V: int, dtype: torch.dtype):
+    """(ids [B, L], weights [B, L]) of the bags padded to the longest L: weight 1 on an id of
+    the bag, 0 on the padding and on ``padding_idx``."""
+    lengths = (ends - starts).clamp_min(0)
+    L = max(1, int(lengths.max())) if lengths.numel() else 1
+    tok = _bag_gather(flat, starts, ends, L)
+    wt = (torch.arange(L, device=flat.device)[None, :] < lengths[:, None]).to(dtype)
+    keep = _not_padding(tok, padding_idx, V, dtype)
+    return tok, (wt if keep is None else wt * keep)
 
 
 def getitem(ctx, func, args, kwargs):
