@@ -348,6 +348,10 @@ class OpMode(TorchFunctionMode):
         if not has_data and not any(ctx.is_activation(t) for t in leaves):
             # parameters only (and constants): a view or a derived tensor, mapped back later
             a, kw = _unflatten([space.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
+            if func in _REPEATS:
+                rows = _repeat_as_expand(a, kw, ctx.B)
+                if rows is not None:  # a view of the repeated tensor: found by its storage
+                    return rows
             out = func(*a, **kw)
             space.add_derived(out, func, args, kwargs)
             return out
@@ -365,6 +369,26 @@ class OpMode(TorchFunctionMode):
                 return rules.MHA_FORWARD(*args, **kwargs)
         finally:
             ctx.seq_first = prev
+
+
+_REPEATS = (Tensor.repeat, torch.tile, Tensor.tile)
+
+
+def _repeat_as_expand(args, kwargs, B: int) -> Optional[Tensor]:
+    """``t.repeat(B, 1, ..)`` (or ``tile``) of a tensor of parameters with one row (or fewer
+    dims): the same values as ``t.expand(B, ..)``, returned as that view, so that where it meets
+    the batch it is the one row expanded along it (a position encoding repeated for the batch,
+    timm's XCiT), whose per-sample rows are known; None for any other repeat."""
+    if kwargs or not args or not isinstance(args[0], Tensor):
+        return None
+    t = args[0]
+    reps = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else tuple(args[1:])
+    if not reps or not all(isinstance(r, int) for r in reps) or reps[0] != B or any(r != 1 for r in reps[1:]):
+        return None
+    if len(reps) < t.dim():  # (tile pads the repeats with leading ones: the batch dim is not dim 0)
+        return None
+    v = t.reshape((1,) * (len(reps) - t.dim()) + tuple(t.shape))
+    return v.expand(B, *v.shape[1:]) if v.shape[0] == 1 else None
 
 
 def frame_hooks(ctx: OpContext, unit, module: nn.Module, params: set, on_exit: Callable):

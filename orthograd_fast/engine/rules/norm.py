@@ -69,6 +69,10 @@ def batch_norm(ctx, func, args, kwargs):
     w, b = arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
     training, eps = arg(args, kwargs, 5, "training", False), arg(args, kwargs, 7, "eps", 1e-5)
     if training or rm is None or rv is None:
+        if not ctx.is_data(x) and not ctx.is_activation(x):
+            # statistics of parameters only (timm's StdConv2d / ScaledStdConv2d standardize their
+            # weight this way): a computation on parameters, mapped back where it meets the batch
+            return NotImplemented
         raise UnsupportedModule(
             f"{ctx.where()}: batch_norm uses batch statistics (training mode or no running statistics): samples "
             "share the batch mean and variance, so per-sample gradients do not exist. Put the module in eval mode "

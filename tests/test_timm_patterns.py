@@ -1,0 +1,139 @@
+"""Layer patterns of timm models, written out here (timm's wheel requires torchvision, whose wheels
+pull a CUDA torch; the project installs the CPU one), against the float64 oracle: the weight
+standardization of StdConv2d / ScaledStdConv2d (BiT ResNetV2, NFNets) through F.batch_norm over
+the weight, and XCiT's Fourier position encoding, a convolution of a constant grid repeated along
+the batch."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine_helpers import compare
+from models import ce
+
+REL = 1e-6  # float64 models: exact up to rounding
+
+
+class StdConv2d(nn.Conv2d):
+    """timm.layers.StdConv2d: the weight standardized per output channel by a training-mode
+    F.batch_norm over the weight itself."""
+
+    def __init__(self, *args, eps=1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=self.eps)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm.layers.ScaledStdConv2d (NFNets): standardized, times a learned gain per output channel."""
+
+    def __init__(self, cin, cout, k, gamma=1.0, eps=1e-6, **kwargs):
+        super().__init__(cin, cout, k, **kwargs)
+        self.gain = nn.Parameter(torch.ones(cout, 1, 1, 1))
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+
+    def forward(self, x):
+        gain = (self.gain * self.scale).reshape(-1)
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=gain, training=True, momentum=0.0, eps=self.eps)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdConvNet(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, 6, 3, padding=1)
+        self.conv = StdConv2d(6, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, classes)
+        with torch.no_grad():
+            self.stem.gain.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.head(self.conv(F.gelu(self.stem(x))).mean((2, 3)))
+
+
+class FourierPosition(nn.Module):
+    """XCiT's PositionalEncodingFourier: a 1 x 1 convolution of a sine / cosine grid, repeated B times."""
+
+    def __init__(self, hidden=4, dim=12):
+        super().__init__()
+        self.proj = nn.Conv2d(2 * hidden, dim, 1)
+        self.hidden = hidden
+
+    def forward(self, B, H, W, how):
+        dt = self.proj.weight.dtype
+        # (as timm builds it: [1, H, W] grids, so that no constant has B rows when H == B)
+        y = torch.arange(1, H + 1, dtype=dt).unsqueeze(1).repeat(1, 1, W) / H * 2 * math.pi
+        x = torch.arange(1, W + 1, dtype=dt).repeat(1, H, 1) / W * 2 * math.pi
+        f = 10000 ** (torch.arange(self.hidden // 2, dtype=dt) * 2 / self.hidden)
+        grid = torch.cat([(y[..., None] / f).sin(), (y[..., None] / f).cos(), (x[..., None] / f).sin(), (x[..., None] / f).cos()], -1)
+        pos = self.proj(grid.permute(0, 3, 1, 2))  # [1, dim, H, W]
+        if how == "repeat":
+            return pos.repeat(B, 1, 1, 1)
+        return torch.tile(pos, (B, 1, 1, 1))
+
+
+class XCiTLike(nn.Module):
+    """Patch tokens plus the repeated position encoding, a LayerNorm, mean-pooled into a head."""
+
+    def __init__(self, how, dim=12, classes=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.pos = FourierPosition(dim=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+        self.how = how
+
+    def forward(self, img):
+        x = self.patch(img)
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        pos = self.pos(B, H, W, self.how).reshape(B, -1, H * W).permute(0, 2, 1)
+        return self.head(self.norm(x + pos).mean(1))
+
+
+def _data(gen, B, size=8):
+    return torch.randn(B, 3, size, size, generator=gen, dtype=torch.float64), torch.randint(0, 4, (B,), generator=gen)
+
+
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_weight_standardized_convolutions(B, scope):
+    # the batch_norm over the weight has no batch: a computation on parameters (it once read as
+    # batch statistics and was refused)
+    torch.manual_seed(B)
+    gen = torch.Generator().manual_seed(B)
+    model = StdConvNet().double()
+    err, orth, og = compare(model, ce, _data(gen, B), _data(gen, 3), scope=scope, alpha=0.2, backend="torch")
+    assert err <= REL, f"relative error {err:.2e}"
+    assert og.stats["fallback"] == []
+
+
+def test_batch_norm_over_data_in_training_mode_is_still_refused():
+    from orthograd_fast import OrthoGrad, UnsupportedModule
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(2, 3, 8, 8))
+    og = OrthoGrad(model.train())
+    with pytest.raises(UnsupportedModule, match="batch statistics"):
+        with og.retain():
+            model(torch.randn(3, 3, 8, 8)).sum().backward()
+
+
+@pytest.mark.parametrize("how", ["repeat", "tile"])
+@pytest.mark.parametrize("B", [2, 6])
+def test_position_encoding_repeated_along_the_batch(how, B):
+    # pos.repeat(B, 1, 1, 1) of a [1, ...] tensor of parameters is the one row expanded along the
+    # batch: each sample's rows of the projection's gradient
+    torch.manual_seed(10 + B)
+    gen = torch.Generator().manual_seed(10 + B)
+    model = XCiTLike(how).double()
+    err, orth, og = compare(model, ce, _data(gen, B), _data(gen, 3), alpha=0.3, backend="torch")
+    assert err <= REL, f"{how}: relative error {err:.2e}"
+    assert og.stats["fallback"] == []
