@@ -5,6 +5,7 @@ check, timing with one round), and the report on a small synthetic JSON. No timi
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -456,3 +458,46 @@ def test_ab_rev_compares_the_working_tree_with_a_revision(capsys):
     host_overhead.main(["--rev", "HEAD", "--depth", "2", "--steps", "2", "--state", "trained"])
     out = capsys.readouterr().out
     assert "[trained] this tree" in out and "paired median this tree / HEAD" in out, out
+
+
+def test_oracle_loop_survives_the_one_sample_batch_norm_backward():
+    # torch's CPU batch norm backward at N = 1, given an output gradient in channels-last stride
+    # order (the norm's output transposed to tokens), returns a wrong weight gradient; the loop
+    # evaluates each sample beside a copy of itself. Checked against the same norm written as
+    # arithmetic (no batch norm kernel).
+    from benchmarks.oracle import per_sample_grads
+
+    class Net(nn.Module):
+        def __init__(self, manual):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.head = nn.Linear(4, 3)
+            self.manual = manual
+
+        def forward(self, x):
+            h = self.conv(x)
+            if self.manual:
+                bn = self.bn
+                inv = (bn.running_var + bn.eps).rsqrt()
+                h = ((h - bn.running_mean[:, None, None]) * inv[:, None, None]) * bn.weight[:, None, None] + bn.bias[:, None, None]
+            else:
+                h = self.bn(h)
+            return self.head(h.flatten(2).transpose(1, 2).mean(1))
+
+    torch.manual_seed(0)
+    native = Net(False).eval().double()
+    with torch.no_grad():
+        native.bn.running_mean.normal_()
+        native.bn.running_var.uniform_(0.5, 2.0)
+        native.bn.weight.normal_()
+    manual = copy.deepcopy(native)
+    manual.manual = True
+    manual.bn = copy.deepcopy(native.bn)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g)
+    loss = lambda o, t: nn.functional.cross_entropy(o, t, reduction="none")  # noqa: E731
+    Gn = per_sample_grads(native, loss, x, y, [native.bn.weight, native.conv.weight], 3)
+    Gm = per_sample_grads(manual, loss, x, y, [manual.bn.weight, manual.conv.weight], 3)
+    torch.testing.assert_close(Gn[id(native.bn.weight)], Gm[id(manual.bn.weight)], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Gn[id(native.conv.weight)], Gm[id(manual.conv.weight)], rtol=1e-10, atol=1e-12)
