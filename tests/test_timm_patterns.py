@@ -1,8 +1,9 @@
 """Layer patterns of timm models, written out here (timm's wheel requires torchvision, whose wheels
 pull a CUDA torch; the project installs the CPU one), against the float64 oracle: the weight
 standardization of StdConv2d / ScaledStdConv2d (BiT ResNetV2, NFNets) through F.batch_norm over
-the weight, and XCiT's Fourier position encoding, a convolution of a constant grid repeated along
-the batch."""
+the weight; XCiT's Fourier position encoding, a convolution of a constant grid repeated along
+the batch; SigLIP's attention pooling, a learned query expanded along the batch and projected
+before it meets the tokens in the attention."""
 
 import math
 
@@ -136,4 +137,53 @@ def test_position_encoding_repeated_along_the_batch(how, B):
     model = XCiTLike(how).double()
     err, orth, og = compare(model, ce, _data(gen, B), _data(gen, 3), alpha=0.3, backend="torch")
     assert err <= REL, f"{how}: relative error {err:.2e}"
+    assert og.stats["fallback"] == []
+
+
+class AttentionPoolLatent(nn.Module):
+    """timm's AttentionPoolLatent (SigLIP's MAP head): a learned latent query, expanded along the
+    batch, projected (and normalized) before the attention over the batch's tokens."""
+
+    def __init__(self, dim=8, heads=2, latent_len=2, fused=True, qk_norm=False):
+        super().__init__()
+        self.heads, self.hd, self.latent_len, self.fused = heads, dim // heads, latent_len, fused
+        self.latent = nn.Parameter(torch.randn(1, latent_len, dim) * 0.5)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.LayerNorm(self.hd) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, self.latent_len, self.heads, self.hd).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, self.heads, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.q_norm(q)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = ((q * self.hd**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(B, self.latent_len, C)).mean(1)
+
+
+class PooledTokens(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.pool = AttentionPoolLatent(**kw)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, img):
+        return self.head(self.pool(self.patch(img).flatten(2).transpose(1, 2)))
+
+
+@pytest.mark.parametrize("fused,qk_norm", [(True, False), (True, True), (False, False), (False, True)])
+@pytest.mark.parametrize("B", [1, 4])
+def test_latent_query_attention_pooling(fused, qk_norm, B):
+    # the query's projection (and norm) of the expanded latent stay one row expanded along the
+    # batch: the attention (fused, or written out with matmuls) hands out its per-sample rows
+    torch.manual_seed(20 + B)
+    gen = torch.Generator().manual_seed(20 + B)
+    model = PooledTokens(fused=fused, qk_norm=qk_norm).double()
+    err, orth, og = compare(model, ce, _data(gen, B), _data(gen, 3), alpha=0.25, backend="torch")
+    assert err <= REL, f"fused={fused} qk_norm={qk_norm}: relative error {err:.2e}"
     assert og.stats["fallback"] == []

@@ -352,6 +352,10 @@ class OpMode(TorchFunctionMode):
                 rows = _repeat_as_expand(a, kw, ctx.B)
                 if rows is not None:  # a view of the repeated tensor: found by its storage
                     return rows
+            if func in rules.ROWWISE:
+                out = _one_row(func, args, kwargs, a, kw, ctx.B, space)
+                if out is not None:
+                    return out
             out = func(*a, **kw)
             space.add_derived(out, func, args, kwargs)
             return out
@@ -372,6 +376,38 @@ class OpMode(TorchFunctionMode):
 
 
 _REPEATS = (Tensor.repeat, torch.tile, Tensor.tile)
+
+
+def _expanded(t, B: Optional[int]) -> bool:
+    """``t`` is one row expanded along the batch: B > 1 rows on dim 0 with stride 0."""
+    return isinstance(t, Tensor) and B is not None and B > 1 and t.dim() >= 1 and t.shape[0] == B and t.stride(0) == 0
+
+
+def _one_row(func, args, kwargs, a, kw, B: Optional[int], space) -> Optional[Tensor]:
+    """A row-wise operation (:data:`rules.ROWWISE`) on parameters only whose operands include one
+    row expanded along the batch (``latent.expand(B, -1, -1)``, a learned query): computed on
+    that row and expanded again, so that where it meets the batch (an attention's query, an added
+    operand) it is still one row expanded, whose per-sample rows are known. None when no operand
+    is expanded, or another operand has B rows of its own (the rows then differ)."""
+    leaves, spec = _flatten(args, kwargs)
+    used, _ = _flatten(a, kw)
+    if not any(_expanded(t, B) for t in used):
+        return None
+    if func in rules.ROWWISE_FIRST:
+        if not _expanded(used[0], B) or any(_expanded(t, B) for t in used[1:]):
+            return None  # (linear, norms: the input is the expanded operand, not the weight)
+    else:  # broadcasting: every other operand broadcasts along dim 0 of the expanded ones
+        n = max(t.dim() for t in used if _expanded(t, B))
+        if any(isinstance(t, Tensor) and t.dim() >= n and not _expanded(t, B) and t.shape[t.dim() - n] != 1 for t in used):
+            return None
+    one = lambda ts: [t[:1] if _expanded(t, B) else t for t in ts]  # noqa: E731
+    oa, okw = _unflatten(one(leaves), spec)
+    ua, ukw = _unflatten(one(used), spec)
+    out = func(*ua, **ukw)
+    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != 1:
+        return None
+    space.add_derived(out, func, oa, okw)
+    return out.expand(B, *out.shape[1:])
 
 
 def _repeat_as_expand(args, kwargs, B: int) -> Optional[Tensor]:

@@ -81,6 +81,12 @@ BROADCAST = (
 )
 CONCAT = _names(torch, ("cat", "concat", "concatenate"))
 
+# Operations that act on each row of dim 0 alone: on parameters only, one row expanded along the
+# batch stays that (op_capture._one_row). ROWWISE_FIRST: those whose row operand is the first.
+_UNARY = ("relu", "gelu", "silu", "sigmoid", "tanh", "neg", "exp", "float", "half", "bfloat16", "to", "type_as")
+ROWWISE_FIRST = {F.linear, F.layer_norm, torch.layer_norm} | _names(F, ("rms_norm",)) | _names(torch, ("rms_norm",))
+ROWWISE = BROADCAST | ROWWISE_FIRST | _names(F, _UNARY) | _names(torch, _UNARY) | _names(Tensor, _UNARY) | _names(Tensor, ("__neg__",))
+
 
 def _mha_with_inner_calls():
     """torch's own ``F.multi_head_attention_forward`` with its torch-function dispatch switched
@@ -102,4 +108,4 @@ def op_name(func) -> str:
     return f"{mod}.{name}" if mod else f"Tensor.{name}"
 
 
-__all__ = ["RULES", "BROADCAST", "CONCAT", "CELLS", "MHA_FORWARD", "MHA_FUNCS", "op_name", "UnsupportedModule"]
+__all__ = ["RULES", "BROADCAST", "CONCAT", "ROWWISE", "ROWWISE_FIRST", "CELLS", "MHA_FORWARD", "MHA_FUNCS", "op_name", "UnsupportedModule"]

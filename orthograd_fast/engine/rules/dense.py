@@ -14,6 +14,7 @@ from ...errors import CaptureError, UnsupportedModule
 from ..factors import OuterFactors
 from ..factors import ExplicitRows
 from .common import arg, bias_uses, explicit, merge
+from .per_sample import expanded_matmul
 
 
 def dense_weight_uses(space, w: Tensor, A: Tensor, D: Tensor, transposed: bool, D4=None) -> dict:
@@ -89,7 +90,7 @@ def linear(ctx, func, args, kwargs):
 def matmul(ctx, func, args, kwargs):
     x, w = args[0], args[1]
     if not ctx.is_data(x) or ctx.space.base(w) is None or w.dim() != 2 or x.dim() < 2:
-        return NotImplemented
+        return expanded_matmul(ctx, func, args, kwargs)
     return _dense(ctx, func, func(x, ctx.use(w)), x, w, None, transposed=True)
 
 

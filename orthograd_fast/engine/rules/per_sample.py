@@ -39,27 +39,62 @@ def einsum(ctx, func, args, kwargs):
 
 
 def attention(ctx, func, args, kwargs):
-    """``F.scaled_dot_product_attention`` with batched queries: an operand made of parameters only
-    (a relative-position bias as ``attn_mask``, a learned query) is added to or multiplied into the
-    scores sample by sample, so it is handed out expanded along the batch (per-sample rows)."""
-    q = arg(args, kwargs, 0, "query")
-    if not ctx.is_data(q) or ctx.seq_first:
+    """``F.scaled_dot_product_attention`` with batched operands: an operand made of parameters only
+    (a relative-position bias as ``attn_mask``; a learned query, also one projected after its
+    expand along the batch: SigLIP's attention pooling) is added to or multiplied into the scores
+    sample by sample, so it is handed out expanded along the batch (per-sample rows)."""
+    if ctx.seq_first:
         return NotImplemented
+    ops = [arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value"))]
+    ref = next((t for t in ops if ctx.is_data(t)), None)
+    if ref is None:
+        return NotImplemented
+    k = ctx.fold(ref)
     a, kw = list(args), dict(kwargs)
     for i, name in enumerate(("query", "key", "value", "attn_mask")):
         t = arg(args, kwargs, i, name)
         if not isinstance(t, Tensor) or ctx.space.base(t) is None:
             continue
-        if not t.is_floating_point() or t.dim() > q.dim():
+        if not t.is_floating_point() or t.dim() > ref.dim():
             return NotImplemented
         src = ctx.use(t)
-        while src.dim() < q.dim():
+        while src.dim() < ref.dim():
             src = src.unsqueeze(0)
+        if src.shape[0] == ref.shape[0] and src.shape[0] > 1 and src.stride(0) == 0:
+            src = src[:1]  # one row expanded along the batch
         if src.shape[0] != 1:
             return NotImplemented
-        rows = ctx.per_sample(func, t, src, ctx.fold(q))
+        rows = ctx.per_sample(func, t, src, k)
         if i < len(args):
             a[i] = rows
         else:
             kw[name] = rows
     return func(*a, **kw)
+
+
+def expanded_matmul(ctx, func, args, kwargs):
+    """``q @ k`` of batched data and a tensor of parameters with one row, or one row expanded along
+    the batch (a learned query projected after its expand, in an attention written out): the latter
+    is handed out expanded along the batch (per-sample rows); NotImplemented for any other product."""
+    if kwargs or len(args) != 2 or ctx.seq_first:
+        return NotImplemented
+    new = list(args)
+    data = [t for t in args if ctx.is_data(t)]
+    if len(data) != 1 or data[0].dim() < 3:
+        return NotImplemented
+    ref = data[0]
+    for i, t in enumerate(args):
+        if t is ref:
+            continue
+        if not isinstance(t, Tensor) or ctx.space.base(t) is None or not t.is_floating_point():
+            return NotImplemented
+        u = ctx.use(t)
+        if u.dim() != ref.dim():
+            return NotImplemented
+        if u.shape[0] == ref.shape[0] > 1 and u.stride(0) == 0:
+            u = u[:1]
+        if u.shape[0] != 1:
+            return NotImplemented
+        new[i] = ctx.per_sample(func, t, u, ctx.fold(ref))
+    return func(*new)
+
