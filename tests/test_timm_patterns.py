@@ -187,3 +187,65 @@ def test_latent_query_attention_pooling(fused, qk_norm, B):
     err, orth, og = compare(model, ce, _data(gen, B), _data(gen, 3), alpha=0.25, backend="torch")
     assert err <= REL, f"fused={fused} qk_norm={qk_norm}: relative error {err:.2e}"
     assert og.stats["fallback"] == []
+
+
+class LSTM2d(nn.Module):
+    """timm's Sequencer2d block: bidirectional LSTMs over the rows and over the columns of each
+    image, the batch folded into the LSTMs' batch dim (W or H sequences per sample)."""
+
+    def __init__(self, c=6, hidden=4):
+        super().__init__()
+        self.rnn_v = nn.LSTM(c, hidden, batch_first=True, bidirectional=True)
+        self.rnn_h = nn.LSTM(c, hidden, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(4 * hidden, c)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        v, _ = self.rnn_v(x.permute(0, 2, 1, 3).reshape(-1, H, C))
+        v = v.reshape(B, W, H, -1).permute(0, 2, 1, 3)
+        h, _ = self.rnn_h(x.reshape(-1, W, C))
+        h = h.reshape(B, H, W, -1)
+        return self.fc(torch.cat([v, h], dim=-1))
+
+
+class Sequencer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 2, stride=2)
+        self.mix = LSTM2d()
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, img):
+        x = self.stem(img).permute(0, 2, 3, 1)
+        return self.head(self.mix(x).mean((1, 2)))
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_lstm_over_the_rows_of_each_image(B):
+    # each sample's W (H) sequences are its tokens; the input layout comes from the provenance
+    torch.manual_seed(30 + B)
+    gen = torch.Generator().manual_seed(30 + B)
+    model = Sequencer().double()
+    err, orth, og = compare(model, ce, _data(gen, B, size=6), _data(gen, 2, size=6), alpha=0.2, backend="torch")
+    assert err <= REL, f"relative error {err:.2e}"
+    assert og.stats["fallback"] == []
+
+
+def test_lstm_over_a_dim_that_is_not_the_batch_is_refused():
+    # the sequences on dim 0 are the images' rows across samples (time-first data read as
+    # batch-first): no per-sample attribution, a clear error instead of a shape error later
+    from orthograd_fast import CaptureError, OrthoGrad
+
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True)
+
+        def forward(self, x):  # x [B, T, 3]: run on [T, B, 3] as if batch-first
+            return self.rnn(x.transpose(0, 1))[0].mean((0, 1)).sum(-1, keepdim=True).expand(x.shape[0], 1)
+
+    model = Transposed()
+    og = OrthoGrad(model)
+    with pytest.raises(CaptureError, match="batch dim 0 holds 5 sequences"):
+        with og.retain():
+            model(torch.randn(3, 5, 3)).sum().backward()

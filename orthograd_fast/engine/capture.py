@@ -241,11 +241,24 @@ class Capture:
             # sequence is no batch-first tensor)
             for h in tree_flatten(out[1])[0]:
                 prov.mark(h, (1, 1))
-        elif (lay := prov.layout(x, self.B)) is not None and lay[0] == 1:
-            outs, _ = tree_flatten(out)
-            prov.mark(outs[0], lay)  # the output sequence: the input's layout
-            for h in outs[1:]:
-                prov.mark(h, (1, 1))  # h_n / c_n: [layers * directions, B, H]
+        else:
+            bdim = 0 if m.batch_first else 1
+            lay = prov.layout(x, self.B)
+            if lay is not None and lay[1] == bdim:
+                # k sequences per sample (k = 1: one), sample by sample: the outputs keep the layout
+                call.fold = lay[0]
+                outs, _ = tree_flatten(out)
+                prov.mark(outs[0], lay)  # the output sequence: the input's layout
+                for h in outs[1:]:
+                    prov.mark(h, (lay[0], 1))  # h_n / c_n: [layers * directions, k * B, H]
+            elif isinstance(x, Tensor) and x.dim() == 3 and x.shape[bdim] != self.B:
+                raise CaptureError(
+                    f"module '{unit.name}' ({type(m).__name__}) got an input of shape {tuple(x.shape)} whose batch dim "
+                    f"{bdim} holds {x.shape[bdim]} sequences, not the retain batch B={self.B} nor the batch folded "
+                    "into it sample by sample (as a reshape of a batch-first tensor makes it): per-sample gradients "
+                    "cannot be attributed. Keep each sample's sequences together on that dim, or freeze the module "
+                    "(requires_grad_(False))."
+                )
         self.rnn_calls.append(call)
         return out
 

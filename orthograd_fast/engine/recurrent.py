@@ -72,6 +72,7 @@ class RecurrentCall:
         self.lean = lean
         self.dtype = dtype  # the recurrence's dtype (compute_dtype): half weights are cast to it
         self.parts: List[tuple] = []  # (weight name, bias name, A [B, T, I], [grad holders per token])
+        self.fold = 1  # sequences per sample: the batch folded into the sequences' dim, sample by sample
 
     def _w(self, name):
         p = getattr(self.module, name, None)
@@ -186,8 +187,13 @@ class RecurrentCall:
         return (out, (h_n, torch.stack(cn))) if lstm else (out, h_n)
 
     def uses(self, B: int) -> Dict[Tensor, list]:
+        """{param: [uses]} over the retain batch B: with ``fold`` k > 1 sequences per sample
+        (timm's Sequencer runs its LSTMs over the rows and the columns of each image), a sample's
+        k sequences' steps are its tokens."""
         m = self.module
         uses: Dict[Tensor, list] = {}
+        k = self.fold
+        tokens = (lambda t: t.reshape(B, k * t.shape[1], t.shape[2])) if k > 1 else (lambda t: t)  # noqa: E731
         # a bias's rows are its gates' gradients summed over the steps: an LSTM layer's and an
         # RNN's input and hidden biases share one D, so they share the sum (one read of D)
         sums: Dict[int, tuple] = {}  # id(D) -> (D, its sum): D kept, so no id is reused
@@ -196,10 +202,11 @@ class RecurrentCall:
                 continue
             if per_step:  # one token per step: stack the steps as tokens
                 A = torch.stack(A_rows, 1)
-                D = torch.stack([h.g if h.g is not None else A_rows[0].new_zeros(B, getattr(m, wn).shape[0]) for h in holders], 1)
+                D = torch.stack([h.g if h.g is not None else A_rows[0].new_zeros(A_rows[0].shape[0], getattr(m, wn).shape[0]) for h in holders], 1)
             else:  # A_rows[0]: the input, or the LSTM layer's GateGrads (the h each step started from)
                 A = A_rows[0].h_prev if isinstance(A_rows[0], GateGrads) else A_rows[0]
                 D = holders[0].g
+            A, D = tokens(A), tokens(D)
             w = getattr(m, wn)
             G, I = w.shape
             if w.requires_grad:
