@@ -209,6 +209,22 @@ def test_layout_rules():
     assert prov.fold(_op(prov, B, torch.Tensor.reshape, t, (B * B, 5)), B) is None
 
 
+def test_repeat_interleave_along_the_batch_folds_it():
+    # GCViT's global query (one per image) repeated for each of the image's windows: sample-major
+    B, prov = 3, Provenance()
+    q = torch.randn(B, 4, 5)
+    prov.mark(q)
+    w = _op(prov, B, torch.Tensor.repeat_interleave, q, 2, 0)
+    assert prov.fold(w, B) == 2
+    assert prov.fold(_op(prov, B, torch.repeat_interleave, w, 3, 0), B) == 6
+    assert prov.fold(_op(prov, B, torch.Tensor.repeat_interleave, q, 2, 1), B) == 1  # another dim
+    # a plain repeat tiles the batch sample-minor: no known layout; so do tensor repeats and the
+    # flattening form (no dim)
+    assert prov.fold(_op(prov, B, torch.Tensor.repeat, q, 2, 1, 1), B) is None
+    assert prov.fold(_op(prov, B, torch.Tensor.repeat_interleave, q, torch.tensor([1, 2, 1]), 0), B) is None
+    assert prov.fold(_op(prov, B, torch.Tensor.repeat_interleave, q, 2), B) is None
+
+
 def test_reductions_move_the_batch_dim():
     # a sequence-first [T, B, F] reduced over time: the batch moves to dim 0; reduced over the
     # batch (or everything): no batch; with T == B the shape alone would mislead

@@ -3,7 +3,8 @@ pull a CUDA torch; the project installs the CPU one), against the float64 oracle
 standardization of StdConv2d / ScaledStdConv2d (BiT ResNetV2, NFNets) through F.batch_norm over
 the weight; XCiT's Fourier position encoding, a convolution of a constant grid repeated along
 the batch; SigLIP's attention pooling, a learned query expanded along the batch and projected
-before it meets the tokens in the attention."""
+before it meets the tokens in the attention; Sequencer's LSTMs over the rows of each image;
+GCViT's global query, repeated (interleaved) for each window of its image."""
 
 import math
 
@@ -249,3 +250,41 @@ def test_lstm_over_a_dim_that_is_not_the_batch_is_refused():
     with pytest.raises(CaptureError, match="batch dim 0 holds 5 sequences"):
         with og.retain():
             model(torch.randn(3, 5, 3)).sum().backward()
+
+
+class GlobalQueryWindows(nn.Module):
+    """GCViT's window attention with a global query: per image, a query computed from the whole
+    (pooled) image, repeat_interleave'd over the image's windows; keys and values from each window;
+    a relative-position bias parameter added to the scores."""
+
+    def __init__(self, c=6, heads=2, win=2):
+        super().__init__()
+        self.win, self.heads = win, heads
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.q_global = nn.Linear(c, c)
+        self.kv = nn.Linear(c, 2 * c)
+        self.rel = nn.Parameter(torch.randn(heads, win * win, win * win) * 0.1)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, img):
+        x = self.stem(img).permute(0, 2, 3, 1)  # [B, H, W, C]
+        B, H, W, C = x.shape
+        w, hd = self.win, C // self.heads
+        xw = x.reshape(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, C)
+        g = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), w).flatten(2).transpose(1, 2)  # [B, N, C]
+        q = self.q_global(g).repeat_interleave(xw.shape[0] // B, dim=0)
+        q = q.reshape(-1, w * w, self.heads, hd).transpose(1, 2)
+        k, v = self.kv(xw).reshape(-1, w * w, 2, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * hd**-0.5 + self.rel
+        o = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B, -1, C)
+        return self.head(o.mean(1))
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_global_query_interleaved_over_windows(B):
+    torch.manual_seed(40 + B)
+    gen = torch.Generator().manual_seed(40 + B)
+    model = GlobalQueryWindows().double()
+    err, orth, og = compare(model, ce, _data(gen, B), _data(gen, 2), alpha=0.2, backend="torch")
+    assert err <= REL, f"relative error {err:.2e}"
+    assert og.stats["fallback"] == []

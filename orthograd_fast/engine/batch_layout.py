@@ -52,6 +52,8 @@ _UNSQUEEZES = {Tensor.unsqueeze, torch.unsqueeze}
 _SQUEEZES = {Tensor.squeeze, torch.squeeze}
 _UNBINDS = {Tensor.unbind, torch.unbind, Tensor.__iter__}
 _MOVEDIMS = {Tensor.movedim, torch.movedim, Tensor.moveaxis, torch.moveaxis}
+# Each entry repeated r times in place: along the batch's dim, k rows per sample become k * r
+_INTERLEAVES = {Tensor.repeat_interleave, torch.repeat_interleave}
 # Reductions over given dims (max / min: only with a dim, else elementwise or whole): a dim before
 # the batch's that goes moves it left (a sequence-first [T, B, F] summed over time: [B, F])
 _REDUCES = {f for name in ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "max", "min")
@@ -65,7 +67,7 @@ _PAD_PACKED = torch._pad_packed_sequence
 
 # Operations whose output layout is not the input's: everything else keeps the batch dim in place.
 _MOVES = (RESHAPE_FUNCS | _SWAPS | _PERMUTES | _ROLLS | _JOINS | _STACKS | _UNSQUEEZES | _SQUEEZES | _UNBINDS
-          | _MOVEDIMS | _REDUCES | {Tensor.__getitem__})
+          | _MOVEDIMS | _REDUCES | _INTERLEAVES | {Tensor.__getitem__})
 _METHOD_WRAPPER = type(Tensor.mT.__get__)  # attribute reads (``.mT``, ``.T``, ``._base``)
 
 
@@ -239,6 +241,15 @@ def _out_layout(func, args, kwargs, src: Tensor, lay, o: Tensor, B: Optional[int
     if func is Tensor.__getitem__:
         pos = _index_position(args[1] if len(args) > 1 else None, n, d)
         return (k, pos) if pos is not None and pos < o.dim() and o.shape[pos] == src.shape[d] else None
+    if func in _INTERLEAVES:
+        # (GCViT's global query, one per image, repeated for each of its windows)
+        r = args[1] if len(args) > 1 else kwargs.get("repeats")
+        dim = args[2] if len(args) > 2 else kwargs.get("dim")
+        if not (args and args[0] is src) or not isinstance(r, int) or isinstance(r, bool) or not isinstance(dim, int):
+            return None  # (tensor repeats, or no dim: the input flattened)
+        if dim % n != d:
+            return lay if o.shape[d] == src.shape[d] else None
+        return (k * r, d) if o.shape[d] == src.shape[d] * r else None
     if func in _UNBINDS:
         dim = (_dims_arg(args, kwargs, 1, "dim") or (0,))[0] % n if func is not Tensor.__iter__ else 0
         return None if dim == d else (k, d - 1 if dim < d else d)
