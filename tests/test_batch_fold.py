@@ -1,8 +1,9 @@
 """The retain batch folded into dim 0 (k rows per sample, sample by sample): window attention's
 ``(B, H, W, C) -> (B * windows, N, C)``, heads folded into the batch. Token layers (Linear,
-LayerNorm, einsum / matmul with a weight, attention biases) are exact on such inputs: each sample's
-gradient sums over its k rows. Layers whose per-sample gradient is not a sum over tokens (a conv
-over folded images) are refused by name, and a tensor whose batch is not on dim 0 (sequence-first)
+LayerNorm, einsum / matmul with a weight, attention biases, convolutions over k images per
+sample) are exact on such inputs: each sample's gradient sums over its k rows. A channels-first
+norm over folded images (rows per image) is refused by name, and a tensor whose batch is not on
+dim 0 (sequence-first)
 is never taken for batch-first data, also when its dim 0 happens to equal B.
 Every case is compared with the float64 per-sample loop.
 """
@@ -144,9 +145,64 @@ def _retain_grads_restored(model, B, shape, match):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_folded_conv_refused_by_name():
-    model = nn.Sequential(FoldedConv(), nn.Linear(72, 4))
-    _retain_grads_restored(model, 3, (2, 4, 6), r"module '0.conv' \(Conv2d\).*2 rows per sample")
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("where", ["module", "parent"])
+def test_folded_conv_exact(where, B):
+    # k images per sample folded into dim 0: each sample's images' positions are its tokens
+    g = torch.Generator().manual_seed(20 + B)
+    torch.manual_seed(20 + B)
+    model = nn.Sequential(FoldedConv(), nn.Linear(72, 4)) if where == "module" else ParentFoldedConv()
+    retain, unlearn = _data(B, g, (2, 4, 6)), _data(3, g, (2, 4, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback use warns: fail on it
+        err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
+    assert err <= REL, f"{where}/B={B}: relative error {err:.2e}"
+    assert og.stats["fallback"] == [], og.stats["fallback"]
+
+
+class FoldedLayers(nn.Module):
+    """MViTv2's pooling (a depthwise conv over heads folded into dim 0) and a transposed conv over
+    two halves of each image folded into dim 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.Conv2d(2, 2, 3, stride=2, padding=1, groups=2)
+        self.up = nn.ConvTranspose2d(2, 3, 2, stride=2)
+        self.head = nn.Linear(3 * 4 * 6 * 2 // 2, 4)
+
+    def forward(self, x):  # [B, 2, 4, 6]
+        B = x.shape[0]
+        h = x.reshape(B, 2, 2, 2, 6).transpose(1, 2).reshape(B * 2, 2, 2, 6)
+        y = self.up(self.pool(h))  # [B * 2, 3, 2, 2]
+        return self.head(y.reshape(B, -1))
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_folded_depthwise_and_transposed_conv_exact(B):
+    g = torch.Generator().manual_seed(30 + B)
+    torch.manual_seed(30 + B)
+    model = FoldedLayers()
+    retain, unlearn = _data(B, g, (2, 4, 6)), _data(3, g, (2, 4, 6))
+    err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
+    assert err <= REL, f"B={B}: relative error {err:.2e}"
+    assert og.stats["fallback"] == [], og.stats["fallback"]
+
+
+class FoldedGroupNorm(nn.Module):
+    """A channels-first norm over images folded into dim 0: refused (its rows are per image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(1, 2)
+
+    def forward(self, x):  # [B, 2, 4, 6]
+        B = x.shape[0]
+        return self.norm(x.reshape(B, 2, 2, 2, 6).transpose(1, 2).reshape(B * 2, 2, 2, 6)).reshape(B, -1)
+
+
+def test_folded_channels_first_norm_refused_by_name():
+    model = nn.Sequential(FoldedGroupNorm(), nn.Linear(48, 4))
+    _retain_grads_restored(model, 3, (2, 4, 6), r"module '0.norm' \(GroupNorm\).*2 rows per sample")
 
 
 @pytest.mark.parametrize("B", [T, T + 1])  # B == T: dim 0 of the transposed input equals B
@@ -174,6 +230,3 @@ class ParentFoldedConv(nn.Module):
         y = F.conv2d(x.reshape(B * 2, 2, 2, 6), self.holder.w, padding=1)
         return self.head(y.reshape(B, -1))
 
-
-def test_folded_conv_outside_its_owner_refused():
-    _retain_grads_restored(ParentFoldedConv(), 3, (2, 4, 6), r"holder\.w.*folded into dim 0")

@@ -58,10 +58,10 @@ def _conv_padding(x, padding, kernel, dilation, nd):
 
 def _conv_call(ctx, func, args, kwargs):
     """(x, w, b, out) of a convolution or transposed convolution run with its weight and bias in
-    use, or None where x is not batch-first data with one image per sample (folded images:
-    per-sample sums over k images are not factored)."""
+    use, or None where x is not batch-first data (one image per sample, or k images per sample
+    folded into dim 0 sample by sample)."""
     x, w, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    if not ctx.is_data(x) or ctx.fold(x) != 1 or ctx.seq_first:
+    if not ctx.is_data(x) or ctx.seq_first:
         return None
     rest = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
     return x, w, b, func(x, ctx.use(w), ctx.use(b), *args[3:], **rest)
@@ -81,20 +81,33 @@ def _conv_rule(ctx, func, args, kwargs, transposed: bool):
     groups = arg(args, kwargs, 6, "groups", 1)
     dilation = as_tuple(arg(args, kwargs, 7 if transposed else 5, "dilation", 1), nd)
     B, xd, space = ctx.B, x.detach(), ctx.space
+    k = ctx.fold(x)  # images per sample
     kernel = tuple(w.shape[2:])
 
     def build(gy):
         uses = {}
         if space.base(w) is not None:
             if transposed:
-                use = conv_weight_use(gy, xd, B, kernel, stride, as_tuple(padding, nd), dilation, groups, w.shape[0])
+                use = conv_weight_use(gy, xd, B * k, kernel, stride, as_tuple(padding, nd), dilation, groups, w.shape[0])
             else:
                 xp, pad = _conv_padding(xd, padding, kernel, dilation, nd)
-                use = conv_weight_use(xp, gy, B, kernel, stride, pad, dilation, groups, w.shape[0])
-            uses = weight_use(space, w, use)
-        return merge(uses, bias_uses(space, b, gy.reshape(B, gy.shape[1], -1).transpose(1, 2)))
+                use = conv_weight_use(xp, gy, B * k, kernel, stride, pad, dilation, groups, w.shape[0])
+            uses = weight_use(space, w, _images_as_tokens(use, B, k))
+        # the bias: each sample's output gradient summed over its images' positions
+        return merge(uses, bias_uses(space, b, gy.reshape(B, k, gy.shape[1], -1).transpose(2, 3).reshape(B, -1, gy.shape[1])))
 
     return ctx.record(func, out, [w, b], build)
+
+
+def _images_as_tokens(use, B: int, k: int):
+    """The use of k images per sample (folded into dim 0 sample by sample) as one use per sample
+    over all its images' positions: the token form (im2col) with each sample's k images' positions
+    as its tokens (exact: a per-sample gradient sums over tokens). k = 1: ``use`` as it is."""
+    if k == 1:
+        return use
+    f = use.outer() if isinstance(use, ConvFactors) else use
+    A, D = f.A, f.D  # [B k, L, G, .]
+    return OuterFactors(A.reshape(B, -1, *A.shape[2:]), D.reshape(B, -1, *D.shape[2:]), None, f.shape, transposed=f.transposed)
 
 
 def conv(ctx, func, args, kwargs):
