@@ -93,8 +93,11 @@ def _conv_rule(ctx, func, args, kwargs, transposed: bool):
                 xp, pad = _conv_padding(xd, padding, kernel, dilation, nd)
                 use = conv_weight_use(xp, gy, B * k, kernel, stride, pad, dilation, groups, w.shape[0])
             uses = weight_use(space, w, _images_as_tokens(use, B, k))
-        # the bias: each sample's output gradient summed over its images' positions
-        return merge(uses, bias_uses(space, b, gy.reshape(B, k, gy.shape[1], -1).transpose(2, 3).reshape(B, -1, gy.shape[1])))
+        # the bias: each sample's output gradient summed over its images' positions (a view for
+        # one image per sample; k images: their positions concatenated, one copy)
+        O = gy.shape[1]
+        tok = gy.reshape(B, O, -1).transpose(1, 2) if k == 1 else gy.reshape(B, k, O, -1).transpose(2, 3).reshape(B, -1, O)
+        return merge(uses, bias_uses(space, b, tok))
 
     return ctx.record(func, out, [w, b], build)
 
