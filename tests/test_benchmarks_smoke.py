@@ -501,3 +501,29 @@ def test_oracle_loop_survives_the_one_sample_batch_norm_backward():
     Gm = per_sample_grads(manual, loss, x, y, [manual.bn.weight, manual.conv.weight], 3)
     torch.testing.assert_close(Gn[id(native.bn.weight)], Gm[id(manual.bn.weight)], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(Gn[id(native.conv.weight)], Gm[id(manual.conv.weight)], rtol=1e-10, atol=1e-12)
+
+
+def test_timm_sweep_stub_serves_torchvision_names():
+    # the sweep's stand-in for torchvision (timm's wheel requires it; its wheels pull a CUDA torch):
+    # any submodule imports, names are inert, FrozenBatchNorm2d is an eval-mode batch norm. In a
+    # child process: the finder stays installed in the process that called it
+    import subprocess
+
+    code = (
+        "import torch\n"
+        "from benchmarks.timm_sweep import stub_torchvision\n"
+        "stub_torchvision()\n"
+        "from torchvision.ops.misc import FrozenBatchNorm2d\n"
+        "from torchvision.datasets import CIFAR10\n"
+        "from torchvision.transforms import InterpolationMode\n"
+        "assert InterpolationMode.NEAREST == 'NEAREST' and CIFAR10() is not None\n"
+        "bn = FrozenBatchNorm2d(3)\n"
+        "bn.running_mean.fill_(0.5); bn.running_var.fill_(4.0); bn.weight.fill_(2.0); bn.bias.fill_(1.0)\n"
+        "x = torch.randn(2, 3, 4, 4)\n"
+        "ref = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)\n"
+        "torch.testing.assert_close(bn(x), ref)\n"
+        "print('stub ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0 and "stub ok" in r.stdout, r.stderr[-2000:]
