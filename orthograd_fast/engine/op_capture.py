@@ -265,8 +265,8 @@ class OpContext:
                     src = u
                     for _ in range(n - u.dim()):
                         src = src.unsqueeze(0)
-                elif k == 1 and u.dim() == n and u.shape[0] == B and u.stride(0) == 0:
-                    src = u[:1]  # already expanded along the batch (a cls token)
+                elif k == 1 and u.dim() == n and self.space.one_row(u, B):
+                    src = u[:1]  # one row along the batch (an expanded cls token, a repeated encoding)
                 else:
                     return NotImplemented
                 rows = self.per_sample(func, t, src, k)
@@ -348,16 +348,10 @@ class OpMode(TorchFunctionMode):
         if not has_data and not any(ctx.is_activation(t) for t in leaves):
             # parameters only (and constants): a view or a derived tensor, mapped back later
             a, kw = _unflatten([space.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
-            if func in _REPEATS:
-                rows = _repeat_as_expand(a, kw, ctx.B)
-                if rows is not None:  # a view of the repeated tensor: found by its storage
-                    return rows
-            if func in rules.ROWWISE:
-                out = _one_row(func, args, kwargs, a, kw, ctx.B, space)
-                if out is not None:
-                    return out
             out = func(*a, **kw)
             space.add_derived(out, func, args, kwargs)
+            if (func in _REPEATS and _repeats_one_row(a, kw, ctx.B)) or (func in rules.ROWWISE and _row_wise(func, a, kw, ctx.B, space)):
+                space.mark_rows(out, ctx.B)
             return out
         return ctx.unknown(func, args, kwargs, leaves, spec)
 
@@ -378,53 +372,35 @@ class OpMode(TorchFunctionMode):
 _REPEATS = (Tensor.repeat, torch.tile, Tensor.tile)
 
 
-def _expanded(t, B: Optional[int]) -> bool:
-    """``t`` is one row expanded along the batch: B > 1 rows on dim 0 with stride 0."""
-    return isinstance(t, Tensor) and B is not None and B > 1 and t.dim() >= 1 and t.shape[0] == B and t.stride(0) == 0
-
-
-def _one_row(func, args, kwargs, a, kw, B: Optional[int], space) -> Optional[Tensor]:
-    """A row-wise operation (:data:`rules.ROWWISE`) on parameters only whose operands include one
-    row expanded along the batch (``latent.expand(B, -1, -1)``, a learned query): computed on
-    that row and expanded again, so that where it meets the batch (an attention's query, an added
-    operand) it is still one row expanded, whose per-sample rows are known. None when no operand
-    is expanded, or another operand has B rows of its own (the rows then differ)."""
-    leaves, spec = _flatten(args, kwargs)
+def _row_wise(func, a, kw, B: Optional[int], space) -> bool:
+    """A row-wise operation (:data:`rules.ROWWISE`, not in place) on parameters only whose input
+    is one row of parameters along the batch (``latent.expand(B, -1, -1)``, a learned query; or a
+    tensor that was): its B output rows are equal too, each the same function of the parameters."""
+    name = getattr(func, "__name__", "")
+    if B is None or B < 2 or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i"):
+        return False
     used, _ = _flatten(a, kw)
-    if not any(_expanded(t, B) for t in used):
-        return None
-    if func in rules.ROWWISE_FIRST:
-        if not _expanded(used[0], B) or any(_expanded(t, B) for t in used[1:]):
-            return None  # (linear, norms: the input is the expanded operand, not the weight)
-    else:  # broadcasting: every other operand broadcasts along dim 0 of the expanded ones
-        n = max(t.dim() for t in used if _expanded(t, B))
-        if any(isinstance(t, Tensor) and t.dim() >= n and not _expanded(t, B) and t.shape[t.dim() - n] != 1 for t in used):
-            return None
-    one = lambda ts: [t[:1] if _expanded(t, B) else t for t in ts]  # noqa: E731
-    oa, okw = _unflatten(one(leaves), spec)
-    ua, ukw = _unflatten(one(used), spec)
-    out = func(*ua, **ukw)
-    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != 1:
-        return None
-    space.add_derived(out, func, oa, okw)
-    return out.expand(B, *out.shape[1:])
+    rows = [space.one_row(t, B) for t in used]
+    if not any(rows):
+        return False
+    if func in rules.ROWWISE_FIRST:  # (linear, norms: the input is the row operand, not the weight)
+        return rows[0] and not any(rows[1:])
+    # broadcasting: every other operand broadcasts along dim 0 of the row operands
+    n = max(t.dim() for t, r in zip(used, rows) if r)
+    return not any(isinstance(t, Tensor) and not r and t.dim() >= n and t.shape[t.dim() - n] != 1 for t, r in zip(used, rows))
 
 
-def _repeat_as_expand(args, kwargs, B: int) -> Optional[Tensor]:
+def _repeats_one_row(args, kwargs, B: Optional[int]) -> bool:
     """``t.repeat(B, 1, ..)`` (or ``tile``) of a tensor of parameters with one row (or fewer
-    dims): the same values as ``t.expand(B, ..)``, returned as that view, so that where it meets
-    the batch it is the one row expanded along it (a position encoding repeated for the batch,
-    timm's XCiT), whose per-sample rows are known; None for any other repeat."""
-    if kwargs or not args or not isinstance(args[0], Tensor):
-        return None
+    dims): B equal rows (a position encoding repeated for the batch, timm's XCiT)."""
+    if B is None or B < 2 or kwargs or not args or not isinstance(args[0], Tensor):
+        return False
     t = args[0]
     reps = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else tuple(args[1:])
     if not reps or not all(isinstance(r, int) for r in reps) or reps[0] != B or any(r != 1 for r in reps[1:]):
-        return None
-    if len(reps) < t.dim():  # (tile pads the repeats with leading ones: the batch dim is not dim 0)
-        return None
-    v = t.reshape((1,) * (len(reps) - t.dim()) + tuple(t.shape))
-    return v.expand(B, *v.shape[1:]) if v.shape[0] == 1 else None
+        return False
+    # (tile pads short repeats with leading ones: then the batch's repeat is not on dim 0)
+    return len(reps) >= t.dim() and (len(reps) > t.dim() or t.shape[0] == 1)
 
 
 def frame_hooks(ctx: OpContext, unit, module: nn.Module, params: set, on_exit: Callable):

@@ -51,6 +51,8 @@ class ParamSpace:
                 self._by_storage[k] = ("param", p)
         # storage of an embedding lookup's output -> (weight, ids, padding_idx)
         self._lookups: Dict[int, tuple] = {}
+        # storage of a tensor of B equal rows (mark_rows) -> (offset, row stride, B, version)
+        self._rows: Dict[int, tuple] = {}
 
     # --- what a tensor is ---------------------------------------------------------------------
     def base(self, t) -> Optional[Tuple[str, object]]:
@@ -79,6 +81,24 @@ class ParamSpace:
                 if all(q is not r for r in out):
                     out.append(q)
         return out
+
+    def mark_rows(self, t: Tensor, B: int) -> None:
+        """``t`` [B, ...] holds B equal rows, each the same function of the parameters (one row
+        expanded or repeated along the batch, then row-wise operations): where it meets the batch
+        it is that row handed out per sample. Kept with its version: a write in place drops it."""
+        k = _storage_key(t)
+        if k is not None and t.dim() >= 1 and t.shape[0] == B:
+            self._rows[k] = (t.storage_offset(), t.stride(0), B, t._version)
+
+    def one_row(self, t, n: int) -> bool:
+        """``t`` has ``n`` rows on dim 0 that are one row of parameters: a stride-0 expand, or a
+        view along the rows of a tensor :meth:`mark_rows` marked and nothing wrote since."""
+        if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n or n < 2 or self.base(t) is None:
+            return False
+        if t.stride(0) == 0:
+            return True
+        e = self._rows.get(_storage_key(t))
+        return e is not None and e[2] == n and e[3] == t._version and t.stride(0) == e[1] and 0 <= t.storage_offset() - e[0] < e[1]
 
     def use(self, t):
         """What an operation receives in place of ``t``: under lean retain a detached alias of a

@@ -82,7 +82,7 @@ BROADCAST = (
 CONCAT = _names(torch, ("cat", "concat", "concatenate"))
 
 # Operations that act on each row of dim 0 alone: on parameters only, one row expanded along the
-# batch stays that (op_capture._one_row). ROWWISE_FIRST: those whose row operand is the first.
+# batch gives equal rows too (op_capture._row_wise). ROWWISE_FIRST: those whose row operand is the first.
 _UNARY = ("relu", "gelu", "silu", "sigmoid", "tanh", "neg", "exp", "float", "half", "bfloat16", "to", "type_as")
 ROWWISE_FIRST = {F.linear, F.layer_norm, torch.layer_norm} | _names(F, ("rms_norm",)) | _names(torch, ("rms_norm",))
 ROWWISE = BROADCAST | ROWWISE_FIRST | _names(F, _UNARY) | _names(torch, _UNARY) | _names(Tensor, _UNARY) | _names(Tensor, ("__neg__",))

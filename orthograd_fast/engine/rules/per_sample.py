@@ -60,8 +60,8 @@ def attention(ctx, func, args, kwargs):
         src = ctx.use(t)
         while src.dim() < ref.dim():
             src = src.unsqueeze(0)
-        if src.shape[0] == ref.shape[0] and src.shape[0] > 1 and src.stride(0) == 0:
-            src = src[:1]  # one row expanded along the batch
+        if ctx.space.one_row(src, ref.shape[0]):
+            src = src[:1]  # one row of parameters along the batch
         if src.shape[0] != 1:
             return NotImplemented
         rows = ctx.per_sample(func, t, src, k)
@@ -73,9 +73,10 @@ def attention(ctx, func, args, kwargs):
 
 
 def expanded_matmul(ctx, func, args, kwargs):
-    """``q @ k`` of batched data and a tensor of parameters with one row, or one row expanded along
-    the batch (a learned query projected after its expand, in an attention written out): the latter
-    is handed out expanded along the batch (per-sample rows); NotImplemented for any other product."""
+    """``q @ k`` of batched data and a tensor of parameters with one row, or equal rows along the
+    batch (ParamSpace.one_row: a learned query projected after its expand, in an attention written
+    out): that row is handed out expanded along the batch (per-sample rows); NotImplemented for any
+    other product."""
     if kwargs or len(args) != 2 or ctx.seq_first:
         return NotImplemented
     new = list(args)
@@ -91,7 +92,7 @@ def expanded_matmul(ctx, func, args, kwargs):
         u = ctx.use(t)
         if u.dim() != ref.dim():
             return NotImplemented
-        if u.shape[0] == ref.shape[0] > 1 and u.stride(0) == 0:
+        if ctx.space.one_row(u, ref.shape[0]):
             u = u[:1]
         if u.shape[0] != 1:
             return NotImplemented
