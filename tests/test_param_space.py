@@ -37,3 +37,96 @@ def test_parametrized_weight_matches_oracle(kind, scope):
     err, _, og = compare(_model(kind), ce, retain, unlearn, scope=scope, alpha=0.3, backend="torch")
     assert err <= REL, f"{kind}/{scope}: relative error {err:.2e}"
     assert og.stats["fallback"] == []
+
+
+class PositionBiasMLP(nn.Module):
+    """Swin V2's continuous position bias: an MLP over a constant coordinates table, written in
+    place (``nn.ReLU(inplace=True)``, ``relu_``, ``*=``), added to attention scores over tokens."""
+
+    def __init__(self, write, T=5, heads=2, d=4):
+        super().__init__()
+        self.qk = nn.Linear(d, 2 * d)
+        self.mlp1 = nn.Linear(2, 8)
+        self.mlp2 = nn.Linear(8, heads, bias=False)
+        self.head = nn.Linear(heads * T, 3)
+        self.register_buffer("coords", torch.randn(T * T, 2))
+        self.write, self.T, self.heads = write, T, heads
+
+    def forward(self, x):  # [B, T, d]
+        B, T, d = x.shape
+        q, k = self.qk(x).chunk(2, -1)
+        h = self.mlp1(self.coords)
+        if self.write == "module":
+            h = nn.ReLU(inplace=True)(h)
+        elif self.write == "method":
+            h.relu_()
+        elif self.write == "operator":
+            h *= 0.5  # (the linear's backward does not read its output)
+            h = torch.relu(h)
+        else:
+            h = torch.relu(h)
+        bias = 16 * torch.sigmoid(self.mlp2(h)).transpose(0, 1).reshape(self.heads, T, T)
+        scores = (q @ k.transpose(-2, -1)).unsqueeze(1) + bias  # [B, heads, T, T]
+        return self.head(scores.softmax(-1).mean(-1).reshape(B, -1))
+
+
+@pytest.mark.parametrize("write", ["none", "module", "method", "operator"])
+def test_in_place_write_into_a_tensor_of_parameters(write):
+    # the write's out-of-place twin applied to a snapshot of the value before it: the per-sample
+    # rows map back through the ReLU (they once mapped through the recipe from before the write)
+    torch.manual_seed(60)
+    g = torch.Generator().manual_seed(60)
+    model = PositionBiasMLP(write).double()
+    retain = (torch.randn(4, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
+    unlearn = (torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (2,), generator=g))
+    err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
+    assert err <= 1e-8, f"{write}: relative error {err:.2e}"
+    assert og.stats["fallback"] == []
+
+
+class PartialWrite(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.w = nn.Linear(3, 3)
+        self.how = how
+
+    def forward(self, x):
+        t = self.w(torch.eye(3, dtype=x.dtype))  # parameters only
+        if self.how == "slice":
+            t[:, 0].mul_(2.0)
+        else:
+            t[0] = 0.0
+        return x @ t
+
+
+@pytest.mark.parametrize("how", ["slice", "setitem"])
+def test_write_into_part_of_a_tensor_of_parameters_is_refused(how):
+    from orthograd_fast import CaptureError, OrthoGrad
+
+    model = PartialWrite(how)
+    og = OrthoGrad(model)
+    with pytest.raises(CaptureError, match="writes in place into"):
+        with og.retain():
+            model(torch.randn(4, 3)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_write_into_a_parameter_in_the_forward_still_runs():
+    # a constraint applied to the weight's values in the forward (grad enabled): the capture reads
+    # the written values as the forward does, as before
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            self.lin.weight.data.clamp_(-0.4, 0.4)
+            return self.lin(x)
+
+    torch.manual_seed(61)
+    g = torch.Generator().manual_seed(61)
+    model = Clamped().double()
+    retain = (torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (4,), generator=g))
+    unlearn = (torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (2,), generator=g))
+    err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
+    assert err <= 1e-8, f"relative error {err:.2e}"

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from . import rules, threads
 from .batch_layout import Provenance, is_batched
 from .call_args import flat as _flat, flatten as _flatten, unflatten as _unflatten
-from .param_space import ParamSpace, PerSample, anchored
+from .param_space import ParamSpace, PerSample, anchored, in_place
 from ..errors import CaptureError
 from .factors import ExplicitRows
 
@@ -348,6 +348,8 @@ class OpMode(TorchFunctionMode):
         if not has_data and not any(ctx.is_activation(t) for t in leaves):
             # parameters only (and constants): a view or a derived tensor, mapped back later
             a, kw = _unflatten([space.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
+            if args and isinstance(args[0], Tensor) and space.base(args[0]) is not None and in_place(func, kwargs):
+                space.before_in_place(func, args, kwargs, rules.op_name(func))
             out = func(*a, **kw)
             space.add_derived(out, func, args, kwargs)
             if (func in _REPEATS and _repeats_one_row(a, kw, ctx.B)) or (func in rules.ROWWISE and _row_wise(func, a, kw, ctx.B, space)):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from ..errors import CaptureError
 from .batch_layout import _compiling, _leaves, _storage_key, same_view, tensors_in
 
 
@@ -81,6 +82,34 @@ class ParamSpace:
                 if all(q is not r for r in out):
                     out.append(q)
         return out
+
+    def before_in_place(self, func, args, kwargs, name: str) -> None:
+        """``func`` is about to write in place into ``args[0]``, a tensor made of parameters only
+        (``nn.ReLU(inplace=True)`` in Swin V2's position-bias MLP): its storage's recipe becomes
+        the out-of-place twin applied to a snapshot that keeps the recipe it had. A write into a
+        parameter, into part of such a tensor, or without a known twin is refused by name (its
+        per-sample rows would be mapped back through the recipe from before the write)."""
+        t = args[0]
+        kind, obj = self.base(t)
+        if kind == "param":
+            return  # (a parameter's own storage: later uses read the written values, as they run)
+        oop = _out_of_place(func, kwargs)
+        if oop is None or not (t is obj[0] or same_view(t, obj[0])):
+            what = "part of a tensor" if oop is not None else "a tensor"
+            shapes = ", ".join(str(tuple(p.shape)) for p in self.owners(t)[:3])
+            raise CaptureError(
+                f"{name} writes in place into {what} computed from parameters only (shape {tuple(t.shape)}, from "
+                f"parameters of shape {shapes}): the capture maps per-sample gradients back through how such tensors "
+                "were computed, which this write hides. Use the out-of-place form (inplace=False, x = x * s instead of "
+                "x *= s), or freeze those parameters."
+            )
+        root = obj[0]
+        snap = root.detach().clone()  # stands for the value before the write (its recipe: root's)
+        k = _storage_key(snap)
+        if k is not None:
+            self._by_storage[k] = ("derived", (snap,) + tuple(obj[1:]))
+        kw = {n: v for n, v in kwargs.items() if n != "inplace"}
+        self._by_storage[_storage_key(root)] = ("derived", (root, oop, (snap,) + tuple(args[1:]), kw, 0))
 
     def mark_rows(self, t: Tensor, B: int) -> None:
         """``t`` [B, ...] holds B equal rows, each the same function of the parameters (one row
@@ -221,6 +250,35 @@ class ParamSpace:
         if t is root or same_view(t, root):
             return v
         return v.as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset() + v.storage_offset())
+
+
+# in-place methods that change no values (a flag, the graph, where the storage lives)
+_NO_WRITE = {"requires_grad_", "detach_", "share_memory_", "retain_grad"}
+
+
+def in_place(func, kwargs) -> bool:
+    """Whether a call writes into its first operand: ``relu_``, ``x *= s``, ``inplace=True``,
+    ``x[i] = v``."""
+    name = getattr(func, "__name__", "")
+    if name in _NO_WRITE:
+        return False
+    return bool(kwargs.get("inplace")) or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i") or name == "__setitem__"
+
+
+def _out_of_place(func, kwargs):
+    """The out-of-place twin of an in-place call (``relu_`` -> ``relu``, ``__imul__`` ->
+    ``__mul__``, ``F.relu(inplace=True)`` -> ``F.relu``), None where there is none."""
+    if kwargs.get("inplace"):
+        return func
+    name = getattr(func, "__name__", "")
+    if name.startswith("__i") and name.endswith("__"):
+        return getattr(Tensor, "__" + name[3:], None)
+    if name.endswith("_") and not name.startswith("__"):
+        for owner in (Tensor, torch):
+            if getattr(owner, name, None) is func:
+                twin = getattr(owner, name[:-1], None)
+                return twin if callable(twin) else None
+    return None
 
 
 class Anchor(torch.autograd.Function):
