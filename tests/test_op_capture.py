@@ -439,3 +439,32 @@ def test_instance_norm_affine_is_captured(dims, track, train):
     err, _, og = compare(model, ce, retain, unlearn, alpha=0.3, backend="torch")
     assert err <= REL, f"{dims}/{track}/{train}: relative error {err:.2e}"
     assert og.stats["fallback"] == []
+
+
+class LeftWeight(nn.Module):
+    """Mamba's time-step projection in its slow path: ``dt_proj.weight @ x.transpose(1, 2)`` (the
+    weight on the left of batch-first tokens), its bias added along the channels."""
+
+    def __init__(self, d=3, inner=5, T=4):
+        super().__init__()
+        self.x_proj = nn.Linear(d, 2)
+        self.dt_proj = nn.Linear(2, inner)
+        self.head = nn.Linear(inner * T, 3)
+
+    def forward(self, x):  # [B, T, d]
+        t = self.x_proj(x)  # [B, T, 2]
+        dt = self.dt_proj.weight @ t.transpose(1, 2)  # [B, inner, T]
+        dt = torch.nn.functional.softplus(dt + self.dt_proj.bias[:, None])
+        return self.head(dt.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_weight_on_the_left_of_batched_tokens(B):
+    torch.manual_seed(70 + B)
+    g = torch.Generator().manual_seed(70 + B)
+    model = LeftWeight().double()
+    retain = (torch.randn(B, 4, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g))
+    unlearn = (torch.randn(2, 4, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (2,), generator=g))
+    err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
+    assert err <= 1e-8, f"relative error {err:.2e}"
+    assert og.stats["fallback"] == []

@@ -90,8 +90,33 @@ def linear(ctx, func, args, kwargs):
 def matmul(ctx, func, args, kwargs):
     x, w = args[0], args[1]
     if not ctx.is_data(x) or ctx.space.base(w) is None or w.dim() != 2 or x.dim() < 2:
+        if not kwargs and _left_weight(ctx, x, w):
+            return _left_matmul(ctx, func, x, w)
         return expanded_matmul(ctx, func, args, kwargs)
     return _dense(ctx, func, func(x, ctx.use(w)), x, w, None, transposed=True)
+
+
+def _left_weight(ctx, w, x) -> bool:
+    """``w @ x``: a 2-D weight on the left of batch-first data [B, ..., I, T] (Mamba's
+    ``dt_proj.weight @ time_step.transpose(1, 2)``)."""
+    return (
+        isinstance(w, Tensor) and ctx.space.base(w) is not None and w.dim() == 2
+        and isinstance(x, Tensor) and x.dim() >= 3 and ctx.fold(x) == 1 and ctx.is_data(x) and not ctx.seq_first
+    )
+
+
+def _left_matmul(ctx, func, w: Tensor, x: Tensor):
+    """``out = w @ x`` (w [O, I], x [B, ..., I, T]): the transpose of a Linear over the tokens,
+    ``out^T = x^T w^T``: the weight's factors are x^T and the output gradient transposed."""
+    out = func(ctx.use(w), x)
+    B, xd, space = ctx.B, x.detach(), ctx.space
+
+    def build(gy):
+        A = xd.transpose(-1, -2).reshape(B, -1, xd.shape[-2])
+        D = gy.transpose(-1, -2).reshape(B, -1, gy.shape[-2])
+        return dense_weight_uses(space, w, A, D, False)
+
+    return ctx.record(func, out, [w], build)
 
 
 def addmm(ctx, func, args, kwargs):
