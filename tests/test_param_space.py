@@ -130,3 +130,24 @@ def test_write_into_a_parameter_in_the_forward_still_runs():
     unlearn = (torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (2,), generator=g))
     err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
     assert err <= 1e-8, f"relative error {err:.2e}"
+
+
+def test_reading_a_tensor_of_parameters_as_a_number_is_no_write():
+    # __int__ (like __index__ and __iter__) starts with "__i" and writes nothing
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(3, 4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            k = int((self.table * 0.0).sum() + 2.0)  # Tensor.__int__ on parameters only
+            return self.head(x + self.table[k] + self.table[0])
+
+    torch.manual_seed(62)
+    g = torch.Generator().manual_seed(62)
+    model = Rows().double()
+    retain = (torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (4,), generator=g))
+    unlearn = (torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (2,), generator=g))
+    err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
+    assert err <= 1e-8, f"relative error {err:.2e}"

@@ -378,8 +378,7 @@ def _row_wise(func, a, kw, B: Optional[int], space) -> bool:
     """A row-wise operation (:data:`rules.ROWWISE`, not in place) on parameters only whose input
     is one row of parameters along the batch (``latent.expand(B, -1, -1)``, a learned query; or a
     tensor that was): its B output rows are equal too, each the same function of the parameters."""
-    name = getattr(func, "__name__", "")
-    if B is None or B < 2 or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i"):
+    if B is None or B < 2 or in_place(func, kw):
         return False
     used, _ = _flatten(a, kw)
     rows = [space.one_row(t, B) for t in used]

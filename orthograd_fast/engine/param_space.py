@@ -86,9 +86,10 @@ class ParamSpace:
     def before_in_place(self, func, args, kwargs, name: str) -> None:
         """``func`` is about to write in place into ``args[0]``, a tensor made of parameters only
         (``nn.ReLU(inplace=True)`` in Swin V2's position-bias MLP): its storage's recipe becomes
-        the out-of-place twin applied to a snapshot that keeps the recipe it had. A write into a
-        parameter, into part of such a tensor, or without a known twin is refused by name (its
-        per-sample rows would be mapped back through the recipe from before the write)."""
+        the out-of-place twin applied to a snapshot that keeps the recipe it had. A write into part
+        of such a tensor, or without a known twin, is refused by name (its per-sample rows would
+        be mapped back through the recipe from before the write); a write into a parameter's own
+        storage runs as it did (later uses read the written values, as they run)."""
         t = args[0]
         kind, obj = self.base(t)
         if kind == "param":
@@ -254,6 +255,9 @@ class ParamSpace:
 
 # in-place methods that change no values (a flag, the graph, where the storage lives)
 _NO_WRITE = {"requires_grad_", "detach_", "share_memory_", "retain_grad"}
+# the augmented assignments (not __iter__, __index__, __int__, __invert__, ...)
+_AUGMENTED = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "div", "mod", "pow", "matmul",
+                                      "and", "or", "xor", "lshift", "rshift")}
 
 
 def in_place(func, kwargs) -> bool:
@@ -262,7 +266,7 @@ def in_place(func, kwargs) -> bool:
     name = getattr(func, "__name__", "")
     if name in _NO_WRITE:
         return False
-    return bool(kwargs.get("inplace")) or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i") or name == "__setitem__"
+    return bool(kwargs.get("inplace")) or (name.endswith("_") and not name.startswith("__")) or name in _AUGMENTED or name == "__setitem__"
 
 
 def _out_of_place(func, kwargs):
@@ -271,7 +275,7 @@ def _out_of_place(func, kwargs):
     if kwargs.get("inplace"):
         return func
     name = getattr(func, "__name__", "")
-    if name.startswith("__i") and name.endswith("__"):
+    if name in _AUGMENTED:
         return getattr(Tensor, "__" + name[3:], None)
     if name.endswith("_") and not name.startswith("__"):
         for owner in (Tensor, torch):
