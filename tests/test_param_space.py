@@ -39,6 +39,18 @@ def test_parametrized_weight_matches_oracle(kind, scope):
     assert og.stats["fallback"] == []
 
 
+def _exact_step(model, seed, shape, classes, label=""):
+    """One step in float64 on fresh data (retain 4, unlearn 2), against the oracle."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = model.double()
+    retain = (torch.randn(4, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (4,), generator=g))
+    unlearn = (torch.randn(2, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (2,), generator=g))
+    err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
+    assert err <= 1e-8, f"{label}: relative error {err:.2e}"
+    return og
+
+
 class PositionBiasMLP(nn.Module):
     """Swin V2's continuous position bias: an MLP over a constant coordinates table, written in
     place (``nn.ReLU(inplace=True)``, ``relu_``, ``*=``), added to attention scores over tokens."""
@@ -74,13 +86,7 @@ class PositionBiasMLP(nn.Module):
 def test_in_place_write_into_a_tensor_of_parameters(write):
     # the write's out-of-place twin applied to a snapshot of the value before it: the per-sample
     # rows map back through the ReLU (they once mapped through the recipe from before the write)
-    torch.manual_seed(60)
-    g = torch.Generator().manual_seed(60)
-    model = PositionBiasMLP(write).double()
-    retain = (torch.randn(4, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
-    unlearn = (torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (2,), generator=g))
-    err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
-    assert err <= 1e-8, f"{write}: relative error {err:.2e}"
+    og = _exact_step(PositionBiasMLP(write), 60, (5, 4), 3, write)
     assert og.stats["fallback"] == []
 
 
@@ -123,17 +129,11 @@ def test_write_into_a_parameter_in_the_forward_still_runs():
             self.lin.weight.data.clamp_(-0.4, 0.4)
             return self.lin(x)
 
-    torch.manual_seed(61)
-    g = torch.Generator().manual_seed(61)
-    model = Clamped().double()
-    retain = (torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (4,), generator=g))
-    unlearn = (torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (2,), generator=g))
-    err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
-    assert err <= 1e-8, f"relative error {err:.2e}"
+    _exact_step(Clamped(), 61, (3,), 2, "clamped")
 
 
 def test_reading_a_tensor_of_parameters_as_a_number_is_no_write():
-    # __int__ (like __index__ and __iter__) starts with "__i" and writes nothing
+    # __int__ (like __index__) starts with "__i" and writes nothing
     class Rows(nn.Module):
         def __init__(self):
             super().__init__()
@@ -144,10 +144,4 @@ def test_reading_a_tensor_of_parameters_as_a_number_is_no_write():
             k = int((self.table * 0.0).sum() + 2.0)  # Tensor.__int__ on parameters only
             return self.head(x + self.table[k] + self.table[0])
 
-    torch.manual_seed(62)
-    g = torch.Generator().manual_seed(62)
-    model = Rows().double()
-    retain = (torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (4,), generator=g))
-    unlearn = (torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (2,), generator=g))
-    err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
-    assert err <= 1e-8, f"relative error {err:.2e}"
+    _exact_step(Rows(), 62, (4,), 2, "int()")
