@@ -145,3 +145,26 @@ def test_reading_a_tensor_of_parameters_as_a_number_is_no_write():
             return self.head(x + self.table[k] + self.table[0])
 
     _exact_step(Rows(), 62, (4,), 2, "int()")
+
+
+class WrittenLookup(nn.Module):
+    """A table looked up with ids shared by the samples (T5's relative-position bias), written in
+    place before it meets the batch: its rows no longer map back as the lookup's."""
+
+    def __init__(self, T=4):
+        super().__init__()
+        self.rel = nn.Embedding(7, 1)
+        self.lin = nn.Linear(T, T)
+        self.head = nn.Linear(T * T, 2)
+        pos = torch.arange(T)
+        self.register_buffer("ids", (pos[None, :] - pos[:, None]).clamp(-3, 3) + 3)
+
+    def forward(self, x):  # [B, T, T]
+        bias = self.rel(self.ids)  # [T, T, 1], parameters only
+        bias.mul_(2.0).tanh_()
+        bias = bias[..., 0]
+        return self.head((self.lin(x) + bias).reshape(x.shape[0], -1))
+
+
+def test_in_place_write_into_a_lookup_of_parameters():
+    _exact_step(WrittenLookup(), 63, (4, 4), 2, "lookup")

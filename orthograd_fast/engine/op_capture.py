@@ -347,12 +347,13 @@ class OpMode(TorchFunctionMode):
                 return out
         if not has_data and not any(ctx.is_activation(t) for t in leaves):
             # parameters only (and constants): a view or a derived tensor, mapped back later
-            a, kw = _unflatten([space.use(t) if isinstance(t, Tensor) else t for t in leaves], spec)
+            used = [space.use(t) if isinstance(t, Tensor) else t for t in leaves]
+            a, kw = _unflatten(used, spec)
             if args and isinstance(args[0], Tensor) and space.base(args[0]) is not None and in_place(func, kwargs):
                 space.before_in_place(func, args, kwargs, rules.op_name(func))
             out = func(*a, **kw)
             space.add_derived(out, func, args, kwargs)
-            if (func in _REPEATS and _repeats_one_row(a, kw, ctx.B)) or (func in rules.ROWWISE and _row_wise(func, a, kw, ctx.B, space)):
+            if (func in _REPEATS and _repeats_one_row(a, kw, ctx.B)) or (func in rules.ROWWISE and _row_wise(func, used, kwargs, ctx.B, space)):
                 space.mark_rows(out, ctx.B)
             return out
         return ctx.unknown(func, args, kwargs, leaves, spec)
@@ -374,13 +375,13 @@ class OpMode(TorchFunctionMode):
 _REPEATS = (Tensor.repeat, torch.tile, Tensor.tile)
 
 
-def _row_wise(func, a, kw, B: Optional[int], space) -> bool:
+def _row_wise(func, used: list, kwargs, B: Optional[int], space) -> bool:
     """A row-wise operation (:data:`rules.ROWWISE`, not in place) on parameters only whose input
     is one row of parameters along the batch (``latent.expand(B, -1, -1)``, a learned query; or a
-    tensor that was): its B output rows are equal too, each the same function of the parameters."""
-    if B is None or B < 2 or in_place(func, kw):
+    tensor that was): its B output rows are equal too, each the same function of the parameters.
+    ``used``: the call's flattened operands as handed out."""
+    if B is None or B < 2 or in_place(func, kwargs):
         return False
-    used, _ = _flatten(a, kw)
     rows = [space.one_row(t, B) for t in used]
     if not any(rows):
         return False

@@ -52,7 +52,8 @@ class ParamSpace:
                 self._by_storage[k] = ("param", p)
         # storage of an embedding lookup's output -> (weight, ids, padding_idx)
         self._lookups: Dict[int, tuple] = {}
-        # storage of a tensor of B equal rows (mark_rows) -> (offset, row stride, B, version)
+        # storage of a tensor of B equal rows (mark_rows) -> (the tensor, held so that its storage
+        # is not freed and reused under a stale mark; offset, row stride, B, version)
         self._rows: Dict[int, tuple] = {}
 
     # --- what a tensor is ---------------------------------------------------------------------
@@ -106,19 +107,21 @@ class ParamSpace:
             )
         root = obj[0]
         snap = root.detach().clone()  # stands for the value before the write (its recipe: root's)
-        k = _storage_key(snap)
+        k, kr = _storage_key(snap), _storage_key(root)
         if k is not None:
             self._by_storage[k] = ("derived", (snap,) + tuple(obj[1:]))
+            if kr in self._lookups:  # (a lookup's rows map back as the lookup's before the write only)
+                self._lookups[k] = self._lookups.pop(kr)
         kw = {n: v for n, v in kwargs.items() if n != "inplace"}
-        self._by_storage[_storage_key(root)] = ("derived", (root, oop, (snap,) + tuple(args[1:]), kw, 0))
+        self._by_storage[kr] = ("derived", (root, oop, (snap,) + tuple(args[1:]), kw, 0))
 
     def mark_rows(self, t: Tensor, B: int) -> None:
         """``t`` [B, ...] holds B equal rows, each the same function of the parameters (one row
         expanded or repeated along the batch, then row-wise operations): where it meets the batch
         it is that row handed out per sample. Kept with its version: a write in place drops it."""
         k = _storage_key(t)
-        if k is not None and t.dim() >= 1 and t.shape[0] == B:
-            self._rows[k] = (t.storage_offset(), t.stride(0), B, t._version)
+        if k is not None and t.dim() >= 1 and t.shape[0] == B and t.is_floating_point():
+            self._rows[k] = (t, t.storage_offset(), t.stride(0), B, t._version)
 
     def one_row(self, t, n: int) -> bool:
         """``t`` has ``n`` rows on dim 0 that are one row of parameters: a stride-0 expand, or a
@@ -128,7 +131,7 @@ class ParamSpace:
         if t.stride(0) == 0:
             return True
         e = self._rows.get(_storage_key(t))
-        return e is not None and e[2] == n and e[3] == t._version and t.stride(0) == e[1] and 0 <= t.storage_offset() - e[0] < e[1]
+        return e is not None and e[3] == n and e[4] == t._version and t.stride(0) == e[2] and 0 <= t.storage_offset() - e[1] < e[2]
 
     def use(self, t):
         """What an operation receives in place of ``t``: under lean retain a detached alias of a

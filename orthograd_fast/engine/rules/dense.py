@@ -231,7 +231,7 @@ def embedding_bag(ctx, func, args, kwargs):
             return NotImplemented  # (F.embedding_bag's own error says what is wrong)
         bags = offsets.shape[0] - (1 if last else 0)
         if bags != B:
-            declared = getattr(ctx.capture, "declared_B", None) is not None
+            declared = ctx.capture.declared_B is not None
             raise CaptureError(
                 f"{ctx.where()}: embedding bag with offsets makes {bags} bags, one per sample, but the retain batch is "
                 f"B={B} (" + ("og.retain(batch_size=...)" if declared else "dim 0 of the model's first tensor input, "
@@ -249,17 +249,19 @@ def embedding_bag(ctx, func, args, kwargs):
         N = flat.numel()
         starts = offs[:B]
         ends = offs[1 : B + 1] if last else torch.cat([offs[1:], offs.new_full((1,), N)])
-    args = list(args)
-    if len(args) > 1:
-        args[1] = ctx.use(w)
-    else:
-        kwargs = dict(kwargs, weight=ctx.use(w))
-    out = func(*args, **kwargs)
+    picked = None  # max: the rows the max picked, per output entry [B, d]
+    if mode == "max" and psw is None and not a["sparse"]:
+        # what F.embedding_bag runs, called here for its picked rows too (F returns the output only)
+        out, _, _, picked = torch.embedding_bag(ctx.use(w), flat, offs, False, 2, False, None, last and offsets is not None, padding_idx)
+    else:  # (max with weights or sparse: F.embedding_bag's own error)
+        args = list(args)
+        if len(args) > 1:
+            args[1] = ctx.use(w)
+        else:
+            kwargs = dict(kwargs, weight=ctx.use(w))
+        out = func(*args, **kwargs)
     if offsets is not None:
         ctx.prov.mark(out)  # [B, d]: bag i is sample i
-    picked = None
-    if mode == "max":  # the rows the max picked, per output entry [B, d]
-        picked = torch.embedding_bag(w.detach(), flat, offs, False, 2, False, None, last and offsets is not None, padding_idx)[3]
     pswd = psw.detach().reshape(-1) if isinstance(psw, Tensor) else None
 
     def build(gy):
