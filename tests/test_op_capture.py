@@ -468,3 +468,31 @@ def test_weight_on_the_left_of_batched_tokens(B):
     err, _, og = compare(model, ce, retain, unlearn, alpha=0.2, backend="torch")
     assert err <= 1e-8, f"relative error {err:.2e}"
     assert og.stats["fallback"] == []
+
+
+class SeqFirstLookup(nn.Module):
+    """Token ids looked up sequence-first (XLNet transposes its ids to [T, B] before the lookup),
+    the rest of the model batch-first: the lookup's ids carry the batch on dim 1."""
+
+    def __init__(self, V=11, d=4, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(V, d, padding_idx=0)
+        self.lin = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        h = self.emb(ids.t().contiguous()).transpose(0, 1)  # [T, B, d] -> [B, T, d]
+        return self.head(torch.tanh(self.lin(h)).mean(1))
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_lookup_with_the_batch_on_dim_1(B):
+    # the ids were taken as shared by all samples (positions) and their lookup as parameters only
+    g = torch.Generator().manual_seed(B)
+    torch.manual_seed(B)
+    model = SeqFirstLookup().double()
+    data = lambda b: (torch.randint(0, 11, (b, 5), generator=g), torch.randint(0, 3, (b,), generator=g))
+    err, orth, og = compare(model, ce, data(B), data(3), alpha=0.2, backend="torch")
+    assert err <= 1e-9, f"relative error {err:.2e}"
+    assert orth <= 1e-9, orth
+    assert og.stats["fallback"] == [], og.stats["fallback"]

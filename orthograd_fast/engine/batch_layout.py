@@ -45,6 +45,7 @@ RESHAPE_FUNCS = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, tor
                  torch.unflatten, Tensor.view_as, Tensor.reshape_as}
 _SWAPS = {Tensor.transpose, torch.transpose, Tensor.swapaxes, torch.swapaxes, Tensor.swapdims, torch.swapdims}
 _PERMUTES = {Tensor.permute, torch.permute}
+_T = {Tensor.t, torch.t}  # (2-D: the two dims swapped; 0-D and 1-D unchanged)
 _ROLLS = {Tensor.roll, torch.roll, Tensor.flip, torch.flip}
 _JOINS = {torch.cat, torch.concat, torch.concatenate}
 _STACKS = {torch.stack}
@@ -66,7 +67,7 @@ _MAXMIN = {torch.max, Tensor.max, torch.min, Tensor.min}
 _PAD_PACKED = torch._pad_packed_sequence
 
 # Operations whose output layout is not the input's: everything else keeps the batch dim in place.
-_MOVES = (RESHAPE_FUNCS | _SWAPS | _PERMUTES | _ROLLS | _JOINS | _STACKS | _UNSQUEEZES | _SQUEEZES | _UNBINDS
+_MOVES = (RESHAPE_FUNCS | _SWAPS | _PERMUTES | _T | _ROLLS | _JOINS | _STACKS | _UNSQUEEZES | _SQUEEZES | _UNBINDS
           | _MOVEDIMS | _REDUCES | _INTERLEAVES | {Tensor.__getitem__})
 _METHOD_WRAPPER = type(Tensor.mT.__get__)  # attribute reads (``.mT``, ``.T``, ``._base``)
 
@@ -212,6 +213,8 @@ def _out_layout(func, args, kwargs, src: Tensor, lay, o: Tensor, B: Optional[int
             return None
         d0, d1 = d0 % n, d1 % n
         return (k, d1 if d == d0 else d0 if d == d1 else d)
+    if func in _T:
+        return (k, n - 1 - d) if n == 2 else lay
     if func in _PERMUTES:
         dims = args[1:] if len(args) > 1 else (kwargs.get("dims"),)
         dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)

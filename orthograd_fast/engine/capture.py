@@ -360,7 +360,8 @@ class Capture:
             with contextlib.ExitStack() as stack:
                 for dev, dt in call.autocast:
                     stack.enter_context(torch.autocast(dev, dtype=dt))
-                fallback.merge(uses, fallback.fallback_uses(u.module, names, call, B, u.name))
+                ops = sorted(set(frame.unknown))
+                fallback.merge(uses, fallback.fallback_uses(u.module, names, call, B, u.name, ops))
         flagged = [f for f, _ in self._flagged]
         recs = op_capture.reached(self.ctx)
         op_uses = op_capture.build_uses(recs, flagged) if not defer else {}

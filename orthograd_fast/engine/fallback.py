@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import CaptureError, ReplayMismatch
+from ..errors import CaptureError, ReplayMismatch, UnsupportedModule
 from .factors import ExplicitRows
 
 
@@ -89,11 +89,14 @@ def _is_batched(t, B: int) -> bool:
     return isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == B
 
 
-def fallback_uses(module: nn.Module, names: Dict[str, Tensor], call, B: int, module_name: str) -> Dict[Tensor, ExplicitRows]:
+def fallback_uses(
+    module: nn.Module, names: Dict[str, Tensor], call, B: int, module_name: str, ops: Sequence[str] = ()
+) -> Dict[Tensor, ExplicitRows]:
     """Per-sample gradients of ``names`` (attribute path in ``module`` -> parameter) for one call.
 
     ``call`` holds ``args``, ``kwargs``, ``output`` (detached) and ``grads`` (one per flattened
-    output tensor, None where no gradient reached it).
+    output tensor, None where no gradient reached it); ``ops``: the operations that sent the module
+    here (for the error when the replay fails).
     """
     args, kwargs = _bind(module, call.args, call.kwargs)
     leaves, spec = tree_flatten((args, kwargs))
@@ -144,7 +147,20 @@ def fallback_uses(module: nn.Module, names: Dict[str, Tensor], call, B: int, mod
                 total = total + (o * next(gi).unsqueeze(0).to(o.dtype)).sum()
         return total
 
-    per_sample = vmap(grad(inner), in_dims=(None, 0, 0))(params, b_leaves, grads)
+    try:
+        per_sample = vmap(grad(inner), in_dims=(None, 0, 0))(params, b_leaves, grads)
+    except (CaptureError, ReplayMismatch, UnsupportedModule):
+        raise
+    except RuntimeError as e:  # e.g. an autograd.Function without setup_context (no vmap rule)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = why if why.endswith((".", "!", "?")) else why + "."
+        raise CaptureError(
+            f"module '{module_name}' ({type(module).__name__}) uses operation(s) without a per-sample rule"
+            f"{' (' + ', '.join(ops) + ')' if ops else ''}, so its per-sample gradients come from the generic "
+            f"torch.func fallback (vmap over its forward), and that replay failed: {why} Freeze this module's "
+            "parameters (requires_grad_(False)), or write the operation with ones that have a rule (see the "
+            "README's 'What is supported')."
+        ) from e
     return {names[k]: ExplicitRows(v.reshape(B, -1)) for k, v in per_sample.items()}
 
 

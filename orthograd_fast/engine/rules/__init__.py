@@ -24,7 +24,7 @@ from torch import Tensor
 from ...errors import UnsupportedModule  # re-exported
 from .cells import CELLS
 from .conv import conv, conv_transpose
-from .dense import addmm, bilinear, embedding, embedding_bag, getitem, linear, matmul
+from .dense import addmm, bilinear, embedding, embedding_bag, getitem, grouped_bmm, linear, matmul
 from .norm import batch_norm, group_norm, instance_norm, layer_norm, prelu, rms_norm
 from .per_sample import attention, einsum
 
@@ -33,6 +33,10 @@ RULES: Dict[Callable, Callable] = {
     torch.matmul: matmul,
     torch.addmm: addmm,
     Tensor.addmm: addmm,
+    torch.bmm: grouped_bmm,
+    Tensor.bmm: grouped_bmm,
+    torch.baddbmm: grouped_bmm,
+    Tensor.baddbmm: grouped_bmm,
     torch.einsum: einsum,
     Tensor.matmul: matmul,
     Tensor.__matmul__: matmul,
@@ -83,7 +87,7 @@ CONCAT = _names(torch, ("cat", "concat", "concatenate"))
 
 # Operations that act on each row of dim 0 alone: on parameters only, one row expanded along the
 # batch gives equal rows too (op_capture._row_wise). ROWWISE_FIRST: those whose row operand is the first.
-_UNARY = ("relu", "gelu", "silu", "sigmoid", "tanh", "neg", "exp", "float", "half", "bfloat16", "to", "type_as")
+_UNARY = ("relu", "gelu", "silu", "sigmoid", "tanh", "neg", "exp", "float", "half", "bfloat16", "to", "type_as", "contiguous", "clone")
 ROWWISE_FIRST = {F.linear, F.layer_norm, torch.layer_norm} | _names(F, ("rms_norm",)) | _names(torch, ("rms_norm",))
 ROWWISE = BROADCAST | ROWWISE_FIRST | _names(F, _UNARY) | _names(torch, _UNARY) | _names(Tensor, _UNARY) | _names(Tensor, ("__neg__",))
 

@@ -119,6 +119,53 @@ def _left_matmul(ctx, func, w: Tensor, x: Tensor):
     return ctx.record(func, out, [w], build)
 
 
+_BADDBMM = (torch.baddbmm, Tensor.baddbmm)
+
+
+def grouped_bmm(ctx, func, args, kwargs):
+    """``torch.bmm(x, w)`` / ``torch.baddbmm(b, x, w)`` with a 3-D weight [G, I, O], one matrix per
+    group (a block-diagonal Linear: RecurrentGemma's RG-LRU gates), over data x [G, N, I] whose
+    batch is on dim 1, ``k`` rows per sample (each sample's tokens folded there); ``b`` a bias
+    [G, 1, O] or data. Per group the weight's gradient is sum over tokens of x_t (x) dy_t."""
+    if func in _BADDBMM:
+        b, x, w = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "batch1"), arg(args, kwargs, 2, "batch2")
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
+            return NotImplemented
+    else:
+        b, x, w = None, arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "mat2")
+    space, B = ctx.space, ctx.B
+    if ctx.seq_first or not isinstance(x, Tensor) or not isinstance(w, Tensor) or x.dim() != 3 or w.dim() != 3:
+        return NotImplemented
+    if space.base(x) is not None or space.base(w) is None or not w.is_floating_point():
+        return NotImplemented
+    lay = ctx.prov.layout(x, B)
+    if lay is None or lay[1] != 1:
+        return NotImplemented
+    has_b = isinstance(b, Tensor) and space.base(b) is not None
+    if has_b and not (b.dim() == 3 and b.shape[1] == 1 and b.shape[0] == x.shape[0]):
+        return NotImplemented  # a parameter bias per row, not one shared by the tokens
+    out = func(ctx.use(b), x, ctx.use(w)) if b is not None else func(x, ctx.use(w))
+    xd, k = x.detach(), lay[0]
+
+    def build(gy):
+        G, _, I = xd.shape
+        O = gy.shape[-1]
+        A = xd.reshape(G, B, k, I).permute(1, 2, 0, 3).contiguous()  # [B, k, G, I]
+        D = gy.reshape(G, B, k, O).permute(1, 2, 0, 3).contiguous()  # [B, k, G, O]
+        kind, p = space.base(w)
+        if kind == "param" and same_view(w, p):  # p [G, I, O]: per group sum_t x_t (x) dy_t
+            uses = {p: [OuterFactors(D, A, None, (G, I, O))]}
+        elif kind == "param" and p.dim() == 3 and same_view(w, p.transpose(1, 2)):  # w = p.mT, p [G, O, I]
+            uses = {p: [OuterFactors(A, D, None, (G, O, I))]}
+        else:
+            uses = explicit(space, w, torch.einsum("bkgi,bkgo->bgio", A.double(), D.double()).reshape(B, -1))
+        if has_b:
+            merge(uses, explicit(space, b, D.sum(1).reshape(B, -1)))
+        return uses
+
+    return ctx.record(func, out, [w, b] if has_b else [w], build)
+
+
 def addmm(ctx, func, args, kwargs):
     """``torch.addmm(b, x, w)``: a Linear with the weight stored [I, O] (transformers' Conv1D
     written by hand); ``x`` [N, I] holds the batch folded over tokens."""
@@ -143,19 +190,22 @@ def embedding(ctx, func, args, kwargs):
         return NotImplemented
     a = list(args)
     a[1] = ctx.use(w)
-    if not ctx.is_data(ids):
+    lay = ctx.prov.layout(ids, ctx.B) if isinstance(ids, Tensor) and ctx.space.base(ids) is None else None
+    if lay is None:
         # ids shared by all samples (positions, relative-position buckets): a lookup of parameters
         # only, mapped back as an embedding use where it meets the batch
         out = func(*a, **kwargs)
         ctx.space.add_lookup(out, p, ids, padding_idx)
         return out
     out = func(*a, **kwargs)
-    B, idsd = ctx.B, ids.detach()
+    B, idsd, bdim = ctx.B, ids.detach(), lay[1]  # (the batch on dim bdim: [T, B] ids of a sequence-first model)
+    if bdim:
+        ctx.prov.mark(out, lay)  # ids.shape + (d,): the batch where the ids hold it
 
     def build(gy):
         V, d = p.shape
-        flat = idsd.reshape(B, -1)
-        rows = gy.reshape(B, -1, d)
+        flat = idsd.movedim(bdim, 0).reshape(B, -1)
+        rows = gy.movedim(bdim, 0).reshape(B, -1, d)
         keep = _not_padding(flat, padding_idx, V, rows.dtype)
         if keep is not None:
             rows = rows * keep.unsqueeze(-1)
