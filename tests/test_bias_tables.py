@@ -110,3 +110,97 @@ def test_bias_steps_without_a_rule_stay_exact(lookup, steps, monkeypatch):
     assert err <= REL, f"{lookup}/{steps}: relative error {err:.2e}"
     assert og.stats["fallback"] == [], og.stats["fallback"]
     assert calls, "expected the vector-Jacobian product of the recomputation"
+
+
+class _ScoresPlusBias(nn.Module):
+    """Attention that adds a given bias [B, H, T, T] to its scores in place (MPNet's
+    ``attention_scores += position_bias``); the bias's table belongs to the caller."""
+
+    def __init__(self, d=6, heads=2):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.heads = heads
+
+    def forward(self, x, bias):
+        B, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(B, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2)
+        scores += bias
+        return (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(B, n, d)
+
+
+class EncoderWithBias(nn.Module):
+    """MPNet's encoder: the position bias looked up once, expanded to the batch and made
+    contiguous (``copy``: "contiguous" or "clone", B equal rows of parameters), then handed to
+    each layer."""
+
+    def __init__(self, copy, heads=2, buckets=5):
+        super().__init__()
+        self.copy = copy
+        self.inp = nn.Linear(3, 6)
+        self.table = nn.Embedding(buckets, heads)
+        self.layers = nn.ModuleList([_ScoresPlusBias(heads=heads) for _ in range(2)])
+        self.head = nn.Linear(6 * T, 4)
+        rel = torch.arange(T)[None, :] - torch.arange(T)[:, None]
+        self.register_buffer("ids", rel.clamp(-2, 2) + 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        b = self.table(self.ids).permute(2, 0, 1).unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+        b = b.contiguous() if self.copy == "contiguous" else b.clone()
+        for layer in self.layers:
+            h = layer(h, b)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("copy", ["contiguous", "clone"])
+@pytest.mark.parametrize("B", [1, 4])
+def test_bias_expanded_to_the_batch_and_copied(copy, B):
+    # the copy of the expanded bias holds B equal rows of parameters: each sample's rows of the
+    # added bias map back to the table (it was refused: an add with no rule outside its owner)
+    g = torch.Generator().manual_seed(20 + B)
+    torch.manual_seed(20 + B)
+    model = EncoderWithBias(copy).double()
+    r = lambda b: (torch.randn(b, T, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (b,), generator=g))
+    err, orth, og = compare(model, ce, r(B), r(3), alpha=0.2, backend="torch")
+    assert err <= 1e-9, f"relative error {err:.2e}"
+    assert orth <= 1e-9, orth
+    assert og.stats["fallback"] == [], og.stats["fallback"]
+
+
+class GatedHeadBias(nn.Module):
+    """WavLM's gated relative position bias: the bias per head [H, T, T] repeated along the batch
+    and viewed with the heads folded into dim 0 ([B * H, T, T]: each sample's H rows the same),
+    times a gate computed from the data per (sample, head)."""
+
+    def __init__(self, d=6, heads=2, buckets=5):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.gate = nn.Linear(d, heads)
+        self.table = nn.Embedding(buckets, heads)
+        rel = torch.arange(T)[None, :] - torch.arange(T)[:, None]
+        self.register_buffer("ids", rel.clamp(-2, 2) + 2)
+
+    def forward(self, x):
+        B, n, d = x.shape
+        H = self.heads
+        bias = self.table(self.ids).permute(2, 0, 1).unsqueeze(0).repeat(B, 1, 1, 1).view(B * H, n, n)
+        g = torch.sigmoid(self.gate(x)).permute(0, 2, 1).reshape(B * H, n, 1)
+        q, k, v = self.qkv(x).reshape(B, n, 3, H, -1).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) + (g * bias).view(B, H, n, n), -1)
+        return (att @ v).transpose(1, 2).reshape(B, n, d)
+
+
+@pytest.mark.parametrize("B", [2, 5])
+def test_bias_per_head_folded_with_the_batch(B):
+    # k = H rows per sample on dim 0, equal across samples: handed out as [1, H, ...] expanded
+    # along the batch (it was refused: a fold of k rows was taken only for one repeated row)
+    g = torch.Generator().manual_seed(30 + B)
+    torch.manual_seed(30 + B)
+    model = nn.Sequential(nn.Linear(3, 6), GatedHeadBias(), nn.Flatten(), nn.Linear(6 * T, 4)).double()
+    r = lambda b: (torch.randn(b, T, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (b,), generator=g))
+    err, orth, og = compare(model, ce, r(B), r(3), alpha=0.2, backend="torch")
+    assert err <= 1e-9, f"relative error {err:.2e}"
+    assert orth <= 1e-9, orth
+    assert og.stats["fallback"] == [], og.stats["fallback"]

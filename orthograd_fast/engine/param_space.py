@@ -123,15 +123,17 @@ class ParamSpace:
         if k is not None and t.dim() >= 1 and t.shape[0] == B and t.is_floating_point():
             self._rows[k] = (t, t.storage_offset(), t.stride(0), B, t._version)
 
-    def one_row(self, t, n: int) -> bool:
+    def one_row(self, t, n: int, k: int = 1) -> bool:
         """``t`` has ``n`` rows on dim 0 that are one row of parameters: a stride-0 expand, or a
-        view along the rows of a tensor :meth:`mark_rows` marked and nothing wrote since."""
-        if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n or n < 2 or self.base(t) is None:
+        view along the rows of a tensor :meth:`mark_rows` marked and nothing wrote since. ``k``:
+        ``n * k`` rows, ``k`` per sample, each sample's the same ``k`` (a marked tensor viewed with
+        a dim folded into dim 0: a bias per head repeated along the batch, then ``[B * H, ...]``)."""
+        if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != n * k or n < 2 or self.base(t) is None:
             return False
         if t.stride(0) == 0:
             return True
         e = self._rows.get(_storage_key(t))
-        return e is not None and e[3] == n and e[4] == t._version and t.stride(0) == e[2] and 0 <= t.storage_offset() - e[1] < e[2]
+        return e is not None and e[3] == n and e[4] == t._version and t.stride(0) * k == e[2] and 0 <= t.storage_offset() - e[1] < t.stride(0)
 
     def use(self, t):
         """What an operation receives in place of ``t``: under lean retain a detached alias of a
