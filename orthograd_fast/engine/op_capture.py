@@ -265,11 +265,11 @@ class OpContext:
                     src = u
                     for _ in range(n - u.dim()):
                         src = src.unsqueeze(0)
-                elif k == 1 and u.dim() == n and self.space.one_row(u, B):
-                    src = u[:1]  # one row along the batch (an expanded cls token, a repeated encoding)
-                elif k > 1 and u.dim() == n and self.space.one_row(u, B, k):
-                    # k rows per sample, the same k for every sample (a bias per head repeated along
-                    # the batch, the heads folded into dim 0: WavLM's gated position bias)
+                elif u.dim() == n and self.space.one_row(u, B, k):
+                    # each sample's k rows the same k rows of parameters (k = 1: an expanded cls
+                    # token, a repeated encoding; k > 1: a bias per head repeated along the batch,
+                    # the heads folded into dim 0, WavLM's gated position bias): handed out as
+                    # [1, k, ...] expanded along the batch
                     new.append(self.per_sample(func, t, u[:k].unsqueeze(0), 1).reshape(u.shape))
                     continue
                 else:
